@@ -1,0 +1,26 @@
+"""store: SQL persistence for products, model and index versions, search log, events, training runs."""
+
+from store.db import Store, StoreError, UnknownVersionError, migrate
+from store.records import (
+    EmbeddingState,
+    IndexableProduct,
+    IndexVersionRecord,
+    ModelVersionRecord,
+    ProductFilter,
+    ProductInput,
+    ProductRecord,
+)
+
+__all__ = [
+    "EmbeddingState",
+    "IndexVersionRecord",
+    "IndexableProduct",
+    "ModelVersionRecord",
+    "ProductFilter",
+    "ProductInput",
+    "ProductRecord",
+    "Store",
+    "StoreError",
+    "UnknownVersionError",
+    "migrate",
+]

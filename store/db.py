@@ -1,0 +1,361 @@
+"""The Store: the only place in Prism that speaks SQL."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from store.models import IndexVersion, ModelVersion, Product, SearchLog, utcnow
+from store.records import (
+    EmbeddingState,
+    IndexableProduct,
+    IndexVersionRecord,
+    ModelVersionRecord,
+    ProductFilter,
+    ProductInput,
+    ProductRecord,
+)
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+# SQLite caps bound parameters per statement (32766 on modern builds); stay well below.
+_IN_CHUNK = 900
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class UnknownVersionError(StoreError):
+    pass
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything Prism writes is UTC.
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _to_product_record(p: Product) -> ProductRecord:
+    return ProductRecord(
+        row_id=p.row_id,
+        product_id=p.product_id,
+        title=p.title,
+        description=p.description,
+        category=p.category,
+        brand=p.brand,
+        price=p.price,
+        currency=p.currency,
+        image_ref=p.image_ref,
+        image_uri=p.image_uri,
+        image_hash=p.image_hash,
+        text_hash=p.text_hash,
+        image_status=p.image_status,
+        image_error=p.image_error,
+        attributes=dict(p.attributes or {}),
+        created_at=_as_utc(p.created_at),
+        updated_at=_as_utc(p.updated_at),
+        deleted_at=_as_utc(p.deleted_at),
+    )
+
+
+def _to_index_record(v: IndexVersion) -> IndexVersionRecord:
+    return IndexVersionRecord(
+        index_version=v.index_version,
+        model_version=v.model_version,
+        path=v.path,
+        manifest=dict(v.manifest or {}),
+        is_active=bool(v.is_active),
+        created_at=_as_utc(v.created_at),
+        activated_at=_as_utc(v.activated_at),
+    )
+
+
+def _to_model_record(m: ModelVersion) -> ModelVersionRecord:
+    return ModelVersionRecord(
+        model_version=m.model_version,
+        spec=m.spec,
+        dim=m.dim,
+        parent=m.parent,
+        info=dict(m.info or {}),
+        created_at=_as_utc(m.created_at),
+    )
+
+
+def _make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn, _record) -> None:
+            cursor = dbapi_conn.cursor()
+            # WAL lets readers (the server) proceed while a writer (an indexing run) commits.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest migration (idempotent)."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        command.upgrade(cfg, "head")
+
+
+class Store:
+    """Catalog, versions and logs in SQL. Construct with `Store.open(url)`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def open(cls, url: str, *, apply_migrations: bool = True) -> "Store":
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = _make_engine(url)
+        if apply_migrations:
+            migrate(engine)
+        return cls(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def session(self) -> Session:
+        return self._sessions()
+
+    # ---------------------------------------------------------------- products
+
+    def upsert_products(self, items: Sequence[ProductInput]) -> dict[str, int]:
+        """Insert or update products by product_id; returns product_id -> row_id.
+
+        A re-upserted product is un-deleted. When its image changes, its image state is reset so
+        the next indexing run embeds it again.
+        """
+        now = utcnow()
+        out: dict[str, int] = {}
+        with self.session() as s, s.begin():
+            for chunk in _chunks(list(items)):
+                ids = [it.product_id for it in chunk]
+                existing = {p.product_id: p for p in s.scalars(select(Product).where(Product.product_id.in_(ids)))}
+                for it in chunk:
+                    p = existing.get(it.product_id)
+                    if p is None:
+                        p = Product(product_id=it.product_id, created_at=now, image_status="pending")
+                        s.add(p)
+                        existing[it.product_id] = p
+                    elif p.image_uri != it.image_uri:
+                        p.image_status, p.image_hash, p.image_error = "pending", None, None
+                    p.title = it.title
+                    p.description = it.description
+                    p.category = it.category
+                    p.brand = it.brand
+                    p.price = it.price
+                    p.currency = it.currency
+                    p.image_ref = it.image_ref
+                    p.image_uri = it.image_uri
+                    p.attributes = dict(it.attributes)
+                    p.updated_at = now
+                    p.deleted_at = None
+                s.flush()
+                out.update({p.product_id: p.row_id for p in existing.values()})
+        return out
+
+    def record_embedding_state(self, states: Sequence[EmbeddingState]) -> None:
+        with self.session() as s, s.begin():
+            s.execute(
+                update(Product),
+                [
+                    {
+                        "row_id": st.row_id,
+                        "text_hash": st.text_hash,
+                        "image_hash": st.image_hash,
+                        "image_status": st.image_status,
+                        "image_error": st.image_error,
+                    }
+                    for st in states
+                ],
+            )
+
+    def get_product(self, product_id: str, *, include_deleted: bool = False) -> ProductRecord | None:
+        with self.session() as s:
+            p = s.scalar(select(Product).where(Product.product_id == product_id))
+            if p is None or (p.deleted_at is not None and not include_deleted):
+                return None
+            return _to_product_record(p)
+
+    def products_by_row_ids(self, row_ids: Iterable[int]) -> dict[int, ProductRecord]:
+        ids = [int(r) for r in row_ids]
+        out: dict[int, ProductRecord] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                for p in s.scalars(select(Product).where(Product.row_id.in_(chunk))):
+                    out[p.row_id] = _to_product_record(p)
+        return out
+
+    def products_by_ids(self, product_ids: Iterable[str]) -> dict[str, ProductRecord]:
+        ids = list(product_ids)
+        out: dict[str, ProductRecord] = {}
+        with self.session() as s:
+            for chunk in _chunks(ids):
+                for p in s.scalars(select(Product).where(Product.product_id.in_(chunk))):
+                    out[p.product_id] = _to_product_record(p)
+        return out
+
+    def indexable_products(self) -> list[IndexableProduct]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Product.row_id, Product.image_hash, Product.text_hash)
+                .where(Product.deleted_at.is_(None))
+                .order_by(Product.row_id)
+            )
+            return [IndexableProduct(r.row_id, r.image_hash, r.text_hash) for r in rows]
+
+    def live_products(self) -> list[ProductRecord]:
+        """Every product not deleted, in row-id order."""
+        with self.session() as s:
+            q = select(Product).where(Product.deleted_at.is_(None)).order_by(Product.row_id)
+            return [_to_product_record(p) for p in s.scalars(q)]
+
+    def count_products(self, *, include_deleted: bool = False) -> int:
+        with self.session() as s:
+            q = select(func.count()).select_from(Product)
+            if not include_deleted:
+                q = q.where(Product.deleted_at.is_(None))
+            return int(s.scalar(q) or 0)
+
+    def soft_delete_product(self, product_id: str) -> ProductRecord | None:
+        with self.session() as s, s.begin():
+            p = s.scalar(select(Product).where(Product.product_id == product_id, Product.deleted_at.is_(None)))
+            if p is None:
+                return None
+            p.deleted_at = utcnow()
+            p.updated_at = p.deleted_at
+            s.flush()
+            return _to_product_record(p)
+
+    def filter_row_ids(self, flt: ProductFilter) -> np.ndarray:
+        """Row ids of live products matching the filter, as sorted int64."""
+        q = select(Product.row_id).where(Product.deleted_at.is_(None))
+        if flt.categories:
+            q = q.where(Product.category.in_(flt.categories))
+        if flt.brands:
+            q = q.where(Product.brand.in_(flt.brands))
+        if flt.price_min is not None:
+            q = q.where(Product.price >= flt.price_min)
+        if flt.price_max is not None:
+            q = q.where(Product.price <= flt.price_max)
+        with self.session() as s:
+            ids = s.scalars(q.order_by(Product.row_id)).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    def deleted_row_ids(self) -> np.ndarray:
+        with self.session() as s:
+            ids = s.scalars(select(Product.row_id).where(Product.deleted_at.is_not(None))).all()
+        return np.asarray(ids, dtype=np.int64)
+
+    # ---------------------------------------------------------------- versions
+
+    def register_model_version(
+        self, model_version: str, *, spec: str, dim: int, parent: str | None = None, info: dict | None = None
+    ) -> ModelVersionRecord:
+        with self.session() as s, s.begin():
+            m = s.get(ModelVersion, model_version)
+            if m is None:
+                m = ModelVersion(model_version=model_version, spec=spec, dim=dim, parent=parent, info=info or {})
+                s.add(m)
+            elif m.dim != dim:
+                raise StoreError(f"model version {model_version!r} is registered with dim {m.dim}, not {dim}")
+            s.flush()
+            return _to_model_record(m)
+
+    def get_model_version(self, model_version: str) -> ModelVersionRecord | None:
+        with self.session() as s:
+            m = s.get(ModelVersion, model_version)
+            return None if m is None else _to_model_record(m)
+
+    def list_model_versions(self) -> list[ModelVersionRecord]:
+        with self.session() as s:
+            return [_to_model_record(m) for m in s.scalars(select(ModelVersion).order_by(ModelVersion.created_at))]
+
+    def record_index_version(
+        self, index_version: str, *, model_version: str, path: str, manifest: dict, activate: bool
+    ) -> IndexVersionRecord:
+        """Record a built (already renamed into place) index version; optionally activate it, atomically."""
+        with self.session() as s, s.begin():
+            v = IndexVersion(
+                index_version=index_version, model_version=model_version, path=path, manifest=manifest
+            )
+            s.add(v)
+            s.flush()
+            if activate:
+                self._activate(s, v)
+            return _to_index_record(v)
+
+    def activate_index_version(self, index_version: str) -> IndexVersionRecord:
+        with self.session() as s, s.begin():
+            v = s.get(IndexVersion, index_version)
+            if v is None:
+                raise UnknownVersionError(f"no index version {index_version!r}")
+            self._activate(s, v)
+            return _to_index_record(v)
+
+    @staticmethod
+    def _activate(s: Session, v: IndexVersion) -> None:
+        s.execute(
+            update(IndexVersion)
+            .where(IndexVersion.is_active.is_(True), IndexVersion.index_version != v.index_version)
+            .values(is_active=False)
+        )
+        v.is_active = True
+        v.activated_at = utcnow()
+
+    def active_index_version(self) -> IndexVersionRecord | None:
+        with self.session() as s:
+            v = s.scalar(select(IndexVersion).where(IndexVersion.is_active.is_(True)))
+            return None if v is None else _to_index_record(v)
+
+    def get_index_version(self, index_version: str) -> IndexVersionRecord | None:
+        with self.session() as s:
+            v = s.get(IndexVersion, index_version)
+            return None if v is None else _to_index_record(v)
+
+    def list_index_versions(self) -> list[IndexVersionRecord]:
+        with self.session() as s:
+            return [_to_index_record(v) for v in s.scalars(select(IndexVersion).order_by(IndexVersion.created_at))]
+
+    # ---------------------------------------------------------------- search log
+
+    def log_search(self, **row) -> None:
+        with self.session() as s, s.begin():
+            s.add(SearchLog(**row))
+
+    def get_search(self, query_id: str) -> dict | None:
+        with self.session() as s:
+            r = s.get(SearchLog, query_id)
+            if r is None:
+                return None
+            return {c.name: getattr(r, c.name) for c in SearchLog.__table__.columns}

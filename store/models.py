@@ -1,0 +1,137 @@
+"""SQLAlchemy models for the DESIGN tables. Table and column names are part of the contract."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# SQLite only auto-increments an `INTEGER PRIMARY KEY`; everywhere else we want 64-bit ids.
+RowId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Product(Base):
+    __tablename__ = "products"
+
+    # Stable int64 row id: the FAISS id of this product in every index version.
+    row_id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    product_id: Mapped[str] = mapped_column(String(256), unique=True, nullable=False)
+    title: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    description: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(256))
+    brand: Mapped[str | None] = mapped_column(String(256))
+    price: Mapped[float | None] = mapped_column(Float)
+    currency: Mapped[str | None] = mapped_column(String(8))
+    # As written in the catalog, and the resolved absolute path or URL it points to.
+    image_ref: Mapped[str | None] = mapped_column(Text)
+    image_uri: Mapped[str | None] = mapped_column(Text)
+    # sha256 of the image bytes / of the embedded text: the join key into the embedding cache.
+    image_hash: Mapped[str | None] = mapped_column(String(64))
+    text_hash: Mapped[str | None] = mapped_column(String(64))
+    # ok | none (no image given) | missing | broken | pending (not yet embedded)
+    image_status: Mapped[str] = mapped_column(String(32), nullable=False, default="pending")
+    image_error: Mapped[str | None] = mapped_column(Text)
+    attributes: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        Index("ix_products_category", "category"),
+        Index("ix_products_brand", "brand"),
+        Index("ix_products_price", "price"),
+        Index("ix_products_deleted_at", "deleted_at"),
+    )
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+
+    model_version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    spec: Mapped[str] = mapped_column(Text, nullable=False)
+    dim: Mapped[int] = mapped_column(Integer, nullable=False)
+    parent: Mapped[str | None] = mapped_column(String(200))
+    info: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class IndexVersion(Base):
+    __tablename__ = "index_versions"
+
+    index_version: Mapped[str] = mapped_column(String(200), primary_key=True)
+    model_version: Mapped[str] = mapped_column(
+        String(200), ForeignKey("model_versions.model_version"), nullable=False
+    )
+    path: Mapped[str] = mapped_column(Text, nullable=False)
+    manifest: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    is_active: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SearchLog(Base):
+    __tablename__ = "search_log"
+
+    query_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    query_text: Mapped[str | None] = mapped_column(Text)
+    image_hash: Mapped[str | None] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(16), nullable=False)
+    filters: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    k: Mapped[int] = mapped_column(Integer, nullable=False)
+    offset: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    model_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    index_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    result_ids: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
+    took_ms: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_search_log_ts", "ts"),)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    event_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    type: Mapped[str] = mapped_column(String(16), nullable=False)
+    query_id: Mapped[str] = mapped_column(String(64), ForeignKey("search_log.query_id"), nullable=False)
+    product_id: Mapped[str] = mapped_column(String(256), nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_events_query_id", "query_id"), Index("ix_events_ts", "ts"))
+
+
+class TrainingRun(Base):
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    status: Mapped[str] = mapped_column(String(32), nullable=False, default="running")
+    serving_model_version: Mapped[str | None] = mapped_column(String(200))
+    candidate_model_version: Mapped[str | None] = mapped_column(String(200))
+    data_window: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    decision: Mapped[str | None] = mapped_column(String(32))

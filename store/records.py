@@ -1,0 +1,96 @@
+"""Plain records that cross the store's boundary: callers never hold ORM objects or sessions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+@dataclass(frozen=True)
+class ProductInput:
+    """One product as a catalog (or an API client) describes it."""
+
+    product_id: str
+    title: str
+    description: str | None = None
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    image_ref: str | None = None
+    image_uri: str | None = None
+    attributes: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProductRecord:
+    row_id: int
+    product_id: str
+    title: str
+    description: str | None
+    category: str | None
+    brand: str | None
+    price: float | None
+    currency: str | None
+    image_ref: str | None
+    image_uri: str | None
+    image_hash: str | None
+    text_hash: str | None
+    image_status: str
+    image_error: str | None
+    attributes: dict
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+
+@dataclass(frozen=True)
+class EmbeddingState:
+    """What the indexer learned about one product while embedding it."""
+
+    row_id: int
+    text_hash: str | None
+    image_hash: str | None
+    image_status: str
+    image_error: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexableProduct:
+    row_id: int
+    image_hash: str | None
+    text_hash: str | None
+
+
+@dataclass(frozen=True)
+class ModelVersionRecord:
+    model_version: str
+    spec: str
+    dim: int
+    parent: str | None
+    info: dict
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class IndexVersionRecord:
+    index_version: str
+    model_version: str
+    path: str
+    manifest: dict
+    is_active: bool
+    created_at: datetime
+    activated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ProductFilter:
+    """Metadata filters, resolved to allowed row ids in SQL."""
+
+    categories: tuple[str, ...] = ()
+    brands: tuple[str, ...] = ()
+    price_min: float | None = None
+    price_max: float | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.categories or self.brands or self.price_min is not None or self.price_max is not None)
