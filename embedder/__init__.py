@@ -1,0 +1,43 @@
+"""embedder: model specs and loading, image decoding, batched encoding, content-hash vector cache."""
+
+from embedder.base import EmbeddedBatch, Embedder
+from embedder.cache import VectorCache
+from embedder.factory import (
+    ModelUnavailableError,
+    file_digest,
+    load_embedder,
+    model_version_name,
+    register_prism_configs,
+    resolve_device,
+)
+from embedder.images import (
+    ImageDecodeError,
+    ImageLimits,
+    ImageSource,
+    content_hash,
+    decode_image,
+    read_image_bytes,
+)
+from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
+
+__all__ = [
+    "EmbeddedBatch",
+    "Embedder",
+    "ImageDecodeError",
+    "ImageLimits",
+    "ImageSource",
+    "ModelSpec",
+    "ModelSpecError",
+    "ModelUnavailableError",
+    "SpecKind",
+    "VectorCache",
+    "content_hash",
+    "decode_image",
+    "file_digest",
+    "load_embedder",
+    "model_version_name",
+    "parse_model_spec",
+    "read_image_bytes",
+    "register_prism_configs",
+    "resolve_device",
+]

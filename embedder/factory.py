@@ -1,0 +1,209 @@
+"""One factory for every model spec: `load_embedder("ViT-B-32:laion2b_s34b_b79k")`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import warnings
+from functools import lru_cache
+from pathlib import Path
+
+from embedder.base import Embedder
+from embedder.images import ImageLimits
+from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
+
+log = logging.getLogger(__name__)
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+RANDOM_SEED = 0
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model exists in principle but its weights are not on this machine."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSpecError(f"device {device!r} requested but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:120]
+
+
+@lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    st = os.stat(path)
+    return _file_digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def register_prism_configs() -> None:
+    """Make Prism's own architectures (model_configs/*.json) known to open_clip."""
+    import open_clip
+
+    if "prism-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def model_version_name(spec: ModelSpec) -> str:
+    """A stable name for the weights a spec denotes: the `model_version` of its vectors."""
+    if spec.kind is SpecKind.OPEN_CLIP:
+        if spec.source == "random":
+            return _slug(f"{spec.arch}-random-s{RANDOM_SEED}")
+        path = Path(spec.source).expanduser()
+        if path.is_file():
+            return _slug(f"{spec.arch}-{path.stem}-{file_digest(path)[:10]}")
+        return _slug(f"{spec.arch}-{spec.source}")
+    if spec.kind is SpecKind.HF:
+        path = Path(spec.source).expanduser()
+        if path.is_dir():
+            h = hashlib.sha256()
+            for f in sorted(path.iterdir()):
+                if f.suffix in (".json", ".safetensors", ".bin"):
+                    h.update(f.name.encode() + file_digest(f).encode())
+            return _slug(f"hf-{path.name}-{h.hexdigest()[:10]}")
+        return _slug("hf-" + spec.source.replace("/", "--"))
+    return _slug(spec.source or spec.raw)
+
+
+def load_embedder(
+    spec: str | ModelSpec,
+    *,
+    device: str = "auto",
+    models_dir: str | Path | None = None,
+    workers: int = 2,
+    image_limits: ImageLimits | None = None,
+) -> Embedder:
+    parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+    dev = resolve_device(device)
+    common = {"device": dev, "workers": workers, "image_limits": image_limits}
+    if parsed.kind is SpecKind.OPEN_CLIP:
+        return _load_open_clip(parsed, name=model_version_name(parsed), **common)
+    if parsed.kind is SpecKind.HF:
+        return _load_hf(parsed, **common)
+    if parsed.kind is SpecKind.VERSION:
+        return _load_version(parsed, models_dir, **common)
+    if parsed.kind is SpecKind.DEMO:
+        if models_dir is not None and (Path(models_dir) / "demo" / "model.json").is_file():
+            return _load_version(ModelSpec(SpecKind.VERSION, "demo", source="demo"), models_dir, **common)
+        raise ModelUnavailableError("the demo model has not been trained on this machine yet: run `prism demo`")
+    raise ModelSpecError(f"unsupported model spec {parsed.raw!r}")
+
+
+def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path | None = None, **kwargs) -> Embedder:
+    import open_clip
+    import torch
+
+    from embedder.openclip_backend import OpenClipEmbedder
+
+    register_prism_configs()
+    arch = spec.arch
+    if open_clip.get_model_config(arch) is None:
+        raise ModelSpecError(
+            f"unknown open_clip architecture {arch!r}; known ones include ViT-B-32, ViT-B-16, ViT-L-14, "
+            f"prism-tiny-vit (see open_clip.list_models())"
+        )
+    # Base tower weights from the hub are never fetched implicitly: a spec says exactly what loads.
+    create = dict(pretrained_text=False, pretrained_image=False, device=device)
+    source = spec.source
+    path = checkpoint or Path(source).expanduser()
+    if checkpoint is None and source == "random":
+        warnings.warn(f"{spec.raw}: random weights (seed {RANDOM_SEED}); results carry no meaning", stacklevel=3)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **create)
+    elif checkpoint is not None or path.is_file():
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=str(path), **create)
+        except Exception as exc:
+            raise ModelUnavailableError(f"cannot load checkpoint {path} as {arch}: {exc}") from exc
+    elif "/" in source or source.startswith((".", "~")) or source.endswith((".pt", ".bin", ".safetensors")):
+        raise ModelUnavailableError(f"checkpoint file not found: {path}")
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        if source not in tags:
+            raise ModelSpecError(f"{arch!r} has no pretrained tag {source!r}; known tags: {', '.join(tags) or 'none'}")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **create)
+        except Exception as exc:
+            raise ModelUnavailableError(
+                f"weights for {spec.raw} are not on this machine and cannot be downloaded "
+                f"({'HF_HUB_OFFLINE is set' if _offline() else 'the model hub is unreachable'}). Fix: on a machine "
+                f"with network, run `python -c \"import open_clip; open_clip.create_model('{arch}', "
+                f"pretrained='{source}')\"` and copy ~/.cache/huggingface here, or save the checkpoint file and "
+                f"use `{arch}:/path/to/checkpoint.bin`. ({type(exc).__name__}: {exc})"
+            ) from exc
+    tokenizer = open_clip.get_tokenizer(arch)
+    return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device, **kwargs)
+
+
+def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    from embedder.hf_backend import HFClipEmbedder
+
+    source = spec.source
+    local = Path(source).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelSpecError(f"{spec.raw}: {local} is a file; hf: takes a model directory or a hub id")
+    where = str(local) if local.is_dir() else source
+    if not local.is_dir() and (source.startswith(("/", ".", "~"))):
+        raise ModelUnavailableError(f"model directory not found: {local}")
+    only_local = local.is_dir() or _offline()
+    try:
+        model = AutoModel.from_pretrained(where, local_files_only=only_local).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=only_local)
+        image_processor = AutoImageProcessor.from_pretrained(where, local_files_only=only_local)
+    except OSError as exc:
+        raise ModelUnavailableError(
+            f"{spec.raw} is not available offline. Fix: on a machine with network run "
+            f"`huggingface-cli download {source} --local-dir /models/{_slug(source)}` and use "
+            f"`hf:/models/{_slug(source)}`. ({exc})"
+        ) from exc
+    if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+        raise ModelSpecError(f"{spec.raw} is a {type(model).__name__}, not a CLIP-style dual encoder")
+    return HFClipEmbedder(
+        model, tokenizer, image_processor, name=model_version_name(spec), spec=spec.raw, device=device, **kwargs
+    )
+
+
+def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str, **kwargs) -> Embedder:
+    if models_dir is None:
+        raise ModelSpecError(f"{spec.raw!r} is not ARCH:SOURCE, hf:..., or demo, and no models directory was given")
+    root = Path(models_dir) / spec.source
+    meta_path = root / "model.json"
+    if not meta_path.is_file():
+        raise ModelSpecError(
+            f"unknown model {spec.raw!r}: not ARCH:TAG, ARCH:PATH, ARCH:random, hf:DIR, demo, "
+            f"nor a model version in {models_dir}"
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("open_clip_config"):
+        import open_clip
+
+        config_file = root / meta["open_clip_config"]
+        open_clip.add_model_config(config_file)
+    base = ModelSpec(SpecKind.OPEN_CLIP, meta["arch"], arch=meta["arch"], source=str(root / meta["checkpoint"]))
+    embedder = _load_open_clip(base, name=spec.source, device=device, checkpoint=root / meta["checkpoint"], **kwargs)
+    embedder.spec = spec.raw
+    return embedder
