@@ -1,0 +1,33 @@
+"""indexer: catalog readers, the ingestion pipeline, FAISS index construction and index-version artifacts."""
+
+from indexer.ann import AnnConfig, AnnIndex, AnnInfo, plan_factory
+from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
+from indexer.faiss_import import gpu_count, import_faiss
+from indexer.fetch import FetchError, fetch_image_url
+from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
+from indexer.versions import IndexVersionError, LoadedIndexVersion, load_index_version
+
+__all__ = [
+    "AnnConfig",
+    "AnnIndex",
+    "AnnInfo",
+    "CatalogError",
+    "CatalogIndexer",
+    "CatalogRow",
+    "FetchError",
+    "ImagePolicy",
+    "IndexOptions",
+    "IndexSummary",
+    "IndexVersionError",
+    "LoadedIndexVersion",
+    "NoProgress",
+    "Progress",
+    "RowError",
+    "fetch_image_url",
+    "gpu_count",
+    "import_faiss",
+    "load_index_version",
+    "plan_factory",
+    "product_text",
+    "read_catalog",
+]

@@ -1,0 +1,256 @@
+"""Catalog readers (CSV, Parquet, JSONL) with row-level validation.
+
+Schema (one product per row; column names are case-sensitive):
+
+    product_id   required  string, unique, at most 256 characters
+    title        required  string
+    description  optional  string
+    category     optional  string
+    brand        optional  string
+    price        optional  number >= 0
+    currency     optional  3-letter code (e.g. EUR)
+    image        optional  path relative to the catalog file, an absolute path, or an http(s) URL
+                           (URLs only when URL images are enabled)
+    attributes   optional  JSON object; any other column is folded into it as well
+
+A bad row is reported (line, product_id, reason) and skipped; good rows proceed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from store import ProductInput
+
+KNOWN_COLUMNS = ("product_id", "title", "description", "category", "brand", "price", "currency", "image", "attributes")
+REQUIRED_COLUMNS = ("product_id", "title")
+MAX_ID_LENGTH = 256
+MAX_TEXT_LENGTH = 20_000
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class CatalogError(ValueError):
+    """The catalog as a whole cannot be read (unknown format, missing columns, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    line: int
+    product_id: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    line: int
+    product: ProductInput
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where product images may come from."""
+
+    root: Path | None = None  # when set, local images must resolve inside it
+    allow_urls: bool = False
+
+
+def read_catalog(path: str | Path, policy: ImagePolicy | None = None) -> Iterator[CatalogRow | RowError]:
+    path = Path(path)
+    policy = policy or ImagePolicy()
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+    readers = {".csv": _csv_records, ".parquet": _parquet_records, ".jsonl": _jsonl_records, ".ndjson": _jsonl_records}
+    reader = readers.get(suffix)
+    if reader is None:
+        raise CatalogError(f"unsupported catalog format {suffix!r}: use .csv, .parquet or .jsonl")
+    seen: dict[str, int] = {}
+    base = path.resolve().parent
+    for line, record in reader(path):
+        if isinstance(record, RowError):
+            yield record
+            continue
+        result = validate_record(record, line, base=base, policy=policy)
+        if isinstance(result, CatalogRow):
+            first = seen.get(result.product.product_id)
+            if first is not None:
+                yield RowError(line, result.product.product_id, f"duplicate product_id (first seen at line {first})")
+                continue
+            seen[result.product.product_id] = line
+        yield result
+
+
+def _check_columns(columns, path: Path) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise CatalogError(f"{path.name}: missing required column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
+
+
+def _csv_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise CatalogError(f"cannot open {path}: {exc.strerror}") from None
+    with fh:
+        reader = csv.DictReader(fh)
+        try:
+            _check_columns(reader.fieldnames or [], path)
+            for record in reader:
+                line = reader.line_num
+                if None in record:
+                    yield line, RowError(line, record.get("product_id"), "more fields than the header has")
+                    continue
+                yield line, {k: (v if v != "" else None) for k, v in record.items()}
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{path.name} is not UTF-8 text: {exc}") from None
+        except csv.Error as exc:
+            raise CatalogError(f"{path.name}: malformed CSV at line {reader.line_num}: {exc}") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                yield line_no, RowError(line_no, None, f"invalid JSON: {exc}")
+                continue
+            if not isinstance(record, dict):
+                yield line_no, RowError(line_no, None, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield line_no, record
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:
+        raise CatalogError(f"cannot read {path.name} as Parquet: {exc}") from None
+    _check_columns(pf.schema_arrow.names, path)
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+def _clean_text(value, field: str, *, required: bool = False, max_length: int = MAX_TEXT_LENGTH) -> str | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        if required:
+            raise ValueError(f"{field} is missing")
+        return None
+    if isinstance(value, (dict, list, bool)):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+    text = _CONTROL.sub(" ", str(value)).strip()
+    if not text:
+        if required:
+            raise ValueError(f"{field} is empty")
+        return None
+    if len(text) > max_length:
+        raise ValueError(f"{field} is {len(text)} characters; the limit is {max_length}")
+    return text
+
+
+def _price(value) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise ValueError("price must be a number")
+    try:
+        price = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        raise ValueError(f"price {value!r} is not a number") from None
+    if math.isnan(price):
+        return None
+    if not math.isfinite(price) or price < 0:
+        raise ValueError(f"price {value!r} must be a finite number >= 0")
+    return price
+
+
+def _attributes(record: dict) -> dict:
+    raw = record.get("attributes")
+    attrs: dict = {}
+    if raw not in (None, ""):
+        if isinstance(raw, str):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"attributes is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("attributes must be a JSON object")
+        attrs.update(raw)
+    for key, value in record.items():
+        if key not in KNOWN_COLUMNS and value is not None:
+            attrs[str(key)] = value if isinstance(value, (str, int, float, bool, list, dict)) else str(value)
+    try:
+        json.dumps(attrs)
+    except (TypeError, ValueError):
+        raise ValueError("attributes hold values that are not JSON") from None
+    return attrs
+
+
+def resolve_image(ref: str, *, base: Path, policy: ImagePolicy) -> str:
+    """The absolute path or URL an image reference points to; ValueError when not allowed."""
+    lowered = ref.lower()
+    if lowered.startswith(("http://", "https://")):
+        if not policy.allow_urls:
+            raise ValueError("image is a URL but URL images are disabled (enable with --allow-url-images)")
+        return ref
+    if "://" in ref or lowered.startswith(("file:", "data:")):
+        raise ValueError(f"image {ref!r}: only file paths and http(s) URLs are supported")
+    path = Path(ref).expanduser()
+    resolved = (path if path.is_absolute() else base / path).resolve()
+    root = policy.root.resolve() if policy.root is not None else (None if path.is_absolute() else base)
+    if root is not None and not resolved.is_relative_to(root):
+        raise ValueError(f"image path {ref!r} escapes the image root {root}")
+    return str(resolved)
+
+
+def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy) -> CatalogRow | RowError:
+    product_id = record.get("product_id")
+    pid_text = None if product_id is None else str(product_id)
+    try:
+        pid = _clean_text(product_id, "product_id", required=True, max_length=MAX_ID_LENGTH)
+        if isinstance(product_id, float):
+            raise ValueError("product_id must be a string or an integer")
+        title = _clean_text(record.get("title"), "title", required=True)
+        currency = _clean_text(record.get("currency"), "currency", max_length=8)
+        if currency is not None:
+            currency = currency.upper()
+            if not _CURRENCY.match(currency):
+                raise ValueError(f"currency {currency!r} is not a 3-letter code")
+        image_ref = _clean_text(record.get("image"), "image", max_length=4096)
+        image_uri = None
+        image_error = None
+        if image_ref is not None:
+            try:
+                image_uri = resolve_image(image_ref, base=base, policy=policy)
+            except ValueError as exc:
+                # The product stays searchable by text; the image problem is reported with it.
+                image_error = str(exc)
+        product = ProductInput(
+            product_id=pid,
+            title=title,
+            description=_clean_text(record.get("description"), "description"),
+            category=_clean_text(record.get("category"), "category", max_length=256),
+            brand=_clean_text(record.get("brand"), "brand", max_length=256),
+            price=_price(record.get("price")),
+            currency=currency,
+            image_ref=image_ref,
+            image_uri=image_uri,
+            attributes=_attributes(record) | ({"_image_rejected": image_error} if image_error else {}),
+        )
+    except ValueError as exc:
+        return RowError(line, pid_text, str(exc))
+    return CatalogRow(line, product)
