@@ -1,0 +1,1 @@
+"""api: the HTTP service, the `prism` CLI and settings wiring. Nothing imports api."""

@@ -1,0 +1,269 @@
+"""The `prism` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prism: cross-modal product search.")
+models_app = typer.Typer(no_args_is_help=True, help="Model and index versions.")
+app.add_typer(models_app, name="models")
+
+
+def _settings(**overrides):
+    from api.settings import PrismSettings
+
+    return PrismSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from embedder import ImageDecodeError, ModelSpecError, ModelUnavailableError
+    from indexer import CatalogError, IndexVersionError
+    from search import NotReadyError, QueryError
+    from store import StoreError
+
+    return (
+        CatalogError,
+        ModelSpecError,
+        ModelUnavailableError,
+        QueryError,
+        NotReadyError,
+        ImageDecodeError,
+        StoreError,
+        IndexVersionError,
+        ImportError,
+    )
+
+
+class _RichProgress:
+    def __init__(self, progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.tasks[stage] = self.progress.add_task(stage, total=total)
+
+    def advance(self, stage: str, n: int = 1) -> None:
+        self.progress.advance(self.tasks[stage], n)
+
+    def finish(self, stage: str) -> None:
+        task = self.tasks[stage]
+        total = self.progress.tasks[task].total
+        if total is None:
+            self.progress.update(task, total=self.progress.tasks[task].completed)
+
+
+@app.command()
+def index(
+    catalog: Annotated[Path, typer.Argument(help="catalog file: .csv, .parquet or .jsonl")],
+    model: Annotated[Optional[str], typer.Option(help="model spec, e.g. ViT-B-32:laion2b_s34b_b79k")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, max=4096, help="images per forward pass")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+    allow_url_images: Annotated[bool, typer.Option(help="fetch http(s) image URLs (public hosts only)")] = False,
+    image_root: Annotated[Optional[Path], typer.Option(help="local images must lie inside this folder")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Ingest CATALOG, embed what changed, build and activate a new index version."""
+    settings = _settings(
+        model=model, batch_size=batch_size, device=device, image_root=image_root,
+        allow_url_images=allow_url_images or None,
+    )
+    try:
+        summary = _run_index(settings, catalog, quiet=as_json)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished batches are kept: run the same command again to resume", 130)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _run_index(settings, catalog: Path, *, quiet: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from embedder import ImageLimits, load_embedder
+    from indexer import AnnConfig, CatalogIndexer, ImagePolicy, IndexOptions
+    from store import Store
+
+    settings.apply_threads()
+    store = Store.open(settings.db_url)
+    embedder = load_embedder(
+        settings.model,
+        device=settings.device,
+        models_dir=settings.models_dir,
+        workers=settings.decode_workers,
+        image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+    )
+    options = IndexOptions(
+        batch_size=settings.batch_size,
+        ann=AnnConfig(flat_threshold=settings.flat_threshold, recall_target=settings.recall_target),
+        image_policy=ImagePolicy(root=settings.image_root, allow_urls=settings.allow_url_images),
+    )
+    columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
+        indexer = CatalogIndexer(
+            home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
+        )
+        return indexer.run(catalog)
+
+
+def _print_summary(summary) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="prism index", show_header=False)
+    table.add_row("rows read", str(summary.rows_read))
+    table.add_row("rows rejected", str(len(summary.row_errors)))
+    table.add_row("products indexed", str(summary.products_indexed))
+    table.add_row("images embedded", f"{summary.images_embedded} (+{summary.images_cached} from cache)")
+    table.add_row("texts embedded", f"{summary.texts_embedded} (+{summary.texts_cached} from cache)")
+    failures = ", ".join(f"{k}: {v}" for k, v in sorted(summary.image_failures.items())) or "none"
+    table.add_row("image failures", failures)
+    for modality, info in summary.indexes.items():
+        table.add_row(
+            f"{modality} index",
+            f"{info['factory']}  n={info['count']}  nprobe={info['nprobe']}  recall@10={info['recall_at_10']:.3f}",
+        )
+    table.add_row("model version", str(summary.model_version))
+    table.add_row("index version", str(summary.index_version))
+    table.add_row("seconds", f"{summary.seconds:.1f}")
+    console.print(table)
+    for err in summary.row_errors[:20]:
+        console.print(f"  line {err.line}: {err.product_id or '?'}: {err.reason}", style="yellow")
+    if len(summary.row_errors) > 20:
+        console.print(f"  ... and {len(summary.row_errors) - 20} more (use --json for all)", style="yellow")
+
+
+@app.command()
+def search(
+    text: Annotated[Optional[str], typer.Argument(help="text query")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="image file to search with")] = None,
+    target: Annotated[str, typer.Option(help="image, text or hybrid")] = "image",
+    k: Annotated[int, typer.Option("-k", "--k", help="results to return")] = 10,
+    offset: Annotated[int, typer.Option(help="results to skip (paging)")] = 0,
+    category: Annotated[Optional[list[str]], typer.Option(help="only this category (repeatable)")] = None,
+    brand: Annotated[Optional[list[str]], typer.Option(help="only this brand (repeatable)")] = None,
+    price_min: Annotated[Optional[float], typer.Option(help="minimum price")] = None,
+    price_max: Annotated[Optional[float], typer.Option(help="maximum price")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+) -> None:
+    """Search the active index by TEXT or by --image."""
+    from search import SearchEngine
+    from store import ProductFilter, Store
+
+    if (text is None) == (image is None):
+        _fail("give a text query or --image PATH (exactly one)")
+    settings = _settings()
+    try:
+        settings.apply_threads()
+        store = Store.open(settings.db_url)
+        engine = SearchEngine(store, models_dir=settings.models_dir, device=settings.device)
+        engine.refresh()
+        flt = ProductFilter(tuple(category or ()), tuple(brand or ()), price_min, price_max)
+        result = engine.search(
+            text=text, image=str(image) if image else None, target=target, k=k, offset=offset, filters=flt
+        )
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(_result_json(result), indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result.query_kind} -> {result.target.value}  ({result.took_ms:.0f} ms)")
+    for col in ("rank", "score", "product_id", "title", "category", "price"):
+        table.add_column(col)
+    for hit in result.hits:
+        p = hit.product
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", p.product_id, p.title, p.category or "",
+                      "" if p.price is None else f"{p.price:.2f} {p.currency or ''}")
+    Console().print(table)
+
+
+def _result_json(result) -> dict:
+    return {
+        "query_id": result.query_id,
+        "model_version": result.model_version,
+        "index_version": result.index_version,
+        "took_ms": result.took_ms,
+        "results": [
+            {
+                "product_id": h.product.product_id,
+                "score": h.score,
+                "rank": h.rank,
+                "title": h.product.title,
+                "category": h.product.category,
+                "brand": h.product.brand,
+                "price": h.product.price,
+                "currency": h.product.currency,
+                "image": h.product.image_ref,
+                "scores": h.scores,
+            }
+            for h in result.hits
+        ],
+    }
+
+
+@models_app.command("list")
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List model versions and index versions (the active one marked)."""
+    from store import Store
+
+    settings = _settings()
+    try:
+        store = Store.open(settings.db_url)
+        models = store.list_model_versions()
+        versions = store.list_index_versions()
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({
+            "models": [{"model_version": m.model_version, "spec": m.spec, "dim": m.dim} for m in models],
+            "indexes": [
+                {"index_version": v.index_version, "model_version": v.model_version, "active": v.is_active,
+                 "created_at": v.created_at.isoformat(), "counts": v.manifest.get("counts", {})}
+                for v in versions
+            ],
+        }, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    mt = Table(title="model versions")
+    for col in ("model_version", "spec", "dim"):
+        mt.add_column(col)
+    for m in models:
+        mt.add_row(m.model_version, m.spec, str(m.dim))
+    console.print(mt)
+    it = Table(title="index versions")
+    for col in ("", "index_version", "model_version", "products", "created"):
+        it.add_column(col)
+    for v in versions:
+        it.add_row("*" if v.is_active else "", v.index_version, v.model_version,
+                   str(v.manifest.get("counts", {}).get("products", "")), f"{v.created_at:%Y-%m-%d %H:%M}")
+    console.print(it)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
