@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+
+from indexer import AnnConfig, AnnIndex
+from indexer.ann import _recall
+
+
+def clustered(n, d=64, clusters=200, seed=0):
+    """Unit vectors around random centres on the sphere, like catalog embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = centres[rng.integers(0, clusters, n)] + rng.normal(scale=1.0 / np.sqrt(d), size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), centres
+
+
+@pytest.fixture(scope="module")
+def data():
+    x, centres = clustered(20_000)
+    rng = np.random.default_rng(99)
+    q = centres[rng.integers(0, len(centres), 300)] + rng.normal(scale=1.0 / 8, size=(300, 64))
+    ids = np.arange(len(x), dtype=np.int64) * 3 + 1000  # ids are not positions
+    return x, ids, q.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def ivf(data):
+    x, ids, _ = data
+    return AnnIndex.build(x, ids, AnnConfig(flat_threshold=10_000))
+
+
+@pytest.fixture(scope="module")
+def flat(data):
+    x, ids, _ = data
+    return AnnIndex.build(x, ids, AnnConfig(flat_threshold=10**9))
+
+
+def test_flat_is_exact(data, flat):
+    x, ids, q = data
+    scores, found = flat.search(q[:5], 10)
+    sims = (q[:5] / np.linalg.norm(q[:5], axis=1, keepdims=True)) @ x.T
+    assert (found == ids[np.argsort(-sims, axis=1)[:, :10]]).all()
+    assert flat.info.kind == "flat"
+
+
+def test_ivfpq_reaches_recall_target_on_held_out_queries(data, ivf, flat):
+    _, _, q = data
+    assert ivf.info.kind == "ivfpq" and ivf.info.factory.startswith("IVF") and ",PQ" in ivf.info.factory
+    assert ivf.info.recall_at_10 >= 0.95 and ivf.info.nprobe >= 1
+    _, truth = flat.search(q, 10)
+    _, found = ivf.search(q, 10)
+    assert _recall(found, truth) >= 0.95  # fresh queries the tuner never saw
+
+
+def test_selective_and_broad_filters_return_k_members(data, ivf):
+    _, ids, q = data
+    for allowed in (ids[::997], ids[::40], ids[::3]):  # 21 members, 500 members, ~6.7k members
+        scores, found = ivf.search(q[:20], 10, allowed=allowed)
+        assert np.isin(found, allowed).all() and (found >= 0).all()
+        assert (np.diff(scores, axis=1) <= 1e-6).all()
+    few = ids[:4]
+    _, found = ivf.search(q[:2], 10, allowed=few)
+    assert sorted(found[0][found[0] >= 0]) == sorted(few) and (found[0][4:] == -1).all()
+
+
+def test_excluded_ids_never_come_back(data, ivf):
+    _, _, q = data
+    _, first = ivf.search(q[:10], 10)
+    _, again = ivf.search(q[:10], 10, excluded=first[:, 0])
+    assert not np.isin(again, first[:, 0]).any()
+
+
+def test_save_and_load_round_trip(tmp_path, data, ivf):
+    _, _, q = data
+    files = ivf.save(tmp_path, "image")
+    assert files == ["image.faiss", "image.rerank.faiss"]
+    loaded = AnnIndex.load(tmp_path, "image", ivf.info.to_dict())
+    assert (loaded.search(q[:5], 10)[1] == ivf.search(q[:5], 10)[1]).all()
+
+
+def test_bad_build_inputs():
+    with pytest.raises(ValueError, match="unique"):
+        AnnIndex.build(np.ones((2, 4), np.float32), np.array([1, 1]))
+    with pytest.raises(ValueError, match="ids"):
+        AnnIndex.build(np.ones((2, 4), np.float32), np.array([1]))

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+
+from indexer import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
+
+
+def _split(items):
+    rows = [i for i in items if isinstance(i, CatalogRow)]
+    errors = [i for i in items if isinstance(i, RowError)]
+    return rows, errors
+
+
+def _write_csv(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_csv_good_and_bad_rows_are_separated(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"x")
+    path = _write_csv(
+        tmp_path / "c.csv",
+        "product_id,title,price,currency,image,color\n"
+        "A1,Red apple,1.20,eur,img/a.png,red\n"  # good, extra column -> attributes
+        ",No id,1,EUR,,\n"  # missing id
+        "A2,,1,EUR,,\n"  # empty title
+        "A3,Bad price,abc,EUR,,\n"
+        "A4,Negative,-3,EUR,,\n"
+        "A5,Bad currency,3,EURO,,\n"
+        "A1,Duplicate,3,EUR,,\n"
+        "A6,Escape,3,EUR,../../etc/passwd,\n",
+    )
+    rows, errors = _split(list(read_catalog(path)))
+    assert [r.product.product_id for r in rows] == ["A1", "A6"]
+    a1 = rows[0].product
+    assert a1.currency == "EUR" and a1.price == pytest.approx(1.2)
+    assert a1.image_uri == str((tmp_path / "img" / "a.png").resolve())
+    assert a1.attributes == {"color": "red"}
+    # the escaping image is refused but the product stays (text-only), with the reason recorded
+    assert rows[1].product.image_uri is None and "escapes" in rows[1].product.attributes["_image_rejected"]
+    reasons = {e.line: e.reason for e in errors}
+    assert reasons[3] == "product_id is missing"
+    assert reasons[4] == "title is missing"
+    assert "not a number" in reasons[5]
+    assert ">= 0" in reasons[6]
+    assert "3-letter" in reasons[7]
+    assert "duplicate product_id (first seen at line 2)" == reasons[8]
+
+
+def test_missing_required_column_is_a_catalog_error(tmp_path):
+    path = _write_csv(tmp_path / "c.csv", "id,title\n1,x\n")
+    with pytest.raises(CatalogError, match="missing required column"):
+        list(read_catalog(path))
+
+
+def test_unsupported_format_and_missing_file(tmp_path):
+    (tmp_path / "c.xlsx").write_text("x")
+    with pytest.raises(CatalogError, match="unsupported"):
+        list(read_catalog(tmp_path / "c.xlsx"))
+    with pytest.raises(CatalogError, match="not found"):
+        list(read_catalog(tmp_path / "nope.csv"))
+
+
+def test_jsonl_reports_invalid_lines_and_wrong_types(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        json.dumps({"product_id": "J1", "title": "ok", "attributes": {"size": "M"}, "price": 3}) + "\n"
+        "{not json\n"
+        "[1, 2]\n"
+        + json.dumps({"product_id": "J2", "title": "bad attrs", "attributes": [1]}) + "\n"
+        + json.dumps({"product_id": "J3", "title": {"nested": 1}}) + "\n"
+        + json.dumps({"product_id": 7, "title": "int id"}) + "\n"
+    )
+    rows, errors = _split(list(read_catalog(path)))
+    assert [r.product.product_id for r in rows] == ["J1", "7"]
+    assert rows[0].product.attributes == {"size": "M"}
+    assert {e.line for e in errors} == {2, 3, 4, 5}
+    assert any("invalid JSON" in e.reason for e in errors)
+    assert any("JSON object" in e.reason for e in errors)
+
+
+def test_parquet_reader(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"product_id": ["P1", "P2", None], "title": ["one", "two", "three"], "price": [1.0, None, 2.0]}),
+        tmp_path / "c.parquet",
+    )
+    rows, errors = _split(list(read_catalog(tmp_path / "c.parquet")))
+    assert [r.product.product_id for r in rows] == ["P1", "P2"]
+    assert rows[1].product.price is None
+    assert errors[0].line == 3 and "product_id" in errors[0].reason
+
+
+def test_url_images_need_the_flag_and_image_root_confines_absolute_paths(tmp_path):
+    path = _write_csv(tmp_path / "c.csv", "product_id,title,image\nU1,url,https://example.com/a.png\nU2,abs,/etc/hosts\n")
+    rows, _ = _split(list(read_catalog(path)))
+    assert "disabled" in rows[0].product.attributes["_image_rejected"]
+    assert rows[1].product.image_uri == "/etc/hosts"  # absolute paths are the catalog author's call...
+    rows, _ = _split(list(read_catalog(path, ImagePolicy(root=tmp_path, allow_urls=True))))
+    assert rows[0].product.image_uri == "https://example.com/a.png"
+    assert "escapes" in rows[1].product.attributes["_image_rejected"]  # ...unless an image root is set
+
+
+def test_url_fetch_refuses_a_live_loopback_server_and_odd_schemes():
+    import http.server
+    import threading
+
+    from indexer import FetchError, fetch_image_url
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(FetchError) as exc:
+            fetch_image_url(f"http://127.0.0.1:{server.server_port}/", max_bytes=1000, timeout_s=5)
+        assert exc.value.reason == "forbidden_address"
+    finally:
+        server.shutdown()
+    with pytest.raises(FetchError, match="http"):
+        fetch_image_url("file:///etc/passwd", max_bytes=1000, timeout_s=2)
