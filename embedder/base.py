@@ -56,7 +56,11 @@ class Embedder(ABC):
     spec: str
     dim: int
 
-    def __init__(self, *, device: str, image_limits: ImageLimits | None = None, workers: int = 2):
+    def __init__(
+        self, *, name: str, spec: str, device: str, image_limits: ImageLimits | None = None, workers: int = 2
+    ):
+        self.name = name
+        self.spec = spec
         self.device = device
         self.image_limits = image_limits or ImageLimits()
         self.workers = max(1, workers)

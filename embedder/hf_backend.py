@@ -11,12 +11,10 @@ from embedder.base import Embedder
 
 class HFClipEmbedder(Embedder):
     def __init__(self, model, tokenizer, image_processor, *, name: str, spec: str, device: str, **kwargs):
-        super().__init__(device=device, **kwargs)
+        super().__init__(name=name, spec=spec, device=device, **kwargs)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.name = name
-        self.spec = spec
         model_type = getattr(model.config, "model_type", "")
         # SigLIP was trained on max-length padded text and has no padding mask: trimming would change it.
         self._padding = "max_length" if model_type.startswith("siglip") else "longest"

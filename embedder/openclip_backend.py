@@ -14,12 +14,10 @@ log = logging.getLogger(__name__)
 
 class OpenClipEmbedder(Embedder):
     def __init__(self, model, preprocess, tokenizer, *, name: str, spec: str, device: str, **kwargs):
-        super().__init__(device=device, **kwargs)
+        super().__init__(name=name, spec=spec, device=device, **kwargs)
         self.model = model.eval()
         self._preprocess = preprocess
         self.tokenizer = tokenizer
-        self.name = name
-        self.spec = spec
         self.dim = _output_dim(model)
         self._trim = _text_trimmer(model, tokenizer)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,50 +50,17 @@ def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
         yield items[start : start + size]
 
 
-def _to_product_record(p: Product) -> ProductRecord:
-    return ProductRecord(
-        row_id=p.row_id,
-        product_id=p.product_id,
-        title=p.title,
-        description=p.description,
-        category=p.category,
-        brand=p.brand,
-        price=p.price,
-        currency=p.currency,
-        image_ref=p.image_ref,
-        image_uri=p.image_uri,
-        image_hash=p.image_hash,
-        text_hash=p.text_hash,
-        image_status=p.image_status,
-        image_error=p.image_error,
-        attributes=dict(p.attributes or {}),
-        created_at=_as_utc(p.created_at),
-        updated_at=_as_utc(p.updated_at),
-        deleted_at=_as_utc(p.deleted_at),
-    )
-
-
-def _to_index_record(v: IndexVersion) -> IndexVersionRecord:
-    return IndexVersionRecord(
-        index_version=v.index_version,
-        model_version=v.model_version,
-        path=v.path,
-        manifest=dict(v.manifest or {}),
-        is_active=bool(v.is_active),
-        created_at=_as_utc(v.created_at),
-        activated_at=_as_utc(v.activated_at),
-    )
-
-
-def _to_model_record(m: ModelVersion) -> ModelVersionRecord:
-    return ModelVersionRecord(
-        model_version=m.model_version,
-        spec=m.spec,
-        dim=m.dim,
-        parent=m.parent,
-        info=dict(m.info or {}),
-        created_at=_as_utc(m.created_at),
-    )
+def _to_record(record_cls, row):
+    """Copy an ORM row into its frozen record, field by field, datetimes as aware UTC."""
+    values = {}
+    for f in fields(record_cls):
+        value = getattr(row, f.name)
+        if isinstance(value, datetime):
+            value = _as_utc(value)
+        elif isinstance(value, dict):
+            value = dict(value)
+        values[f.name] = value
+    return record_cls(**values)
 
 
 def _make_engine(url: str) -> Engine:
@@ -205,7 +173,7 @@ class Store:
             p = s.scalar(select(Product).where(Product.product_id == product_id))
             if p is None or (p.deleted_at is not None and not include_deleted):
                 return None
-            return _to_product_record(p)
+            return _to_record(ProductRecord, p)
 
     def products_by_row_ids(self, row_ids: Iterable[int]) -> dict[int, ProductRecord]:
         ids = [int(r) for r in row_ids]
@@ -213,7 +181,7 @@ class Store:
         with self.session() as s:
             for chunk in _chunks(ids):
                 for p in s.scalars(select(Product).where(Product.row_id.in_(chunk))):
-                    out[p.row_id] = _to_product_record(p)
+                    out[p.row_id] = _to_record(ProductRecord, p)
         return out
 
     def products_by_ids(self, product_ids: Iterable[str]) -> dict[str, ProductRecord]:
@@ -222,7 +190,7 @@ class Store:
         with self.session() as s:
             for chunk in _chunks(ids):
                 for p in s.scalars(select(Product).where(Product.product_id.in_(chunk))):
-                    out[p.product_id] = _to_product_record(p)
+                    out[p.product_id] = _to_record(ProductRecord, p)
         return out
 
     def indexable_products(self) -> list[IndexableProduct]:
@@ -238,7 +206,7 @@ class Store:
         """Every product not deleted, in row-id order."""
         with self.session() as s:
             q = select(Product).where(Product.deleted_at.is_(None)).order_by(Product.row_id)
-            return [_to_product_record(p) for p in s.scalars(q)]
+            return [_to_record(ProductRecord, p) for p in s.scalars(q)]
 
     def count_products(self, *, include_deleted: bool = False) -> int:
         with self.session() as s:
@@ -255,7 +223,7 @@ class Store:
             p.deleted_at = utcnow()
             p.updated_at = p.deleted_at
             s.flush()
-            return _to_product_record(p)
+            return _to_record(ProductRecord, p)
 
     def filter_row_ids(self, flt: ProductFilter) -> np.ndarray:
         """Row ids of live products matching the filter, as sorted int64."""
@@ -290,16 +258,16 @@ class Store:
             elif m.dim != dim:
                 raise StoreError(f"model version {model_version!r} is registered with dim {m.dim}, not {dim}")
             s.flush()
-            return _to_model_record(m)
+            return _to_record(ModelVersionRecord, m)
 
     def get_model_version(self, model_version: str) -> ModelVersionRecord | None:
         with self.session() as s:
             m = s.get(ModelVersion, model_version)
-            return None if m is None else _to_model_record(m)
+            return None if m is None else _to_record(ModelVersionRecord, m)
 
     def list_model_versions(self) -> list[ModelVersionRecord]:
         with self.session() as s:
-            return [_to_model_record(m) for m in s.scalars(select(ModelVersion).order_by(ModelVersion.created_at))]
+            return [_to_record(ModelVersionRecord, m) for m in s.scalars(select(ModelVersion).order_by(ModelVersion.created_at))]
 
     def record_index_version(
         self, index_version: str, *, model_version: str, path: str, manifest: dict, activate: bool
@@ -313,7 +281,7 @@ class Store:
             s.flush()
             if activate:
                 self._activate(s, v)
-            return _to_index_record(v)
+            return _to_record(IndexVersionRecord, v)
 
     def activate_index_version(self, index_version: str) -> IndexVersionRecord:
         with self.session() as s, s.begin():
@@ -321,7 +289,7 @@ class Store:
             if v is None:
                 raise UnknownVersionError(f"no index version {index_version!r}")
             self._activate(s, v)
-            return _to_index_record(v)
+            return _to_record(IndexVersionRecord, v)
 
     @staticmethod
     def _activate(s: Session, v: IndexVersion) -> None:
@@ -336,16 +304,16 @@ class Store:
     def active_index_version(self) -> IndexVersionRecord | None:
         with self.session() as s:
             v = s.scalar(select(IndexVersion).where(IndexVersion.is_active.is_(True)))
-            return None if v is None else _to_index_record(v)
+            return None if v is None else _to_record(IndexVersionRecord, v)
 
     def get_index_version(self, index_version: str) -> IndexVersionRecord | None:
         with self.session() as s:
             v = s.get(IndexVersion, index_version)
-            return None if v is None else _to_index_record(v)
+            return None if v is None else _to_record(IndexVersionRecord, v)
 
     def list_index_versions(self) -> list[IndexVersionRecord]:
         with self.session() as s:
-            return [_to_index_record(v) for v in s.scalars(select(IndexVersion).order_by(IndexVersion.created_at))]
+            return [_to_record(IndexVersionRecord, v) for v in s.scalars(select(IndexVersion).order_by(IndexVersion.created_at))]
 
     # ---------------------------------------------------------------- search log
 
