@@ -24,7 +24,7 @@ from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.versions import MODALITIES, build_lock, write_index_version
-from store import EmbeddingState, ProductRecord, Store
+from store import ImageState, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +153,13 @@ class CatalogIndexer:
     def _embed_texts(self, products: list[ProductRecord], cache: VectorCache, summary: IndexSummary) -> None:
         self.progress.start("embed texts", len(products))
         items = [(p.row_id, product_text(p)) for p in products]
-        stale = {p.row_id: p for p in products}
+        recorded = {p.row_id: p.text_hash for p in products}
         for batch in self.embedder.embed_texts(items, batch_size=self.options.text_batch_size, cache=cache):
             summary.texts_embedded += batch.encoded
             summary.texts_cached += batch.attempted - batch.encoded
-            changed = [
-                EmbeddingState(row, text_hash=h, image_hash=stale[row].image_hash, image_status=stale[row].image_status,
-                               image_error=stale[row].image_error)
-                for row, h in zip(batch.keys, batch.hashes)
-                if stale[row].text_hash != h
-            ]
+            changed = {row: h for row, h in zip(batch.keys, batch.hashes) if recorded[row] != h}
             if changed:
-                self.store.record_embedding_state(changed)
+                self.store.record_text_hashes(changed)
             self.progress.advance("embed texts", batch.attempted)
         self.progress.finish("embed texts")
 
@@ -172,18 +167,17 @@ class CatalogIndexer:
         with_image = [p for p in products if p.image_uri]
         without = [p for p in products if not p.image_uri and p.image_status != "none"]
         if without:
-            self.store.record_embedding_state(
+            self.store.record_image_states(
                 [
-                    EmbeddingState(p.row_id, text_hash=content_hash(product_text(p)), image_hash=None,
-                                   image_status="none" if "_image_rejected" not in p.attributes else "rejected",
-                                   image_error=p.attributes.get("_image_rejected"))
+                    ImageState(p.row_id, image_hash=None,
+                               image_status="none" if "_image_rejected" not in p.attributes else "rejected",
+                               image_error=p.attributes.get("_image_rejected"))
                     for p in without
                 ]
             )
         for p in products:
             if "_image_rejected" in p.attributes:
                 summary.image_failures["rejected"] += 1
-        by_row = {p.row_id: p for p in with_image}
         self.progress.start("embed images", len(with_image))
         batches = self.embedder.embed_images(
             ((p.row_id, self._image_source(p)) for p in with_image),
@@ -193,17 +187,11 @@ class CatalogIndexer:
         for batch in batches:
             summary.images_embedded += batch.encoded
             summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
-            states = [
-                EmbeddingState(row, text_hash=content_hash(product_text(by_row[row])), image_hash=h, image_status="ok")
-                for row, h in zip(batch.keys, batch.hashes)
-            ]
+            states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
             for row, reason, message in batch.failures:
                 summary.image_failures[reason] += 1
-                states.append(
-                    EmbeddingState(row, text_hash=content_hash(product_text(by_row[row])), image_hash=None,
-                                   image_status=reason[:32], image_error=message[:2000])
-                )
-            self.store.record_embedding_state(states)
+                states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
+            self.store.record_image_states(states)
             self.progress.advance("embed images", batch.attempted)
         self.progress.finish("embed images")
 

@@ -2,7 +2,7 @@
 
 from store.db import Store, StoreError, UnknownVersionError, migrate
 from store.records import (
-    EmbeddingState,
+    ImageState,
     IndexableProduct,
     IndexVersionRecord,
     ModelVersionRecord,
@@ -12,7 +12,7 @@ from store.records import (
 )
 
 __all__ = [
-    "EmbeddingState",
+    "ImageState",
     "IndexVersionRecord",
     "IndexableProduct",
     "ModelVersionRecord",

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import IndexVersion, ModelVersion, Product, SearchLog, utcnow
 from store.records import (
-    EmbeddingState,
+    ImageState,
     IndexableProduct,
     IndexVersionRecord,
     ModelVersionRecord,
@@ -152,14 +152,18 @@ class Store:
                 out.update({p.product_id: p.row_id for p in existing.values()})
         return out
 
-    def record_embedding_state(self, states: Sequence[EmbeddingState]) -> None:
+    def record_text_hashes(self, hashes: dict[int, str]) -> None:
+        """row_id -> sha256 of the text the product was embedded by."""
+        with self.session() as s, s.begin():
+            s.execute(update(Product), [{"row_id": row, "text_hash": h} for row, h in hashes.items()])
+
+    def record_image_states(self, states: Sequence[ImageState]) -> None:
         with self.session() as s, s.begin():
             s.execute(
                 update(Product),
                 [
                     {
                         "row_id": st.row_id,
-                        "text_hash": st.text_hash,
                         "image_hash": st.image_hash,
                         "image_status": st.image_status,
                         "image_error": st.image_error,

@@ -45,11 +45,10 @@ class ProductRecord:
 
 
 @dataclass(frozen=True)
-class EmbeddingState:
-    """What the indexer learned about one product while embedding it."""
+class ImageState:
+    """What the indexer learned about one product's image while embedding it."""
 
     row_id: int
-    text_hash: str | None
     image_hash: str | None
     image_status: str
     image_error: str | None = None
