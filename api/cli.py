@@ -162,6 +162,8 @@ def search(
     as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
 ) -> None:
     """Search the active index by TEXT or by --image."""
+    from embedder import ImageLimits
+    from feedback import record_search
     from search import SearchEngine
     from store import ProductFilter, Store
 
@@ -171,12 +173,16 @@ def search(
     try:
         settings.apply_threads()
         store = Store.open(settings.db_url)
-        engine = SearchEngine(store, models_dir=settings.models_dir, device=settings.device)
+        engine = SearchEngine(
+            store, models_dir=settings.models_dir, device=settings.device,
+            image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+        )
         engine.refresh()
         flt = ProductFilter(tuple(category or ()), tuple(brand or ()), price_min, price_max)
         result = engine.search(
             text=text, image=str(image) if image else None, target=target, k=k, offset=offset, filters=flt
         )
+        record_search(store, result)
     except _known_errors() as exc:
         _fail(str(exc))
     if as_json:
@@ -185,7 +191,9 @@ def search(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{result.query_kind} -> {result.target.value}  ({result.took_ms:.0f} ms)")
+    table = Table(
+        title=f"{result.query_kind} -> {result.target.value}  ({result.took_ms:.0f} ms, query {result.query_id})"
+    )
     for col in ("rank", "score", "product_id", "title", "category", "price"):
         table.add_column(col)
     for hit in result.hits:
@@ -217,6 +225,33 @@ def _result_json(result) -> dict:
             for h in result.hits
         ],
     }
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="worker processes, each with its own model copy")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the HTTP API and the search page at http://HOST:PORT/ (settings from PRISM_* / prism.toml)."""
+    import os
+    import tempfile
+
+    import uvicorn
+
+    try:
+        settings = _settings()
+    except Exception as exc:  # invalid PRISM_* values: pydantic names the field
+        _fail(str(exc))
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Counters and histograms are summed over the workers only in multiprocess mode, which
+        # must be chosen before any worker imports prometheus_client.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prism-metrics-")
+    typer.echo(f"Prism on http://{host}:{port}/  (home {settings.home.resolve()}, {workers} worker(s))", err=True)
+    uvicorn.run(
+        "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
+    )
 
 
 @models_app.command("list")

@@ -1,6 +1,5 @@
-"""feedback: click events, pair mining, contrastive fine-tuning, the evaluation gate and promotion.
+"""feedback: the search log, click events, pair mining, fine-tuning, the evaluation gate and promotion."""
 
-This room is filled by the feedback-loop work (DESIGN.md, "The flow"); nothing is exported yet.
-"""
+from feedback.events import record_search
 
-__all__: list[str] = []
+__all__ = ["record_search"]

@@ -4,6 +4,7 @@ from indexer.ann import AnnConfig, AnnIndex, AnnInfo, plan_factory
 from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
+from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
 from indexer.versions import IndexVersionError, LoadedIndexVersion, load_index_version
 
@@ -13,6 +14,7 @@ __all__ = [
     "AnnInfo",
     "CatalogError",
     "CatalogIndexer",
+    "CatalogUpdater",
     "CatalogRow",
     "FetchError",
     "ImagePolicy",
@@ -23,6 +25,8 @@ __all__ = [
     "NoProgress",
     "Progress",
     "RowError",
+    "UpdateError",
+    "UpsertOutcome",
     "fetch_image_url",
     "gpu_count",
     "import_faiss",

@@ -194,7 +194,7 @@ def _attributes(record: dict) -> dict:
         if key not in KNOWN_COLUMNS and value is not None:
             attrs[str(key)] = value if isinstance(value, (str, int, float, bool, list, dict)) else str(value)
     try:
-        json.dumps(attrs)
+        json.dumps(attrs, allow_nan=False)
     except (TypeError, ValueError):
         raise ValueError("attributes hold values that are not JSON") from None
     return attrs

@@ -142,6 +142,10 @@ class CatalogIndexer:
 
     def embed(self, summary: IndexSummary) -> VectorCache:
         cache = VectorCache(self.cache_dir, self.embedder.dim)
+        # Products added through the API since this model's last build were embedded then.
+        built = [v.manifest.get("catalog_seq", 0) for v in self.store.list_index_versions()
+                 if v.model_version == self.embedder.name]
+        self._cache_journal_vectors(cache, after=max(built, default=0))
         products = self.store.live_products()
         try:
             self._embed_texts(products, cache, summary)
@@ -195,6 +199,22 @@ class CatalogIndexer:
             self.progress.advance("embed images", batch.attempted)
         self.progress.finish("embed images")
 
+    def _cache_journal_vectors(self, cache: VectorCache, *, after: int) -> None:
+        """Put vectors that API upserts journaled for this model into the cache (no re-embedding)."""
+        added = 0
+        for change in self.store.catalog_changes(after):
+            if change.op != "upsert" or change.model_version != self.embedder.name:
+                continue
+            if change.text_vector is not None and change.text_hash:
+                cache.put(f"text:{change.text_hash}", change.text_vector, modality="text", ref=change.product_id)
+                added += 1
+            if change.image_vector is not None and change.image_hash:
+                cache.put(f"image:{change.image_hash}", change.image_vector, modality="image", ref=change.product_id)
+                added += 1
+        if added:
+            cache.flush()
+            log.info("took %d vectors from the catalog change journal", added)
+
     def _image_source(self, p: ProductRecord):
         uri = p.image_uri
         if not uri.lower().startswith(("http://", "https://")):
@@ -216,7 +236,17 @@ class CatalogIndexer:
 
     # ---- stage 4+5: build and publish an index version
 
-    def build(self, cache: VectorCache, summary: IndexSummary) -> None:
+    def build(self, cache: VectorCache, summary: IndexSummary, *, catalog_seq: int | None = None) -> None:
+        """Build and publish from the products' current hashes.
+
+        `catalog_seq`: the change-journal position the embed stage started from. Every journaled
+        API change after it is replayed by servers on top of this version, so it must be read
+        before the products were listed for embedding (a PUT in between then lands in both).
+        """
+        if catalog_seq is None:
+            catalog_seq = self.store.catalog_seq()
+        # API changes that landed while this build embedded: their vectors are in the journal.
+        self._cache_journal_vectors(cache, after=catalog_seq)
         products = self.store.indexable_products()
         text_rows = [(p.row_id, p.text_hash) for p in products if p.text_hash]
         image_rows = [(p.row_id, p.image_hash) for p in products if p.image_hash]
@@ -242,7 +272,10 @@ class CatalogIndexer:
                 self.home / "indexes",
                 model_version=self.embedder.name,
                 indexes=indexes,
-                extra={"counts": {"products": len(products), "image": len(image_ids), "text": len(text_ids)}},
+                extra={
+                    "counts": {"products": len(products), "image": len(image_ids), "text": len(text_ids)},
+                    "catalog_seq": catalog_seq,
+                },
             )
             self.store.record_index_version(
                 version, model_version=self.embedder.name, path=str(path), manifest=manifest,
@@ -257,8 +290,9 @@ class CatalogIndexer:
         summary = IndexSummary()
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
+        catalog_seq = self.store.catalog_seq()
         cache = self.embed(summary)
-        self.build(cache, summary)
+        self.build(cache, summary, catalog_seq=catalog_seq)
         summary.seconds = time.perf_counter() - started
         return summary
 

@@ -1,13 +1,15 @@
-"""search: the query engine over the active index version."""
+"""search: the query engine over the active index version plus the catalog changes since its build."""
 
 from search.engine import (
     MAX_K,
     MAX_OFFSET,
     MAX_QUERY_CHARS,
     NotReadyError,
+    ProductNotFoundError,
     QueryError,
     SearchEngine,
     SearchHit,
+    SearchQuery,
     SearchResult,
     Target,
 )
@@ -17,9 +19,11 @@ __all__ = [
     "MAX_OFFSET",
     "MAX_QUERY_CHARS",
     "NotReadyError",
+    "ProductNotFoundError",
     "QueryError",
     "SearchEngine",
     "SearchHit",
+    "SearchQuery",
     "SearchResult",
     "Target",
 ]

@@ -19,15 +19,17 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from embedder import Embedder, ImageSource, load_embedder
-from indexer import LoadedIndexVersion, load_index_version
-from store import ProductFilter, ProductRecord, Store
+from embedder import Embedder, ImageLimits, ImageSource, content_hash, load_embedder, read_image_bytes
+from indexer import LoadedIndexVersion, load_index_version, product_text
+from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
+from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,26 @@ class QueryError(ValueError):
     """The query itself is wrong (maps to HTTP 4xx / CLI exit 2)."""
 
 
+class ProductNotFoundError(LookupError):
+    """A query refers to a product that does not exist (or was deleted)."""
+
+
 class NotReadyError(RuntimeError):
     """No index version is active yet."""
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """What was asked, as the search log records it."""
+
+    kind: str  # text | image | product
+    target: Target
+    k: int
+    offset: int
+    filters: ProductFilter
+    text: str | None = None
+    image_hash: str | None = None
+    similar_to: str | None = None
 
 
 @dataclass
@@ -66,14 +86,22 @@ class SearchResult:
     took_ms: float
     hits: list[SearchHit]
     timings_ms: dict[str, float]
-    query_kind: str  # "text" | "image"
-    target: Target
+    query: SearchQuery
+
+    @property
+    def query_kind(self) -> str:
+        return self.query.kind
+
+    @property
+    def target(self) -> Target:
+        return self.query.target
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Serving:
     version: LoadedIndexVersion
     embedder: Embedder
+    overlay: Overlay
 
 
 class SearchEngine:
@@ -83,6 +111,7 @@ class SearchEngine:
         *,
         models_dir: Path | None = None,
         device: str = "auto",
+        image_limits: ImageLimits | None = None,
         rrf_k: int = 60,
         exact_subset_max: int = 4096,
         verify_files: bool = True,
@@ -90,12 +119,13 @@ class SearchEngine:
         self.store = store
         self.models_dir = models_dir
         self.device = device
+        self.image_limits = image_limits or ImageLimits()
         self.rrf_k = rrf_k
         self.exact_subset_max = exact_subset_max
         self.verify_files = verify_files
         self._serving: _Serving | None = None
         self._embedders: dict[str, Embedder] = {}
-        self._swap_lock = threading.Lock()
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- versions
 
@@ -116,7 +146,9 @@ class SearchEngine:
             record = self.store.get_model_version(model_version)
             if record is None:
                 raise NotReadyError(f"model version {model_version!r} is not registered")
-            embedder = load_embedder(record.spec, device=self.device, models_dir=self.models_dir)
+            embedder = load_embedder(
+                record.spec, device=self.device, models_dir=self.models_dir, image_limits=self.image_limits
+            )
             if embedder.name != model_version:
                 raise NotReadyError(
                     f"model spec {record.spec!r} now loads as {embedder.name!r}, not {model_version!r}: "
@@ -128,21 +160,96 @@ class SearchEngine:
     def refresh(self) -> bool:
         """Load the active index version if it differs from the one serving; True when swapped.
 
-        The new version is fully loaded (and its model ready) before one reference assignment
-        swaps it in, so a search in flight finishes on the version it started with.
+        The new version is fully loaded (its model ready, the change journal since its build
+        replayed) before one reference assignment swaps it in, so a search in flight finishes on
+        the version it started with.
         """
-        with self._swap_lock:
-            active = self.store.active_index_version()
-            if active is None:
-                return False
-            current = self._serving
-            if current is not None and current.version.index_version == active.index_version:
-                return False
-            version = load_index_version(active.path, verify=self.verify_files)
-            embedder = self.embedder_for(version.model_version)
-            self._serving = _Serving(version, embedder)
-            log.info("serving index version %s (model %s)", version.index_version, version.model_version)
-            return True
+        with self._lock:
+            return self._refresh_locked()
+
+    def _refresh_locked(self) -> bool:
+        active = self.store.active_index_version()
+        if active is None:
+            return False
+        current = self._serving
+        if current is not None and current.version.index_version == active.index_version:
+            return False
+        version = load_index_version(active.path, verify=self.verify_files)
+        embedder = self.embedder_for(version.model_version)
+        # Products deleted after the build outside the journal (or before it existed) stay hidden.
+        overlay = Overlay.start(int(version.manifest.get("catalog_seq", 0)), embedder.dim, self.store.deleted_row_ids())
+        serving = _Serving(version, embedder, overlay)
+        serving = replace(serving, overlay=self._replay(serving))
+        self._serving = serving
+        log.info(
+            "serving index version %s (model %s, %d journaled changes replayed)",
+            version.index_version, version.model_version, serving.overlay.seq - overlay.seq,
+        )
+        return True
+
+    def sync(self) -> None:
+        """Catch up with the store: a newly activated version, and catalog changes since the last query.
+
+        One small SQL round trip. Journal changes are applied before this returns (a PUT is
+        searchable on the next query, in every worker); a version swap is done by the first
+        query that sees it while concurrent queries carry on with the old version.
+        """
+        active, seq = self.store.serving_marks()
+        serving = self._serving
+        if active is None:
+            return
+        if serving is None:
+            self.refresh()
+            return
+        if active != serving.version.index_version:
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._refresh_locked()
+                finally:
+                    self._lock.release()
+            return
+        if seq > serving.overlay.seq:
+            with self._lock:
+                current = self._serving
+                if current is not None and current.version is serving.version and seq > current.overlay.seq:
+                    self._serving = replace(current, overlay=self._replay(current))
+
+    def _replay(self, serving: _Serving) -> Overlay:
+        changes = self.store.catalog_changes(serving.overlay.seq)
+        if not changes:
+            return serving.overlay
+        foreign = [c for c in changes if c.op == "upsert" and c.model_version != serving.embedder.name]
+        reembedded = self._reembed(serving.embedder, foreign) if foreign else {}
+
+        def vectors_for(change: CatalogChangeRecord) -> ChangeVectors:
+            if change.seq in reembedded:
+                return reembedded[change.seq]
+            image = KEEP if change.image_action == "keep" else change.image_vector
+            return ChangeVectors(text=change.text_vector, image=image)
+
+        return serving.overlay.applied(changes, vectors_for)
+
+    def _reembed(self, embedder: Embedder, changes: list[CatalogChangeRecord]) -> dict[int, ChangeVectors]:
+        """Vectors for changes journaled by another model (made during a model swap): embed the
+        product as it is now. Later changes to the same product are replayed after it anyway."""
+        products = self.store.products_by_row_ids({c.row_id for c in changes})
+        out: dict[int, ChangeVectors] = {}
+        for change in changes:
+            product = products.get(change.row_id)
+            if product is None:
+                continue
+            text = embedder.encode_texts([product_text(product)])[0]
+            image = None
+            if change.image_action == "keep":
+                image = KEEP
+            elif product.image_status == "ok" and product.image_uri:
+                try:
+                    image = embedder.encode_images([product.image_uri])[0]
+                except Exception as exc:  # the product stays searchable by text
+                    log.warning("cannot re-embed the image of %s: %s", product.product_id, exc)
+            out[change.seq] = ChangeVectors(text=text, image=image)
+        log.info("re-embedded %d journaled changes made with another model", len(out))
+        return out
 
     # ---------------------------------------------------------------- search
 
@@ -151,36 +258,54 @@ class SearchEngine:
         *,
         text: str | None = None,
         image: ImageSource | None = None,
+        similar_to: str | None = None,
         target: Target | str = Target.IMAGE,
         k: int = 10,
         offset: int = 0,
         filters: ProductFilter | None = None,
     ) -> SearchResult:
+        """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this")."""
         started = time.perf_counter()
         target = _parse_target(target)
-        _validate(text, image, k, offset)
-        serving = self.serving
+        _validate(text, image, similar_to, k, offset)
+        filters = filters or ProductFilter()
         timings: dict[str, float] = {}
 
         t0 = time.perf_counter()
+        self.sync()
+        serving = self.serving
+        timings["sync"] = _ms(t0)
+
+        t0 = time.perf_counter()
+        exclude = np.zeros(0, dtype=np.int64)
         if text is not None:
-            query = serving.embedder.encode_texts([text.strip()])
+            text = text.strip()
+            query = SearchQuery("text", target, k, offset, filters, text=text)
+            vector = serving.embedder.encode_texts([text])
+        elif image is not None:
+            data = image if isinstance(image, Image.Image) else read_image_bytes(image, self.image_limits)
+            image_hash = content_hash(data) if isinstance(data, bytes) else None
+            query = SearchQuery("image", target, k, offset, filters, image_hash=image_hash)
+            vector = serving.embedder.encode_images([data])
         else:
-            query = serving.embedder.encode_images([image])
+            product, vector, modality = self._product_vector(serving, similar_to)
+            exclude = np.asarray([product.row_id], dtype=np.int64)
+            query = SearchQuery(
+                "product", target, k, offset, filters,
+                image_hash=product.image_hash if modality == "image" else None, similar_to=similar_to,
+            )
         timings["encode"] = _ms(t0)
 
         t0 = time.perf_counter()
-        filters = filters or ProductFilter()
         allowed = None if filters.is_empty() else self.store.filter_row_ids(filters)
-        excluded = self.store.deleted_row_ids()
         timings["filter"] = _ms(t0)
 
         t0 = time.perf_counter()
         want = offset + k
         if target is Target.HYBRID:
-            ranked = self._hybrid(serving, query, want, allowed, excluded)
+            ranked = self._hybrid(serving, vector, want, allowed, exclude)
         else:
-            ranked = self._single(serving, target.value, query, want, allowed, excluded)
+            ranked = self._single(serving, target.value, vector, want, allowed, exclude)
         timings["ann"] = _ms(t0)
 
         t0 = time.perf_counter()
@@ -201,26 +326,70 @@ class SearchEngine:
             took_ms=_ms(started),
             hits=hits,
             timings_ms=timings,
-            query_kind="text" if text is not None else "image",
-            target=target,
+            query=query,
         )
 
-    def _single(self, serving, modality, query, want, allowed, excluded) -> list[tuple[int, float, dict]]:
-        ann = serving.version.indexes[modality]
-        scores, ids = ann.search(query, want, allowed=allowed, excluded=excluded, exact_subset_max=self.exact_subset_max)
-        return [(int(i), float(s), {modality: float(s)}) for s, i in zip(scores[0], ids[0]) if i >= 0]
+    def _product_vector(self, serving: _Serving, product_id: str) -> tuple[ProductRecord, np.ndarray, str]:
+        """A product's own vector as a query: its image if it has one, else its text."""
+        product = self.store.get_product(product_id)
+        if product is None:
+            raise ProductNotFoundError(f"no product {product_id!r}")
+        row = product.row_id
+        for modality in MODALITIES:
+            vector = serving.overlay.vector(modality, row)
+            if vector is None and not serving.overlay.is_masked(modality, row):
+                ann = serving.version.indexes[modality]
+                ids = ann.ids()
+                pos = int(np.searchsorted(ids, row))
+                if pos < len(ids) and ids[pos] == row:
+                    vector = ann.reconstruct(np.asarray([row]))[0]
+            if vector is not None:
+                return product, np.asarray(vector, dtype=np.float32).reshape(1, -1), modality
+        raise QueryError(f"product {product_id!r} is not in the serving index yet")
 
-    def _hybrid(self, serving, query, want, allowed, excluded) -> list[tuple[int, float, dict]]:
+    def _candidates(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float]]:
+        """Top `want` (row, cosine) from the base index and the overlay, merged."""
+        overlay = serving.overlay
+        masked = overlay.masked(modality)
+        excluded = np.union1d(masked, exclude) if len(exclude) else masked
+        ann = serving.version.indexes[modality]
+        scores, ids = ann.search(
+            query, want, allowed=allowed, excluded=excluded, exact_subset_max=self.exact_subset_max
+        )
+        found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        found += overlay.search(modality, query, want, allowed=allowed, excluded=exclude)
+        found.sort(key=lambda pair: (-pair[1], pair[0]))
+        return found[:want]
+
+    def _single(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+        return [(i, s, {modality: s}) for i, s in self._candidates(serving, modality, query, want, allowed, exclude)]
+
+    def _hybrid(self, serving, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
         depth = max(want, 50)
         fused: dict[int, float] = {}
         parts: dict[int, dict[str, float]] = {}
-        for modality, ann in serving.version.indexes.items():
-            scores, ids = ann.search(query, depth, allowed=allowed, excluded=excluded, exact_subset_max=self.exact_subset_max)
-            for rank, (s, i) in enumerate(((s, i) for s, i in zip(scores[0], ids[0]) if i >= 0), start=1):
-                fused[int(i)] = fused.get(int(i), 0.0) + 1.0 / (self.rrf_k + rank)
-                parts.setdefault(int(i), {})[modality] = float(s)
+        for modality in MODALITIES:
+            for rank, (i, s) in enumerate(self._candidates(serving, modality, query, depth, allowed, exclude), start=1):
+                fused[i] = fused.get(i, 0.0) + 1.0 / (self.rrf_k + rank)
+                parts.setdefault(i, {})[modality] = s
         order = sorted(fused, key=lambda i: (-fused[i], i))[:want]
         return [(i, fused[i], parts[i]) for i in order]
+
+    # ---------------------------------------------------------------- introspection
+
+    def stats(self) -> dict:
+        """Sizes of what is serving, for metrics and /readyz."""
+        serving = self._serving
+        if serving is None:
+            return {}
+        return {
+            "index_version": serving.version.index_version,
+            "model_version": serving.version.model_version,
+            "catalog_seq": serving.overlay.seq,
+            "vectors": {m: serving.version.indexes[m].ntotal for m in MODALITIES},
+            "overlay_vectors": {m: serving.overlay.count(m) for m in MODALITIES},
+            "masked": {m: int(len(serving.overlay.masked(m))) for m in MODALITIES},
+        }
 
 
 def _parse_target(target: Target | str) -> Target:
@@ -232,9 +401,9 @@ def _parse_target(target: Target | str) -> Target:
         raise QueryError(f"unknown target {target!r}: use image, text or hybrid") from None
 
 
-def _validate(text, image, k, offset) -> None:
-    if (text is None) == (image is None):
-        raise QueryError("give exactly one of a text query or an image query")
+def _validate(text, image, similar_to, k, offset) -> None:
+    if sum(x is not None for x in (text, image, similar_to)) != 1:
+        raise QueryError("give exactly one of a text query, an image query or a product to find similar ones to")
     if text is not None:
         if not text.strip():
             raise QueryError("the text query is empty")

@@ -2,6 +2,7 @@
 
 from store.db import Store, StoreError, UnknownVersionError, migrate
 from store.records import (
+    CatalogChangeRecord,
     ImageState,
     IndexableProduct,
     IndexVersionRecord,
@@ -9,9 +10,11 @@ from store.records import (
     ProductFilter,
     ProductInput,
     ProductRecord,
+    ProductVectors,
 )
 
 __all__ = [
+    "CatalogChangeRecord",
     "ImageState",
     "IndexVersionRecord",
     "IndexableProduct",
@@ -19,6 +22,7 @@ __all__ = [
     "ProductFilter",
     "ProductInput",
     "ProductRecord",
+    "ProductVectors",
     "Store",
     "StoreError",
     "UnknownVersionError",

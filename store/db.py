@@ -9,11 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.models import IndexVersion, ModelVersion, Product, SearchLog, utcnow
+from store.models import CatalogChange, IndexVersion, ModelVersion, Product, SearchLog, utcnow
 from store.records import (
+    CatalogChangeRecord,
     ImageState,
     IndexableProduct,
     IndexVersionRecord,
@@ -21,6 +22,7 @@ from store.records import (
     ProductFilter,
     ProductInput,
     ProductRecord,
+    ProductVectors,
 )
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # SQLite caps bound parameters per statement (32766 on modern builds); stay well below.
 _IN_CHUNK = 900
+# Any constant: the PostgreSQL advisory lock that makes journal sequence numbers commit in order.
+_JOURNAL_LOCK = 0x505249534D
 
 
 class StoreError(RuntimeError):
@@ -61,6 +65,39 @@ def _to_record(record_cls, row):
             value = dict(value)
         values[f.name] = value
     return record_cls(**values)
+
+
+def _apply_input(p: Product, it: ProductInput, now: datetime) -> None:
+    """Copy a product's catalog fields onto its row; a changed image resets its image state."""
+    if p.image_uri != it.image_uri:
+        p.image_status, p.image_hash, p.image_error = "pending", None, None
+    p.title = it.title
+    p.description = it.description
+    p.category = it.category
+    p.brand = it.brand
+    p.price = it.price
+    p.currency = it.currency
+    p.image_ref = it.image_ref
+    p.image_uri = it.image_uri
+    p.attributes = dict(it.attributes)
+    p.updated_at = now
+    p.deleted_at = None
+
+
+def _serialise_journal(s: Session) -> None:
+    # SQLite serialises writers already. On PostgreSQL, sequence values can commit out of order,
+    # and a reader that saw seq 11 before seq 10 committed would skip 10 forever: hold a
+    # transaction-scoped lock so journal entries commit in sequence order.
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _JOURNAL_LOCK})
+
+
+def _to_blob(vector: np.ndarray | None) -> bytes | None:
+    return None if vector is None else np.ascontiguousarray(vector, dtype="<f4").tobytes()
+
+
+def _from_blob(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype="<f4").astype(np.float32)
 
 
 def _make_engine(url: str) -> Engine:
@@ -135,19 +172,7 @@ class Store:
                         p = Product(product_id=it.product_id, created_at=now, image_status="pending")
                         s.add(p)
                         existing[it.product_id] = p
-                    elif p.image_uri != it.image_uri:
-                        p.image_status, p.image_hash, p.image_error = "pending", None, None
-                    p.title = it.title
-                    p.description = it.description
-                    p.category = it.category
-                    p.brand = it.brand
-                    p.price = it.price
-                    p.currency = it.currency
-                    p.image_ref = it.image_ref
-                    p.image_uri = it.image_uri
-                    p.attributes = dict(it.attributes)
-                    p.updated_at = now
-                    p.deleted_at = None
+                    _apply_input(p, it, now)
                 s.flush()
                 out.update({p.product_id: p.row_id for p in existing.values()})
         return out
@@ -219,15 +244,91 @@ class Store:
                 q = q.where(Product.deleted_at.is_(None))
             return int(s.scalar(q) or 0)
 
-    def soft_delete_product(self, product_id: str) -> ProductRecord | None:
+    def upsert_product_live(self, item: ProductInput, vectors: ProductVectors) -> tuple[ProductRecord, bool, int]:
+        """Upsert one product with the vectors it was just embedded to, and journal the change.
+
+        One transaction: the product row and its journal entry commit together, so a server
+        replaying the journal never sees one without the other. Returns (product, created, seq).
+        """
+        now = utcnow()
         with self.session() as s, s.begin():
+            _serialise_journal(s)
+            p = s.scalar(select(Product).where(Product.product_id == item.product_id))
+            created = p is None or p.deleted_at is not None
+            if p is None:
+                p = Product(product_id=item.product_id, created_at=now, image_status="pending")
+                s.add(p)
+            _apply_input(p, item, now)
+            p.text_hash = vectors.text_hash
+            if vectors.image_action == "set":
+                p.image_hash, p.image_status, p.image_error = vectors.image_hash, "ok", None
+            elif vectors.image_action == "clear":
+                p.image_hash, p.image_status, p.image_error = None, vectors.image_status or "none", vectors.image_error
+            s.flush()
+            change = CatalogChange(
+                row_id=p.row_id,
+                product_id=p.product_id,
+                op="upsert",
+                model_version=vectors.model_version,
+                text_hash=vectors.text_hash,
+                text_vector=_to_blob(vectors.text_vector),
+                image_action=vectors.image_action,
+                image_hash=vectors.image_hash if vectors.image_action == "set" else None,
+                image_vector=_to_blob(vectors.image_vector) if vectors.image_action == "set" else None,
+                ts=now,
+            )
+            s.add(change)
+            s.flush()
+            return _to_record(ProductRecord, p), created, int(change.seq)
+
+    def soft_delete_product(self, product_id: str) -> ProductRecord | None:
+        """Mark a product deleted and journal it; None when there is no live product by that id."""
+        with self.session() as s, s.begin():
+            _serialise_journal(s)
             p = s.scalar(select(Product).where(Product.product_id == product_id, Product.deleted_at.is_(None)))
             if p is None:
                 return None
             p.deleted_at = utcnow()
             p.updated_at = p.deleted_at
+            s.add(CatalogChange(row_id=p.row_id, product_id=p.product_id, op="delete", ts=p.deleted_at))
             s.flush()
             return _to_record(ProductRecord, p)
+
+    # ---------------------------------------------------------------- change journal
+
+    def catalog_seq(self) -> int:
+        """The newest journal sequence number (0 before any change)."""
+        with self.session() as s:
+            return int(s.scalar(select(func.max(CatalogChange.seq))) or 0)
+
+    def catalog_changes(self, after: int) -> list[CatalogChangeRecord]:
+        """Journal entries with seq > `after`, oldest first."""
+        with self.session() as s:
+            rows = s.scalars(select(CatalogChange).where(CatalogChange.seq > after).order_by(CatalogChange.seq))
+            return [
+                CatalogChangeRecord(
+                    seq=int(c.seq),
+                    row_id=int(c.row_id),
+                    product_id=c.product_id,
+                    op=c.op,
+                    model_version=c.model_version,
+                    text_hash=c.text_hash,
+                    text_vector=_from_blob(c.text_vector),
+                    image_action=c.image_action,
+                    image_hash=c.image_hash,
+                    image_vector=_from_blob(c.image_vector),
+                    ts=_as_utc(c.ts),
+                )
+                for c in rows
+            ]
+
+    def serving_marks(self) -> tuple[str | None, int]:
+        """(active index version, newest journal seq) in one round trip: what a server polls per query."""
+        active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
+        newest = select(func.max(CatalogChange.seq)).scalar_subquery()
+        with self.session() as s:
+            version, seq = s.execute(select(active, newest)).one()
+            return version, int(seq or 0)
 
     def filter_row_ids(self, flt: ProductFilter) -> np.ndarray:
         """Row ids of live products matching the filter, as sorted int64."""
@@ -243,6 +344,24 @@ class Store:
         with self.session() as s:
             ids = s.scalars(q.order_by(Product.row_id)).all()
         return np.asarray(ids, dtype=np.int64)
+
+    def facets(self, *, limit: int = 200) -> dict:
+        """Live products' categories and brands (most common first) and price range."""
+        live = Product.deleted_at.is_(None)
+        out: dict = {}
+        with self.session() as s:
+            for name, column in (("categories", Product.category), ("brands", Product.brand)):
+                rows = s.execute(
+                    select(column, func.count())
+                    .where(live, column.is_not(None))
+                    .group_by(column)
+                    .order_by(func.count().desc(), column)
+                    .limit(limit)
+                )
+                out[name] = [(value, int(count)) for value, count in rows]
+            low, high, count = s.execute(select(func.min(Product.price), func.max(Product.price), func.count()).where(live)).one()
+        out.update(price_min=low, price_max=high, products=int(count))
+        return out
 
     def deleted_row_ids(self) -> np.ndarray:
         with self.session() as s:

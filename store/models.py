@@ -13,6 +13,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
 )
@@ -101,11 +102,38 @@ class SearchLog(Base):
     offset: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     model_version: Mapped[str] = mapped_column(String(200), nullable=False)
     index_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    # "More like this" queries: the product whose vector was the query.
+    query_product_id: Mapped[str | None] = mapped_column(String(256))
     result_ids: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
     took_ms: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
     __table_args__ = (Index("ix_search_log_ts", "ts"),)
+
+
+class CatalogChange(Base):
+    """Journal of incremental catalog changes (API PUT/DELETE), in commit order.
+
+    An index version records the highest `seq` it already contains; servers replay every later
+    change on top of it. Upserts carry the vectors they were embedded to, so a replay needs no
+    model when the serving model made them.
+    """
+
+    __tablename__ = "catalog_changes"
+
+    seq: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    row_id: Mapped[int] = mapped_column(RowId, ForeignKey("products.row_id"), nullable=False)
+    product_id: Mapped[str] = mapped_column(String(256), nullable=False)
+    op: Mapped[str] = mapped_column(String(16), nullable=False)  # upsert | delete
+    model_version: Mapped[str | None] = mapped_column(String(200))
+    text_hash: Mapped[str | None] = mapped_column(String(64))
+    text_vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+    image_action: Mapped[str | None] = mapped_column(String(16))  # set | clear | keep
+    image_hash: Mapped[str | None] = mapped_column(String(64))
+    image_vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+    ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_catalog_changes_row_id", "row_id"),)
 
 
 class Event(Base):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class ProductInput:
@@ -93,3 +95,36 @@ class ProductFilter:
 
     def is_empty(self) -> bool:
         return not (self.categories or self.brands or self.price_min is not None or self.price_max is not None)
+
+
+@dataclass(frozen=True)
+class ProductVectors:
+    """What an incremental upsert embedded; journaled with the product change.
+
+    `image_action`: "set" (a new image, `image_vector` holds it), "clear" (no usable image; the
+    product is searchable by text only) or "keep" (the image the product already has stays).
+    """
+
+    model_version: str
+    text_hash: str
+    text_vector: np.ndarray
+    image_action: str
+    image_hash: str | None = None
+    image_vector: np.ndarray | None = None
+    image_status: str | None = None  # for "clear": none | missing | broken | ...
+    image_error: str | None = None
+
+
+@dataclass(frozen=True)
+class CatalogChangeRecord:
+    seq: int
+    row_id: int
+    product_id: str
+    op: str  # upsert | delete
+    model_version: str | None
+    text_hash: str | None
+    text_vector: np.ndarray | None
+    image_action: str | None
+    image_hash: str | None
+    image_vector: np.ndarray | None
+    ts: datetime

@@ -1,0 +1,77 @@
+"""The FastAPI application: `create_app(settings)` wires settings, store, engine and routes.
+
+Run it with `prism serve`, or any ASGI server: `uvicorn --factory api.app:create_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+
+from api import errors
+from api.metrics import Metrics
+from api.middleware import BodyLimit, RequestMetrics
+from api.routes import products, search, system
+from api.services import Services
+from api.settings import PrismSettings
+from embedder import ImageLimits
+from indexer import CatalogUpdater
+from search import SearchEngine
+from store import Store
+
+log = logging.getLogger("prism.api")
+
+DESCRIPTION = """
+Cross-modal product search. Every search returns a `query_id`: impressions and clicks refer to it.
+
+Errors are JSON `{"detail": ...}` with a 4xx status naming what was wrong (422 for invalid fields,
+413 for bodies or images that are too large, 415 for uploads that are not images, 404 for unknown
+products, 503 while no index version is serving).
+"""
+
+
+def create_app(settings: PrismSettings | None = None) -> FastAPI:
+    settings = settings or PrismSettings()
+    store = Store.open(settings.db_url)
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    engine = SearchEngine(store, models_dir=settings.models_dir, device=settings.device, image_limits=limits)
+    services = Services(
+        settings=settings,
+        store=store,
+        engine=engine,
+        updater=CatalogUpdater(
+            home=settings.home, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
+        ),
+        metrics=Metrics(engine.stats),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.apply_threads()
+        try:
+            engine.refresh()  # load the model and index now, not on the first query
+        except Exception as exc:  # keep serving /healthz and /readyz; searches answer 503 with the reason
+            log.error("no index version loaded at start-up: %s", exc)
+        yield
+        store.close()
+
+    app = FastAPI(
+        title="Prism",
+        version="1",
+        summary="Cross-modal product search: text to image, image to text, and more.",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    errors.install(app)
+    app.include_router(system.router)
+    app.include_router(search.router)
+    app.include_router(products.router)
+    app.mount("/static", StaticFiles(directory=system.STATIC), name="static")
+    # base64 inflates an image by 4/3; leave room for the JSON around it and multipart framing.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_image_bytes * 4 // 3 + 1024 * 1024)
+    app.add_middleware(RequestMetrics, metrics=services.metrics)
+    return app

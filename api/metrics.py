@@ -1,0 +1,93 @@
+"""Prometheus metrics: per route, per search stage, catalog changes, and what is serving.
+
+With `prism serve --workers N`, PROMETHEUS_MULTIPROC_DIR is set before the workers start and
+counters and histograms are aggregated across them; the serving gauges come from the worker
+that answers the scrape (all workers converge on the same version within one query).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+
+
+class _ServingCollector(Collector):
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        ready = GaugeMetricFamily("prism_ready", "1 when an index version is loaded and serving")
+        ready.add_metric([], 1.0 if stats else 0.0)
+        yield ready
+        if not stats:
+            return
+        info = InfoMetricFamily("prism_serving", "the model and index version serving queries")
+        info.add_metric([], {"model_version": stats["model_version"], "index_version": stats["index_version"]})
+        yield info
+        vectors = GaugeMetricFamily(
+            "prism_index_vectors", "vectors searchable, by modality and layer (index version or change overlay)",
+            labels=["modality", "layer"],
+        )
+        for modality, n in stats["vectors"].items():
+            vectors.add_metric([modality, "index"], n)
+        for modality, n in stats["overlay_vectors"].items():
+            vectors.add_metric([modality, "overlay"], n)
+        yield vectors
+        seq = GaugeMetricFamily("prism_catalog_seq", "newest catalog change applied by this worker")
+        seq.add_metric([], stats["catalog_seq"])
+        yield seq
+
+
+class Metrics:
+    def __init__(self, serving_stats: Callable[[], dict]):
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        own = {"registry": self.registry}
+        self.requests = Counter(
+            "prism_http_requests", "HTTP requests by route template, method and status",
+            ["method", "route", "status"], **own,
+        )
+        self.latency = Histogram(
+            "prism_http_request_duration_seconds", "HTTP request latency by route template",
+            ["method", "route"], buckets=LATENCY_BUCKETS, **own,
+        )
+        self.stages = Histogram(
+            "prism_search_stage_seconds", "time per search stage (sync, encode, filter, ann, metadata, log)",
+            ["stage"], buckets=STAGE_BUCKETS, **own,
+        )
+        self.searches = Counter(
+            "prism_searches", "searches served by query kind and target", ["query_kind", "target"], **own
+        )
+        self.catalog_changes = Counter("prism_catalog_changes", "API catalog changes by operation", ["op"], **own)
+        self.rejected_images = Counter(
+            "prism_rejected_images", "query or product images refused, by reason", ["reason"], **own
+        )
+        self._serving = _ServingCollector(serving_stats)
+        self.registry.register(self._serving)
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def observe_search(self, query_kind: str, target: str, timings_ms: dict[str, float]) -> None:
+        self.searches.labels(query_kind, target).inc()
+        for stage, ms in timings_ms.items():
+            self.stages.labels(stage).observe(ms / 1000.0)
+
+    def render(self) -> bytes:
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        registry.register(self._serving)
+        return generate_latest(registry)

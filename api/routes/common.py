@@ -1,0 +1,55 @@
+"""Helpers shared by routes: product JSON, image URLs, error response docs."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from api.schemas import ErrorOut, Filters, ValidationErrorOut
+from store import ProductFilter, ProductRecord
+
+ERRORS = {
+    404: {"model": ErrorOut, "description": "unknown product"},
+    413: {"model": ErrorOut, "description": "request body or image too large (bytes or pixels)"},
+    415: {"model": ErrorOut, "description": "the upload is not an image"},
+    422: {"model": ValidationErrorOut, "description": "invalid request: the detail names the field and the problem"},
+    503: {"model": ErrorOut, "description": "no index version is serving yet"},
+}
+
+
+def image_url(product: ProductRecord) -> str | None:
+    """Root-relative URL of the product image route; `v` changes with the image, so caches stay right."""
+    if product.image_status != "ok" or not product.image_hash:
+        return None
+    return f"/v1/products/{quote(product.product_id, safe='')}/image?v={product.image_hash[:16]}"
+
+
+def public_attributes(attributes: dict) -> dict:
+    # Keys starting with "_" are Prism's own bookkeeping (e.g. why an image was rejected).
+    return {k: v for k, v in attributes.items() if not k.startswith("_")}
+
+
+def product_out(product: ProductRecord) -> dict:
+    return {
+        "product_id": product.product_id,
+        "title": product.title,
+        "description": product.description,
+        "category": product.category,
+        "brand": product.brand,
+        "price": product.price,
+        "currency": product.currency,
+        "attributes": public_attributes(product.attributes),
+        "image_url": image_url(product),
+        "image_status": product.image_status,
+        "created_at": product.created_at,
+        "updated_at": product.updated_at,
+    }
+
+
+def to_filter(filters: Filters) -> ProductFilter:
+    return ProductFilter(
+        categories=tuple(filters.category),
+        brands=tuple(filters.brand),
+        price_min=filters.price_min,
+        price_max=filters.price_max,
+    )
+

@@ -1,0 +1,134 @@
+"""Catalog routes: read one product, upsert or delete it incrementally, serve its image."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from api.routes.common import ERRORS, product_out
+from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted, decode_b64
+from api.services import ServicesDep
+from embedder import ImageDecodeError, content_hash
+from store import ProductInput
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+ProductIdPath = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_CHARS, description="the catalog's product id")]
+
+_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+
+
+# Registered before the product route: `{product_id:path}` lets ids contain "/" (e.g. "AB/123").
+@router.get(
+    "/products/{product_id:path}/image",
+    responses={404: ERRORS[404], 200: {"content": {"image/*": {}}, "description": "the product image"}},
+    response_class=Response,
+    summary="Product image",
+)
+def product_image(product_id: ProductIdPath, services: ServicesDep, request: Request) -> Response:
+    """The image the product was indexed with. Only catalog images are reachable: the file comes
+    from the product's record and is served only while its bytes still match the indexed hash."""
+    product = services.store.get_product(product_id)
+    if product is None:
+        raise HTTPException(404, f"no product {product_id!r}")
+    if product.image_status != "ok" or not product.image_hash or not product.image_uri:
+        raise HTTPException(404, f"product {product_id!r} has no usable image")
+    etag = f'"{product.image_hash}"'
+    cache = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=cache)
+    uri = product.image_uri
+    if uri.lower().startswith(("http://", "https://")):
+        local = services.settings.home / "downloads" / content_hash(uri)
+        if not local.is_file():
+            return RedirectResponse(uri, status_code=307)
+        uri = str(local)
+    try:
+        data = Path(uri).read_bytes()
+    except OSError:
+        raise HTTPException(404, f"the image of {product_id!r} is no longer on disk") from None
+    if content_hash(data) != product.image_hash:
+        raise HTTPException(404, f"the image of {product_id!r} changed on disk since it was indexed")
+    return Response(
+        data,
+        media_type=_media_type(data),
+        headers={**cache, "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'"},
+    )
+
+
+def _media_type(data: bytes) -> str:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return _MEDIA_TYPES.get(img.format or "", "application/octet-stream")
+    except Exception:
+        return "application/octet-stream"
+
+
+@router.get("/products/{product_id:path}", response_model=ProductOut, responses={404: ERRORS[404]}, summary="One product")
+def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
+    product = services.store.get_product(product_id)
+    if product is None:
+        raise HTTPException(404, f"no product {product_id!r}")
+    return product_out(product)
+
+
+@router.put(
+    "/products/{product_id:path}",
+    response_model=ProductUpserted,
+    status_code=200,
+    responses={201: {"model": ProductUpserted, "description": "created"}, **ERRORS},
+    summary="Add or replace one product",
+)
+def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDep) -> JSONResponse:
+    """Embedded with the serving model and searchable on the next query, in every worker, without
+    a rebuild. The next index build includes it like any catalog product."""
+    if "\x00" in product_id:
+        raise HTTPException(422, "product_id must not contain NUL characters")
+    image = None
+    if body.image_b64 is not None:
+        try:
+            image = decode_b64(body.image_b64, "image_b64")
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if not image:
+            raise ImageDecodeError("empty", "image_b64 decodes to 0 bytes")
+    services.engine.sync()
+    embedder = services.engine.serving.embedder
+    item = ProductInput(
+        product_id=product_id,
+        title=body.title,
+        description=body.description,
+        category=body.category,
+        brand=body.brand,
+        price=body.price,
+        currency=body.currency,
+        attributes=body.attributes,
+    )
+    outcome = services.updater.upsert(item, embedder, image=image, image_url=body.image_url)
+    services.metrics.catalog_changes.labels("upsert").inc()
+    services.engine.sync()
+    payload = ProductUpserted(
+        **product_out(outcome.product),
+        created=outcome.created,
+        image_action=outcome.image_action,
+        catalog_seq=outcome.seq,
+    )
+    return JSONResponse(payload.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+
+
+@router.delete(
+    "/products/{product_id:path}", status_code=204, responses={404: ERRORS[404]}, summary="Delete one product"
+)
+def delete_product(product_id: ProductIdPath, services: ServicesDep) -> Response:
+    """Gone from results at once (every worker checks the change journal per query)."""
+    if services.updater.delete(product_id) is None:
+        raise HTTPException(404, f"no product {product_id!r}")
+    services.metrics.catalog_changes.labels("delete").inc()
+    services.engine.sync()
+    return Response(status_code=204)

@@ -1,0 +1,101 @@
+"""Search routes: text by GET, any query by JSON POST, image upload by multipart POST."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from pydantic import ValidationError
+
+from api.routes.common import ERRORS, image_url, public_attributes, to_filter
+from api.schemas import Filters, SearchParams, SearchRequest, SearchResponse, decode_b64
+from api.services import Services, ServicesDep
+from embedder import ImageDecodeError
+from feedback import record_search
+from search import MAX_K, MAX_OFFSET, Target
+
+router = APIRouter(prefix="/v1", tags=["search"])
+
+
+def run_search(services: Services, *, filters: Filters, **query) -> SearchResponse:
+    """Search, write the search_log row (the query_id is valid for events once we answer), respond."""
+    result = services.engine.search(filters=to_filter(filters), **query)
+    started = time.perf_counter()
+    record_search(services.store, result)
+    result.timings_ms["log"] = round((time.perf_counter() - started) * 1000.0, 3)
+    services.metrics.observe_search(result.query.kind, result.query.target.value, result.timings_ms)
+    return SearchResponse(
+        query_id=result.query_id,
+        model_version=result.model_version,
+        index_version=result.index_version,
+        took_ms=result.took_ms,
+        target=result.query.target,
+        query_kind=result.query.kind,
+        k=result.query.k,
+        offset=result.query.offset,
+        timings_ms=result.timings_ms,
+        results=[
+            {
+                "product_id": hit.product.product_id,
+                "score": hit.score,
+                "rank": hit.rank,
+                "title": hit.product.title,
+                "image_url": image_url(hit.product),
+                "description": hit.product.description,
+                "category": hit.product.category,
+                "brand": hit.product.brand,
+                "price": hit.product.price,
+                "currency": hit.product.currency,
+                "attributes": public_attributes(hit.product.attributes),
+                "scores": hit.scores,
+            }
+            for hit in result.hits
+        ],
+    )
+
+
+@router.get("/search", response_model=SearchResponse, responses=ERRORS, summary="Text query")
+def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
+    """Search by text: `target=image` (the default) finds products whose *images* match the words."""
+    filters = Filters(category=params.category, brand=params.brand, price_min=params.price_min, price_max=params.price_max)
+    return run_search(services, filters=filters, text=params.q, target=params.target, k=params.k, offset=params.offset)
+
+
+@router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Any query")
+def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
+    """Search by `text`, by a base64 image (`image_b64`) or by a product (`similar_to`)."""
+    image = None
+    if body.image_b64 is not None:
+        try:
+            image = decode_b64(body.image_b64, "image_b64")
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+    return run_search(
+        services, filters=body.filters, text=body.text, image=image, similar_to=body.similar_to,
+        target=body.target, k=body.k, offset=body.offset,
+    )
+
+
+@router.post("/search/image", response_model=SearchResponse, responses=ERRORS, summary="Image upload query")
+def search_upload(
+    services: ServicesDep,
+    file: Annotated[UploadFile, File(description="the query image")],
+    target: Annotated[Target, Form()] = Target.IMAGE,
+    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
+    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+    category: Annotated[list[str] | None, Form()] = None,
+    brand: Annotated[list[str] | None, Form()] = None,
+    price_min: Annotated[float | None, Form()] = None,
+    price_max: Annotated[float | None, Form()] = None,
+) -> SearchResponse:
+    """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes."""
+    try:
+        filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max)
+    except ValidationError as exc:
+        raise HTTPException(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    limit = services.settings.max_image_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        raise ImageDecodeError("too_large", f"image is over the {limit}-byte limit")
+    return run_search(services, filters=filters, image=data, target=target, k=k, offset=offset)

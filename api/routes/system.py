@@ -1,0 +1,87 @@
+"""Service routes: liveness, readiness, versions, facets, metrics and the search page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse, JSONResponse
+
+from api.schemas import FacetsResponse, FacetValue, Health, IndexVersionOut, ModelsResponse, ModelVersionOut, Readiness
+from api.services import ServicesDep
+
+router = APIRouter()
+STATIC = Path(__file__).resolve().parents[1] / "static"
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data: blob: https: http:; script-src 'self'; style-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+
+@router.get("/healthz", response_model=Health, tags=["service"], summary="Liveness")
+def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz", response_model=Readiness, tags=["service"], summary="Readiness: an index version is serving",
+    responses={503: {"model": Readiness, "description": "no index version loaded yet"}},
+)
+def readyz(services: ServicesDep) -> JSONResponse:
+    try:
+        services.engine.sync()
+    except Exception:  # a broken active version: not ready, and the search routes say why
+        pass
+    stats = services.engine.stats()
+    body = Readiness(ready=bool(stats), **{k: v for k, v in stats.items() if k in Readiness.model_fields})
+    return JSONResponse(body.model_dump(), status_code=200 if stats else 503)
+
+
+@router.get("/v1/models", response_model=ModelsResponse, tags=["versions"], summary="Model and index versions")
+def models(services: ServicesDep) -> ModelsResponse:
+    serving = services.engine.stats().get("model_version")
+    return ModelsResponse(
+        models=[
+            ModelVersionOut(
+                model_version=m.model_version, spec=m.spec, dim=m.dim, parent=m.parent,
+                created_at=m.created_at, serving=m.model_version == serving,
+            )
+            for m in services.store.list_model_versions()
+        ],
+        indexes=[
+            IndexVersionOut(
+                index_version=v.index_version, model_version=v.model_version, active=v.is_active,
+                created_at=v.created_at, activated_at=v.activated_at,
+                counts={k: int(n) for k, n in v.manifest.get("counts", {}).items()},
+                catalog_seq=int(v.manifest.get("catalog_seq", 0)),
+            )
+            for v in services.store.list_index_versions()
+        ],
+    )
+
+
+@router.get("/v1/facets", response_model=FacetsResponse, tags=["catalog"], summary="Filter values for the page")
+def facets(services: ServicesDep) -> FacetsResponse:
+    f = services.store.facets()
+    return FacetsResponse(
+        categories=[FacetValue(value=v, count=n) for v, n in f["categories"]],
+        brands=[FacetValue(value=v, count=n) for v, n in f["brands"]],
+        price_min=f["price_min"],
+        price_max=f["price_max"],
+        products=f["products"],
+    )
+
+
+@router.get("/metrics", tags=["service"], summary="Prometheus metrics", response_class=Response)
+def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/", include_in_schema=False)
+def page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)

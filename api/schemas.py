@@ -1,0 +1,273 @@
+"""Typed request and response models of the v1 HTTP contract (DESIGN.md, "HTTP contract")."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, Target
+
+MAX_ID_CHARS = 256
+MAX_FILTER_VALUES = 100
+MAX_ATTRIBUTES_BYTES = 16_384
+
+
+def _no_nul(value: str) -> str:
+    # PostgreSQL text cannot hold NUL, and no legitimate catalog string contains one.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty or whitespace only")
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _text(min_length: int, max_length: int, *extra):
+    # Length constraints before the custom checks, so pydantic reports them as string lengths.
+    return Annotated[str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul), *extra]
+
+
+FilterValues = Annotated[
+    list[_text(1, MAX_ID_CHARS)],
+    BeforeValidator(_as_list),
+    Field(max_length=MAX_FILTER_VALUES),
+]
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+QueryText = _text(1, MAX_QUERY_CHARS, AfterValidator(_not_blank))
+ProductId = _text(1, MAX_ID_CHARS)
+
+
+class Filters(BaseModel):
+    """Metadata filters; values within a field are OR-ed, fields are AND-ed."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"category": ["shoes"], "price_max": 100}]})
+
+    category: FilterValues = Field(default_factory=list, description="only these categories (one or a list)")
+    brand: FilterValues = Field(default_factory=list, description="only these brands (one or a list)")
+    price_min: Price | None = None
+    price_max: Price | None = None
+
+    @model_validator(mode="after")
+    def _price_range(self) -> "Filters":
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError(f"price_min ({self.price_min}) is above price_max ({self.price_max})")
+        return self
+
+
+class SearchParams(Filters):
+    """`GET /v1/search` query parameters. Unknown parameters are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    q: QueryText = Field(description="the text query")
+    target: Target = Field(Target.IMAGE, description="which index to search: image, text or hybrid")
+    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
+    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="results to skip (paging)")
+
+
+class SearchRequest(BaseModel):
+    """`POST /v1/search`: exactly one of `text`, `image_b64` or `similar_to`."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"text": "red running shoes", "target": "image", "k": 10, "filters": {"price_max": 120}},
+                {"image_b64": "iVBORw0KGgo...", "target": "text", "k": 5},
+                {"similar_to": "P00042", "target": "image", "k": 12},
+            ]
+        },
+    )
+
+    text: QueryText | None = None
+    image_b64: str | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
+    similar_to: ProductId | None = Field(None, description="a product id: find products like it")
+    target: Target = Target.IMAGE
+    k: int = Field(10, ge=1, le=MAX_K)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    filters: Filters = Field(default_factory=Filters)
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [name for name in ("text", "image_b64", "similar_to") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image_b64 or similar_to (got {', '.join(given) or 'none'})")
+        return self
+
+
+def decode_b64(data: str, field: str) -> bytes:
+    """Strict base64 (a data: URL prefix is accepted); ValueError names the field."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{field} is not valid base64") from None
+
+
+class SearchHitOut(BaseModel):
+    product_id: str
+    score: float = Field(description="cosine similarity; for hybrid, the reciprocal-rank-fusion score")
+    rank: int = Field(description="1-based position in the full ranking (offset included)")
+    title: str
+    image_url: str | None = Field(description="where the page can load the product image (null: none)")
+    description: str | None = None
+    category: str | None = None
+    brand: str | None = None
+    price: float | None = None
+    currency: str | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    scores: dict[str, float] = Field(default_factory=dict, description="per-index cosine (hybrid shows both)")
+
+
+class SearchResponse(BaseModel):
+    query_id: str = Field(description="refer to this query in impression and click events")
+    model_version: str
+    index_version: str
+    took_ms: float
+    target: Target
+    query_kind: str = Field(description="text, image or product")
+    k: int
+    offset: int
+    results: list[SearchHitOut]
+    timings_ms: dict[str, float] = Field(default_factory=dict)
+
+
+class ProductIn(BaseModel):
+    """`PUT /v1/products/{product_id}`. With neither `image_b64` nor `image_url`, an existing
+    product keeps its image and a new one is searchable by text only."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "title": "Trail running shoe",
+                    "description": "Lightweight, waterproof, size 42",
+                    "category": "shoes",
+                    "brand": "Acme",
+                    "price": 89.9,
+                    "currency": "EUR",
+                    "attributes": {"colour": "red"},
+                    "image_b64": "iVBORw0KGgo...",
+                }
+            ]
+        },
+    )
+
+    title: _text(1, 1000, AfterValidator(_not_blank))
+    description: _text(0, 20_000) | None = None
+    category: _text(1, MAX_ID_CHARS) | None = None
+    brand: _text(1, MAX_ID_CHARS) | None = None
+    price: Price | None = None
+    currency: _text(1, 8) | None = None
+    attributes: dict[str, Any] = Field(default_factory=dict, description="free-form JSON object (<= 16 KiB)")
+    image_b64: str | None = Field(None, description="the product image, base64-encoded")
+    image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
+        None, description="an http(s) image URL (only when the server allows URL images)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProductIn":
+        if self.image_b64 is not None and self.image_url is not None:
+            raise ValueError("give image_b64 or image_url, not both")
+        try:
+            encoded = json.dumps(self.attributes, allow_nan=False)
+        except ValueError:
+            raise ValueError("attributes must not hold NaN or infinite numbers") from None
+        if len(encoded.encode()) > MAX_ATTRIBUTES_BYTES:
+            raise ValueError(f"attributes are {len(encoded)} bytes as JSON; the limit is {MAX_ATTRIBUTES_BYTES}")
+        if "\x00" in encoded or "\\u0000" in encoded:
+            raise ValueError("attributes must not contain NUL characters")
+        return self
+
+
+class ProductOut(BaseModel):
+    product_id: str
+    title: str
+    description: str | None
+    category: str | None
+    brand: str | None
+    price: float | None
+    currency: str | None
+    attributes: dict[str, Any]
+    image_url: str | None
+    image_status: str = Field(description="ok, none, pending (not embedded yet), or why the image is unusable")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProductUpserted(ProductOut):
+    created: bool
+    image_action: str = Field(description="set (new image embedded), keep (unchanged) or clear (text only)")
+    catalog_seq: int = Field(description="position of this change in the catalog change journal")
+
+
+class ModelVersionOut(BaseModel):
+    model_version: str
+    spec: str
+    dim: int
+    parent: str | None
+    created_at: datetime
+    serving: bool
+
+
+class IndexVersionOut(BaseModel):
+    index_version: str
+    model_version: str
+    active: bool
+    created_at: datetime
+    activated_at: datetime | None
+    counts: dict[str, int]
+    catalog_seq: int
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelVersionOut]
+    indexes: list[IndexVersionOut]
+
+
+class FacetValue(BaseModel):
+    value: str
+    count: int
+
+
+class FacetsResponse(BaseModel):
+    categories: list[FacetValue]
+    brands: list[FacetValue]
+    price_min: float | None
+    price_max: float | None
+    products: int
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    index_version: str | None = None
+    model_version: str | None = None
+    vectors: dict[str, int] = Field(default_factory=dict)
+    overlay_vectors: dict[str, int] = Field(default_factory=dict)
+    catalog_seq: int | None = None
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what was wrong with the request")
+
+
+class ValidationErrorOut(ErrorOut):
+    errors: list[dict[str, Any]] = Field(description="one entry per problem: type, loc (where), msg")

@@ -1,0 +1,305 @@
+// Prism search page: plain JavaScript over the v1 HTTP API, no build step.
+"use strict";
+
+const PAGE_SIZE = 24;
+
+const state = {
+  query: null,      // {kind: "text", text} | {kind: "image", file} | {kind: "similar", productId, title}
+  offset: 0,
+  last: null,       // the last search response
+  busy: 0,          // sequence number: late answers to superseded searches are dropped
+};
+
+const $ = (id) => document.getElementById(id);
+
+function target() {
+  return document.querySelector('input[name="target"]:checked').value;
+}
+
+function filters() {
+  const out = {};
+  const category = $("category").value;
+  const brand = $("brand").value;
+  const min = $("price-min").value;
+  const max = $("price-max").value;
+  if (category) out.category = [category];
+  if (brand) out.brand = [brand];
+  if (min !== "") out.price_min = Number(min);
+  if (max !== "") out.price_max = Number(max);
+  return out;
+}
+
+// ---------------------------------------------------------------- requests
+
+async function request(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  if (!response.ok) {
+    const detail = body && body.detail ? body.detail : `${response.status} ${response.statusText}`;
+    throw new Error(typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return body;
+}
+
+function searchRequest(query, offset) {
+  const f = filters();
+  if (query.kind === "text") {
+    const params = new URLSearchParams({ q: query.text, target: target(), k: PAGE_SIZE, offset });
+    for (const [key, value] of Object.entries(f)) {
+      for (const v of [].concat(value)) params.append(key, v);
+    }
+    return request(`/v1/search?${params}`);
+  }
+  if (query.kind === "image") {
+    const form = new FormData();
+    form.append("file", query.file, query.file.name || "query-image");
+    form.append("target", target());
+    form.append("k", PAGE_SIZE);
+    form.append("offset", offset);
+    for (const [key, value] of Object.entries(f)) {
+      for (const v of [].concat(value)) form.append(key, v);
+    }
+    return request("/v1/search/image", { method: "POST", body: form });
+  }
+  return request("/v1/search", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ similar_to: query.productId, target: target(), k: PAGE_SIZE, offset, filters: f }),
+  });
+}
+
+async function search(offset = 0) {
+  if (!state.query) return;
+  const ticket = ++state.busy;
+  state.offset = offset;
+  setStatus("Searching…");
+  document.body.setAttribute("aria-busy", "true");
+  try {
+    const result = await searchRequest(state.query, offset);
+    if (ticket !== state.busy) return;
+    state.last = result;
+    render(result);
+  } catch (error) {
+    if (ticket !== state.busy) return;
+    renderError(error.message);
+  } finally {
+    if (ticket === state.busy) document.body.removeAttribute("aria-busy");
+  }
+}
+
+// ---------------------------------------------------------------- rendering
+
+function setStatus(text, isError = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.classList.toggle("error", isError);
+}
+
+function describeQuery(query) {
+  if (query.kind === "text") return `“${query.text}”`;
+  if (query.kind === "image") return "your image";
+  return `products like “${query.title || query.productId}”`;
+}
+
+function formatPrice(hit) {
+  if (hit.price === null || hit.price === undefined) return "";
+  const amount = hit.price.toFixed(2);
+  return hit.currency ? `${amount} ${hit.currency}` : amount;
+}
+
+function render(result) {
+  const list = $("results");
+  list.replaceChildren();
+  const template = $("card-template");
+  result.results.forEach((hit, index) => {
+    const card = template.content.firstElementChild.cloneNode(true);
+    card.dataset.productId = hit.product_id;
+    card.dataset.rank = hit.rank;
+    const img = card.querySelector("img");
+    if (hit.image_url) {
+      img.src = hit.image_url;
+      img.alt = hit.title;
+    } else {
+      card.querySelector(".thumb").classList.add("no-image");
+      img.remove();
+    }
+    card.querySelector(".title").textContent = hit.title;
+    card.querySelector(".price").textContent = formatPrice(hit);
+    card.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
+    card.querySelector(".open").addEventListener("click", () => openResult(hit, result.query_id, index + 1));
+    card.querySelector(".similar").addEventListener("click", () => searchSimilar(hit));
+    card.querySelector(".similar").setAttribute("aria-label", `Find products similar to ${hit.title}`);
+    list.append(card);
+  });
+
+  const first = result.offset + 1;
+  const last = result.offset + result.results.length;
+  const where = `${describeQuery(state.query)} → ${result.target}`;
+  if (result.results.length === 0) {
+    setStatus(result.offset > 0 ? `No more results for ${where}.` : `No results for ${where}.`);
+  } else {
+    setStatus(`Results ${first}–${last} for ${where} · ${Math.round(result.took_ms)} ms`);
+  }
+  $("pager").hidden = result.offset === 0 && result.results.length < result.k;
+  $("prev").disabled = result.offset === 0;
+  $("next").disabled = result.results.length < result.k;
+  $("page-info").textContent = `page ${Math.floor(result.offset / result.k) + 1}`;
+  // Paging or "similar" from far down the grid: bring the new results' start into view.
+  if ($("status").getBoundingClientRect().top < 0) $("status").scrollIntoView();
+}
+
+function renderError(message) {
+  $("results").replaceChildren();
+  $("pager").hidden = true;
+  setStatus(`Search failed: ${message}`, true);
+}
+
+// Every activation of a result goes through here: the one place where a click event is reported
+// (with result.query_id and the 1-based position) once the events API exists.
+function openResult(hit, queryId, position) {
+  const dialog = $("detail");
+  dialog.dataset.queryId = queryId;
+  dialog.dataset.position = position;
+  const img = $("detail-image");
+  img.hidden = !hit.image_url;
+  if (hit.image_url) {
+    img.src = hit.image_url;
+    img.alt = hit.title;
+  }
+  $("detail-title").textContent = hit.title;
+  $("detail-meta").textContent = [formatPrice(hit), hit.brand, hit.category, `id ${hit.product_id}`]
+    .filter(Boolean).join(" · ");
+  $("detail-description").textContent = hit.description || "";
+  const attrs = $("detail-attributes");
+  attrs.replaceChildren();
+  for (const [key, value] of Object.entries(hit.attributes || {})) {
+    const dt = document.createElement("dt");
+    dt.textContent = key;
+    const dd = document.createElement("dd");
+    dd.textContent = typeof value === "string" ? value : JSON.stringify(value);
+    attrs.append(dt, dd);
+  }
+  $("detail-similar").onclick = () => {
+    dialog.close();
+    searchSimilar(hit);
+  };
+  dialog.showModal();
+}
+
+// ---------------------------------------------------------------- query entry points
+
+function searchText(text) {
+  clearImage(false);
+  state.query = { kind: "text", text };
+  const url = new URL(window.location);
+  url.searchParams.set("q", text);
+  url.searchParams.set("target", target());
+  history.replaceState(null, "", url);
+  search(0);
+}
+
+function searchImage(file) {
+  if (!file || !file.type.startsWith("image/")) {
+    setStatus("That file is not an image.", true);
+    return;
+  }
+  state.query = { kind: "image", file };
+  const preview = $("query-image-preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(file);
+  $("query-image-name").textContent = file.name || "";
+  $("query-image").hidden = false;
+  $("q").value = "";
+  search(0);
+}
+
+function searchSimilar(hit) {
+  clearImage(false);
+  state.query = { kind: "similar", productId: hit.product_id, title: hit.title };
+  search(0);
+}
+
+function clearImage(resetQuery = true) {
+  $("query-image").hidden = true;
+  $("image-input").value = "";
+  if (resetQuery && state.query && state.query.kind === "image") state.query = null;
+}
+
+// ---------------------------------------------------------------- facets and wiring
+
+async function loadFacets() {
+  try {
+    const facets = await request("/v1/facets");
+    for (const [id, values] of [["category", facets.categories], ["brand", facets.brands]]) {
+      const select = $(id);
+      for (const { value, count } of values) {
+        const option = document.createElement("option");
+        option.value = value;
+        option.textContent = `${value} (${count})`;
+        select.append(option);
+      }
+    }
+  } catch (_) {
+    // Filters still work as plain "any"; searches report their own errors.
+  }
+}
+
+function wire() {
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const text = $("q").value.trim();
+    if (text) searchText(text);
+    else if (state.query) search(0);
+    else setStatus("Type what you are looking for, or choose an image.", true);
+  });
+  $("image-input").addEventListener("change", (event) => searchImage(event.target.files[0]));
+  $("clear-image").addEventListener("click", () => clearImage(true));
+  for (const input of document.querySelectorAll('input[name="target"], #category, #brand, #price-min, #price-max')) {
+    input.addEventListener("change", () => search(0));
+  }
+  $("prev").addEventListener("click", () => search(Math.max(0, state.offset - PAGE_SIZE)));
+  $("next").addEventListener("click", () => search(state.offset + PAGE_SIZE));
+
+  // Drag and drop anywhere on the page.
+  const overlay = $("drop-overlay");
+  let depth = 0;
+  const carriesFiles = (event) => Array.from(event.dataTransfer ? event.dataTransfer.types : []).includes("Files");
+  document.addEventListener("dragenter", (event) => {
+    if (!carriesFiles(event)) return;
+    depth += 1;
+    overlay.hidden = false;
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (depth === 0) overlay.hidden = true;
+  });
+  document.addEventListener("dragover", (event) => {
+    if (carriesFiles(event)) event.preventDefault();
+  });
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    depth = 0;
+    overlay.hidden = true;
+    const file = event.dataTransfer && event.dataTransfer.files[0];
+    if (file) searchImage(file);
+  });
+
+  const params = new URLSearchParams(window.location.search);
+  const wanted = params.get("target");
+  if (wanted) {
+    const radio = document.querySelector(`input[name="target"][value="${CSS.escape(wanted)}"]`);
+    if (radio) radio.checked = true;
+  }
+  if (params.get("q")) {
+    $("q").value = params.get("q");
+    searchText(params.get("q"));
+  }
+}
+
+wire();
+loadFacets();

@@ -1,0 +1,152 @@
+"""Incremental catalog changes: one product added, updated or deleted without a rebuild.
+
+An upsert is embedded at once with the serving model and written, with its vectors, to the
+product row and the change journal in one transaction (`Store.upsert_product_live`). Servers
+replay the journal on top of their index version, so the change is searchable on the next query
+in every worker; the next index build includes it like any other product.
+
+Uploaded image bytes are kept content-addressed under `PRISM_HOME/images/<sha256>.<ext>`, so the
+product's image can be served and re-embedded later exactly as it was indexed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
+from indexer.fetch import FetchError, fetch_image_url
+from indexer.pipeline import product_text
+from store import ProductInput, ProductRecord, ProductVectors, Store
+
+
+class UpdateError(ValueError):
+    """The change itself is unacceptable (maps to HTTP 4xx); nothing was stored."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class UpsertOutcome:
+    product: ProductRecord
+    created: bool
+    seq: int
+    image_action: str  # set | clear | keep
+
+
+class CatalogUpdater:
+    def __init__(
+        self,
+        *,
+        home: Path,
+        store: Store,
+        image_limits: ImageLimits = ImageLimits(),
+        allow_url_images: bool = False,
+        url_max_bytes: int = 10 * 1024 * 1024,
+        url_timeout_s: float = 10.0,
+    ):
+        self.home = Path(home)
+        self.store = store
+        self.image_limits = image_limits
+        self.allow_url_images = allow_url_images
+        self.url_max_bytes = min(url_max_bytes, image_limits.max_bytes)
+        self.url_timeout_s = url_timeout_s
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    def upsert(
+        self,
+        item: ProductInput,
+        embedder: Embedder,
+        *,
+        image: bytes | None = None,
+        image_url: str | None = None,
+    ) -> UpsertOutcome:
+        """Add or replace one product. With neither `image` nor `image_url`, the product keeps the
+        image it has; a new product is then text-only."""
+        if image is not None and image_url is not None:
+            raise UpdateError("conflict", "give image bytes or an image URL, not both")
+        if image_url is not None:
+            image = self._download(image_url)
+        current = self.store.get_product(item.product_id, include_deleted=True)
+
+        if image is not None:
+            item, action, image_hash, image_vector = self._new_image(item, image, image_url, embedder)
+            state = {}
+        else:
+            item, action, image_hash, image_vector, state = self._existing_image(item, current, embedder)
+
+        text = product_text(item)
+        vectors = ProductVectors(
+            model_version=embedder.name,
+            text_hash=content_hash(text),
+            text_vector=embedder.encode_texts([text])[0],
+            image_action=action,
+            image_hash=image_hash,
+            image_vector=image_vector,
+            **state,
+        )
+        record, created, seq = self.store.upsert_product_live(item, vectors)
+        return UpsertOutcome(record, created, seq, action)
+
+    def delete(self, product_id: str) -> ProductRecord | None:
+        return self.store.soft_delete_product(product_id)
+
+    # ---------------------------------------------------------------- images
+
+    def _download(self, url: str) -> bytes:
+        if not self.allow_url_images:
+            raise UpdateError("urls_disabled", "image URLs are disabled on this server (PRISM_ALLOW_URL_IMAGES)")
+        try:
+            return fetch_image_url(url, max_bytes=self.url_max_bytes, timeout_s=self.url_timeout_s)
+        except FetchError as exc:
+            raise UpdateError(exc.reason, f"cannot fetch the image URL: {exc}") from None
+
+    def _new_image(self, item: ProductInput, data: bytes, url: str | None, embedder: Embedder):
+        data = read_image_bytes(data, self.image_limits)  # size limits; raises ImageDecodeError
+        decoded = decode_image(data, self.image_limits)
+        vector = embedder.encode_images([decoded])[0]
+        digest = content_hash(data)
+        path = self._keep_image(data, digest)
+        ref = url if url is not None else str(path.relative_to(self.home))
+        return replace(item, image_ref=ref, image_uri=str(path.resolve())), "set", digest, vector
+
+    def _existing_image(self, item: ProductInput, current: ProductRecord | None, embedder: Embedder):
+        if current is None or not current.image_uri:
+            return replace(item, image_ref=None, image_uri=None), "clear", None, None, {"image_status": "none"}
+        item = replace(item, image_ref=current.image_ref, image_uri=current.image_uri)
+        if current.deleted_at is None and current.image_status == "ok":
+            return item, "keep", current.image_hash, None, {}
+        # A restored product, or one whose image no build has embedded yet: embed it now if it is
+        # a local file; otherwise the product is text-only until the next build fetches it.
+        if current.image_uri.lower().startswith(("http://", "https://")):
+            return item, "clear", None, None, {"image_status": "pending"}
+        try:
+            data = read_image_bytes(current.image_uri, self.image_limits)
+            vector = embedder.encode_images([decode_image(data, self.image_limits)])[0]
+        except ImageDecodeError as exc:
+            return item, "clear", None, None, {"image_status": exc.reason[:32], "image_error": str(exc)[:2000]}
+        return item, "set", content_hash(data), vector, {}
+
+    def _keep_image(self, data: bytes, digest: str) -> Path:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            ext = (img.format or "bin").lower()
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        path = self.images_dir / f"{digest}.{ext}"
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        return path
