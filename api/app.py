@@ -17,7 +17,7 @@ from api.middleware import BodyLimit, RequestMetrics
 from api.routes import products, search, system
 from api.services import Services
 from api.settings import PrismSettings
-from embedder import ImageLimits
+from embedder import ImageLimits, ModelThread
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -37,7 +37,10 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     settings = settings or PrismSettings()
     store = Store.open(settings.db_url)
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
-    engine = SearchEngine(store, models_dir=settings.models_dir, device=settings.device, image_limits=limits)
+    model_thread = ModelThread()
+    engine = SearchEngine(
+        store, models_dir=settings.models_dir, device=settings.device, image_limits=limits, model_thread=model_thread
+    )
     services = Services(
         settings=settings,
         store=store,
@@ -56,6 +59,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         except Exception as exc:  # keep serving /healthz and /readyz; searches answer 503 with the reason
             log.error("no index version loaded at start-up: %s", exc)
         yield
+        model_thread.close()
         store.close()
 
     app = FastAPI(

@@ -18,6 +18,7 @@ from embedder.images import (
     decode_image,
     read_image_bytes,
 )
+from embedder.model_thread import ModelThread, ThreadBoundEmbedder
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "ImageSource",
     "ModelSpec",
     "ModelSpecError",
+    "ModelThread",
     "ModelUnavailableError",
     "SpecKind",
+    "ThreadBoundEmbedder",
     "VectorCache",
     "content_hash",
     "decode_image",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder import Embedder, ImageLimits, ImageSource, content_hash, load_embedder, read_image_bytes
+from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
 from indexer import LoadedIndexVersion, load_index_version, product_text
 from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
 from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
@@ -115,8 +115,11 @@ class SearchEngine:
         rrf_k: int = 60,
         exact_subset_max: int = 4096,
         verify_files: bool = True,
+        model_thread: ModelThread | None = None,
     ):
+        """`model_thread`: run model loading and encoding there (servers); None: on the caller's thread."""
         self.store = store
+        self.model_thread = model_thread
         self.models_dir = models_dir
         self.device = device
         self.image_limits = image_limits or ImageLimits()
@@ -126,6 +129,9 @@ class SearchEngine:
         self._serving: _Serving | None = None
         self._embedders: dict[str, Embedder] = {}
         self._lock = threading.Lock()
+        # An active version that failed to load is not retried on every query (loading verifies
+        # every file's sha256); the version serving before it keeps serving.
+        self._failed: tuple[str, Exception] | None = None
 
     # ---------------------------------------------------------------- versions
 
@@ -146,9 +152,13 @@ class SearchEngine:
             record = self.store.get_model_version(model_version)
             if record is None:
                 raise NotReadyError(f"model version {model_version!r} is not registered")
-            embedder = load_embedder(
+            load = lambda: load_embedder(  # noqa: E731
                 record.spec, device=self.device, models_dir=self.models_dir, image_limits=self.image_limits
             )
+            if self.model_thread is None:
+                embedder = load()
+            else:
+                embedder = self.model_thread.bind(self.model_thread.run(load))
             if embedder.name != model_version:
                 raise NotReadyError(
                     f"model spec {record.spec!r} now loads as {embedder.name!r}, not {model_version!r}: "
@@ -174,8 +184,20 @@ class SearchEngine:
         current = self._serving
         if current is not None and current.version.index_version == active.index_version:
             return False
-        version = load_index_version(active.path, verify=self.verify_files)
-        embedder = self.embedder_for(version.model_version)
+        if self._failed is not None and self._failed[0] == active.index_version:
+            if current is None:
+                raise self._failed[1]
+            return False
+        try:
+            version = load_index_version(active.path, verify=self.verify_files)
+            embedder = self.embedder_for(version.model_version)
+        except Exception as exc:
+            self._failed = (active.index_version, exc)
+            log.error(
+                "cannot load index version %s (%s); %s", active.index_version, exc,
+                f"still serving {current.version.index_version}" if current else "nothing is serving",
+            )
+            raise
         # Products deleted after the build outside the journal (or before it existed) stay hidden.
         overlay = Overlay.start(int(version.manifest.get("catalog_seq", 0)), embedder.dim, self.store.deleted_row_ids())
         serving = _Serving(version, embedder, overlay)
@@ -205,6 +227,8 @@ class SearchEngine:
             if self._lock.acquire(blocking=False):
                 try:
                     self._refresh_locked()
+                except Exception:
+                    pass  # logged once; the current version keeps serving this and later queries
                 finally:
                     self._lock.release()
             return
@@ -277,16 +301,19 @@ class SearchEngine:
         timings["sync"] = _ms(t0)
 
         t0 = time.perf_counter()
+        allowed = None if filters.is_empty() else self.store.filter_row_ids(filters)
+        timings["filter"] = _ms(t0)
+
         exclude = np.zeros(0, dtype=np.int64)
         if text is not None:
             text = text.strip()
             query = SearchQuery("text", target, k, offset, filters, text=text)
-            vector = serving.embedder.encode_texts([text])
+            encode = lambda: serving.embedder.encode_texts([text])  # noqa: E731
         elif image is not None:
             data = image if isinstance(image, Image.Image) else read_image_bytes(image, self.image_limits)
             image_hash = content_hash(data) if isinstance(data, bytes) else None
             query = SearchQuery("image", target, k, offset, filters, image_hash=image_hash)
-            vector = serving.embedder.encode_images([data])
+            encode = lambda: serving.embedder.encode_images([data])  # noqa: E731
         else:
             product, vector, modality = self._product_vector(serving, similar_to)
             exclude = np.asarray([product.row_id], dtype=np.int64)
@@ -294,19 +321,23 @@ class SearchEngine:
                 "product", target, k, offset, filters,
                 image_hash=product.image_hash if modality == "image" else None, similar_to=similar_to,
             )
-        timings["encode"] = _ms(t0)
+            encode = lambda: vector  # noqa: E731
 
-        t0 = time.perf_counter()
-        allowed = None if filters.is_empty() else self.store.filter_row_ids(filters)
-        timings["filter"] = _ms(t0)
+        def encode_and_search() -> list[tuple[int, float, dict]]:
+            t0 = time.perf_counter()
+            vector = encode()
+            timings["encode"] = _ms(t0)
+            t0 = time.perf_counter()
+            want = offset + k
+            if target is Target.HYBRID:
+                ranked = self._hybrid(serving, vector, want, allowed, exclude)
+            else:
+                ranked = self._single(serving, target.value, vector, want, allowed, exclude)
+            timings["ann"] = _ms(t0)
+            return ranked
 
-        t0 = time.perf_counter()
-        want = offset + k
-        if target is Target.HYBRID:
-            ranked = self._hybrid(serving, vector, want, allowed, exclude)
-        else:
-            ranked = self._single(serving, target.value, vector, want, allowed, exclude)
-        timings["ann"] = _ms(t0)
+        # Model and FAISS work stay on one thread in servers (see embedder.model_thread); SQL does not.
+        ranked = self.model_thread.run(encode_and_search) if self.model_thread else encode_and_search()
 
         t0 = time.perf_counter()
         page = ranked[offset : offset + k]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import CatalogChange, IndexVersion, ModelVersion, Product, SearchLog, utcnow
@@ -250,6 +251,14 @@ class Store:
         One transaction: the product row and its journal entry commit together, so a server
         replaying the journal never sees one without the other. Returns (product, created, seq).
         """
+        try:
+            return self._upsert_product_live(item, vectors)
+        except IntegrityError:
+            # Two first PUTs of one new product raced (SQLite takes its write lock only at the
+            # insert); the loser retries as an update of the winner's row.
+            return self._upsert_product_live(item, vectors)
+
+    def _upsert_product_live(self, item: ProductInput, vectors: ProductVectors) -> tuple[ProductRecord, bool, int]:
         now = utcnow()
         with self.session() as s, s.begin():
             _serialise_journal(s)

@@ -34,3 +34,57 @@ def small_catalog(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("catalog")
     return make_catalog(root, 120)
+
+
+@pytest.fixture(scope="session")
+def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder):
+    """Factory: a fresh PRISM_HOME with the small catalog indexed by the tiny model; returns settings."""
+    from api.settings import PrismSettings
+    from indexer import CatalogIndexer, IndexOptions
+    from store import Store
+
+    def build(name: str, **settings) -> "PrismSettings":
+        home = tmp_path_factory.mktemp(name)
+        store = Store.open(f"sqlite:///{home / 'prism.db'}")
+        try:
+            CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=32)).run(
+                small_catalog
+            )
+        finally:
+            store.close()
+        return PrismSettings(home=home, device="cpu", model=TINY, database_url=None, **settings)
+
+    return build
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height whose compressed size is tiny: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def bad_images(small_catalog) -> dict[str, bytes]:
+    """Uploads that must be refused: a truncated PNG, a zip archive, a 20000x20000 PNG, plain text."""
+    import io
+    import zipfile
+
+    good = (small_catalog.parent / "images" / "00003.png").read_bytes()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("catalog.csv", "product_id,title\nA,a\n" * 50)
+    return {
+        "truncated": good[: len(good) // 3],
+        "zip": archive.getvalue(),
+        "bomb": png_bomb(20000, 20000),
+        "text": b"just some text, not an image",
+    }

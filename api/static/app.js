@@ -120,6 +120,7 @@ function render(result) {
     const card = template.content.firstElementChild.cloneNode(true);
     card.dataset.productId = hit.product_id;
     card.dataset.rank = hit.rank;
+    card.dataset.category = hit.category || "";
     const img = card.querySelector("img");
     if (hit.image_url) {
       img.src = hit.image_url;
