@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -227,12 +228,20 @@ def _result_json(result) -> dict:
     }
 
 
+class LogLevel(str, Enum):
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="interface to listen on (0.0.0.0 for all)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(min=1, max=64, help="worker processes, each with its own model copy")] = 1,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[LogLevel, typer.Option(help="server log level")] = LogLevel.info,
 ) -> None:
     """Serve the HTTP API and the search page at http://HOST:PORT/ (settings from PRISM_* / prism.toml)."""
     import os
@@ -244,14 +253,22 @@ def serve(
         settings = _settings()
     except Exception as exc:  # invalid PRISM_* values: pydantic names the field
         _fail(str(exc))
+    metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Counters and histograms are summed over the workers only in multiprocess mode, which
         # must be chosen before any worker imports prometheus_client.
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prism-metrics-")
+        metrics_dir = tempfile.mkdtemp(prefix="prism-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     typer.echo(f"Prism on http://{host}:{port}/  (home {settings.home.resolve()}, {workers} worker(s))", err=True)
-    uvicorn.run(
-        "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level,
-    )
+    try:
+        uvicorn.run(
+            "api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level=log_level.value,
+        )
+    finally:
+        if metrics_dir is not None:
+            import shutil
+
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 @models_app.command("list")
