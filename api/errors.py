@@ -76,7 +76,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(UpdateError)
     async def _update(_: Request, exc: UpdateError):
-        return _json(403 if exc.reason == "urls_disabled" else 422, str(exc))
+        status = {"urls_disabled": 403, "busy": 409}.get(exc.reason, 422)
+        return _json(status, str(exc))
 
     @app.exception_handler(NotReadyError)
     async def _not_ready(_: Request, exc: NotReadyError):

@@ -87,10 +87,18 @@ class Embedder(ABC):
 
     def encode_images(self, images: Sequence[ImageSource]) -> np.ndarray:
         """Encode images now; raises ImageDecodeError on the first unusable one."""
-        tensors = [self.preprocess(decode_image(image_data(src, self.image_limits), self.image_limits)) for src in images]
+        tensors = [self._preprocess_checked(decode_image(image_data(src, self.image_limits), self.image_limits)) for src in images]
         if not tensors:
             return np.zeros((0, self.dim), dtype=np.float32)
         return _normalise(self._encode_image_tensors(self.stack(tensors)))
+
+    def _preprocess_checked(self, image) -> Any:
+        try:
+            return self.preprocess(image)
+        except MemoryError:
+            raise ImageDecodeError("too_many_pixels", "image is too large to preprocess") from None
+        except Exception as exc:  # a decoded image the transforms still cannot take
+            raise ImageDecodeError("broken", f"cannot preprocess image: {type(exc).__name__}: {exc}") from None
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         parts = [

@@ -14,6 +14,9 @@ ImageSource = Union[str, Path, bytes, Image.Image]
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+# Resizing the short side to the model's input size blows a 1 x 2,000,000 strip up to gigabytes;
+# no product photo is that thin.
+DEFAULT_MAX_ASPECT = 50.0
 
 
 class ImageDecodeError(ValueError):
@@ -28,6 +31,7 @@ class ImageDecodeError(ValueError):
 class ImageLimits:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect: float = DEFAULT_MAX_ASPECT
 
 
 def read_image_bytes(source: str | Path | bytes, limits: ImageLimits) -> bytes:
@@ -84,6 +88,10 @@ def decode_image(data: bytes | Image.Image, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels:
         raise ImageDecodeError(
             "too_many_pixels", f"image is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
+        )
+    if max(width, height) > limits.max_aspect * min(width, height):
+        raise ImageDecodeError(
+            "bad_shape", f"image is {width}x{height} pixels; sides may differ by at most {limits.max_aspect:g}x"
         )
     try:
         img.seek(0)  # animated images: the first frame stands for the product

@@ -36,6 +36,27 @@ class ModelThread:
             return fn(*args, **kwargs)
         return self._executor.submit(fn, *args, **kwargs).result()
 
+    def load(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` (a model load) on a short-lived thread and wait for it.
+
+        The model thread keeps serving queries meanwhile; the loader's OpenMP team ends with its
+        thread, so it leaves nothing behind to compete with the model thread's team.
+        """
+        out: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                out["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # re-raised in the caller
+                out["error"] = exc
+
+        thread = threading.Thread(target=target, name="prism-model-loader", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
     def bind(self, embedder) -> "ThreadBoundEmbedder":
         return ThreadBoundEmbedder(embedder, self)
 

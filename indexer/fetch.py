@@ -61,8 +61,14 @@ _OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler, _RedirectHand
 
 
 def fetch_image_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        if host:
+            host.encode("idna")  # a host that cannot be encoded fails here, not deep in http.client
+    except (ValueError, UnicodeError) as exc:
+        raise FetchError("bad_url", f"not a usable URL: {url!r} ({exc})") from None
+    if parts.scheme not in ("http", "https") or not host:
         raise FetchError("forbidden_scheme", f"only http(s) URLs with a host are fetched: {url!r}")
     request = urllib.request.Request(url, headers={"User-Agent": "prism-indexer/0.1", "Accept": "image/*"})
     try:
@@ -75,7 +81,7 @@ def fetch_image_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
         raise
     except urllib.error.HTTPError as exc:
         raise FetchError("http_error", f"{url}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, UnicodeError) as exc:
         reason = getattr(exc, "reason", exc)
         if isinstance(reason, FetchError):
             raise reason from None

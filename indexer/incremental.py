@@ -20,7 +20,9 @@ from pathlib import Path
 from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.pipeline import product_text
-from store import ProductInput, ProductRecord, ProductVectors, Store
+from store import ConflictError, ProductInput, ProductRecord, ProductVectors, Store
+
+_ATTEMPTS = 5
 
 
 class UpdateError(ValueError):
@@ -75,26 +77,37 @@ class CatalogUpdater:
             raise UpdateError("conflict", "give image bytes or an image URL, not both")
         if image_url is not None:
             image = self._download(image_url)
-        current = self.store.get_product(item.product_id, include_deleted=True)
-
-        if image is not None:
-            item, action, image_hash, image_vector = self._new_image(item, image, image_url, embedder)
-            state = {}
-        else:
-            item, action, image_hash, image_vector, state = self._existing_image(item, current, embedder)
-
+        new_image = self._new_image(item, image, image_url, embedder) if image is not None else None
         text = product_text(item)
-        vectors = ProductVectors(
-            model_version=embedder.name,
-            text_hash=content_hash(text),
-            text_vector=embedder.encode_texts([text])[0],
-            image_action=action,
-            image_hash=image_hash,
-            image_vector=image_vector,
-            **state,
-        )
-        record, created, seq = self.store.upsert_product_live(item, vectors)
-        return UpsertOutcome(record, created, seq, action)
+        text_vector = embedder.encode_texts([text])[0]
+        for attempt in range(_ATTEMPTS):
+            # What to do with the image depends on the product as it is now; the store refuses
+            # the write if another change lands between this read and the commit.
+            current = self.store.get_product(item.product_id, include_deleted=True)
+            if new_image is not None:
+                product, action, image_hash, image_vector = new_image
+                state = {}
+            else:
+                product, action, image_hash, image_vector, state = self._existing_image(item, current, embedder)
+            vectors = ProductVectors(
+                model_version=embedder.name,
+                text_hash=content_hash(text),
+                text_vector=text_vector,
+                image_action=action,
+                image_hash=image_hash,
+                image_vector=image_vector,
+                **state,
+            )
+            try:
+                record, created, seq = self.store.upsert_product_live(
+                    product, vectors, expect_updated_at=None if current is None else current.updated_at
+                )
+            except ConflictError:
+                if attempt == _ATTEMPTS - 1:
+                    raise UpdateError("busy", f"product {item.product_id!r} keeps changing; try again") from None
+                continue
+            return UpsertOutcome(record, created, seq, action)
+        raise AssertionError("unreachable")
 
     def delete(self, product_id: str) -> ProductRecord | None:
         return self.store.soft_delete_product(product_id)

@@ -163,13 +163,14 @@ class CatalogIndexer:
             summary.texts_cached += batch.attempted - batch.encoded
             changed = {row: h for row, h in zip(batch.keys, batch.hashes) if recorded[row] != h}
             if changed:
-                self.store.record_text_hashes(changed)
+                self.store.record_text_hashes(changed, seen=recorded)
             self.progress.advance("embed texts", batch.attempted)
         self.progress.finish("embed texts")
 
     def _embed_images(self, products: list[ProductRecord], cache: VectorCache, summary: IndexSummary) -> None:
         with_image = [p for p in products if p.image_uri]
         without = [p for p in products if not p.image_uri and p.image_status != "none"]
+        seen = {p.row_id: (p.image_uri, p.image_hash) for p in products}
         if without:
             self.store.record_image_states(
                 [
@@ -177,7 +178,8 @@ class CatalogIndexer:
                                image_status="none" if "_image_rejected" not in p.attributes else "rejected",
                                image_error=p.attributes.get("_image_rejected"))
                     for p in without
-                ]
+                ],
+                seen=seen,
             )
         for p in products:
             if "_image_rejected" in p.attributes:
@@ -195,7 +197,7 @@ class CatalogIndexer:
             for row, reason, message in batch.failures:
                 summary.image_failures[reason] += 1
                 states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
-            self.store.record_image_states(states)
+            self.store.record_image_states(states, seen=seen)
             self.progress.advance("embed images", batch.attempted)
         self.progress.finish("embed images")
 

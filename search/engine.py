@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MAX_K = 1000
 MAX_OFFSET = 10_000
 MAX_QUERY_CHARS = 2000
+# A version that failed to load is tried again after this long (its files may have been repaired).
+FAILED_VERSION_RETRY_S = 60.0
 
 
 class Target(str, Enum):
@@ -131,7 +133,7 @@ class SearchEngine:
         self._lock = threading.Lock()
         # An active version that failed to load is not retried on every query (loading verifies
         # every file's sha256); the version serving before it keeps serving.
-        self._failed: tuple[str, Exception] | None = None
+        self._failed: tuple[str, Exception, float] | None = None
 
     # ---------------------------------------------------------------- versions
 
@@ -158,7 +160,8 @@ class SearchEngine:
             if self.model_thread is None:
                 embedder = load()
             else:
-                embedder = self.model_thread.bind(self.model_thread.run(load))
+                # Loaded beside the model thread, which keeps answering queries meanwhile.
+                embedder = self.model_thread.bind(self.model_thread.load(load))
             if embedder.name != model_version:
                 raise NotReadyError(
                     f"model spec {record.spec!r} now loads as {embedder.name!r}, not {model_version!r}: "
@@ -185,14 +188,15 @@ class SearchEngine:
         if current is not None and current.version.index_version == active.index_version:
             return False
         if self._failed is not None and self._failed[0] == active.index_version:
-            if current is None:
-                raise self._failed[1]
-            return False
+            if time.monotonic() < self._failed[2] + FAILED_VERSION_RETRY_S:
+                if current is None:
+                    raise self._failed[1]
+                return False
         try:
             version = load_index_version(active.path, verify=self.verify_files)
             embedder = self.embedder_for(version.model_version)
         except Exception as exc:
-            self._failed = (active.index_version, exc)
+            self._failed = (active.index_version, exc, time.monotonic())
             log.error(
                 "cannot load index version %s (%s); %s", active.index_version, exc,
                 f"still serving {current.version.index_version}" if current else "nothing is serving",
@@ -203,6 +207,9 @@ class SearchEngine:
         serving = _Serving(version, embedder, overlay)
         serving = replace(serving, overlay=self._replay(serving))
         self._serving = serving
+        self._failed = None
+        # Models no version serves any more would otherwise stay in memory, one per promotion.
+        self._embedders = {name: e for name, e in self._embedders.items() if name == version.model_version}
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
             version.index_version, version.model_version, serving.overlay.seq - overlay.seq,
@@ -223,19 +230,17 @@ class SearchEngine:
         if serving is None:
             self.refresh()
             return
-        if active != serving.version.index_version:
-            if self._lock.acquire(blocking=False):
-                try:
-                    self._refresh_locked()
-                except Exception:
-                    pass  # logged once; the current version keeps serving this and later queries
-                finally:
-                    self._lock.release()
-            return
-        if seq > serving.overlay.seq:
+        if active != serving.version.index_version and self._lock.acquire(blocking=False):
+            try:
+                self._refresh_locked()
+            except Exception:
+                pass  # logged; the current version keeps serving, with the journal applied below
+            finally:
+                self._lock.release()
+        if seq > self.serving.overlay.seq:
             with self._lock:
                 current = self._serving
-                if current is not None and current.version is serving.version and seq > current.overlay.seq:
+                if seq > current.overlay.seq:
                     self._serving = replace(current, overlay=self._replay(current))
 
     def _replay(self, serving: _Serving) -> Overlay:

@@ -1,6 +1,6 @@
 """store: SQL persistence for products, model and index versions, search log, events, training runs."""
 
-from store.db import Store, StoreError, UnknownVersionError, migrate
+from store.db import ConflictError, Store, StoreError, UnknownVersionError, migrate
 from store.records import (
     CatalogChangeRecord,
     ImageState,
@@ -15,6 +15,7 @@ from store.records import (
 
 __all__ = [
     "CatalogChangeRecord",
+    "ConflictError",
     "ImageState",
     "IndexVersionRecord",
     "IndexableProduct",

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,6 +41,10 @@ class StoreError(RuntimeError):
 
 class UnknownVersionError(StoreError):
     pass
+
+
+class ConflictError(StoreError):
+    """A compare-and-set write found the row changed since it was read; nothing was written."""
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
@@ -178,25 +182,48 @@ class Store:
                 out.update({p.product_id: p.row_id for p in existing.values()})
         return out
 
-    def record_text_hashes(self, hashes: dict[int, str]) -> None:
-        """row_id -> sha256 of the text the product was embedded by."""
-        with self.session() as s, s.begin():
-            s.execute(update(Product), [{"row_id": row, "text_hash": h} for row, h in hashes.items()])
+    def record_text_hashes(self, hashes: dict[int, str], *, seen: dict[int, str | None]) -> None:
+        """row_id -> sha256 of the text the product was embedded by.
 
-    def record_image_states(self, states: Sequence[ImageState]) -> None:
+        Compare-and-set against `seen` (the text_hash the indexer read): a product changed
+        through the API meanwhile keeps the hash its own change recorded.
+        """
+        if not hashes:
+            return
+        table = Product.__table__
+        stmt = (
+            update(table)
+            .where(table.c.row_id == bindparam("b_row"), table.c.text_hash.is_not_distinct_from(bindparam("b_seen")))
+            .values(text_hash=bindparam("b_hash"))
+        )
         with self.session() as s, s.begin():
-            s.execute(
-                update(Product),
-                [
-                    {
-                        "row_id": st.row_id,
-                        "image_hash": st.image_hash,
-                        "image_status": st.image_status,
-                        "image_error": st.image_error,
-                    }
-                    for st in states
-                ],
+            s.execute(stmt, [{"b_row": row, "b_hash": h, "b_seen": seen.get(row)} for row, h in hashes.items()])
+
+    def record_image_states(self, states: Sequence[ImageState], *, seen: dict[int, tuple[str | None, str | None]]) -> None:
+        """What embedding found out about products' images.
+
+        Compare-and-set against `seen` (row -> the image_uri and image_hash the indexer read), so
+        an image changed meanwhile (API PUT, catalog load) is not overwritten with a stale state.
+        """
+        if not states:
+            return
+        table = Product.__table__
+        stmt = (
+            update(table)
+            .where(
+                table.c.row_id == bindparam("b_row"),
+                table.c.image_uri.is_not_distinct_from(bindparam("b_uri")),
+                table.c.image_hash.is_not_distinct_from(bindparam("b_seen")),
             )
+            .values(image_hash=bindparam("b_hash"), image_status=bindparam("b_status"), image_error=bindparam("b_error"))
+        )
+        rows = []
+        for st in states:
+            uri, old = seen.get(st.row_id, (None, None))
+            rows.append({"b_row": st.row_id, "b_uri": uri, "b_seen": old, "b_hash": st.image_hash,
+                         "b_status": st.image_status, "b_error": st.image_error})
+        with self.session() as s, s.begin():
+            s.execute(stmt, rows)
 
     def get_product(self, product_id: str, *, include_deleted: bool = False) -> ProductRecord | None:
         with self.session() as s:
@@ -245,24 +272,31 @@ class Store:
                 q = q.where(Product.deleted_at.is_(None))
             return int(s.scalar(q) or 0)
 
-    def upsert_product_live(self, item: ProductInput, vectors: ProductVectors) -> tuple[ProductRecord, bool, int]:
+    def upsert_product_live(
+        self, item: ProductInput, vectors: ProductVectors, *, expect_updated_at: datetime | None
+    ) -> tuple[ProductRecord, bool, int]:
         """Upsert one product with the vectors it was just embedded to, and journal the change.
 
         One transaction: the product row and its journal entry commit together, so a server
-        replaying the journal never sees one without the other. Returns (product, created, seq).
+        replaying the journal never sees one without the other. `expect_updated_at` is the
+        product's `updated_at` when the caller read it (None: it did not exist); if the row
+        changed since, ConflictError is raised and nothing is written, because the caller's
+        choices (keep the image or not) were made on stale data. Returns (product, created, seq).
         """
         try:
-            return self._upsert_product_live(item, vectors)
+            return self._upsert_product_live(item, vectors, expect_updated_at)
         except IntegrityError:
-            # Two first PUTs of one new product raced (SQLite takes its write lock only at the
-            # insert); the loser retries as an update of the winner's row.
-            return self._upsert_product_live(item, vectors)
+            # Two first PUTs of one new product raced to the insert: the loser saw no row.
+            raise ConflictError(f"product {item.product_id!r} was created concurrently") from None
 
-    def _upsert_product_live(self, item: ProductInput, vectors: ProductVectors) -> tuple[ProductRecord, bool, int]:
+    def _upsert_product_live(self, item, vectors, expect_updated_at) -> tuple[ProductRecord, bool, int]:
         now = utcnow()
         with self.session() as s, s.begin():
             _serialise_journal(s)
             p = s.scalar(select(Product).where(Product.product_id == item.product_id))
+            found = None if p is None else _as_utc(p.updated_at)
+            if found != expect_updated_at:
+                raise ConflictError(f"product {item.product_id!r} changed concurrently")
             created = p is None or p.deleted_at is not None
             if p is None:
                 p = Product(product_id=item.product_id, created_at=now, image_status="pending")

@@ -74,7 +74,8 @@ def png_bomb(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="session")
 def bad_images(small_catalog) -> dict[str, bytes]:
-    """Uploads that must be refused: a truncated PNG, a zip archive, a 20000x20000 PNG, plain text."""
+    """Uploads that must be refused: a truncated PNG, a zip archive, a 20000x20000 PNG, a
+    2,000,000x1 PNG, plain text."""
     import io
     import zipfile
 
@@ -86,5 +87,6 @@ def bad_images(small_catalog) -> dict[str, bytes]:
         "truncated": good[: len(good) // 3],
         "zip": archive.getvalue(),
         "bomb": png_bomb(20000, 20000),
+        "strip": png_bomb(2_000_000, 1),  # few pixels, but resizing its short side would take gigabytes
         "text": b"just some text, not an image",
     }

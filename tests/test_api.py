@@ -14,14 +14,18 @@ from sample_catalog import draw_product_image
 pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 
 
+TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def settings(build_serving_home):
-    return build_serving_home("api-home")
+    return build_serving_home("api-home", admin_token=TOKEN)
 
 
 @pytest.fixture(scope="module")
 def client(settings):
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         yield c
 
 
@@ -152,7 +156,7 @@ def test_updating_a_catalog_image_replaces_its_vector(client, images):
 
 def test_a_second_worker_sees_changes_on_its_next_query(client, settings):
     image = _png(3003)
-    with TestClient(create_app(settings)) as other:  # its own engine, as a second process would have
+    with TestClient(create_app(settings), headers=ADMIN) as other:  # its own engine, as a second process would have
         assert other.get("/readyz").status_code == 200
         client.put("/v1/products/W-1", json={"title": "walnut desk lamp", "image_b64": base64.b64encode(image).decode()})
         assert _ids(other.post("/v1/search/image", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})) == ["W-1"]
@@ -161,9 +165,9 @@ def test_a_second_worker_sees_changes_on_its_next_query(client, settings):
 
 
 def test_changes_survive_a_restart_and_go_into_the_next_build(build_serving_home, tiny_embedder):
-    settings = build_serving_home("restart-home")
+    settings = build_serving_home("restart-home", admin_token=TOKEN)
     image = _png(4004)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         assert c.put("/v1/products/R-1", json={"title": "rattan basket", "image_b64": base64.b64encode(image).decode()}).status_code == 201
         assert c.delete("/v1/products/P00030").status_code == 204
     query = {"files": {"file": ("q.png", image, "image/png")}, "data": {"k": "1"}}
@@ -186,7 +190,8 @@ def test_changes_survive_a_restart_and_go_into_the_next_build(build_serving_home
 
 @pytest.mark.parametrize(
     "name, status, words",
-    [("truncated", 422, "truncated"), ("zip", 415, "not a recognised image"), ("bomb", 413, "pixels"), ("text", 415, "image")],
+    [("truncated", 422, "truncated"), ("zip", 415, "not a recognised image"), ("bomb", 413, "pixels"),
+     ("strip", 422, "sides may differ"), ("text", 415, "image")],
 )
 def test_unusable_uploads_get_a_4xx_with_a_detail(client, bad_images, name, status, words):
     data = bad_images[name]
@@ -214,6 +219,7 @@ BAD_REQUESTS = [
     ("GET", "/v1/search?q=shoe&price_min=9&price_max=1", None, 422, "price_min"),
     ("GET", "/v1/search?q=shoe&price_max=nan", None, 422, "price_max"),
     ("GET", "/v1/search", None, 422, "q"),
+    ("GET", "/v1/search?q=a&q=b", None, 422, "give it once"),
     ("POST", "/v1/search", b"{not json", 422, "malformed JSON"),
     ("POST", "/v1/search", b"[1, 2]", 422, "body"),
     ("POST", "/v1/search", {"text": "a", "image_b64": "AAAA"}, 422, "exactly one"),
@@ -235,6 +241,8 @@ BAD_REQUESTS = [
     ("PUT", "/v1/products/X-1", {"title": "t", "image_url": "https://example.com/a.png"}, 403, "disabled"),
     ("PUT", "/v1/products/X-1", {"title": "t", "image_b64": ""}, 422, "0 bytes"),
     ("PUT", "/v1/products/" + "x" * 257, {"title": "t"}, 422, "product_id"),
+    ("PUT", "/v1/products/X-1/image", {"title": "t"}, 422, "must not end in '/image'"),
+    ("PUT", "/v1/products/X-%ff%fe", {"title": "t"}, 422, "UTF-8"),
     ("GET", "/v1/products/does-not-exist", None, 404, "does-not-exist"),
     ("GET", "/v1/products/..%2F..%2Fetc%2Fpasswd/image", None, 404, "no product"),
     ("DELETE", "/v1/products/does-not-exist", None, 404, "does-not-exist"),
@@ -336,7 +344,8 @@ def test_metrics_count_routes_stages_and_serving_versions(client):
 def test_not_ready_until_an_index_exists(tmp_path):
     from api.settings import PrismSettings
 
-    with TestClient(create_app(PrismSettings(home=tmp_path / "empty", device="cpu", database_url=None))) as c:
+    settings = PrismSettings(home=tmp_path / "empty", device="cpu", database_url=None, admin_token=TOKEN)
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503
         r = c.get("/v1/search", params={"q": "anything"})
@@ -346,8 +355,8 @@ def test_not_ready_until_an_index_exists(tmp_path):
 
 
 def test_a_corrupt_new_version_leaves_the_old_one_serving(build_serving_home, tiny_embedder):
-    settings = build_serving_home("corrupt-home")
-    with TestClient(create_app(settings)) as c:
+    settings = build_serving_home("corrupt-home", admin_token=TOKEN)
+    with TestClient(create_app(settings), headers=ADMIN) as c:
         old = c.get("/readyz").json()["index_version"]
         store = c.app.state.services.store
         summary = CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder, options=IndexOptions()).run(None)
@@ -358,7 +367,47 @@ def test_a_corrupt_new_version_leaves_the_old_one_serving(build_serving_home, ti
             r = c.get("/v1/search", params={"q": "hat", "k": 3})
             assert r.status_code == 200 and r.json()["index_version"] == old
         assert c.get("/readyz").json()["index_version"] == old
+        # Catalog changes still apply on top of the version that keeps serving.
+        image = _png(8008)
+        assert c.put("/v1/products/C-1", json={"title": "copper kettle", "image_b64": base64.b64encode(image).decode()}).status_code == 201
+        assert _ids(c.post("/v1/search/image", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})) == ["C-1"]
+        top = _ids(c.get("/v1/search", params={"q": "hat", "k": 5}))
+        assert c.delete(f"/v1/products/{top[0]}").status_code == 204
+        after = _ids(c.get("/v1/search", params={"q": "hat", "k": 5}))
+        assert top[0] not in after and len(after) == 5
     with TestClient(create_app(settings)) as fresh:  # nothing else to fall back on: 503 naming the cause
         r = fresh.get("/v1/search", params={"q": "hat", "k": 3})
         assert r.status_code == 503 and "sha256" in r.json()["detail"]
         assert fresh.get("/readyz").status_code == 503
+
+
+def test_catalog_changes_need_the_admin_token(client, build_serving_home):
+    body = {"title": "unauthorised"}
+    assert client.put("/v1/products/AUTH-1", json=body, headers={"Authorization": ""}).status_code == 401
+    r = client.put("/v1/products/AUTH-1", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert client.delete("/v1/products/P00001", headers={"Authorization": "Basic x"}).status_code == 401
+    assert client.get("/v1/products/AUTH-1").status_code == 404 and client.get("/v1/products/P00001").status_code == 200
+    with TestClient(create_app(build_serving_home("no-token-home"))) as open_server:
+        r = open_server.put("/v1/products/AUTH-1", json=body)
+        assert r.status_code == 403 and "PRISM_ADMIN_TOKEN" in r.json()["detail"]
+
+
+def test_unusable_image_urls_are_refused_cleanly(build_serving_home):
+    settings = build_serving_home("url-home", admin_token=TOKEN, allow_url_images=True)
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        for url in ("http://[::1", "http://x\u202e.com/a.png", "http://" + "a" * 70 + ".com/a.png",
+                    "http://127.0.0.1:9/a.png"):
+            r = c.put("/v1/products/URL-1", json={"title": "t", "image_url": url})
+            assert r.status_code == 422, (url, r.text)
+            assert "image URL" in r.json()["detail"]
+        assert c.get("/v1/products/URL-1").status_code == 404
+
+
+def test_unknown_upload_fields_are_refused(client, images):
+    data = (images / "00001.png").read_bytes()
+    r = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")}, data={"k": "2", "colour": "red"})
+    assert r.status_code == 422 and r.json()["detail"] == "body.colour: unknown field"
+    r = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")},
+                    data={"k": "20", "category": ["hats", "bags"]})
+    assert {h["category"] for h in r.json()["results"]} <= {"hats", "bags"} and len(_ids(r)) == 20

@@ -19,10 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home, bad_images):
     settings = build_serving_home("serve-home")
+    admin = {"Authorization": "Bearer serve-token"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PRISM_HOME": str(settings.home), "PRISM_DEVICE": "cpu", "PRISM_THREADS": "1"}
+    env = {**os.environ, "PRISM_HOME": str(settings.home), "PRISM_DEVICE": "cpu", "PRISM_THREADS": "1",
+           "PRISM_ADMIN_TOKEN": "serve-token"}
     env.pop("PRISM_DATABASE_URL", None)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     server = subprocess.Popen(
@@ -47,7 +49,7 @@ def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home,
         buf = io.BytesIO()
         draw_product_image(7007).save(buf, format="PNG")
         image = buf.getvalue()
-        put = httpx.put(base + "/v1/products/SERVE-1", json={"title": "serve test", "image_b64": base64.b64encode(image).decode()})
+        put = httpx.put(base + "/v1/products/SERVE-1", headers=admin, json={"title": "serve test", "image_b64": base64.b64encode(image).decode()})
         assert put.status_code == 201, put.text
 
         def first_ids(n: int) -> list[str]:
@@ -59,10 +61,10 @@ def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home,
             ]
 
         assert first_ids(12) == ["SERVE-1"] * 12
-        assert httpx.delete(base + "/v1/products/SERVE-1").status_code == 204
+        assert httpx.delete(base + "/v1/products/SERVE-1", headers=admin).status_code == 204
         assert "SERVE-1" not in first_ids(12)
 
-        for name, status in (("truncated", 422), ("zip", 415), ("bomb", 413)):
+        for name, status in (("truncated", 422), ("zip", 415), ("bomb", 413), ("strip", 422)):
             r = httpx.post(base + "/v1/search/image", files={"file": ("q.png", bad_images[name], "image/png")})
             assert r.status_code == status and r.json()["detail"]
 

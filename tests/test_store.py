@@ -1,13 +1,16 @@
 from sqlalchemy import inspect
 
-from store import ProductFilter, ProductInput, Store, UnknownVersionError
+import numpy as np
+import pytest
+
+from store import ConflictError, ImageState, ProductFilter, ProductInput, ProductVectors, Store, UnknownVersionError
 
 
 def test_migrations_create_contract_tables_and_are_idempotent(tmp_path):
     url = f"sqlite:///{tmp_path / 'p.db'}"
     first = Store.open(url)
     tables = set(inspect(first.engine).get_table_names())
-    assert {"products", "model_versions", "index_versions", "search_log", "events", "training_runs"} <= tables
+    assert {"products", "model_versions", "index_versions", "search_log", "events", "training_runs", "catalog_changes"} <= tables
     assert "alembic_version" in tables
     first.upsert_products([ProductInput("a", "A")])
     first.close()
@@ -63,3 +66,46 @@ def test_only_one_index_version_is_active(store):
         raise AssertionError("expected UnknownVersionError")
     except UnknownVersionError:
         pass
+
+
+def _vectors(action="set", image_hash="h1", status=None):
+    return ProductVectors(
+        model_version="m", text_hash="t1", text_vector=np.ones(4, np.float32), image_action=action,
+        image_hash=image_hash if action == "set" else None,
+        image_vector=np.full(4, 0.5, np.float32) if action == "set" else None, image_status=status,
+    )
+
+
+def test_live_upserts_and_deletes_are_journaled_in_commit_order(store):
+    product, created, seq1 = store.upsert_product_live(ProductInput("p", "P", image_uri="/i/p.png"), _vectors(), expect_updated_at=None)
+    assert created and product.image_status == "ok" and product.image_hash == "h1" and product.text_hash == "t1"
+    assert store.soft_delete_product("p") is not None
+    changes = store.catalog_changes(0)
+    assert [(c.seq, c.op) for c in changes] == [(seq1, "upsert"), (seq1 + 1, "delete")]
+    assert np.array_equal(changes[0].image_vector, np.full(4, 0.5, np.float32)) and changes[0].image_action == "set"
+    assert store.catalog_seq() == seq1 + 1 and store.catalog_changes(seq1 + 1) == []
+    assert store.serving_marks() == (None, seq1 + 1)
+
+
+def test_a_live_upsert_on_a_stale_read_is_refused(store):
+    first, _, _ = store.upsert_product_live(ProductInput("p", "P", image_uri="/i/p.png"), _vectors(), expect_updated_at=None)
+    with pytest.raises(ConflictError):  # another writer created it after our read
+        store.upsert_product_live(ProductInput("p", "P2"), _vectors("clear", status="none"), expect_updated_at=None)
+    store.upsert_product_live(ProductInput("p", "P3", image_uri="/i/p.png"), _vectors("keep"), expect_updated_at=first.updated_at)
+    with pytest.raises(ConflictError):  # changed since `first` was read
+        store.upsert_product_live(ProductInput("p", "P4"), _vectors("keep"), expect_updated_at=first.updated_at)
+    assert store.get_product("p").title == "P3" and len(store.catalog_changes(0)) == 2
+
+
+def test_indexer_state_writes_do_not_overwrite_a_newer_change(store):
+    ids = store.upsert_products([ProductInput("a", "A", image_uri="/i/a.png"), ProductInput("b", "B", image_uri="/i/b.png")])
+    snapshot = {p.row_id: p for p in store.live_products()}
+    # An API change lands between the indexer's read and its write.
+    a = store.get_product("a")
+    store.upsert_product_live(ProductInput("a", "A2", image_uri="/i/new.png"), _vectors(image_hash="fresh"), expect_updated_at=a.updated_at)
+    states = [ImageState(ids["a"], "stale", "ok"), ImageState(ids["b"], "hb", "ok")]
+    store.record_image_states(states, seen={r: (p.image_uri, p.image_hash) for r, p in snapshot.items()})
+    store.record_text_hashes({ids["a"]: "stale-text", ids["b"]: "tb"}, seen={r: p.text_hash for r, p in snapshot.items()})
+    a, b = store.get_product("a"), store.get_product("b")
+    assert (a.image_hash, a.image_uri, a.text_hash) == ("fresh", "/i/new.png", "t1")
+    assert (b.image_hash, b.image_status, b.text_hash) == ("hb", "ok", "tb")

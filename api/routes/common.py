@@ -15,6 +15,11 @@ ERRORS = {
     503: {"model": ErrorOut, "description": "no index version is serving yet"},
 }
 
+ADMIN_ERRORS = {
+    401: {"model": ErrorOut, "description": "missing or wrong admin token"},
+    403: {"model": ErrorOut, "description": "no admin token is configured on the server"},
+}
+
 
 def image_url(product: ProductRecord) -> str | None:
     """Root-relative URL of the product image route; `v` changes with the image, so caches stay right."""

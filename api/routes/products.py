@@ -9,9 +9,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from api.routes.common import ERRORS, product_out
+from api.routes.common import ADMIN_ERRORS, ERRORS, product_out
 from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted, decode_b64
-from api.services import ServicesDep
+from api.services import AdminDep, ServicesDep
 from embedder import ImageDecodeError, content_hash
 from store import ProductInput
 
@@ -60,6 +60,16 @@ def product_image(product_id: ProductIdPath, services: ServicesDep, request: Req
     )
 
 
+def _check_new_id(product_id: str) -> None:
+    if "\x00" in product_id:
+        raise HTTPException(422, "product_id must not contain NUL characters")
+    if "\ufffd" in product_id:
+        raise HTTPException(422, "product_id is not valid UTF-8 once percent-decoded")
+    if product_id.endswith("/image"):
+        # GET /v1/products/<id>/image is the image route of product <id>.
+        raise HTTPException(422, "product_id must not end in '/image'")
+
+
 def _media_type(data: bytes) -> str:
     from PIL import Image
 
@@ -82,14 +92,14 @@ def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
     "/products/{product_id:path}",
     response_model=ProductUpserted,
     status_code=200,
-    responses={201: {"model": ProductUpserted, "description": "created"}, **ERRORS},
+    responses={201: {"model": ProductUpserted, "description": "created"}, **ERRORS, **ADMIN_ERRORS},
+    dependencies=[AdminDep],
     summary="Add or replace one product",
 )
 def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDep) -> JSONResponse:
     """Embedded with the serving model and searchable on the next query, in every worker, without
-    a rebuild. The next index build includes it like any catalog product."""
-    if "\x00" in product_id:
-        raise HTTPException(422, "product_id must not contain NUL characters")
+    a rebuild. The next index build includes it like any catalog product. Needs the admin token."""
+    _check_new_id(product_id)
     image = None
     if body.image_b64 is not None:
         try:
@@ -123,10 +133,14 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
 
 
 @router.delete(
-    "/products/{product_id:path}", status_code=204, responses={404: ERRORS[404]}, summary="Delete one product"
+    "/products/{product_id:path}",
+    status_code=204,
+    responses={404: ERRORS[404], **ADMIN_ERRORS},
+    dependencies=[AdminDep],
+    summary="Delete one product",
 )
 def delete_product(product_id: ProductIdPath, services: ServicesDep) -> Response:
-    """Gone from results at once (every worker checks the change journal per query)."""
+    """Gone from results at once (every worker checks the change journal per query). Needs the admin token."""
     if services.updater.delete(product_id) is None:
         raise HTTPException(404, f"no product {product_id!r}")
     services.metrics.catalog_changes.labels("delete").inc()

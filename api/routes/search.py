@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from pydantic import ValidationError
 
 from api.routes.common import ERRORS, image_url, public_attributes, to_filter
@@ -16,6 +16,24 @@ from feedback import record_search
 from search import MAX_K, MAX_OFFSET, Target
 
 router = APIRouter(prefix="/v1", tags=["search"])
+
+SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max")
+UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max"}
+
+
+def _single_valued(request: Request) -> None:
+    # `q=a&q=b` would otherwise silently search for one of them.
+    for name in SINGLE_QUERY_PARAMS:
+        if len(request.query_params.getlist(name)) > 1:
+            raise HTTPException(422, f"query.{name}: give it once, not {len(request.query_params.getlist(name))} times")
+
+
+async def _known_form_fields(request: Request) -> None:
+    # Multipart forms are not pydantic models here, so unknown fields would pass silently,
+    # unlike everywhere else in the API. The form is already parsed and cached by then.
+    unknown = sorted(set((await request.form()).keys()) - UPLOAD_FIELDS)
+    if unknown:
+        raise HTTPException(422, "; ".join(f"body.{name}: unknown field" for name in unknown))
 
 
 def run_search(services: Services, *, filters: Filters, **query) -> SearchResponse:
@@ -55,7 +73,9 @@ def run_search(services: Services, *, filters: Filters, **query) -> SearchRespon
     )
 
 
-@router.get("/search", response_model=SearchResponse, responses=ERRORS, summary="Text query")
+@router.get(
+    "/search", response_model=SearchResponse, responses=ERRORS, summary="Text query", dependencies=[Depends(_single_valued)]
+)
 def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
     """Search by text: `target=image` (the default) finds products whose *images* match the words."""
     filters = Filters(category=params.category, brand=params.brand, price_min=params.price_min, price_max=params.price_max)
@@ -77,7 +97,10 @@ def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     )
 
 
-@router.post("/search/image", response_model=SearchResponse, responses=ERRORS, summary="Image upload query")
+@router.post(
+    "/search/image", response_model=SearchResponse, responses=ERRORS, summary="Image upload query",
+    dependencies=[Depends(_known_form_fields)],
+)
 def search_upload(
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="the query image")],
