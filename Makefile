@@ -37,6 +37,7 @@ demo: install
 	$(PY) benchmarks/sample_catalog.py $(DEMO_DIR) -n 1000
 	$(VENV)/bin/prism index $(DEMO_DIR)/catalog.csv --model ViT-B-32:random
 	$(VENV)/bin/prism search --image $(DEMO_DIR)/images/00042.png --target image -k 5
+	@echo "Browse it: make serve, then open http://127.0.0.1:8000/"
 
 serve: install
 	$(VENV)/bin/prism serve
