@@ -45,6 +45,23 @@ FilterValues = Annotated[
     Field(max_length=MAX_FILTER_VALUES),
 ]
 Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _decode_b64(data: str) -> bytes:
+    """Strict base64 (a data: URL prefix is accepted) to the image bytes."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        decoded = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+    if not decoded:
+        raise ValueError("decodes to 0 bytes")
+    return decoded
+
+
+# Arrives as a base64 string (the OpenAPI type), reaches the route as bytes.
+Base64Image = Annotated[str, AfterValidator(_decode_b64)]
 QueryText = _text(1, MAX_QUERY_CHARS, AfterValidator(_not_blank))
 ProductId = _text(1, MAX_ID_CHARS)
 
@@ -92,7 +109,7 @@ class SearchRequest(BaseModel):
     )
 
     text: QueryText | None = None
-    image_b64: str | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
+    image_b64: Base64Image | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
     similar_to: ProductId | None = Field(None, description="a product id: find products like it")
     target: Target = Target.IMAGE
     k: int = Field(10, ge=1, le=MAX_K)
@@ -105,16 +122,6 @@ class SearchRequest(BaseModel):
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, image_b64 or similar_to (got {', '.join(given) or 'none'})")
         return self
-
-
-def decode_b64(data: str, field: str) -> bytes:
-    """Strict base64 (a data: URL prefix is accepted); ValueError names the field."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError(f"{field} is not valid base64") from None
 
 
 class SearchHitOut(BaseModel):
@@ -174,7 +181,7 @@ class ProductIn(BaseModel):
     price: Price | None = None
     currency: _text(1, 8) | None = None
     attributes: dict[str, Any] = Field(default_factory=dict, description="free-form JSON object (<= 16 KiB)")
-    image_b64: str | None = Field(None, description="the product image, base64-encoded")
+    image_b64: Base64Image | None = Field(None, description="the product image, base64-encoded")
     image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
         None, description="an http(s) image URL (only when the server allows URL images)"
     )

@@ -33,7 +33,8 @@ def public_attributes(attributes: dict) -> dict:
     return {k: v for k, v in attributes.items() if not k.startswith("_")}
 
 
-def product_out(product: ProductRecord) -> dict:
+def catalog_fields(product: ProductRecord) -> dict:
+    """What a client sees of a product, in search hits and product responses alike."""
     return {
         "product_id": product.product_id,
         "title": product.title,
@@ -44,6 +45,12 @@ def product_out(product: ProductRecord) -> dict:
         "currency": product.currency,
         "attributes": public_attributes(product.attributes),
         "image_url": image_url(product),
+    }
+
+
+def product_out(product: ProductRecord) -> dict:
+    return {
+        **catalog_fields(product),
         "image_status": product.image_status,
         "created_at": product.created_at,
         "updated_at": product.updated_at,

@@ -10,9 +10,9 @@ from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Respon
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from api.routes.common import ADMIN_ERRORS, ERRORS, product_out
-from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted, decode_b64
+from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted
 from api.services import AdminDep, ServicesDep
-from embedder import ImageDecodeError, content_hash
+from embedder import content_hash
 from store import ProductInput
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -100,14 +100,6 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
     """Embedded with the serving model and searchable on the next query, in every worker, without
     a rebuild. The next index build includes it like any catalog product. Needs the admin token."""
     _check_new_id(product_id)
-    image = None
-    if body.image_b64 is not None:
-        try:
-            image = decode_b64(body.image_b64, "image_b64")
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        if not image:
-            raise ImageDecodeError("empty", "image_b64 decodes to 0 bytes")
     services.engine.sync()
     embedder = services.engine.serving.embedder
     item = ProductInput(
@@ -120,7 +112,7 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         currency=body.currency,
         attributes=body.attributes,
     )
-    outcome = services.updater.upsert(item, embedder, image=image, image_url=body.image_url)
+    outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url)
     services.metrics.catalog_changes.labels("upsert").inc()
     services.engine.sync()
     payload = ProductUpserted(

@@ -6,10 +6,11 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from api.routes.common import ERRORS, image_url, public_attributes, to_filter
-from api.schemas import Filters, SearchParams, SearchRequest, SearchResponse, decode_b64
+from api.routes.common import ERRORS, catalog_fields, to_filter
+from api.schemas import Filters, SearchParams, SearchRequest, SearchResponse
 from api.services import Services, ServicesDep
 from embedder import ImageDecodeError
 from feedback import record_search
@@ -54,20 +55,7 @@ def run_search(services: Services, *, filters: Filters, **query) -> SearchRespon
         offset=result.query.offset,
         timings_ms=result.timings_ms,
         results=[
-            {
-                "product_id": hit.product.product_id,
-                "score": hit.score,
-                "rank": hit.rank,
-                "title": hit.product.title,
-                "image_url": image_url(hit.product),
-                "description": hit.product.description,
-                "category": hit.product.category,
-                "brand": hit.product.brand,
-                "price": hit.product.price,
-                "currency": hit.product.currency,
-                "attributes": public_attributes(hit.product.attributes),
-                "scores": hit.scores,
-            }
+            {**catalog_fields(hit.product), "score": hit.score, "rank": hit.rank, "scores": hit.scores}
             for hit in result.hits
         ],
     )
@@ -78,21 +66,14 @@ def run_search(services: Services, *, filters: Filters, **query) -> SearchRespon
 )
 def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
     """Search by text: `target=image` (the default) finds products whose *images* match the words."""
-    filters = Filters(category=params.category, brand=params.brand, price_min=params.price_min, price_max=params.price_max)
-    return run_search(services, filters=filters, text=params.q, target=params.target, k=params.k, offset=params.offset)
+    return run_search(services, filters=params, text=params.q, target=params.target, k=params.k, offset=params.offset)
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Any query")
 def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     """Search by `text`, by a base64 image (`image_b64`) or by a product (`similar_to`)."""
-    image = None
-    if body.image_b64 is not None:
-        try:
-            image = decode_b64(body.image_b64, "image_b64")
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
     return run_search(
-        services, filters=body.filters, text=body.text, image=image, similar_to=body.similar_to,
+        services, filters=body.filters, text=body.text, image=body.image_b64, similar_to=body.similar_to,
         target=body.target, k=body.k, offset=body.offset,
     )
 
@@ -115,8 +96,8 @@ def search_upload(
     """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes."""
     try:
         filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max)
-    except ValidationError as exc:
-        raise HTTPException(422, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+    except ValidationError as exc:  # reported like every other invalid field
+        raise RequestValidationError(exc.errors()) from None
     limit = services.settings.max_image_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
