@@ -4,11 +4,18 @@ from indexer.ann import AnnConfig, AnnIndex, AnnInfo, plan_factory
 from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
+from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
 from indexer.versions import IndexVersionError, LoadedIndexVersion, load_index_version
 
 __all__ = [
+    "ATTRIBUTION",
+    "DemoCatalog",
+    "DemoCatalogError",
+    "EmojiProduct",
+    "build_demo_catalog",
+    "load_demo_catalog",
     "AnnConfig",
     "AnnIndex",
     "AnnInfo",
