@@ -4,11 +4,16 @@ from embedder.base import EmbeddedBatch, Embedder
 from embedder.cache import VectorCache
 from embedder.factory import (
     ModelUnavailableError,
+    add_model_config,
+    create_base_model,
     file_digest,
     load_embedder,
     model_version_name,
+    package_model_path,
+    prism_config_path,
     register_prism_configs,
     resolve_device,
+    wrap_open_clip,
 )
 from embedder.images import (
     ImageDecodeError,
@@ -33,14 +38,19 @@ __all__ = [
     "ModelUnavailableError",
     "SpecKind",
     "ThreadBoundEmbedder",
+    "add_model_config",
+    "create_base_model",
     "VectorCache",
     "content_hash",
     "decode_image",
     "file_digest",
     "load_embedder",
     "model_version_name",
+    "package_model_path",
     "parse_model_spec",
+    "prism_config_path",
     "read_image_bytes",
     "register_prism_configs",
     "resolve_device",
+    "wrap_open_clip",
 ]

