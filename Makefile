@@ -6,7 +6,6 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.prism-installed
 # faiss-cpu here; on a GPU host: make install FAISS_EXTRA=gpu (never both: they share the module name)
 FAISS_EXTRA ?= cpu
-DEMO_DIR ?= prism-data/sample-catalog
 
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -15,9 +14,14 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install browser test demo serve bench clean
+.PHONY: install unicode browser test demo serve bench clean
 
-install: $(STAMP)
+install: $(STAMP) unicode
+
+# The demo catalog's names and categories: Unicode's emoji-test.txt and CLDR keywords (Debian).
+unicode:
+	@test -f /usr/share/unicode/emoji/emoji-test.txt -a -d /usr/share/unicode/cldr/common/annotations || \
+	  $(APT) unicode-data unicode-cldr-core || ($(SUDO) apt-get update && $(APT) unicode-data unicode-cldr-core)
 
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
@@ -31,13 +35,10 @@ $(STAMP): pyproject.toml
 test: install browser
 	$(PY) -m pytest
 
-# Until the OpenMoji demo lands (issue 4), the demo indexes a generated 1,000-product sample
-# catalog with seeded random ViT-B-32 weights and searches it by one of its own images.
+# The OpenMoji catalog, the demo model (trained once, ~5 minutes on 2 cores, then reused), the
+# index, and the search page at http://127.0.0.1:8000/ (Ctrl-C stops it).
 demo: install
-	$(PY) benchmarks/sample_catalog.py $(DEMO_DIR) -n 1000
-	$(VENV)/bin/prism index $(DEMO_DIR)/catalog.csv --model ViT-B-32:random
-	$(VENV)/bin/prism search --image $(DEMO_DIR)/images/00042.png --target image -k 5
-	@echo "Browse it: make serve, then open http://127.0.0.1:8000/"
+	$(VENV)/bin/prism demo
 
 serve: install
 	$(VENV)/bin/prism serve

@@ -29,12 +29,15 @@ def _fail(message: str, code: int = 2) -> None:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from embedder import ImageDecodeError, ModelSpecError, ModelUnavailableError
-    from indexer import CatalogError, IndexVersionError
+    from feedback import TrainingError
+    from indexer import CatalogError, DemoCatalogError, IndexVersionError
     from search import NotReadyError, QueryError
     from store import StoreError
 
     return (
         CatalogError,
+        DemoCatalogError,
+        TrainingError,
         ModelSpecError,
         ModelUnavailableError,
         QueryError,
@@ -269,6 +272,175 @@ def serve(
             import shutil
 
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class _RichTrainProgress:
+    """Training progress for the trainer's TrainProgress protocol: a bar with loss and throughput."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.task = None
+
+    def start(self, total_steps: int, done_steps: int) -> None:
+        self.task = self.progress.add_task("train", total=total_steps, completed=done_steps, loss=float("nan"), rate=0.0)
+
+    def step(self, step: int, *, loss: float, images_per_s: float, temperature: float) -> None:
+        self.progress.update(self.task, completed=step, loss=loss, rate=images_per_s)
+
+    def epoch(self, epoch: int, *, mean_loss: float) -> None:
+        self.progress.update(self.task, description=f"train (epoch {epoch})")
+
+    def finish(self) -> None:
+        pass
+
+
+def _progress_bar(quiet: bool = False, *, train: bool = False):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if train:
+        columns += [TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.0f} img/s")]
+    return Progress(*columns, console=Console(stderr=True), disable=quiet)
+
+
+def _build_demo_catalog(settings, *, limit: int | None = None, quiet: bool = False):
+    from indexer import build_demo_catalog
+
+    with _progress_bar(quiet) as progress:
+        task = progress.add_task("demo catalog", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return build_demo_catalog(settings.home / "demo", limit=limit, progress=advance)
+
+
+@app.command()
+def demo(
+    serve_page: Annotated[bool, typer.Option("--serve/--no-serve", help="serve the search page at the end")] = True,
+    host: Annotated[str, typer.Option(help="interface to serve on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=20, help="quick trial: only this many products")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, max=1000, help="quick trial: train this many epochs")] = None,
+) -> None:
+    """Build the OpenMoji demo catalog, train (or reuse) the demo model, index it, and serve the page."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from feedback import DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, summarise
+    from store import Store
+
+    console = Console(stderr=True)
+    try:
+        settings = _settings(model=DEMO_VERSION, device=device)
+        settings.apply_threads()
+        catalog = _build_demo_catalog(settings, limit=limit)
+        config = DEMO_TRAIN if epochs is None else dataclasses.replace(DEMO_TRAIN, epochs=epochs)
+        dropped = ", ".join(f"{n} {why}" for why, n in catalog.stats["dropped"].items()) or "none"
+        console.print(f"demo catalog: {len(catalog.products)} products from {catalog.stats['openmoji_glyphs']} "
+                      f"OpenMoji glyphs (dropped: {dropped}); splits {catalog.stats['splits']}")
+        store = Store.open(settings.db_url)
+        with _progress_bar(train=True) as progress:
+            meta, trained = ensure_demo_model(
+                catalog, models_dir=settings.models_dir, store=store, device=_device(settings.device),
+                config=config, progress=_RichTrainProgress(progress),
+            )
+        how = f"trained in {meta['training']['seconds']:.0f} s" if trained else "reused"
+        console.print(f"demo model ({how}); held-out test split: {summarise(meta['metrics']['test'])}")
+        summary = _run_index(settings, catalog.catalog, quiet=False)
+    except KeyboardInterrupt:
+        _fail("interrupted; finished work is kept: run `prism demo` again to resume", 130)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    console.print(f"indexed {summary.products_indexed} products as index version {summary.index_version}")
+    console.print("Emoji images: OpenMoji (openmoji.org), CC BY-SA 4.0. Brands and prices are synthetic.")
+    if serve_page:
+        console.print(f"Open http://{host}:{port}/ and search e.g. 'pizza', 'red apple', 'dog'.")
+        serve(host=host, port=port, workers=1, log_level=LogLevel.warning)
+    else:
+        console.print("Serve it with `prism serve` (or `make serve`) and open http://127.0.0.1:8000/")
+
+
+def _device(setting: str) -> str:
+    from embedder import resolve_device
+
+    return resolve_device(setting)
+
+
+@app.command("eval")
+def eval_models(
+    model: Annotated[Optional[str], typer.Option(help="model version to evaluate (default: the serving one)")] = None,
+    compare: Annotated[Optional[str], typer.Option(help="a second model version, shown side by side")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the reports as JSON")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+) -> None:
+    """Recall@1/5/10 and MRR, text->image and image->text, on the demo catalog's held-out test split and in full."""
+    from embedder import ImageLimits, load_embedder
+    from feedback import evaluate_demo
+    from indexer import load_demo_catalog
+    from store import Store
+
+    try:
+        settings = _settings(device=device)
+        settings.apply_threads()
+        catalog = load_demo_catalog(settings.home / "demo")
+        if catalog is None:
+            _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first")
+        versions = [model or _serving_model(Store.open(settings.db_url))]
+        if compare:
+            if compare == versions[0]:
+                _fail(f"--compare {compare} is the model being evaluated; name a different version")
+            versions.append(compare)
+        reports = {}
+        for version in versions:
+            embedder = load_embedder(version, device=settings.device, models_dir=settings.models_dir,
+                                     image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels))
+            reports[version] = evaluate_demo(embedder, catalog)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({v: {k: r.to_dict() for k, r in sets.items()} for v, sets in reports.items()}, indent=2))
+        return
+    _print_eval(reports)
+
+
+def _serving_model(store) -> str:
+    active = store.active_index_version()
+    if active is None:
+        _fail("no index version is serving; name one with --model VERSION")
+    return active.model_version
+
+
+def _print_eval(reports: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    versions = list(reports)
+    table = Table(title="prism eval (gallery = the split's own products; skin-tone variants count as the same emoji)")
+    table.add_column("split")
+    table.add_column("direction")
+    table.add_column("metric")
+    for v in versions:
+        table.add_column(v, justify="right")
+    if len(versions) == 2:
+        table.add_column("delta", justify="right")
+    first = reports[versions[0]]
+    for split in first:
+        for direction, label in (("text_to_image", "text->image"), ("title_to_image", "title->image"),
+                                 ("image_to_text", "image->text")):
+            for metric in ("@1", "@5", "@10", "mrr"):
+                values = []
+                for v in versions:
+                    scores = getattr(reports[v][split], direction)
+                    values.append(scores.mrr if metric == "mrr" else scores.recall[metric])
+                row = [split, label, "MRR" if metric == "mrr" else f"recall{metric}", *(f"{x:.3f}" for x in values)]
+                if len(values) == 2:
+                    row.append(f"{values[1] - values[0]:+.3f}")
+                table.add_row(*row)
+    Console().print(table)
 
 
 @models_app.command("list")

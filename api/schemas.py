@@ -257,6 +257,7 @@ class FacetsResponse(BaseModel):
     price_min: float | None
     price_max: float | None
     products: int
+    credits: str | None = Field(None, description="licence attribution the catalog's images require (the demo: OpenMoji, CC BY-SA 4.0)")
 
 
 class Health(BaseModel):

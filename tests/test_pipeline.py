@@ -1,7 +1,6 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from sample_catalog import make_catalog, product_row, write_rows

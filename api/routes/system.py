@@ -74,7 +74,16 @@ def facets(services: ServicesDep) -> FacetsResponse:
         price_min=f["price_min"],
         price_max=f["price_max"],
         products=f["products"],
+        credits=_catalog_credits(services.settings.home),
     )
+
+
+def _catalog_credits(home) -> str | None:
+    path = home / "demo" / "ATTRIBUTION.txt"
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 @router.get("/metrics", tags=["service"], summary="Prometheus metrics", response_class=Response)

@@ -236,6 +236,10 @@ function clearImage(resetQuery = true) {
 async function loadFacets() {
   try {
     const facets = await request("/v1/facets");
+    if (facets.credits) {
+      $("credits").textContent = facets.credits;
+      $("credits").hidden = false;
+    }
     for (const [id, values] of [["category", facets.categories], ["brand", facets.brands]]) {
       const select = $(id);
       for (const { value, count } of values) {

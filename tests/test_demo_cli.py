@@ -1,0 +1,77 @@
+"""`prism demo --no-serve` and `prism eval` end to end, on a small slice of the OpenMoji catalog.
+
+The real demo trains for minutes; here `--limit` and `--epochs` keep the same code path short.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PRISM = [sys.executable, "-m", "api.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args, env, check=True):
+    proc = subprocess.run(PRISM + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"prism {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("demo-home")
+    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_THREADS": "2"}
+    first = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "3"], env)
+    return home, env, first
+
+
+def test_demo_builds_trains_indexes_and_reuses(demo_home):
+    home, env, first = demo_home
+    assert "demo model (trained in" in first.stderr and "CC BY-SA 4.0" in first.stderr
+    meta = json.loads((home / "models" / "demo" / "model.json").read_text())
+    assert meta["arch"] == "prism-demo-minilm" and meta["hyper_parameters"]["epochs"] == 3
+    assert meta["training"]["epochs_done"] == 3 and set(meta["metrics"]) <= {"test", "full"}
+    assert not (home / "models" / ".training" / "demo").exists()  # the resume checkpoint is gone once written
+    listing = json.loads(_run(["models", "list", "--json"], env).stdout)
+    assert [m["model_version"] for m in listing["models"]] == ["demo"]
+    assert [v["model_version"] for v in listing["indexes"] if v["active"]] == ["demo"]
+
+    again = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "3"], env)
+    assert "demo model (reused)" in again.stderr
+    other = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "4"], env, check=False)
+    assert other.returncode == 2 and "immutable" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_search_the_demo_by_text(demo_home):
+    home, env, _ = demo_home
+    body = json.loads(_run(["search", "flag", "--target", "image", "-k", "5", "--json"], env).stdout)
+    assert len(body["results"]) == 5 and body["model_version"] == "demo"
+
+
+def test_eval_reports_recall_and_mrr_side_by_side(demo_home):
+    home, env, _ = demo_home
+    report = json.loads(_run(["eval", "--json"], env).stdout)
+    full = report["demo"]["full"]
+    for direction in ("text_to_image", "image_to_text", "title_to_image"):
+        assert set(full[direction]["recall"]) == {"@1", "@5", "@10"} and 0 < full[direction]["mrr"] <= 1
+    assert full["gallery"] > 140
+    shutil.copytree(home / "models" / "demo", home / "models" / "demo-copy")  # same weights, another version
+    both = _run(["eval", "--model", "demo", "--compare", "demo-copy"], env)
+    assert "delta" in both.stdout and "demo-copy" in both.stdout and "+0.000" in both.stdout
+    assert "-0.0" not in both.stdout.replace("-0.000", "")
+    same = _run(["eval", "--compare", "demo"], env, check=False)
+    assert same.returncode == 2 and "different version" in same.stderr
+    missing = _run(["eval", "--model", "no-such-version"], env, check=False)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_eval_without_a_demo_catalog_says_what_to_do(tmp_path):
+    env = {**os.environ, "PRISM_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = _run(["eval"], env, check=False)
+    assert proc.returncode == 2 and "prism demo" in proc.stderr
