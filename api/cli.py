@@ -358,7 +358,7 @@ def demo(
     console.print(f"indexed {summary.products_indexed} products as index version {summary.index_version}")
     console.print("Emoji images: OpenMoji (openmoji.org), CC BY-SA 4.0. Brands and prices are synthetic.")
     if serve_page:
-        console.print(f"Open http://{host}:{port}/ and search e.g. 'pizza', 'red apple', 'dog'.")
+        console.print(f"Open http://{host}:{port}/ and search e.g. 'pizza', 'dog', 'umbrella'.")
         serve(host=host, port=port, workers=1, log_level=LogLevel.warning)
     else:
         console.print("Serve it with `prism serve` (or `make serve`) and open http://127.0.0.1:8000/")

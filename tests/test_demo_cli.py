@@ -75,3 +75,18 @@ def test_eval_without_a_demo_catalog_says_what_to_do(tmp_path):
     env = {**os.environ, "PRISM_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     proc = _run(["eval"], env, check=False)
     assert proc.returncode == 2 and "prism demo" in proc.stderr
+
+
+def test_the_page_credits_openmoji(demo_home):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import PrismSettings
+
+    home, _, _ = demo_home
+    with TestClient(create_app(PrismSettings(home=home, device="cpu"))) as client:
+        facets = client.get("/v1/facets").json()
+        assert "OpenMoji" in facets["credits"] and "CC BY-SA 4.0" in facets["credits"]
+        assert {c["value"] for c in facets["categories"]} >= {"Flags"}
+        hits = client.get("/v1/search", params={"q": "flag", "k": 3}).json()["results"]
+        assert len(hits) == 3 and all(h["image_url"] for h in hits)
