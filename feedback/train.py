@@ -454,7 +454,7 @@ def train_contrastive(
             rate = seen_images / max(1e-9, time.perf_counter() - loop_started)
             progress.step(step, loss=value, images_per_s=rate, temperature=_temperature(model))
         if losses:
-            if step % steps_per_epoch == 0 or step >= stop_at:
+            if step % steps_per_epoch == 0:  # a run paused mid-epoch records the epoch when it completes
                 epoch_losses.append(float(np.mean(losses)))
                 progress.epoch(epoch + 1, mean_loss=epoch_losses[-1])
             _save_checkpoint(workdir / CHECKPOINT_NAME, model, trainable, optimizer, scheduler, scaler, generator,

@@ -67,7 +67,8 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, demo_catalog, 
     assert first.steps == 5
     resumed, _, tokenizer = _fresh_model()  # a new process would start from the base model again
     second = train_contrastive(resumed, tokenizer, data, config, workdir=tmp_path / "b")
-    assert second.resumed_from_step == 5 and second.steps == 12
+    assert first.epochs_done == 1  # the paused second epoch is not counted yet
+    assert second.resumed_from_step == 5 and second.steps == 12 and second.epochs_done == 3
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "resumed weights differ from an uninterrupted run"
 
