@@ -19,6 +19,7 @@ from embedder import ModelSpecError, create_base_model, prism_config_path, wrap_
 from feedback.evaluate import EvalReport, EvalSet, TextQuery, evaluate
 from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
 from feedback.versions import read_model_json, training_workdir, write_model_version
+from indexer import product_text
 from store import Store
 
 DEMO_ARCH = "prism-demo-minilm"
@@ -40,14 +41,9 @@ class DemoModelMismatchError(ModelSpecError):
     """The demo model on disk was trained with other data or settings than requested."""
 
 
-def indexed_text(product) -> str:
-    """What the text index holds for a product (indexer.product_text: title, then description)."""
-    return f"{product.title}. {product.description}" if product.description else product.title
-
-
 def training_texts(product) -> list[str]:
     """Every way the catalog describes a product: its title, each alias, and its indexed text."""
-    return list(dict.fromkeys([product.title, *product.aliases, indexed_text(product)]))
+    return list(dict.fromkeys([product.title, *product.aliases, product_text(product)]))
 
 
 def pair_data(products, root: Path) -> PairData:
@@ -68,7 +64,7 @@ def eval_set(products, root: Path, name: str) -> EvalSet:
         item_ids=[p.product_id for p in products],
         keys=[p.variant_group for p in products],
         images=[str(Path(root) / p.image) for p in products],
-        texts=[indexed_text(p) for p in products],
+        texts=[product_text(p) for p in products],
         queries=queries,
     )
 
