@@ -95,9 +95,6 @@ def index(
 
 
 def _run_index(settings, catalog: Path, *, quiet: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from embedder import ImageLimits, load_embedder
     from indexer import AnnConfig, CatalogIndexer, ImagePolicy, IndexOptions
     from store import Store
@@ -116,8 +113,7 @@ def _run_index(settings, catalog: Path, *, quiet: bool):
         ann=AnnConfig(flat_threshold=settings.flat_threshold, recall_target=settings.recall_target),
         image_policy=ImagePolicy(root=settings.image_root, allow_urls=settings.allow_url_images),
     )
-    columns = (TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=quiet) as progress:
+    with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
             home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
         )

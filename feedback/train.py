@@ -492,15 +492,12 @@ def _save_checkpoint(path: Path, model, trainable, optimizer, scheduler, scaler,
 
     # Frozen weights come back from the base model on resume; only what trains is saved.
     keep = set(trainable)
-    weights = {k: v for k, v in model.state_dict().items() if k in keep or not _is_parameter(model, k)}
+    parameters = {name for name, _ in model.named_parameters()}
+    weights = {k: v for k, v in model.state_dict().items() if k in keep or k not in parameters}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "generator": generator.get_state(), **extra}, tmp)
     os.replace(tmp, path)
-
-
-def _is_parameter(model, key: str) -> bool:
-    return key in dict(model.named_parameters())
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
