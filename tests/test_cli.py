@@ -1,22 +1,14 @@
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from prism_cli import run_prism
 from sample_catalog import make_catalog
-
-PRISM = [sys.executable, "-m", "api.cli"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, env, check=True):
-    proc = subprocess.run(PRISM + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"prism {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_prism(args, env, check, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,14 @@ The real demo trains for minutes; here `--limit` and `--epochs` keep the same co
 import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-PRISM = [sys.executable, "-m", "api.cli"]
-ROOT = Path(__file__).resolve().parents[1]
+from prism_cli import run_prism
 
 
 def _run(args, env, check=True):
-    proc = subprocess.run(PRISM + args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"prism {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return run_prism(args, env, check)
 
 
 @pytest.fixture(scope="module")
