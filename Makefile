@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install unicode browser test demo serve bench clean
+.PHONY: install unicode browser test demo serve bench bench-feedback clean
 
 install: $(STAMP) unicode
 
@@ -47,5 +47,8 @@ bench: install
 	$(PY) benchmarks/embed_throughput.py
 	$(PY) benchmarks/serve_latency.py
 
+bench-feedback: install
+	$(PY) benchmarks/feedback_lift.py --home prism-data-lift
+
 clean:
-	rm -rf $(VENV) prism-data .pytest_cache
+	rm -rf $(VENV) prism-data prism-data-lift .pytest_cache

@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from api import errors
 from api.metrics import Metrics
 from api.middleware import BodyLimit, RequestMetrics
-from api.routes import products, search, system
+from api.routes import events, models, products, search, system
 from api.services import Services
 from api.settings import PrismSettings
 from embedder import ImageLimits, ModelThread
@@ -74,6 +74,8 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(search.router)
     app.include_router(products.router)
+    app.include_router(events.router)
+    app.include_router(models.router)
     app.mount("/static", StaticFiles(directory=system.STATIC), name="static")
     # base64 inflates an image by 4/3; leave room for the JSON around it and multipart framing.
     app.add_middleware(BodyLimit, max_bytes=settings.max_image_bytes * 4 // 3 + 1024 * 1024)

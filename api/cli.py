@@ -96,7 +96,7 @@ def index(
 
 def _run_index(settings, catalog: Path, *, quiet: bool):
     from embedder import ImageLimits, load_embedder
-    from indexer import AnnConfig, CatalogIndexer, ImagePolicy, IndexOptions
+    from indexer import CatalogIndexer
     from store import Store
 
     settings.apply_threads()
@@ -108,11 +108,7 @@ def _run_index(settings, catalog: Path, *, quiet: bool):
         workers=settings.decode_workers,
         image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
     )
-    options = IndexOptions(
-        batch_size=settings.batch_size,
-        ann=AnnConfig(flat_threshold=settings.flat_threshold, recall_target=settings.recall_target),
-        image_policy=ImagePolicy(root=settings.image_root, allow_urls=settings.allow_url_images),
-    )
+    options = settings.index_options()
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
             home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
@@ -478,6 +474,83 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         it.add_row("*" if v.is_active else "", v.index_version, v.model_version,
                    str(v.manifest.get("counts", {}).get("products", "")), f"{v.created_at:%Y-%m-%d %H:%M}")
     console.print(it)
+
+
+@models_app.command("activate")
+def models_activate(
+    version: Annotated[str, typer.Argument(help="an index version, or a model version (its newest index)")],
+) -> None:
+    """Serve VERSION: roll back or forward in one transaction; running servers swap on their next query."""
+    from feedback import activate_version
+    from store import Store
+
+    settings = _settings()
+    try:
+        record = activate_version(Store.open(settings.db_url), version)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    typer.echo(f"active: index version {record.index_version} (model {record.model_version})")
+
+
+@app.command()
+def retrain(
+    nightly: Annotated[bool, typer.Option("--nightly", help="keep running; run the job every day at --at")] = False,
+    at: Annotated[str, typer.Option(help="local time of day for --nightly, HH:MM")] = "03:00",
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
+) -> None:
+    """Mine clicks, fine-tune the serving model, and promote it only if it wins on later clicks."""
+    from datetime import datetime
+
+    try:
+        at_time = datetime.strptime(at, "%H:%M").time()
+    except ValueError:
+        _fail(f"--at takes a time of day as HH:MM (24-hour), not {at!r}")
+    settings = _settings(device=device)
+    settings.apply_threads()
+    if not nightly:
+        _retrain_once(settings, as_json=as_json)
+        return
+    from feedback import run_nightly
+
+    typer.echo(f"retraining every day at {at_time:%H:%M} (local time); Ctrl-C stops", err=True)
+    try:
+        run_nightly(lambda: _retrain_once(settings, as_json=as_json, exit_on_error=False), at_time)
+    except KeyboardInterrupt:
+        _fail("stopped", 130)
+
+
+def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> None:
+    from embedder import resolve_device
+    from feedback import RetrainBusyError, RetrainError, run_retrain
+    from store import Store
+
+    try:
+        store = Store.open(settings.db_url)
+        with _progress_bar(as_json, train=True) as progress:
+            outcome = run_retrain(
+                store, home=settings.home, config=settings.retrain_config(), index_options=settings.index_options(),
+                device=resolve_device(settings.device), progress=_RichTrainProgress(progress),
+            )
+    except KeyboardInterrupt:
+        _fail("interrupted; the serving version is unchanged (the run is recorded as failed)", 130)
+    except (RetrainBusyError, RetrainError, *_known_errors()) as exc:
+        if not exit_on_error:
+            raise
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
+        return
+    gate = outcome.metrics.get("gate", {})
+    typer.echo(f"run {outcome.run_id}: {outcome.status}, {outcome.decision}"
+               + (f" ({outcome.reason or gate.get('why', '')})" if (outcome.reason or gate) else ""))
+    if gate:
+        for name in ("serving", "candidate"):
+            later, cat = gate[name]["later_clicks"], gate[name]["catalog"]
+            typer.echo(f"  {name:<9} later clicks MRR {later['mrr']:.4f}  recall@10 {later['recall@10']:.4f}  "
+                       f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@10 {cat['recall@10']:.4f}")
+    if outcome.index_version:
+        typer.echo(f"  serving now: model {outcome.candidate_model_version}, index {outcome.index_version}")
 
 
 def main() -> None:

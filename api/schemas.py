@@ -6,9 +6,9 @@ import base64
 import binascii
 import json
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, Target
 
@@ -271,6 +271,76 @@ class Readiness(BaseModel):
     vectors: dict[str, int] = Field(default_factory=dict)
     overlay_vectors: dict[str, int] = Field(default_factory=dict)
     catalog_seq: int | None = None
+
+
+MAX_EVENTS_PER_BATCH = 1000
+
+
+class EventIn(BaseModel):
+    """One impression (a result was shown) or click (a result was opened)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "event_id": "3f2b7c9e-0c1e-4a7a-9d7e-1b2c3d4e5f60", "type": "click", "query_id": "9c1d...",
+            "product_id": "1F34E", "position": 3, "ts": "2026-11-23T18:30:00Z",
+        }]},
+    )
+
+    event_id: _text(1, 128) = Field(description="client-made unique id: a retried event is stored once")
+    type: Literal["impression", "click"]
+    query_id: _text(1, 64) = Field(description="the query_id of the search that served the product")
+    product_id: ProductId
+    position: int = Field(ge=1, le=MAX_OFFSET + MAX_K, description="the 1-based rank the product was served at")
+    ts: AwareDatetime = Field(description="when it happened, with a time zone (ISO 8601)")
+
+
+EventBatch = Annotated[list[EventIn], Field(min_length=1, max_length=MAX_EVENTS_PER_BATCH)]
+
+
+class EventsStored(BaseModel):
+    stored: int = Field(description="events newly stored")
+    duplicates: int = Field(description="events whose event_id was already stored (retries), not stored again")
+
+
+class EventProblem(BaseModel):
+    index: int = Field(description="position of the event in the batch (0-based)")
+    event_id: str
+    error: str
+
+
+class EventsRejected(BaseModel):
+    detail: str
+    problems: list[EventProblem]
+
+
+class ActivatedOut(BaseModel):
+    index_version: str
+    model_version: str
+    activated_at: datetime | None
+    serving: bool = Field(description="this server already answers from it (others swap on their next query)")
+
+
+class TrainingRunOut(BaseModel):
+    id: int
+    status: str = Field(description="running | succeeded | skipped | failed")
+    decision: str | None = Field(description="promoted | rejected | none")
+    serving_model_version: str | None
+    candidate_model_version: str | None
+    started_at: datetime
+    finished_at: datetime | None
+    data_window: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+class RetrainStatus(BaseModel):
+    running: bool
+    runs: list[TrainingRunOut] = Field(description="the latest runs, newest first")
+
+
+class RetrainStarted(BaseModel):
+    status: Literal["started"] = "started"
+    detail: str
 
 
 class ErrorOut(BaseModel):

@@ -27,6 +27,14 @@ class PrismSettings(BaseSettings):
     image_root: Path | None = None
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    retrain_window_days: float = Field(30.0, gt=0, description="how far back the retrain job mines events")
+    retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
+    retrain_min_mrr_gain: float = Field(0.01, ge=0, description="MRR on later clicks a candidate must add to be promoted")
+    retrain_max_catalog_recall_drop: float = Field(0.01, ge=0, le=1, description="catalog recall@10 a candidate may lose")
+    retrain_catalog_mix: float = Field(0.5, ge=0, le=0.95, description="share of fine-tune items that are catalog pairs")
+    retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
+    retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
+    retrain_epochs: int = Field(6, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
 
     @classmethod
     def settings_customise_sources(
@@ -46,6 +54,36 @@ class PrismSettings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    def index_options(self):
+        from indexer import AnnConfig, ImagePolicy, IndexOptions
+
+        return IndexOptions(
+            batch_size=self.batch_size,
+            ann=AnnConfig(flat_threshold=self.flat_threshold, recall_target=self.recall_target),
+            image_policy=ImagePolicy(root=self.image_root, allow_urls=self.allow_url_images),
+        )
+
+    def retrain_config(self):
+        from dataclasses import replace
+
+        from feedback import GateConfig, MiningConfig, RetrainConfig
+
+        base = RetrainConfig()
+        return replace(
+            base,
+            window_days=self.retrain_window_days,
+            catalog_mix=self.retrain_catalog_mix,
+            min_pairs=self.retrain_min_pairs,
+            train=replace(base.train, epochs=self.retrain_epochs),
+            mining=replace(MiningConfig(), min_clicks=self.retrain_min_clicks),
+            gate=replace(
+                GateConfig(),
+                holdout_fraction=self.retrain_holdout_fraction,
+                min_mrr_gain=self.retrain_min_mrr_gain,
+                max_catalog_recall_drop=self.retrain_max_catalog_recall_drop,
+            ),
+        )
 
     def apply_threads(self) -> None:
         """Set torch and faiss thread counts deliberately (small hosts have 2 cores)."""

@@ -4,10 +4,12 @@ from embedder.base import EmbeddedBatch, Embedder
 from embedder.cache import VectorCache
 from embedder.factory import (
     ModelUnavailableError,
+    TrainableModel,
     add_model_config,
     create_base_model,
     file_digest,
     load_embedder,
+    load_trainable,
     model_version_name,
     package_model_path,
     prism_config_path,
@@ -38,6 +40,7 @@ __all__ = [
     "ModelUnavailableError",
     "SpecKind",
     "ThreadBoundEmbedder",
+    "TrainableModel",
     "add_model_config",
     "create_base_model",
     "VectorCache",
@@ -45,6 +48,7 @@ __all__ = [
     "decode_image",
     "file_digest",
     "load_embedder",
+    "load_trainable",
     "model_version_name",
     "package_model_path",
     "parse_model_spec",

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -282,6 +283,41 @@ def create_base_model(arch: str, *, device: str = "cpu", seed: int = 0):
             arch, pretrained=None, pretrained_text=local_text, pretrained_image=False, device=device
         )
     return model, preprocess, open_clip.get_tokenizer(arch)
+
+
+@dataclass
+class TrainableModel:
+    """The open_clip model behind a spec, for fine-tuning: its modules, transforms and config."""
+
+    model: object
+    preprocess: object
+    tokenizer: object
+    arch: str
+    config: dict  # the open_clip model config to save beside a fine-tuned checkpoint
+    name: str  # the model version the weights came from
+
+
+def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | None = None) -> TrainableModel:
+    """Load an open_clip model (a Prism model version, or ARCH:SOURCE) in a form the trainer can fit.
+
+    Hugging Face `hf:` dual encoders are served but not fine-tuned by Prism's trainer.
+    """
+    import open_clip
+
+    from embedder.openclip_backend import OpenClipEmbedder
+
+    parsed = parse_model_spec(spec)
+    embedder = load_embedder(parsed, device=device, models_dir=models_dir)
+    if not isinstance(embedder, OpenClipEmbedder):
+        raise ModelSpecError(f"{spec!r} is not an open_clip model; Prism's trainer fine-tunes open_clip models only")
+    if parsed.kind in (SpecKind.VERSION, SpecKind.DEMO):
+        meta = json.loads((Path(models_dir) / embedder.name / "model.json").read_text())
+        arch = meta["arch"]
+        config = json.loads((Path(models_dir) / embedder.name / meta["open_clip_config"]).read_text())
+    else:
+        arch = parsed.arch
+        config = open_clip.get_model_config(arch)
+    return TrainableModel(embedder.model, embedder._preprocess, embedder.tokenizer, arch, config, embedder.name)
 
 
 def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cpu", **kwargs) -> Embedder:

@@ -2,30 +2,72 @@
 
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
 from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
-from feedback.events import record_search
+from feedback.events import EventBatchError, EventsOutcome, record_events, record_search
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
-from feedback.versions import ModelVersionExistsError, read_model_json, training_workdir, write_model_version
+from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, split_by_time
+from feedback.retrain import (
+    FINETUNE_TRAIN,
+    ClickQuery,
+    GateConfig,
+    RetrainConfig,
+    RetrainError,
+    RetrainOutcome,
+    click_queries,
+    gate_candidate,
+    run_retrain,
+)
+from feedback.schedule import RetrainBusyError, is_running, job_lock, next_run, run_nightly
+from feedback.versions import (
+    ModelVersionExistsError,
+    activate_version,
+    read_model_json,
+    training_workdir,
+    write_model_version,
+)
 
 __all__ = [
+    "ClickPair",
+    "ClickQuery",
     "DEMO_ARCH",
     "DEMO_TRAIN",
     "DEMO_VERSION",
     "EvalReport",
     "EvalSet",
+    "EventBatchError",
+    "EventsOutcome",
+    "FINETUNE_TRAIN",
+    "GateConfig",
+    "MinedPairs",
+    "MiningConfig",
     "ModelVersionExistsError",
     "PairData",
+    "RetrainBusyError",
+    "RetrainConfig",
+    "RetrainError",
+    "RetrainOutcome",
     "RetrievalScores",
     "TextQuery",
     "TrainConfig",
     "TrainProgress",
     "TrainResult",
     "TrainingError",
+    "activate_version",
     "ensure_demo_model",
+    "click_queries",
     "evaluate",
     "evaluate_demo",
+    "is_running",
+    "gate_candidate",
+    "job_lock",
+    "mine_pairs",
+    "next_run",
     "rank_metrics",
     "read_model_json",
+    "record_events",
     "record_search",
+    "run_nightly",
+    "run_retrain",
+    "split_by_time",
     "summarise",
     "train_contrastive",
     "training_workdir",

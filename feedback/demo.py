@@ -46,11 +46,12 @@ def training_texts(product) -> list[str]:
     return list(dict.fromkeys([product.title, *product.aliases, product_text(product)]))
 
 
-def pair_data(products, root: Path) -> PairData:
+def pair_data(products, root: Path, group_by: str | None = None) -> PairData:
     return PairData(
         item_ids=[p.product_id for p in products],
         images=[str(Path(root) / p.image) for p in products],
         texts=[training_texts(p) for p in products],
+        groups=[getattr(p, group_by) for p in products] if group_by else None,
     )
 
 

@@ -80,8 +80,18 @@ def rank_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int]
     )
 
 
+def ndcg_at(similarity: np.ndarray, relevant: np.ndarray, k: int = 10) -> float:
+    """Mean nDCG@k with binary gains: every relevant item in the top k counts, discounted by rank."""
+    k = min(k, similarity.shape[1])
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (np.take_along_axis(relevant, top, axis=1) * discounts).sum(axis=1)
+    ideal = np.array([discounts[: min(int(n), k)].sum() for n in relevant.sum(axis=1)])
+    return round(float((dcg / np.maximum(ideal, 1e-12)).mean()), 4)
+
+
 def evaluate(embedder: Embedder, data: EvalSet, *, batch_size: int = 256) -> EvalReport:
-    image_vectors = _embed_images(embedder, data.images, batch_size)
+    image_vectors = embed_images(embedder, data.images, batch_size)
     text_vectors = embedder.encode_texts(data.texts)
     keys = np.asarray(data.keys)
     query_vectors = embedder.encode_texts([q.text for q in data.queries])
@@ -95,7 +105,7 @@ def evaluate(embedder: Embedder, data: EvalSet, *, batch_size: int = 256) -> Eva
     return EvalReport(data.name, embedder.name, len(data.item_ids), t2i, i2t, title)
 
 
-def _embed_images(embedder: Embedder, images: Sequence[ImageSource], batch_size: int) -> np.ndarray:
+def embed_images(embedder: Embedder, images: Sequence[ImageSource], batch_size: int) -> np.ndarray:
     parts = []
     for batch in embedder.embed_images(enumerate(images), batch_size=batch_size):
         if batch.failures:

@@ -1,9 +1,35 @@
-"""The search log: one row per served query, the anchor that impressions and clicks refer to."""
+"""The search log and the events that refer to it: impressions and clicks.
+
+Every served query writes one search_log row (its query_id is valid for events once
+`record_search` returns). Clients report what they showed and what was opened as events that
+name that query_id, the product and the 1-based position it was served at. A batch is checked
+as a whole against the log and stored in one transaction, or not at all.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
 from search import SearchResult
-from store import Store
+from store import EventInput, Store
+
+EVENT_TYPES = ("impression", "click")
+
+
+class EventBatchError(ValueError):
+    """Some events in a batch are invalid; `problems` names each one. Nothing was stored."""
+
+    def __init__(self, problems: list[dict]):
+        self.problems = problems
+        super().__init__(f"{len(problems)} invalid event(s); nothing was stored")
+
+
+@dataclass(frozen=True)
+class EventsOutcome:
+    stored: int
+    duplicates: int
 
 
 def record_search(store: Store, result: SearchResult) -> None:
@@ -33,3 +59,49 @@ def record_search(store: Store, result: SearchResult) -> None:
         result_ids=[hit.product.product_id for hit in result.hits],
         took_ms=result.took_ms,
     )
+
+
+def record_events(
+    store: Store,
+    events: Sequence[EventInput],
+    *,
+    now: datetime | None = None,
+    max_clock_skew: timedelta = timedelta(minutes=5),
+) -> EventsOutcome:
+    """Validate a batch against the search log and store it atomically; a retried event_id counts once.
+
+    An event must name a logged query_id, a product that query served, the position it was served
+    at, a known type, and a time neither in the future nor before the search (both give or take
+    `max_clock_skew`, for client clocks).
+    """
+    now = now or datetime.now(timezone.utc)
+    searches = store.searches_by_ids(e.query_id for e in events)
+    problems = []
+    for index, event in enumerate(events):
+        error = _problem(event, searches.get(event.query_id), now, max_clock_skew)
+        if error:
+            problems.append({"index": index, "event_id": event.event_id, "error": error})
+    if problems:
+        raise EventBatchError(problems)
+    stored, duplicates = store.add_events(events)
+    return EventsOutcome(stored, duplicates)
+
+
+def _problem(event: EventInput, search, now: datetime, skew: timedelta) -> str | None:
+    if event.type not in EVENT_TYPES:
+        return f"type must be one of {', '.join(EVENT_TYPES)}, not {event.type!r}"
+    if not event.event_id:
+        return "event_id must not be empty"
+    if search is None:
+        return f"unknown query_id {event.query_id!r}"
+    ts = event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=timezone.utc)
+    if ts > now + skew:
+        return f"ts {ts.isoformat()} is in the future"
+    if ts < search.ts - skew:
+        return f"ts {ts.isoformat()} is before the search it refers to ({search.ts.isoformat()})"
+    served = {pid: search.offset + i + 1 for i, pid in enumerate(search.result_ids)}
+    if event.product_id not in served:
+        return f"product {event.product_id!r} was not among the results of query {event.query_id!r}"
+    if event.position != served[event.product_id]:
+        return f"product {event.product_id!r} was served at position {served[event.product_id]}, not {event.position}"
+    return None

@@ -62,6 +62,9 @@ class TrainConfig:
     # texts drawn per image per step (with replacement): more signal per image forward, nearly free
     # when the text trunk is locked and cached
     texts_per_image: int = 2
+    # Lay items of one PairData group out in the same batch (hard negatives: look-alike products,
+    # the results a shopper skipped); False draws batches uniformly at random.
+    group_batches: bool = False
     augment: bool = True
     zoom: tuple[float, float] = (0.8, 1.15)  # >1 zooms out (the border colour fills in)
     max_shift: float = 0.08  # of the image side
@@ -77,15 +80,29 @@ class TrainConfig:
 
 @dataclass
 class PairData:
-    """Training items: one image each, with the texts that describe it (any one is a positive)."""
+    """Training items: one image each, with the texts that describe it (any one is a positive).
+
+    `groups` (optional, one label per item): items that are hard to tell apart; with
+    `TrainConfig.group_batches` they meet in one batch, so each is the others' negative.
+    `weights` (optional, one per item, > 0): how much each item's loss terms count, e.g. the
+    inverse-propensity weight of a click; the loss is the weighted mean over the batch.
+    """
 
     item_ids: list[str]
     images: list[ImageSource]
     texts: list[list[str]]
+    groups: list[str] | None = None
+    weights: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.item_ids) == len(self.images) == len(self.texts)):
             raise TrainingError("item_ids, images and texts must have the same length")
+        if self.groups is not None and len(self.groups) != len(self.item_ids):
+            raise TrainingError("groups must have one label per item")
+        if self.weights is not None and (
+            len(self.weights) != len(self.item_ids) or not all(math.isfinite(w) and w > 0 for w in self.weights)
+        ):
+            raise TrainingError("weights must be one finite positive number per item")
         if len(self.item_ids) < 2:
             raise TrainingError(f"contrastive training needs at least 2 items, got {len(self.item_ids)}")
         empty = [i for i, t in zip(self.item_ids, self.texts) if not t]
@@ -99,6 +116,9 @@ class PairData:
                 image if isinstance(image, bytes) else image.tobytes()
             ).hexdigest()
             h.update(json.dumps([item_id, str(ref), texts]).encode())
+        for extra in (self.groups, self.weights):
+            if extra is not None:
+                h.update(json.dumps(extra).encode())
         return h.hexdigest()[:16]
 
 
@@ -301,12 +321,14 @@ def _text_parameters(model):
 # ---- the loop
 
 
-def contrastive_loss(image_features, text_features, logit_scale, text_ids):
+def contrastive_loss(image_features, text_features, logit_scale, text_ids, weights=None):
     """Symmetric InfoNCE over B images and their B x K sampled texts (text_ids: B x K).
 
     A text is a positive of its own image and of every image that drew the identical text: two
-    products both described as "flag" are not each other's negatives.
+    products both described as "flag" are not each other's negatives. `weights` (B): per-item
+    weights of the loss terms (an item's texts carry its weight); None weighs all alike.
     """
+    import torch
     import torch.nn.functional as F
 
     b, k = text_ids.shape
@@ -315,9 +337,15 @@ def contrastive_loss(image_features, text_features, logit_scale, text_ids):
     logits = logit_scale * image_features @ text_features.T  # B x BK
     flat = text_ids.reshape(-1)
     positive = (text_ids[:, :, None] == flat[None, None, :]).any(dim=1).float()  # B x BK, own texts included
-    image_loss = -(positive / positive.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    if weights is None:
+        weights = torch.ones(b, device=logits.device)
+    weights = weights.float()
+    image_terms = -(positive / positive.sum(1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(1)
     text_targets = positive.T / positive.T.sum(1, keepdim=True)
-    text_loss = -(text_targets * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    text_terms = -(text_targets * F.log_softmax(logits.T, dim=1)).sum(1)
+    text_weights = weights.repeat_interleave(k)
+    image_loss = (image_terms * weights).sum() / weights.sum()
+    text_loss = (text_terms * text_weights).sum() / text_weights.sum()
     return (image_loss + text_loss) / 2
 
 
@@ -378,6 +406,7 @@ def train_contrastive(
     position = {t: i for i, t in enumerate(distinct)}
     choices = [torch.tensor([position[t] for t in texts]) for texts in data.texts]
     text_side = TextFeatures(model, tokenizer, distinct, device)
+    item_weights = None if data.weights is None else torch.tensor(data.weights, dtype=torch.float32)
 
     n = len(data.item_ids)
     batch_size = min(config.batch_size, n)
@@ -416,7 +445,7 @@ def train_contrastive(
     while step < stop_at:
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0 or order is None:
-            order, losses = torch.randperm(n, generator=generator), []
+            order, losses = _epoch_order(n, data.groups if config.group_batches else None, generator), []
         for b in range(step % steps_per_epoch, steps_per_epoch):
             if step >= stop_at:
                 break
@@ -434,7 +463,8 @@ def train_contrastive(
                 image_features = model.encode_image(images)
                 text_features = text_side(picks.reshape(-1))
                 scale = model.logit_scale.exp().clamp(max=100)
-                loss = contrastive_loss(image_features, text_features, scale, picks.to(device))
+                batch_weights = None if item_weights is None else item_weights[idx].to(device)
+                loss = contrastive_loss(image_features, text_features, scale, picks.to(device), batch_weights)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -476,6 +506,21 @@ def train_contrastive(
                "steps_per_epoch": steps_per_epoch, "trainable_parameters": _count(model, trainable),
                "text_features_cached": text_side.cached is not None, "image_store_size": store_size},
     )
+
+
+def _epoch_order(n: int, groups: list[str] | None, generator):
+    """A random permutation of the items; with groups, each group's items stay next to each other
+    (so they share a batch unless a batch boundary cuts the group) and the groups come in random order."""
+    import torch
+
+    order = torch.randperm(n, generator=generator)
+    if groups is None:
+        return order
+    members: dict[str, list[int]] = {}
+    for i in order.tolist():
+        members.setdefault(groups[i], []).append(i)
+    runs = list(members.values())
+    return torch.tensor([i for g in torch.randperm(len(runs), generator=generator).tolist() for i in runs[g]])
 
 
 def _temperature(model) -> float:

@@ -34,7 +34,8 @@ def write_model_version(
     model,
     *,
     arch: str,
-    config_file: Path,
+    config_file: Path | None = None,
+    config: dict | None = None,
     info: dict,
     store: Store | None = None,
     parent: str | None = None,
@@ -50,7 +51,12 @@ def write_model_version(
     try:
         torch.save(model.state_dict(), tmp / CHECKPOINT_FILE)
         config_name = f"{arch}.json"
-        shutil.copyfile(config_file, tmp / config_name)
+        if config_file is not None:
+            shutil.copyfile(config_file, tmp / config_name)
+        elif config is not None:
+            (tmp / config_name).write_text(json.dumps(config, indent=2))
+        else:
+            raise ValueError("give the open_clip config as config_file or config")
         meta = {
             "model_version": version,
             "arch": arch,
@@ -87,3 +93,22 @@ def _embed_dim(model) -> int:
         dim = model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device)).shape[-1]
         model.train(was_training)
         return dim
+
+
+def activate_version(store: Store, version: str):
+    """Serve `version`: an index version, or a model version (its newest index version). One transaction.
+
+    This is rollback and roll-forward alike; running servers swap on their next query.
+    """
+    from store import UnknownVersionError
+
+    if store.get_index_version(version) is not None:
+        return store.activate_index_version(version)
+    if store.get_model_version(version) is None:
+        raise UnknownVersionError(f"no model or index version named {version!r}")
+    built = [v for v in store.list_index_versions() if v.model_version == version]
+    if not built:
+        raise UnknownVersionError(
+            f"model version {version!r} has no index version yet: build one with `prism index --model {version}`"
+        )
+    return store.activate_index_version(built[-1].index_version)

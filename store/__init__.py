@@ -3,29 +3,37 @@
 from store.db import ConflictError, Store, StoreError, UnknownVersionError, migrate
 from store.records import (
     CatalogChangeRecord,
+    EventInput,
     ImageState,
     IndexableProduct,
     IndexVersionRecord,
+    LoggedEvent,
     ModelVersionRecord,
     ProductFilter,
     ProductInput,
     ProductRecord,
     ProductVectors,
+    SearchContext,
+    TrainingRunRecord,
 )
 
 __all__ = [
     "CatalogChangeRecord",
+    "EventInput",
     "ConflictError",
     "ImageState",
     "IndexVersionRecord",
     "IndexableProduct",
+    "LoggedEvent",
     "ModelVersionRecord",
     "ProductFilter",
     "ProductInput",
     "ProductRecord",
     "ProductVectors",
+    "SearchContext",
     "Store",
     "StoreError",
+    "TrainingRunRecord",
     "UnknownVersionError",
     "migrate",
 ]

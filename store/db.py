@@ -13,17 +13,21 @@ from sqlalchemy import Engine, bindparam, create_engine, event, func, select, te
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.models import CatalogChange, IndexVersion, ModelVersion, Product, SearchLog, utcnow
+from store.models import CatalogChange, Event, IndexVersion, ModelVersion, Product, SearchLog, TrainingRun, utcnow
 from store.records import (
     CatalogChangeRecord,
+    EventInput,
     ImageState,
     IndexableProduct,
     IndexVersionRecord,
+    LoggedEvent,
     ModelVersionRecord,
     ProductFilter,
     ProductInput,
     ProductRecord,
     ProductVectors,
+    SearchContext,
+    TrainingRunRecord,
 )
 
 log = logging.getLogger(__name__)
@@ -493,3 +497,131 @@ class Store:
             if r is None:
                 return None
             return {c.name: getattr(r, c.name) for c in SearchLog.__table__.columns}
+
+    def searches_by_ids(self, query_ids: Iterable[str]) -> dict[str, SearchContext]:
+        wanted = list(dict.fromkeys(query_ids))
+        out: dict[str, SearchContext] = {}
+        with self.session() as s:
+            for chunk in _chunks(wanted):
+                for r in s.scalars(select(SearchLog).where(SearchLog.query_id.in_(chunk))):
+                    out[r.query_id] = _search_context(r)
+        return out
+
+    def searches_between(self, start: datetime | None, end: datetime | None) -> list[SearchContext]:
+        with self.session() as s:
+            q = select(SearchLog).order_by(SearchLog.ts)
+            if start is not None:
+                q = q.where(SearchLog.ts >= start)
+            if end is not None:
+                q = q.where(SearchLog.ts < end)
+            return [_search_context(r) for r in s.scalars(q)]
+
+    def prune_search_log(self, before: datetime) -> int:
+        """Forget searches older than `before` together with their events; returns searches removed."""
+        with self.session() as s, s.begin():
+            old = select(SearchLog.query_id).where(SearchLog.ts < before).scalar_subquery()
+            s.execute(Event.__table__.delete().where(Event.query_id.in_(old)))
+            return s.execute(SearchLog.__table__.delete().where(SearchLog.ts < before)).rowcount or 0
+
+    # ---------------------------------------------------------------- events
+
+    def add_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
+        """Store a batch in one transaction; an event_id already stored is skipped, not doubled.
+
+        Returns (stored, duplicates). When this returns, the batch is committed.
+        """
+        for attempt in range(3):
+            try:
+                with self.session() as s, s.begin():
+                    ids = [e.event_id for e in events]
+                    seen: set[str] = set()
+                    for chunk in _chunks(ids):
+                        seen.update(s.scalars(select(Event.event_id).where(Event.event_id.in_(chunk))))
+                    now = utcnow()
+                    stored = 0
+                    for e in events:
+                        if e.event_id in seen:
+                            continue
+                        seen.add(e.event_id)
+                        s.add(Event(event_id=e.event_id, type=e.type, query_id=e.query_id, product_id=e.product_id,
+                                    position=e.position, ts=e.ts, received_at=now))
+                        stored += 1
+                return stored, len(events) - stored
+            except IntegrityError:
+                # a concurrent retry of the same batch committed first: the next pass sees its ids
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def count_events(self) -> dict[str, int]:
+        with self.session() as s:
+            rows = s.execute(select(Event.type, func.count()).group_by(Event.type)).all()
+        return {t: int(n) for t, n in rows}
+
+    def events_between(self, start: datetime | None, end: datetime | None) -> list[LoggedEvent]:
+        """Events whose *search* happened in [start, end), joined to it, in time order."""
+        with self.session() as s:
+            q = select(Event, SearchLog).join(SearchLog, Event.query_id == SearchLog.query_id)
+            if start is not None:
+                q = q.where(SearchLog.ts >= start)
+            if end is not None:
+                q = q.where(SearchLog.ts < end)
+            q = q.order_by(SearchLog.ts, Event.ts, Event.id)
+            return [
+                LoggedEvent(e.event_id, e.type, e.query_id, e.product_id, e.position, _as_utc(e.ts), _search_context(r))
+                for e, r in s.execute(q).tuples()
+            ]
+
+    def event_time_range(self) -> tuple[datetime | None, datetime | None]:
+        with self.session() as s:
+            low, high = s.execute(
+                select(func.min(SearchLog.ts), func.max(SearchLog.ts))
+                .join(Event, Event.query_id == SearchLog.query_id)
+            ).one()
+        return _as_utc(low), _as_utc(high)
+
+    # ---------------------------------------------------------------- training runs
+
+    def start_training_run(self, *, serving_model_version: str | None, data_window: dict) -> TrainingRunRecord:
+        with self.session() as s, s.begin():
+            run = TrainingRun(status="running", serving_model_version=serving_model_version, data_window=data_window,
+                              metrics={})
+            s.add(run)
+            s.flush()
+            return _to_record(TrainingRunRecord, run)
+
+    def finish_training_run(
+        self, run_id: int, *, status: str, decision: str | None, metrics: dict,
+        candidate_model_version: str | None = None, data_window: dict | None = None,
+    ) -> TrainingRunRecord:
+        with self.session() as s, s.begin():
+            run = s.get(TrainingRun, run_id)
+            if run is None:
+                raise StoreError(f"no training run {run_id}")
+            run.status, run.decision, run.metrics = status, decision, metrics
+            run.candidate_model_version = candidate_model_version
+            if data_window is not None:
+                run.data_window = data_window
+            run.finished_at = utcnow()
+            return _to_record(TrainingRunRecord, run)
+
+    def list_training_runs(self, limit: int = 50) -> list[TrainingRunRecord]:
+        with self.session() as s:
+            q = select(TrainingRun).order_by(TrainingRun.id.desc()).limit(limit)
+            return [_to_record(TrainingRunRecord, r) for r in s.scalars(q)]
+
+    def abandon_running_training_runs(self, reason: str) -> int:
+        """Runs still marked running when no run can be (the job lock is free): they died half-way."""
+        with self.session() as s, s.begin():
+            return s.execute(
+                update(TrainingRun).where(TrainingRun.status == "running")
+                .values(status="failed", decision="none", finished_at=utcnow(), metrics={"error": reason})
+            ).rowcount or 0
+
+
+def _search_context(r: SearchLog) -> SearchContext:
+    return SearchContext(
+        query_id=r.query_id, query_text=r.query_text, image_hash=r.image_hash, query_product_id=r.query_product_id,
+        target=r.target, offset=r.offset, result_ids=list(r.result_ids or []), model_version=r.model_version,
+        ts=_as_utc(r.ts),
+    )

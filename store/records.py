@@ -128,3 +128,56 @@ class CatalogChangeRecord:
     image_hash: str | None
     image_vector: np.ndarray | None
     ts: datetime
+
+
+@dataclass(frozen=True)
+class EventInput:
+    """One impression or click as a client reports it; validated by feedback before it gets here."""
+
+    event_id: str
+    type: str  # impression | click
+    query_id: str
+    product_id: str
+    position: int
+    ts: datetime
+
+
+@dataclass(frozen=True)
+class SearchContext:
+    """What the search log knows about a query_id: enough to validate and mine its events."""
+
+    query_id: str
+    query_text: str | None
+    image_hash: str | None
+    query_product_id: str | None
+    target: str
+    offset: int
+    result_ids: list
+    model_version: str
+    ts: datetime
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event joined to its search: the unit pair mining reads."""
+
+    event_id: str | None
+    type: str
+    query_id: str
+    product_id: str
+    position: int
+    ts: datetime
+    search: SearchContext
+
+
+@dataclass(frozen=True)
+class TrainingRunRecord:
+    id: int
+    started_at: datetime
+    finished_at: datetime | None
+    status: str
+    serving_model_version: str | None
+    candidate_model_version: str | None
+    data_window: dict
+    metrics: dict
+    decision: str | None

@@ -57,6 +57,20 @@ def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder):
     return build
 
 
+@pytest.fixture(scope="session")
+def small_demo_home(tmp_path_factory):
+    """`prism demo --no-serve` on 150 OpenMoji products, 60 one-batch epochs, as a user runs it.
+
+    Returns (home, env, the first run's process). Tests that change the home work on a copy.
+    """
+    from prism_cli import run_prism
+
+    home = tmp_path_factory.mktemp("demo-home")
+    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_THREADS": "2"}
+    first = run_prism(["demo", "--no-serve", "--limit", "150", "--epochs", "60"], env)
+    return home, env, first
+
+
 def png_bomb(width: int, height: int) -> bytes:
     """A valid 1-bit PNG of width x height whose compressed size is tiny: a decompression bomb."""
     import struct

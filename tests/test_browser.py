@@ -154,3 +154,28 @@ def test_errors_are_shown_not_swallowed(page, bad_images, tmp_path):
     expect(page.locator("#status")).to_contain_text("Search failed: unusable image (broken)")
     expect(page.locator("#status")).to_have_class("error")
     expect(page.locator("#results > li")).to_have_count(0)
+
+
+def test_the_page_reports_impressions_and_the_click_it_opens(page, server):
+    import httpx
+    from playwright.sync_api import expect
+
+    with page.expect_response(lambda r: r.url.endswith("/v1/events")) as shown:
+        page.fill("#q", "green shoe")
+        page.press("#q", "Enter")
+    assert shown.value.status == 200 and shown.value.json() == {"stored": 24, "duplicates": 0}
+    impressions = shown.value.request.post_data_json
+    assert [e["type"] for e in impressions] == ["impression"] * 24
+    assert [e["position"] for e in impressions] == list(range(1, 25))
+    assert impressions[2]["product_id"] == _result_ids(page)[2]
+
+    with page.expect_response(lambda r: r.url.endswith("/v1/events")) as clicked:
+        page.locator("#results > li .open").nth(2).click()
+    expect(page.locator("#detail")).to_be_visible()
+    assert clicked.value.status == 200 and clicked.value.json()["stored"] == 1
+    (click,) = clicked.value.request.post_data_json
+    assert click["type"] == "click" and click["position"] == 3 and click["product_id"] == _result_ids(page)[2]
+    assert click["query_id"] == impressions[0]["query_id"]
+    # the server checked it against the search log: the same click with a made-up position is refused
+    bad = httpx.post(server + "/v1/events", json=[{**click, "event_id": "x-1", "position": 7}])
+    assert bad.status_code == 422 and "served at position 3" in bad.json()["detail"]

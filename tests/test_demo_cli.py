@@ -17,27 +17,24 @@ def _run(args, env, check=True):
 
 
 @pytest.fixture(scope="module")
-def demo_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("demo-home")
-    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_THREADS": "2"}
-    first = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "3"], env)
-    return home, env, first
+def demo_home(small_demo_home):
+    return small_demo_home
 
 
 def test_demo_builds_trains_indexes_and_reuses(demo_home):
     home, env, first = demo_home
     assert "demo model (trained in" in first.stderr and "CC BY-SA 4.0" in first.stderr
     meta = json.loads((home / "models" / "demo" / "model.json").read_text())
-    assert meta["arch"] == "prism-demo-minilm" and meta["hyper_parameters"]["epochs"] == 3
-    assert meta["training"]["epochs_done"] == 3 and set(meta["metrics"]) <= {"test", "full"}
+    assert meta["arch"] == "prism-demo-minilm" and meta["hyper_parameters"]["epochs"] == 60
+    assert meta["training"]["epochs_done"] == 60 and set(meta["metrics"]) <= {"test", "full"}
     assert not (home / "models" / ".training" / "demo").exists()  # the resume checkpoint is gone once written
     listing = json.loads(_run(["models", "list", "--json"], env).stdout)
     assert [m["model_version"] for m in listing["models"]] == ["demo"]
     assert [v["model_version"] for v in listing["indexes"] if v["active"]] == ["demo"]
 
-    again = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "3"], env)
+    again = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "60"], env)
     assert "demo model (reused)" in again.stderr
-    other = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "4"], env, check=False)
+    other = _run(["demo", "--no-serve", "--limit", "150", "--epochs", "61"], env, check=False)
     assert other.returncode == 2 and "immutable" in other.stderr and "Traceback" not in other.stderr
 
 

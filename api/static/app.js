@@ -92,6 +92,38 @@ async function search(offset = 0) {
   }
 }
 
+// ---------------------------------------------------------------- feedback events
+
+function eventId() {
+  // crypto.randomUUID exists only in secure contexts; getRandomValues works on plain http too.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// Fire and forget, but not lost on a hiccup: one retry with the same event ids, which the server
+// counts once. `keepalive` lets a click report outlive a page that navigates away.
+async function sendEvents(events, retries = 1) {
+  if (!events.length) return;
+  try {
+    const response = await fetch("/v1/events", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(events),
+      keepalive: true,
+    });
+    if (response.status >= 500 && retries > 0) throw new Error(`${response.status}`);
+  } catch (_) {
+    if (retries > 0) setTimeout(() => sendEvents(events, retries - 1), 1000);
+  }
+}
+
+function feedbackEvent(type, queryId, hit) {
+  return {
+    event_id: eventId(), type, query_id: queryId, product_id: hit.product_id,
+    position: hit.rank, ts: new Date().toISOString(),
+  };
+}
+
 // ---------------------------------------------------------------- rendering
 
 function setStatus(text, isError = false) {
@@ -132,11 +164,12 @@ function render(result) {
     card.querySelector(".title").textContent = hit.title;
     card.querySelector(".price").textContent = formatPrice(hit);
     card.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
-    card.querySelector(".open").addEventListener("click", () => openResult(hit, result.query_id, index + 1));
+    card.querySelector(".open").addEventListener("click", () => openResult(hit, result.query_id));
     card.querySelector(".similar").addEventListener("click", () => searchSimilar(hit));
     card.querySelector(".similar").setAttribute("aria-label", `Find products similar to ${hit.title}`);
     list.append(card);
   });
+  sendEvents(result.results.map((hit) => feedbackEvent("impression", result.query_id, hit)));
 
   const first = result.offset + 1;
   const last = result.offset + result.results.length;
@@ -160,12 +193,12 @@ function renderError(message) {
   setStatus(`Search failed: ${message}`, true);
 }
 
-// Every activation of a result goes through here: the one place where a click event is reported
-// (with result.query_id and the 1-based position) once the events API exists.
-function openResult(hit, queryId, position) {
+// Every activation of a result goes through here: the one place where a click is reported.
+function openResult(hit, queryId) {
+  sendEvents([feedbackEvent("click", queryId, hit)]);
   const dialog = $("detail");
   dialog.dataset.queryId = queryId;
-  dialog.dataset.position = position;
+  dialog.dataset.position = hit.rank;
   const img = $("detail-image");
   img.hidden = !hit.image_url;
   if (hit.image_url) {

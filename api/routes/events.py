@@ -1,0 +1,40 @@
+"""Feedback routes: impressions and clicks that refer to a served query."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.routes.common import ERRORS
+from api.schemas import EventBatch, EventsRejected, EventsStored
+from api.services import ServicesDep
+from feedback import EventBatchError, record_events
+from store import EventInput
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+
+
+@router.post(
+    "/events",
+    response_model=EventsStored,
+    responses={422: {"model": EventsRejected, "description": "invalid events, each named; nothing was stored"},
+               413: ERRORS[413]},
+    summary="Report impressions and clicks",
+)
+def post_events(events: EventBatch, services: ServicesDep):
+    """Store a batch of events atomically; the answer comes after the commit.
+
+    Each event names the `query_id` of a search, a product that search returned and the position
+    it was served at. A batch with any invalid event is refused whole, with every problem listed.
+    Sending the same `event_id` again (a retry) is safe: it is counted once.
+    """
+    batch = [EventInput(e.event_id, e.type, e.query_id, e.product_id, e.position, e.ts) for e in events]
+    try:
+        outcome = record_events(services.store, batch)
+    except EventBatchError as exc:
+        body = EventsRejected(detail=f"{exc}: " + "; ".join(f"[{p['index']}] {p['error']}" for p in exc.problems[:5]),
+                              problems=exc.problems)
+        return JSONResponse(body.model_dump(), status_code=422)
+    services.metrics.events.labels("stored").inc(outcome.stored)
+    services.metrics.events.labels("duplicate").inc(outcome.duplicates)
+    return EventsStored(stored=outcome.stored, duplicates=outcome.duplicates)

@@ -1,0 +1,333 @@
+"""The nightly job: mine clicks, fine-tune the serving model, gate it on later clicks, promote.
+
+One run, start to end:
+
+1. take the job lock (two runs never overlap) and mark runs that died half-way as failed;
+2. read the events of the last `window_days`, split them by time: the earlier searches train,
+   the later `holdout_fraction` of them judge;
+3. mine weighted click pairs from the earlier slice (`feedback.pairs`) and mix them with
+   catalog (title, image) pairs, so the model keeps what it knew about the whole catalog;
+4. fine-tune a copy of the serving model with Prism's trainer (checkpointed; resumable);
+5. gate: score the candidate and the serving model on the later clicks (recall@10, MRR,
+   nDCG@10 of the clicked products for the logged queries) and on catalog self-retrieval
+   (title -> image recall@10). Promote only if the candidate's MRR wins by `min_mrr_gain` and
+   its catalog recall@10 drops by at most `max_catalog_recall_drop`;
+6. promote: write the model version, re-embed the catalog with it, build an index version and
+   activate it in one transaction. Servers swap to it on their next query; the old version
+   stays on disk and in SQL for `prism models activate` (rollback).
+
+Every run, whatever its outcome, is a `training_runs` row. Nothing the serving version needs is
+touched before the final activation, so a run killed at any point leaves serving as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+from embedder import ModelSpecError, load_embedder, load_trainable, wrap_open_clip
+from feedback.evaluate import embed_images, ndcg_at, rank_metrics
+from feedback.pairs import ClickPair, MiningConfig, mine_pairs, normalise_query, split_by_time
+from feedback.schedule import job_lock
+from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
+from feedback.versions import training_workdir, write_model_version
+from indexer import CatalogIndexer, IndexOptions, product_text
+from store import ProductRecord, Store
+
+log = logging.getLogger(__name__)
+
+# A fine-tune nudges a working model: few epochs, a small learning rate, look-alikes in one batch.
+FINETUNE_TRAIN = TrainConfig(
+    epochs=6,
+    batch_size=128,
+    lr=3e-4,
+    weight_decay=0.05,
+    warmup_steps=5,
+    texts_per_image=1,
+    group_batches=True,
+    max_rotation_deg=4.0,
+    seed=0,
+)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    holdout_fraction: float = 0.2  # the latest share of clicked searches, kept out of training
+    min_mrr_gain: float = 0.01  # absolute MRR on later clicks the candidate must add
+    max_catalog_recall_drop: float = 0.01  # catalog title->image recall@10 it may lose
+    catalog_queries: int = 5000  # catalog self-retrieval: a seeded sample of titles
+    gallery_max: int = 50_000  # images ranked per query: clicked and query products, then a sample
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    window_days: float = 30.0
+    mining: MiningConfig = MiningConfig()
+    gate: GateConfig = GateConfig()
+    train: TrainConfig = FINETUNE_TRAIN
+    catalog_mix: float = 0.5  # share of training items that are catalog (title, image) pairs
+    min_pairs: int = 10  # fewer mined pairs than this: no training, the run is skipped
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RetrainError(RuntimeError):
+    """The job cannot run (nothing serving, a model Prism cannot fine-tune, ...)."""
+
+
+@dataclass
+class RetrainOutcome:
+    run_id: int
+    status: str  # succeeded | skipped | failed
+    decision: str  # promoted | rejected | none
+    serving_model_version: str | None
+    candidate_model_version: str | None = None
+    index_version: str | None = None
+    metrics: dict = field(default_factory=dict)
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClickQuery:
+    """A logged query of the later slice and the products its shoppers clicked."""
+
+    kind: str  # text | product
+    query: str
+    relevant: frozenset[str]
+
+
+def run_retrain(
+    store: Store,
+    *,
+    home: Path,
+    config: RetrainConfig = RetrainConfig(),
+    index_options: IndexOptions = IndexOptions(),
+    device: str = "cpu",
+    now: datetime | None = None,
+    progress: TrainProgress | None = None,
+) -> RetrainOutcome:
+    """Run the job once. Raises `RetrainBusyError` (from feedback.schedule) if a run is under way."""
+    home = Path(home)
+    with job_lock(home):
+        abandoned = store.abandon_running_training_runs("the run stopped before finishing (killed or crashed)")
+        if abandoned:
+            log.warning("marked %d unfinished training run(s) as failed", abandoned)
+        # Their half-trained checkpoints cannot be resumed: the next run mines another window.
+        for stale in (home / "models" / ".training").glob("ft-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        active = store.active_index_version()
+        if active is None:
+            raise RetrainError("no index version is serving: index a catalog first")
+        now = now or datetime.now(timezone.utc)
+        window = {"start": (now - timedelta(days=config.window_days)).isoformat(), "end": now.isoformat()}
+        run = store.start_training_run(serving_model_version=active.model_version, data_window=window)
+        try:
+            outcome = _run(store, home, run.id, active.model_version, config, index_options, device, now, window,
+                           progress or SilentProgress())
+        except BaseException as exc:
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            store.finish_training_run(run.id, status="failed", decision="none", metrics={"error": reason})
+            raise
+        store.finish_training_run(
+            run.id, status=outcome.status, decision=outcome.decision,
+            metrics={**outcome.metrics, **({"reason": outcome.reason} if outcome.reason else {})},
+            candidate_model_version=outcome.candidate_model_version, data_window=outcome.metrics.get("data_window"),
+        )
+        return outcome
+
+
+def _run(store, home, run_id, serving, config, index_options, device, now, window, progress) -> RetrainOutcome:
+    models_dir = home / "models"
+    events = store.events_between(now - timedelta(days=config.window_days), now)
+    train_events, later_events, cut = split_by_time(events, config.gate.holdout_fraction)
+    data_window = {**window, "split": cut.isoformat() if cut else None}
+    mined = mine_pairs(train_events, config.mining)
+    later = click_queries(mine_pairs(later_events, replace(config.mining, min_clicks=1, hard_negatives_per_pair=0)).pairs)
+    metrics: dict = {"data_window": data_window, "mining": mined.stats, "later_queries": len(later),
+                     "config": config.to_dict()}
+
+    def skipped(reason: str) -> RetrainOutcome:
+        log.info("retrain skipped: %s", reason)
+        return RetrainOutcome(run_id, "skipped", "none", serving, metrics=metrics, reason=reason)
+
+    if len(mined.pairs) < config.min_pairs:
+        return skipped(f"{len(mined.pairs)} click pairs mined, fewer than min_pairs={config.min_pairs}")
+    if not later:
+        return skipped("no later clicks to judge a candidate on")
+
+    record = store.get_model_version(serving)
+    spec = record.spec if record is not None else serving
+    try:
+        base = load_trainable(spec, device=device, models_dir=models_dir)
+    except ModelSpecError as exc:
+        raise RetrainError(f"cannot fine-tune the serving model {serving!r}: {exc}") from exc
+    products = {p.product_id: p for p in store.live_products() if p.image_status == "ok" and p.image_uri}
+    data, mix = _training_data(mined.pairs, products, store, config)
+    metrics["training_items"] = mix
+    candidate = f"ft-{now:%Y%m%d-%H%M%S}"
+    workdir = training_workdir(models_dir, candidate)
+    train_config = replace(config.train, lock_text=_text_locked(base))
+    result = train_contrastive(base.model, base.tokenizer, data, train_config, workdir=workdir, device=device,
+                               progress=progress)
+    metrics["training"] = {k: v for k, v in result.to_dict().items() if k != "epoch_losses"} | {
+        "epoch_losses": result.epoch_losses}
+
+    serving_embedder = load_embedder(spec, device=device, models_dir=models_dir)
+    candidate_embedder = wrap_open_clip(base.model, base.preprocess, base.tokenizer, name=candidate, device=device)
+    gate = gate_candidate(serving_embedder, candidate_embedder, later, products, config)
+    metrics["gate"] = gate
+    if not gate["promote"]:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return RetrainOutcome(run_id, "succeeded", "rejected", serving, candidate, metrics=metrics, reason=gate["why"])
+
+    info = {
+        "base": {"parent": serving, "arch": base.arch},
+        "data": {"window": data_window, "pairs": len(mined.pairs), "items": mix},
+        "hyper_parameters": asdict(train_config),
+        "training": metrics["training"],
+        "metrics": {"gate": gate},
+        "training_run": run_id,
+    }
+    write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
+                        store=store, parent=serving)
+    shutil.rmtree(workdir, ignore_errors=True)
+    # The index is built from the saved version (what servers will load), then activated at once.
+    embedder = load_embedder(candidate, device=device, models_dir=models_dir)
+    summary = CatalogIndexer(home=home, store=store, embedder=embedder,
+                             options=replace(index_options, activate=False)).run(None)
+    store.activate_index_version(summary.index_version)
+    log.info("promoted %s (index version %s)", candidate, summary.index_version)
+    return RetrainOutcome(run_id, "succeeded", "promoted", serving, candidate, summary.index_version, metrics)
+
+
+def _text_locked(base) -> bool:
+    """Keep the text trunk as the serving model had it: a LiT-style model's text stays locked."""
+    text = getattr(base.model, "text", None)
+    return bool(text is not None and base.config.get("text_cfg", {}).get("hf_model_name"))
+
+
+def click_queries(pairs: list[ClickPair]) -> list[ClickQuery]:
+    relevant: dict[tuple[str, str], set[str]] = {}
+    for p in pairs:
+        relevant.setdefault((p.kind, p.query), set()).add(p.product_id)
+    return [ClickQuery(kind, query, frozenset(ids)) for (kind, query), ids in sorted(relevant.items())]
+
+
+def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], store: Store, config: RetrainConfig):
+    """Click items (the query's words on the clicked image), their hard negatives, and catalog anchors.
+
+    A "more like this" click becomes (clicked image, the query product's text): the query
+    product's own catalog item ties that text to its image, so the two images are pulled together.
+    Items that share a query share a group, so with `group_batches` skipped results are in-batch
+    negatives of the clicked one.
+    """
+    ids, images, texts, groups, weights = [], [], [], [], []
+    usable = [p for p in pairs if p.product_id in products and (p.kind == "text" or p.query in products)]
+    mean_weight = float(np.mean([p.weight for p in usable])) if usable else 1.0
+    for n, pair in enumerate(usable):
+        query_text = pair.query if pair.kind == "text" else product_text(products[pair.query])
+        group = f"{pair.kind}:{pair.query}"
+        clicked = products[pair.product_id]
+        ids.append(f"click:{n}:{clicked.product_id}")
+        images.append(clicked.image_uri)
+        texts.append([query_text])
+        groups.append(group)
+        weights.append(pair.weight / mean_weight)
+        for neg_id in pair.hard_negatives:
+            neg = products.get(neg_id)
+            if neg is None:
+                continue
+            ids.append(f"negative:{n}:{neg_id}")
+            images.append(neg.image_uri)
+            texts.append([product_text(neg)])
+            groups.append(group)
+            weights.append(1.0)
+    clicks = len(ids)
+    mix = min(max(config.catalog_mix, 0.0), 0.95)
+    want = round(clicks * mix / (1 - mix)) if mix else 0
+    pool = sorted(products)
+    anchors = random.Random(config.seed).sample(pool, min(want, len(pool)))
+    for product_id in anchors:
+        p = products[product_id]
+        ids.append(f"catalog:{product_id}")
+        images.append(p.image_uri)
+        texts.append(list(dict.fromkeys([p.title, product_text(p)])))
+        groups.append(f"catalog:{product_id}")
+        weights.append(1.0)
+    data = PairData(item_ids=ids, images=images, texts=texts, groups=groups, weights=weights)
+    return data, {"click_items": clicks, "catalog_items": len(anchors), "click_pairs_used": len(usable)}
+
+
+def gate_candidate(serving, candidate, later: list[ClickQuery], products: dict[str, ProductRecord], config: RetrainConfig) -> dict:
+    """Score both embedders on the later clicks and on catalog self-retrieval; decide promotion."""
+    gate = config.gate
+    rng = random.Random(config.seed)
+    needed = {pid for q in later for pid in q.relevant} | {q.query for q in later if q.kind == "product"}
+    rest = sorted(set(products) - needed)
+    gallery_ids = sorted(needed & set(products)) + rng.sample(rest, max(0, min(len(rest), gate.gallery_max - len(needed))))
+    catalog_sample = rng.sample(gallery_ids, min(gate.catalog_queries, len(gallery_ids)))
+    scores = {}
+    for name, embedder in (("serving", serving), ("candidate", candidate)):
+        vectors = embed_images(embedder, [products[pid].image_uri for pid in gallery_ids], batch_size=256)
+        scores[name] = {
+            "later_clicks": _score_later(embedder, later, gallery_ids, vectors),
+            "catalog": _score_catalog(embedder, catalog_sample, products, gallery_ids, vectors),
+        }
+    s, c = scores["serving"], scores["candidate"]
+    mrr_gain = round(c["later_clicks"]["mrr"] - s["later_clicks"]["mrr"], 4)
+    recall_drop = round(s["catalog"]["recall@10"] - c["catalog"]["recall@10"], 4)
+    promote = mrr_gain >= gate.min_mrr_gain and recall_drop <= gate.max_catalog_recall_drop
+    if promote:
+        why = f"MRR on later clicks +{mrr_gain:.4f}; catalog recall@10 change {-recall_drop:+.4f}"
+    elif mrr_gain < gate.min_mrr_gain:
+        why = f"MRR on later clicks changed by {mrr_gain:+.4f}, less than the required +{gate.min_mrr_gain}"
+    else:
+        why = f"catalog recall@10 dropped by {recall_drop:.4f}, more than the allowed {gate.max_catalog_recall_drop}"
+    return {"serving": s, "candidate": c, "mrr_gain": mrr_gain, "catalog_recall_drop": recall_drop,
+            "gallery": len(gallery_ids), "promote": promote, "why": why}
+
+
+def _score_later(embedder, later: list[ClickQuery], gallery_ids: list[str], gallery: np.ndarray) -> dict:
+    position = {pid: i for i, pid in enumerate(gallery_ids)}
+    usable = [q for q in later if (q.kind == "text" or q.query in position) and any(p in position for p in q.relevant)]
+    if not usable:
+        return {"queries": 0, "recall@10": 0.0, "mrr": 0.0, "ndcg@10": 0.0}
+    text_queries = [q for q in usable if q.kind == "text"]
+    vectors = {}
+    if text_queries:
+        for q, v in zip(text_queries, embedder.encode_texts([q.query for q in text_queries])):
+            vectors[q] = v
+    for q in usable:
+        if q.kind == "product":
+            vectors[q] = gallery[position[q.query]]
+    query_matrix = np.stack([vectors[q] for q in usable])
+    similarity = query_matrix @ gallery.T
+    relevant = np.zeros_like(similarity, dtype=bool)
+    for i, q in enumerate(usable):
+        for pid in q.relevant:
+            if pid in position:
+                relevant[i, position[pid]] = True
+        if q.kind == "product":
+            similarity[i, position[q.query]] = -np.inf  # the query product itself is not an answer
+    ranks = rank_metrics(similarity, relevant, ks=(10,))
+    return {"queries": len(usable), "recall@10": ranks.at(10), "mrr": ranks.mrr, "ndcg@10": ndcg_at(similarity, relevant)}
+
+
+def _score_catalog(embedder, sample: list[str], products, gallery_ids: list[str], gallery: np.ndarray) -> dict:
+    titles = [normalise_query(products[pid].title) for pid in sample]
+    gallery_titles = np.asarray([normalise_query(products[pid].title) for pid in gallery_ids])
+    relevant = np.asarray(titles)[:, None] == gallery_titles[None, :]
+    similarity = embedder.encode_texts([products[pid].title for pid in sample]) @ gallery.T
+    ranks = rank_metrics(similarity, relevant, ks=(1, 10))
+    return {"queries": len(sample), "recall@1": ranks.at(1), "recall@10": ranks.at(10), "mrr": ranks.mrr}

@@ -1,0 +1,332 @@
+"""The click loop end to end on a small demo: events, mining, fine-tune, gate, promotion, rollback.
+
+Nothing of Prism is mocked: the HTTP API, the store, the trainer and the indexer all run for real
+on the 150-product demo that `prism demo --no-serve --limit 150 --epochs 60` builds.
+"""
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from datetime import time as clock_time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import PrismSettings
+from embedder import create_base_model, wrap_open_clip
+from feedback import (
+    DEMO_ARCH,
+    ClickQuery,
+    GateConfig,
+    MiningConfig,
+    RetrainBusyError,
+    RetrainConfig,
+    TrainConfig,
+    click_queries,
+    gate_candidate,
+    is_running,
+    job_lock,
+    mine_pairs,
+    next_run,
+    run_nightly,
+    run_retrain,
+    split_by_time,
+    train_contrastive,
+)
+from feedback.demo import pair_data
+from indexer import load_demo_catalog
+from prism_cli import PRISM, ROOT, run_prism
+from store import LoggedEvent, SearchContext, Store
+
+TOKEN = "feedback-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def home(small_demo_home, tmp_path):
+    """A private copy of the small demo's PRISM_HOME (SQLite file, models, indexes)."""
+    source, _, _ = small_demo_home
+    target = tmp_path / "home"
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("demo-copy"))
+    return target
+
+
+def _settings(home: Path, **extra) -> PrismSettings:
+    return PrismSettings(home=home, device="cpu", admin_token=TOKEN, database_url=None, **extra)
+
+
+def _event(kind, query_id, hit, **over):
+    return {"event_id": f"{kind}-{query_id}-{hit['product_id']}", "type": kind, "query_id": query_id,
+            "product_id": hit["product_id"], "position": hit["rank"],
+            "ts": datetime.now(timezone.utc).isoformat(), **over}
+
+
+def _shop(client, home: Path, rounds: int = 3, queries: int = 40) -> int:
+    """Shoppers search demo titles and click the product the title names wherever it is shown."""
+    catalog = load_demo_catalog(home / "demo")
+    clicks = 0
+    for _ in range(rounds):
+        batch = []
+        for p in catalog.products[:queries]:
+            body = client.get("/v1/search", params={"q": p.title.lower(), "k": 10}).json()
+            batch += [_event("impression", body["query_id"], h) for h in body["results"]]
+            wanted = [h for h in body["results"] if h["product_id"] == p.product_id]
+            batch += [_event("click", body["query_id"], h) for h in wanted]
+            clicks += len(wanted)
+        assert client.post("/v1/events", json=batch).status_code == 200
+    return clicks
+
+
+# ---------------------------------------------------------------- events
+
+
+def test_events_are_checked_against_the_log_stored_once_and_durable(home):
+    with TestClient(create_app(_settings(home))) as client:
+        body = client.get("/v1/search", params={"q": "red apple", "k": 5}).json()
+        qid, hits = body["query_id"], body["results"]
+        batch = [_event("impression", qid, h) for h in hits] + [_event("click", qid, hits[1])]
+        first = client.post("/v1/events", json=batch)
+        assert first.status_code == 200 and first.json() == {"stored": 6, "duplicates": 0}
+        retry = client.post("/v1/events", json=batch)  # a client retrying after a lost answer
+        assert retry.status_code == 200 and retry.json() == {"stored": 0, "duplicates": 6}
+
+        future = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+        bad = [
+            _event("click", qid, hits[0], event_id="ok-1"),
+            _event("click", "no-such-query", hits[0], event_id="bad-1"),
+            _event("click", qid, {**hits[0], "product_id": "NOT-SERVED"}, event_id="bad-2"),
+            _event("click", qid, {**hits[0], "rank": 4}, event_id="bad-3"),
+            _event("click", qid, hits[0], event_id="bad-4", ts=future),
+        ]
+        r = client.post("/v1/events", json=bad)
+        assert r.status_code == 422
+        problems = {p["index"]: p["error"] for p in r.json()["problems"]}
+        assert set(problems) == {1, 2, 3, 4}
+        assert "unknown query_id" in problems[1] and "not among the results" in problems[2]
+        assert "served at position 1, not 4" in problems[3] and "future" in problems[4]
+        assert "nothing was stored" in r.json()["detail"]
+
+        for body, words in (
+            ([], "at least 1"),
+            ([{**batch[0], "type": "view"}], "type"),
+            ([{**batch[0], "ts": "2026-11-23T10:00:00"}], "timezone"),
+            ([{**batch[0], "position": 0}], "position"),
+            ({"events": batch}, "list"),
+            ([_event("click", qid, hits[0], event_id=f"e{i}") for i in range(1001)], "at most 1000"),
+        ):
+            r = client.post("/v1/events", json=body)
+            assert r.status_code == 422 and words in r.json()["detail"], r.text
+        r = client.post("/v1/events", content=b"[{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "JSON" in r.json()["detail"]
+
+    reopened = Store.open(f"sqlite:///{home / 'prism.db'}")
+    assert reopened.count_events() == {"impression": 5, "click": 1}  # only the first batch, once
+    reopened.close()
+
+
+# ---------------------------------------------------------------- mining
+
+
+def _search(qid, *, text=None, product=None, ts=T0, results=("A", "B", "C", "D", "E")):
+    return SearchContext(qid, text, None if (text or product) else "f00d", product, "image", 0, list(results), "m", ts)
+
+
+def _logged(kind, search, product_id, n=0):
+    position = search.result_ids.index(product_id) + 1
+    return LoggedEvent(f"{search.query_id}-{kind}-{product_id}-{n}", kind, search.query_id, product_id, position,
+                       search.ts + timedelta(seconds=5), search)
+
+
+def _shown(search):
+    return [_logged("impression", search, pid) for pid in search.result_ids]
+
+
+def test_mining_weights_clicks_by_position_and_filters_noise():
+    q1 = _search("q1", text="Red  Apple")
+    q2 = _search("q2", text="red apple", ts=T0 + timedelta(minutes=1))
+    q3 = _search("q3", text="red apple", ts=T0 + timedelta(minutes=2))
+    bot = _search("bot", text="red apple")
+    more = _search("more", product="A")
+    upload = _search("upload")
+    events = (
+        _shown(q1) + [_logged("click", q1, "C"), _logged("click", q1, "C", n=1)]  # a double click counts once
+        + _shown(q2) + [_logged("click", q2, "A")]
+        + _shown(q3) + [_logged("click", q3, "C")]
+        + [_logged("click", bot, pid) for pid in bot.result_ids]  # clicks everything: a bot
+        + _shown(more) + [_logged("click", more, "B"), _logged("click", more, "A")]
+        + [_logged("click", upload, "A")]
+    )
+    mined = mine_pairs(events, MiningConfig(min_clicks=1, max_clicks_per_query=3))
+    pairs = {(p.kind, p.query, p.product_id): p for p in mined.pairs}
+    assert set(pairs) == {("text", "red apple", "C"), ("text", "red apple", "A"), ("product", "A", "B")}
+    c = pairs[("text", "red apple", "C")]
+    assert c.clicks == 2 and c.weight == pytest.approx(3 + 3)  # clicked at position 3 twice: 1/p(3) = 3
+    assert c.hard_negatives == ("A", "B")  # shown above C and skipped
+    assert pairs[("text", "red apple", "A")].weight == 1 and pairs[("text", "red apple", "A")].hard_negatives == ()
+    assert mined.stats["duplicate_events"] == 1 and mined.stats["bot_queries_dropped"] == 1
+    assert mined.stats["image_upload_clicks_skipped"] == 1
+
+    strict = mine_pairs(events, MiningConfig(min_clicks=2, max_clicks_per_query=3, max_weight=2.0))
+    assert [(p.product_id, p.weight) for p in strict.pairs] == [("C", 4.0)]  # weights clipped at 2
+    assert strict.stats["pairs_below_min_clicks"] == 2
+
+    train, later, cut = split_by_time(events, holdout_fraction=0.1)
+    assert cut == q3.ts and {e.query_id for e in later} == {"q3"}
+    assert [(q.query, sorted(q.relevant)) for q in click_queries(mine_pairs(later, MiningConfig(min_clicks=1)).pairs)] == [
+        ("red apple", ["C"])]
+
+
+# ---------------------------------------------------------------- gate
+
+
+def test_the_gate_accepts_a_better_model_and_rejects_a_worse_one(small_demo_home, tmp_path):
+    source, _, _ = small_demo_home
+    store = Store.open(f"sqlite:///{source / 'prism.db'}")
+    products = {p.product_id: p for p in store.live_products()}
+    store.close()
+    catalog = load_demo_catalog(source / "demo")
+    items = catalog.split("train")[:96]
+    start = create_base_model(DEMO_ARCH, seed=1)
+    untrained = wrap_open_clip(*start, name="untrained")
+    model, preprocess, tokenizer = create_base_model(DEMO_ARCH, seed=1)
+    config = TrainConfig(epochs=10, batch_size=32, lr=3e-3, warmup_steps=5, lock_text=True, seed=0)
+    train_contrastive(model, tokenizer, pair_data(items, catalog.root), config, workdir=tmp_path / "work")
+    trained = wrap_open_clip(model, preprocess, tokenizer, name="trained")
+    later = [ClickQuery("text", p.title.lower(), frozenset({p.product_id})) for p in items]
+    gate = RetrainConfig(gate=GateConfig(min_mrr_gain=0.01, max_catalog_recall_drop=0.01))
+
+    better = gate_candidate(untrained, trained, later, products, gate)
+    assert better["promote"] and better["mrr_gain"] > 0.05, better["why"]
+    assert better["candidate"]["later_clicks"]["queries"] == len(items) and better["gallery"] == len(products)
+    worse = gate_candidate(trained, untrained, later, products, gate)
+    assert not worse["promote"] and "MRR on later clicks changed by -" in worse["why"]
+    guarded = gate_candidate(untrained, trained, later, products,
+                             dataclasses.replace(gate, gate=GateConfig(min_mrr_gain=0.01, max_catalog_recall_drop=-1)))
+    assert not guarded["promote"] and "catalog recall@10 dropped" in guarded["why"]
+
+
+# ---------------------------------------------------------------- promotion, rollback
+
+
+def _small_retrain(**gate) -> RetrainConfig:
+    base = RetrainConfig(min_pairs=5, mining=MiningConfig(min_clicks=1))
+    return dataclasses.replace(base, train=dataclasses.replace(base.train, epochs=2),
+                               gate=GateConfig(holdout_fraction=0.3, **gate))
+
+
+def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home):
+    settings = _settings(home)
+    with TestClient(create_app(settings)) as client:
+        assert _shop(client, home) > 20
+        store = client.app.state.services.store
+        before = store.active_index_version()
+
+        # a bar no candidate can clear: the run is recorded, nothing changes
+        rejected = run_retrain(store, home=home, config=_small_retrain(min_mrr_gain=1.0), device="cpu")
+        assert (rejected.status, rejected.decision) == ("succeeded", "rejected")
+        assert store.active_index_version().index_version == before.index_version
+        assert not (home / "models" / rejected.candidate_model_version).exists()
+
+        # any candidate that does not lose clicks MRR by more than 1.0 passes: promotion end to end
+        outcome = run_retrain(store, home=home, config=_small_retrain(min_mrr_gain=-1.0, max_catalog_recall_drop=1.0),
+                              device="cpu")
+        assert (outcome.status, outcome.decision) == ("succeeded", "promoted")
+        candidate = outcome.candidate_model_version
+        assert store.active_index_version().index_version == outcome.index_version
+        assert store.get_model_version(candidate).parent == "demo"
+        mining = outcome.metrics["mining"]
+        assert mining["pairs"] >= 5 and outcome.metrics["training_items"]["catalog_items"] > 0
+        assert outcome.metrics["gate"]["candidate"]["later_clicks"]["queries"] > 0
+
+        served = client.get("/v1/search", params={"q": "dog", "k": 3}).json()
+        assert served["model_version"] == candidate  # the running server swapped on its next query
+        runs = client.get("/v1/retrain").json()
+        assert not runs["running"] and [r["decision"] for r in runs["runs"][:2]] == ["promoted", "rejected"]
+
+        assert client.post("/v1/models/demo/activate").status_code == 401
+        back = client.post("/v1/models/demo/activate", headers=ADMIN)
+        assert back.status_code == 200 and back.json()["index_version"] == before.index_version and back.json()["serving"]
+        assert client.get("/v1/search", params={"q": "dog", "k": 3}).json()["model_version"] == "demo"
+        missing = client.post("/v1/models/no-such-version/activate", headers=ADMIN)
+        assert missing.status_code == 404 and "no-such-version" in missing.json()["detail"]
+
+    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    forward = run_prism(["models", "activate", candidate], env)
+    assert outcome.index_version in forward.stdout
+    unknown = run_prism(["models", "activate", "nope"], env, check=False)
+    assert unknown.returncode == 2 and "no model or index version" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home):
+    settings = _settings(home)
+    with TestClient(create_app(settings)) as client:
+        _shop(client, home)
+        store = client.app.state.services.store
+        serving = store.active_index_version().index_version
+
+        with job_lock(home):  # another run holds the lock
+            assert is_running(home)
+            with pytest.raises(RetrainBusyError):
+                run_retrain(store, home=home, config=_small_retrain(), device="cpu")
+            busy = client.post("/v1/retrain", headers=ADMIN)
+            assert busy.status_code == 409 and "under way" in busy.json()["detail"]
+
+        env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_RETRAIN_EPOCHS": "500",
+               "PRISM_RETRAIN_MIN_CLICKS": "1", "PRISM_RETRAIN_MIN_PAIRS": "5", "PRISM_RETRAIN_MIN_MRR_GAIN": "0"}
+        proc = subprocess.Popen(PRISM + ["retrain"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 180
+        while not list((home / "models" / ".training").glob("ft-*/last.pt")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the retrain run never wrote a checkpoint"
+            time.sleep(0.2)
+        assert is_running(home)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+        assert not is_running(home)  # the kernel released the dead run's lock
+        assert store.active_index_version().index_version == serving
+        assert client.get("/v1/search", params={"q": "dog", "k": 3}).status_code == 200
+        assert store.list_training_runs()[0].status == "running"  # it died without a word
+
+        outcome = run_retrain(store, home=home, config=_small_retrain(min_mrr_gain=5.0), device="cpu")
+        assert outcome.decision == "rejected"
+        runs = store.list_training_runs()
+        assert runs[1].status == "failed" and "killed" in runs[1].metrics["error"]
+        assert store.active_index_version().index_version == serving
+
+
+def test_retrain_skips_without_enough_clicks_and_the_cli_says_so(home):
+    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    proc = run_prism(["retrain"], env)
+    assert "skipped" in proc.stdout and "fewer than min_pairs" in proc.stdout
+    bad = run_prism(["retrain", "--nightly", "--at", "25:99"], env, check=False)
+    assert bad.returncode == 2 and "HH:MM" in bad.stderr
+
+
+def test_nightly_runs_at_the_set_time_and_survives_a_failed_run():
+    now = datetime(2026, 11, 23, 22, 30)
+    assert next_run(clock_time(3, 0), now) == datetime(2026, 11, 24, 3, 0)
+    assert next_run(clock_time(23, 0), now) == datetime(2026, 11, 23, 23, 0)
+
+    clock = [now]
+    calls = []
+
+    def job():
+        calls.append(clock[0])
+        if len(calls) == 1:
+            raise RuntimeError("first run fails")
+
+    def sleep(seconds):
+        clock[0] += timedelta(seconds=seconds)
+
+    run_nightly(job, clock_time(3, 0), now=lambda: clock[0], sleep=sleep, runs=2)
+    assert [c.strftime("%d %H:%M") for c in calls] == ["24 03:00", "25 03:00"]
