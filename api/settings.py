@@ -34,7 +34,7 @@ class PrismSettings(BaseSettings):
     retrain_catalog_mix: float = Field(0.5, ge=0, le=0.95, description="share of fine-tune items that are catalog pairs")
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
-    retrain_epochs: int = Field(6, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
+    retrain_epochs: int = Field(40, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
 
     @classmethod
     def settings_customise_sources(

@@ -5,11 +5,14 @@
    products are every product that has it as title or alias, with all their skin-tone variants.
    A seeded 20% of the vocabulary is held out: shoppers never send it before the retrain.
 3. Shoppers draw queries from the rest with a Zipf-like head (the query at popularity rank r
-   has weight 1 / r ** s), search through `GET /v1/search` (image target, 10 results), and
+   has weight 1 / r ** s), search through `GET /v1/search` (image target, one page of 24
+   results, as the search page shows), and
    click by the position-based model: a result at position k is examined with probability
    1 / k ** eta; an examined relevant result is clicked with probability `p_relevant`, an
-   examined irrelevant one with `p_noise`. They post the impressions of everything shown and
-   their clicks through `POST /v1/events`.
+   examined irrelevant one with `p_noise`. A shopper who sees nothing they want on the page
+   narrows the search with probability `p_refine`: the same words, filtered to the category of
+   what they look for (as the page's category filter does), and examines that page the same way.
+   They post the impressions of everything shown and their clicks through `POST /v1/events`.
 4. `prism retrain` runs the nightly job once (mining, fine-tune, gate, promotion).
 5. Future traffic (a fresh seeded draw from the same distribution) and the held-out queries are
    searched before and after; each query's served top 10 is scored against its relevant
@@ -46,6 +49,10 @@ K = 10
 
 def normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def categories(catalog) -> dict[str, str]:
+    return {p.product_id: p.category for p in catalog.products}
 
 
 def vocabulary(catalog) -> dict[str, frozenset[str]]:
@@ -85,21 +92,31 @@ def event(kind: str, query_id: str, hit: dict) -> dict:
             "position": hit["rank"], "ts": datetime.now(timezone.utc).isoformat()}
 
 
-def search(client, q: str) -> dict:
-    r = client.get("/v1/search", params={"q": q, "target": "image", "k": K})
+def search(client, q: str, k: int = K, category: str | None = None) -> dict:
+    params = {"q": q, "target": "image", "k": k}
+    if category:
+        params["category"] = category
+    r = client.get("/v1/search", params=params)
     r.raise_for_status()
     return r.json()
 
 
-def send_traffic(client, shoppers: Shoppers, vocab, queries: list[str], rng: random.Random) -> dict:
+def send_traffic(client, shoppers: Shoppers, vocab, queries: list[str], rng: random.Random, page: int,
+                 category_of: dict[str, str], p_refine: float) -> dict:
     batch, counts = [], defaultdict(int)
     for q in queries:
-        result = search(client, q)
-        batch += [event("impression", result["query_id"], hit) for hit in result["results"]]
-        clicked = shoppers.clicks(result["results"], vocab[q], rng)
-        batch += [event("click", result["query_id"], hit) for hit in clicked]
-        counts["searches"] += 1
-        counts["clicks"] += len(clicked)
+        result = search(client, q, page)
+        wanted = sorted({category_of[pid] for pid in vocab[q]})
+        tries = [result]
+        if not any(h["product_id"] in vocab[q] for h in result["results"]) and rng.random() < p_refine:
+            tries.append(search(client, q, page, category=rng.choice(wanted)))
+            counts["refined"] += 1
+        for served in tries:
+            batch += [event("impression", served["query_id"], hit) for hit in served["results"]]
+            clicked = shoppers.clicks(served["results"], vocab[q], rng)
+            batch += [event("click", served["query_id"], hit) for hit in clicked]
+            counts["searches"] += 1
+            counts["clicks"] += len(clicked)
         if len(batch) >= 500:
             post_events(client, batch)
             batch = []
@@ -152,10 +169,12 @@ def main() -> None:
     parser.add_argument("--train-queries", type=int, default=4000, help="searches whose clicks feed the retrain")
     parser.add_argument("--eval-queries", type=int, default=1500, help="future-traffic searches measured before/after")
     parser.add_argument("--unseen-fraction", type=float, default=0.2)
+    parser.add_argument("--page-size", type=int, default=24, help="results a shopper sees (the page shows 24)")
     parser.add_argument("--zipf-s", type=float, default=1.0)
     parser.add_argument("--eta", type=float, default=1.0, help="examination 1 / position ** eta")
     parser.add_argument("--p-relevant", type=float, default=0.9)
     parser.add_argument("--p-noise", type=float, default=0.02)
+    parser.add_argument("--p-refine", type=float, default=0.7, help="narrow to the category when the page has nothing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
@@ -197,7 +216,7 @@ def main() -> None:
         before_version = wait_ready(client, server)
         print(f"serving {before_version['model_version']}; sending {args.train_queries} shopper searches ...", flush=True)
         traffic = send_traffic(client, shoppers, vocab, shoppers.draw(args.train_queries, random.Random(args.seed + 3)),
-                               random.Random(args.seed + 4))
+                               random.Random(args.seed + 4), args.page_size, categories(catalog), args.p_refine)
         print(f"traffic: {traffic}; measuring before ...", flush=True)
         before = {"future": measure(client, vocab, future), "unseen": measure(client, vocab, unseen_sample)}
 
@@ -257,7 +276,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"feedback lift: {traffic['searches']} shopper searches, {traffic['clicks']} clicks, "
+    table = Table(title=f"feedback lift: {traffic['searches']} shopper searches ({traffic.get('refined', 0)} "
+                        f"narrowed to a category), {traffic['clicks']} clicks, "
                         f"retrain {outcome['decision']}")
     for col in ("traffic", "metric", "before", "after", "relative"):
         table.add_column(col, justify="left" if col in ("traffic", "metric") else "right")

@@ -26,6 +26,7 @@ from embedder.images import (
     read_image_bytes,
 )
 from embedder.model_thread import ModelThread, ThreadBoundEmbedder
+from embedder.openclip_backend import model_output_dim, pad_token_id, trim_padding
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
 __all__ = [
@@ -49,6 +50,9 @@ __all__ = [
     "file_digest",
     "load_embedder",
     "load_trainable",
+    "model_output_dim",
+    "pad_token_id",
+    "trim_padding",
     "model_version_name",
     "package_model_path",
     "parse_model_spec",

@@ -18,7 +18,7 @@ class OpenClipEmbedder(Embedder):
         self.model = model.eval()
         self._preprocess = preprocess
         self.tokenizer = tokenizer
-        self.dim = _output_dim(model)
+        self.dim = model_output_dim(model)
         self._trim = _text_trimmer(model, tokenizer)
 
     def preprocess(self, image):
@@ -53,7 +53,8 @@ class OpenClipEmbedder(Embedder):
         return feats.float().cpu().numpy()
 
 
-def _output_dim(model) -> int:
+def model_output_dim(model) -> int:
+    """The embedding width of an open_clip model (from its projection, else one forward pass)."""
     import torch
 
     if getattr(model, "text_projection", None) is not None:
@@ -65,7 +66,18 @@ def _output_dim(model) -> int:
     with torch.inference_mode():
         size = model.visual.image_size
         size = size if isinstance(size, tuple) else (size, size)
-        return int(model.encode_image(torch.zeros(1, 3, *size)).shape[-1])
+        return int(model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device)).shape[-1])
+
+
+def pad_token_id(tokenizer) -> int:
+    return int(getattr(tokenizer, "pad_token_id", 0) or 0)
+
+
+def trim_padding(tokens, pad_id: int):
+    """Cut a padded (batch, context) token tensor to its longest sequence."""
+    used = (tokens != pad_id).any(dim=0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    return tokens[:, :length]
 
 
 def _text_trimmer(model, tokenizer):
@@ -79,12 +91,10 @@ def _text_trimmer(model, tokenizer):
     from open_clip.hf_model import HFTextEncoder
     from open_clip.transformer import TextTransformer, text_global_pool
 
-    pad_id = int(getattr(tokenizer, "pad_token_id", 0) or 0)
+    pad_id = pad_token_id(tokenizer)
 
     def cut(tokens: torch.Tensor) -> torch.Tensor:
-        used = (tokens != pad_id).any(dim=0).nonzero()
-        length = int(used.max()) + 1 if len(used) else 1
-        return tokens[:, :length]
+        return trim_padding(tokens, pad_id)
 
     if isinstance(model, open_clip.CLIP):
         tower, pool, eos = model, model.text_pool_type, getattr(model, "text_eos_id", None)

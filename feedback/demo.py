@@ -89,8 +89,10 @@ def ensure_demo_model(
     data = pair_data(train, catalog.root)
     existing = read_model_json(models_dir, version)
     if existing is not None:
-        recorded = (existing.get("data", {}).get("fingerprint"), existing.get("hyper_parameters"))
-        if recorded != (_data_fingerprint(catalog, train), json.loads(json.dumps(asdict(config)))):
+        # A setting added to TrainConfig after the model was trained reads as its default then.
+        recorded = {**json.loads(json.dumps(asdict(TrainConfig()))), **existing.get("hyper_parameters", {})}
+        wanted = json.loads(json.dumps(asdict(config)))
+        if existing.get("data", {}).get("fingerprint") != _data_fingerprint(catalog, train) or recorded != wanted:
             raise DemoModelMismatchError(
                 f"{Path(models_dir) / version} was trained on other data or settings than asked for now; "
                 f"model versions are immutable: remove that directory to retrain, or use another PRISM_HOME"

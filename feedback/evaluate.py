@@ -70,9 +70,7 @@ def rank_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int]
         raise ValueError("similarity and relevant must have the same shape")
     if not relevant.any(axis=1).all():
         raise ValueError("every query needs at least one relevant gallery item")
-    # rank of the first relevant item = how many items score strictly higher than the best relevant one
-    best_relevant = np.where(relevant, similarity, -np.inf).max(axis=1)
-    ranks = (similarity > best_relevant[:, None]).sum(axis=1) + 1
+    ranks = first_relevant_ranks(similarity, relevant)
     return RetrievalScores(
         queries=int(len(ranks)),
         recall={f"@{k}": round(float((ranks <= k).mean()), 4) for k in ks},
@@ -80,14 +78,21 @@ def rank_metrics(similarity: np.ndarray, relevant: np.ndarray, ks: Sequence[int]
     )
 
 
-def ndcg_at(similarity: np.ndarray, relevant: np.ndarray, k: int = 10) -> float:
-    """Mean nDCG@k with binary gains: every relevant item in the top k counts, discounted by rank."""
+def first_relevant_ranks(similarity: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's best-placed relevant item: how many items score strictly higher, plus one."""
+    best_relevant = np.where(relevant, similarity, -np.inf).max(axis=1)
+    return (similarity > best_relevant[:, None]).sum(axis=1) + 1
+
+
+def ndcg_at(similarity: np.ndarray, relevant: np.ndarray, k: int = 10, weights: np.ndarray | None = None) -> float:
+    """Mean nDCG@k with binary gains (every relevant item in the top k counts, discounted by rank);
+    `weights`: a weighted mean over the queries."""
     k = min(k, similarity.shape[1])
     top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     dcg = (np.take_along_axis(relevant, top, axis=1) * discounts).sum(axis=1)
     ideal = np.array([discounts[: min(int(n), k)].sum() for n in relevant.sum(axis=1)])
-    return round(float((dcg / np.maximum(ideal, 1e-12)).mean()), 4)
+    return round(float(np.average(dcg / np.maximum(ideal, 1e-12), weights=weights)), 4)
 
 
 def evaluate(embedder: Embedder, data: EvalSet, *, batch_size: int = 256) -> EvalReport:

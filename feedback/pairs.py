@@ -16,7 +16,7 @@ What counts, and why:
 - Noise: an event repeated under a new event_id (same query, product and type) counts once;
   a served list with more than `max_clicks_per_query` clicks is a scraper or a bot, and all of
   its events are dropped; a pair needs `min_clicks` clicks (over all queries with the same
-  normalised text) before it is trusted.
+  normalised text), and at least `min_click_share` of that query's clicks, before it is trusted.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class MiningConfig:
     propensity_eta: float = 1.0
     max_weight: float = 10.0
     min_clicks: int = 2
+    # of all clicks its query got: IPS multiplies the weight of rare deep clicks, and a popular
+    # query collects a few stray clicks on unrelated products; those must not become positives
+    min_click_share: float = 0.05
     max_clicks_per_query: int = 5
     hard_negatives_per_pair: int = 2
 
@@ -106,10 +109,16 @@ def mine_pairs(events: Sequence[LoggedEvent], config: MiningConfig = MiningConfi
                 if impression.position < click.position and other_id not in clicked:
                     skipped[key][other_id] += 1
 
+    per_query_clicks: dict[tuple[str, str], int] = defaultdict(int)
+    for (kind, query, _), weights in clicks.items():
+        per_query_clicks[(kind, query)] += len(weights)
     pairs = []
     for key, weights in clicks.items():
         if len(weights) < config.min_clicks:
             stats["pairs_below_min_clicks"] += 1
+            continue
+        if len(weights) < config.min_click_share * per_query_clicks[key[:2]]:
+            stats["pairs_below_min_click_share"] += 1
             continue
         kind, query, product_id = key
         negatives = sorted(skipped.get(key, {}).items(), key=lambda kv: (-kv[1], kv[0]))

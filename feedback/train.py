@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embedder import ImageLimits, ImageSource, decode_image, read_image_bytes
+from embedder import ImageLimits, ImageSource, decode_image, pad_token_id, read_image_bytes, trim_padding
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 50
     grad_clip_norm: float = 1.0
-    init_temperature: float = 0.07
+    init_temperature: float | None = 0.07  # None: keep the model's own (fine-tuning a trained model)
     learn_temperature: bool = True
     lock_image: bool = False
     image_unlocked_groups: int = 0
@@ -65,6 +65,9 @@ class TrainConfig:
     # Lay items of one PairData group out in the same batch (hard negatives: look-alike products,
     # the results a shopper skipped); False draws batches uniformly at random.
     group_batches: bool = False
+    # Keep BatchNorm running statistics as they are (fine-tuning a trained model on a small,
+    # skewed sample would otherwise shift them for every image it later embeds).
+    freeze_batchnorm: bool = False
     augment: bool = True
     zoom: tuple[float, float] = (0.8, 1.15)  # >1 zooms out (the border colour fills in)
     max_shift: float = 0.08  # of the image side
@@ -194,7 +197,7 @@ def _unlock_last_hf_layers(text, unlocked_layers: int) -> None:
                    if isinstance(getattr(encoder, a, None), torch.nn.ModuleList)), None)
     if layers is None:
         raise TrainingError(f"cannot find the layers of {type(text.transformer).__name__} to unlock")
-    for layer in list(layers)[-unlocked_layers:]:
+    for layer in list(layers)[len(layers) - unlocked_layers:] if unlocked_layers > 0 else []:
         for p in layer.parameters():
             p.requires_grad = True
 
@@ -278,10 +281,7 @@ class TextFeatures:
             self.cached = self._trunk_features(text, texts, batch_size)
 
     def _tokens(self, texts: Sequence[str]):
-        tokens = self.tokenizer(list(texts))
-        pad = int(getattr(self.tokenizer, "pad_token_id", 0) or 0)
-        used = (tokens != pad).any(dim=0).nonzero()
-        return tokens[:, : int(used.max()) + 1 if len(used) else 1].to(self.device)
+        return trim_padding(self.tokenizer(list(texts)), pad_token_id(self.tokenizer)).to(self.device)
 
     def _trunk_features(self, text, texts: list[str], batch_size: int):
         import torch
@@ -390,7 +390,7 @@ def train_contrastive(
     trainable = trainable_names(model)
     if not trainable:
         raise TrainingError("every parameter is locked: nothing to train")
-    if hasattr(model, "logit_scale") and config.learn_temperature:
+    if hasattr(model, "logit_scale") and config.learn_temperature and config.init_temperature is not None:
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / config.init_temperature))
 
@@ -436,8 +436,8 @@ def train_contrastive(
     stop_at = total_steps if config.max_steps is None else min(total_steps, config.max_steps)
 
     model.train()
-    if config.lock_image:
-        # locked BatchNorm statistics stay frozen: open_clip froze the modules, train() would unfreeze them
+    if config.lock_image or config.freeze_batchnorm:
+        # frozen BatchNorm statistics stay frozen (open_clip froze a locked tower's; train() would unfreeze them)
         model.visual.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
     progress.start(stop_at, step)
     seen_images, loop_started = 0, time.perf_counter()

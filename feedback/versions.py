@@ -13,6 +13,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from embedder import model_output_dim
 from store import Store
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -63,7 +64,7 @@ def write_model_version(
             "checkpoint": CHECKPOINT_FILE,
             "open_clip_config": config_name,
             "parent": parent,
-            "embed_dim": int(_embed_dim(model)),
+            "embed_dim": int(model_output_dim(model)),
             "created_at": datetime.now(timezone.utc).isoformat(),
             **info,
         }
@@ -80,19 +81,6 @@ def write_model_version(
 def read_model_json(models_dir: Path, version: str) -> dict | None:
     path = Path(models_dir) / version / MODEL_JSON
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _embed_dim(model) -> int:
-    import torch
-
-    with torch.no_grad():
-        size = model.visual.image_size
-        size = size if isinstance(size, (tuple, list)) else (size, size)
-        was_training = model.training
-        model.eval()
-        dim = model.encode_image(torch.zeros(1, 3, *size, device=next(model.parameters()).device)).shape[-1]
-        model.train(was_training)
-        return dim
 
 
 def activate_version(store: Store, version: str):

@@ -178,6 +178,11 @@ def test_mining_weights_clicks_by_position_and_filters_noise():
     assert [(p.product_id, p.weight) for p in strict.pairs] == [("C", 4.0)]  # weights clipped at 2
     assert strict.stats["pairs_below_min_clicks"] == 2
 
+    popular = [_search(f"p{i}", text="lamp") for i in range(40)]
+    stray = [_logged("click", q, "A") for q in popular] + [_logged("click", popular[0], "E"), _logged("click", popular[1], "E")]
+    shares = mine_pairs(stray, MiningConfig(min_clicks=2, min_click_share=0.05))
+    assert [p.product_id for p in shares.pairs] == ["A"] and shares.stats["pairs_below_min_click_share"] == 1
+
     train, later, cut = split_by_time(events, holdout_fraction=0.1)
     assert cut == q3.ts and {e.query_id for e in later} == {"q3"}
     assert [(q.query, sorted(q.relevant)) for q in click_queries(mine_pairs(later, MiningConfig(min_clicks=1)).pairs)] == [
