@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -47,15 +46,13 @@ sys.path.insert(0, str(HERE))
 K = 10
 
 
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower())
-
-
 def categories(catalog) -> dict[str, str]:
     return {p.product_id: p.category for p in catalog.products}
 
 
 def vocabulary(catalog) -> dict[str, frozenset[str]]:
+    from feedback import normalise_query  # the mining's rule, so shopper queries match mined ones
+
     groups: dict[str, set[str]] = defaultdict(set)
     for p in catalog.products:
         groups[p.variant_group].add(p.product_id)
@@ -63,7 +60,7 @@ def vocabulary(catalog) -> dict[str, frozenset[str]]:
     for p in catalog.products:
         for text in (p.title, *p.aliases):
             if text.strip():
-                relevant[normalise(text)] |= groups[p.variant_group]
+                relevant[normalise_query(text)] |= groups[p.variant_group]
     return {q: frozenset(ids) for q, ids in sorted(relevant.items())}
 
 

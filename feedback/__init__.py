@@ -4,7 +4,7 @@ from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model
 from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
 from feedback.events import EventBatchError, EventsOutcome, record_events, record_search
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
-from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, split_by_time
+from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.retrain import (
     FINETUNE_TRAIN,
     ClickQuery,
@@ -61,6 +61,7 @@ __all__ = [
     "job_lock",
     "mine_pairs",
     "next_run",
+    "normalise_query",
     "rank_metrics",
     "read_model_json",
     "record_events",

@@ -57,9 +57,6 @@ class MinedPairs:
     pairs: list[ClickPair]
     stats: dict = field(default_factory=dict)
 
-    def by_kind(self, kind: str) -> list[ClickPair]:
-        return [p for p in self.pairs if p.kind == kind]
-
 
 def normalise_query(text: str) -> str:
     return re.sub(r"\s+", " ", text.strip().lower())

@@ -180,15 +180,14 @@ def _run(store, home, run_id, serving, config, index_options, device, now, windo
     except ModelSpecError as exc:
         raise RetrainError(f"cannot fine-tune the serving model {serving!r}: {exc}") from exc
     products = {p.product_id: p for p in store.live_products() if p.image_status == "ok" and p.image_uri}
-    data, mix = _training_data(mined.pairs, products, store, config)
+    data, mix = _training_data(mined.pairs, products, config)
     metrics["training_items"] = mix
     candidate = f"ft-{now:%Y%m%d-%H%M%S}"
     workdir = training_workdir(models_dir, candidate)
     train_config = replace(config.train, lock_text=_text_locked(base))
     result = train_contrastive(base.model, base.tokenizer, data, train_config, workdir=workdir, device=device,
                                progress=progress)
-    metrics["training"] = {k: v for k, v in result.to_dict().items() if k != "epoch_losses"} | {
-        "epoch_losses": result.epoch_losses}
+    metrics["training"] = result.to_dict()
 
     serving_embedder = load_embedder(spec, device=device, models_dir=models_dir)
     candidate_embedder = wrap_open_clip(base.model, base.preprocess, base.tokenizer, name=candidate, device=device)
@@ -244,7 +243,7 @@ def click_queries(pairs: list[ClickPair], judged_by: list[ClickPair] | None = No
     return [ClickQuery(kind, query, frozenset(ids), weight[(kind, query)]) for (kind, query), ids in sorted(relevant.items())]
 
 
-def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], store: Store, config: RetrainConfig):
+def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], config: RetrainConfig):
     """Click items (the query's words on the clicked image), their hard negatives, and catalog anchors.
 
     A "more like this" click becomes (clicked image, the query product's text): the query

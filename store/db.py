@@ -507,22 +507,6 @@ class Store:
                     out[r.query_id] = _search_context(r)
         return out
 
-    def searches_between(self, start: datetime | None, end: datetime | None) -> list[SearchContext]:
-        with self.session() as s:
-            q = select(SearchLog).order_by(SearchLog.ts)
-            if start is not None:
-                q = q.where(SearchLog.ts >= start)
-            if end is not None:
-                q = q.where(SearchLog.ts < end)
-            return [_search_context(r) for r in s.scalars(q)]
-
-    def prune_search_log(self, before: datetime) -> int:
-        """Forget searches older than `before` together with their events; returns searches removed."""
-        with self.session() as s, s.begin():
-            old = select(SearchLog.query_id).where(SearchLog.ts < before).scalar_subquery()
-            s.execute(Event.__table__.delete().where(Event.query_id.in_(old)))
-            return s.execute(SearchLog.__table__.delete().where(SearchLog.ts < before)).rowcount or 0
-
     # ---------------------------------------------------------------- events
 
     def add_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
@@ -571,14 +555,6 @@ class Store:
                 LoggedEvent(e.event_id, e.type, e.query_id, e.product_id, e.position, _as_utc(e.ts), _search_context(r))
                 for e, r in s.execute(q).tuples()
             ]
-
-    def event_time_range(self) -> tuple[datetime | None, datetime | None]:
-        with self.session() as s:
-            low, high = s.execute(
-                select(func.min(SearchLog.ts), func.max(SearchLog.ts))
-                .join(Event, Event.query_id == SearchLog.query_id)
-            ).one()
-        return _as_utc(low), _as_utc(high)
 
     # ---------------------------------------------------------------- training runs
 
