@@ -39,7 +39,8 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     model_thread = ModelThread()
     engine = SearchEngine(
-        store, models_dir=settings.models_dir, device=settings.device, image_limits=limits, model_thread=model_thread
+        store, models_dir=settings.models_dir, device=settings.device, image_limits=limits, model_thread=model_thread,
+        batching=settings.batch_config(),
     )
     services = Services(
         settings=settings,
@@ -59,6 +60,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         except Exception as exc:  # keep serving /healthz and /readyz; searches answer 503 with the reason
             log.error("no index version loaded at start-up: %s", exc)
         yield
+        engine.close()
         model_thread.close()
         store.close()
 

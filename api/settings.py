@@ -27,6 +27,9 @@ class PrismSettings(BaseSettings):
     image_root: Path | None = None
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    query_batching: bool = Field(True, description="encode concurrent text queries as one batch")
+    query_batch_window_ms: float = Field(2.0, ge=0, le=100, description="longest a batch waits for queries in flight")
+    query_batch_max: int = Field(32, ge=1, le=1024, description="most text queries encoded in one batch")
     retrain_window_days: float = Field(30.0, gt=0, description="how far back the retrain job mines events")
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
     retrain_min_mrr_gain: float = Field(0.01, ge=0, description="MRR on later clicks a candidate must add to be promoted")
@@ -63,6 +66,11 @@ class PrismSettings(BaseSettings):
             ann=AnnConfig(flat_threshold=self.flat_threshold, recall_target=self.recall_target),
             image_policy=ImagePolicy(root=self.image_root, allow_urls=self.allow_url_images),
         )
+
+    def batch_config(self):
+        from search import BatchConfig
+
+        return BatchConfig(enabled=self.query_batching, window_s=self.query_batch_window_ms / 1000.0, max_batch=self.query_batch_max)
 
     def retrain_config(self):
         from dataclasses import replace

@@ -1,11 +1,16 @@
 """FAISS indexes for one modality: chosen by size, tuned at build time, searched with filters.
 
 - fewer than `flat_threshold` vectors: exact inner-product search (IndexIDMap2 over IndexFlatIP);
-- more: IVF-PQ (OPQ-rotated above `opq_threshold`), whose candidates are re-ranked exactly against a
-  companion store of the original vectors. `nprobe` is the smallest power of two whose end-to-end
-  recall@10 against exact search on held-out queries reaches `recall_target`.
+- more: IVF-PQ for candidates, re-ranked with a compact code of what the PQ code misses
+  (IVFADC+R, Jegou et al. 2011): per vector, the residual x - reconstruction(IVF-PQ code) is
+  scalar-quantised (8 bits a dimension, 6 from `compact_threshold` vectors). Because the residual
+  is much smaller than x, 6 bits of it re-rank better than 8 bits of x, at under a quarter of the
+  memory of the float vectors: 1M x 512 takes ~0.48 GB instead of 2.05 GB.
+  `nprobe` and the re-rank depth are the smallest whose end-to-end recall@10 against exact search
+  on held-out queries reaches `recall_target`.
 
-FAISS ids are the products' stable row ids, so no file relies on positional alignment.
+FAISS ids are the products' stable row ids (an IndexIDMap over the IVF); inside, the IVF and the
+re-rank codes share one position per vector, kept in the same index version.
 """
 
 from __future__ import annotations
@@ -22,15 +27,20 @@ from indexer.faiss_import import gpu_count, import_faiss
 
 log = logging.getLogger(__name__)
 
+# Searches of fewer queries than this run on one thread (see AnnIndex.search).
+SINGLE_THREAD_BELOW = 4
+INDEX_FORMAT = 2  # 2: IVF-PQ with residual re-rank codes; 1 (exact re-rank store) must be rebuilt
+
 
 @dataclass(frozen=True)
 class AnnConfig:
     flat_threshold: int = 20_000
-    opq_threshold: int = 1_000_000
+    # From this many vectors, re-rank codes get 6 bits a dimension instead of 8.
+    compact_threshold: int = 500_000
     recall_target: float = 0.95
-    rerank_factors: tuple[int, ...] = (4, 8, 16, 32)  # candidates per result before exact re-rank (tuned)
-    rerank_store: str = "Flat"  # "Flat" (exact) or a faiss SQ codec such as "SQ8" to save memory
+    rerank_factors: tuple[int, ...] = (4, 8, 16, 32)  # candidates per result before re-rank (tuned)
     tuning_queries: int = 500
+    kmeans_iterations: int = 20
     # A filter this selective is searched exactly over its members instead of through the ANN index.
     exact_subset_max: int = 4096
     use_gpu: bool | None = None  # None: use a GPU when faiss sees one
@@ -45,12 +55,13 @@ class AnnInfo:
     dim: int
     nlist: int = 0
     nprobe: int = 0
-    rerank_store: str | None = None
+    rerank_store: str | None = None  # the residual codec, e.g. "residual-SQ6"
     rerank_factor: int = 0
     recall_at_10: float = 1.0
     tuning: dict = field(default_factory=dict)
     build_seconds: float = 0.0
     trained_on_gpu: bool = False
+    format: int = INDEX_FORMAT
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,27 +76,32 @@ def plan_factory(n: int, d: int, config: AnnConfig) -> tuple[str, int, int]:
     """(factory string, nlist, PQ sub-quantizers) for n vectors of dimension d."""
     if n < config.flat_threshold:
         return "Flat", 0, 0
-    # ~4*sqrt(n) lists (a power of two), with >= 39 training points per centroid.
-    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    # ~sqrt(n) lists (a power of two): k-means over nlist centroids is most of the build, and on
+    # small hosts 4*sqrt(n) lists would take minutes at 1M vectors for little search speed gained.
+    nlist = 2 ** round(math.log2(math.sqrt(n)))
     nlist = int(max(16, min(nlist, n // 39)))
     # 8 dims per sub-quantizer for CLIP-sized vectors; finer for small ones, where PQ is coarse.
     per = 8 if d > 128 else 4
     m = next(c for c in (d // per, d // 2, d) if c > 0 and d % c == 0)
-    factory = f"IVF{nlist},PQ{m}"
-    if n >= config.opq_threshold:
-        factory = f"OPQ{m},{factory}"
-    return factory, nlist, m
+    return f"IVF{nlist},PQ{m}", nlist, m
+
+
+def refine_codec(n: int, config: AnnConfig) -> str:
+    return "SQ6" if n >= config.compact_threshold else "SQ8"
 
 
 class AnnIndex:
     """One modality's searchable vectors."""
 
-    def __init__(self, index, exact, info: AnnInfo):
-        self.index = index  # the ANN index (or the exact one, for Flat)
-        self.exact = exact  # exact vectors by id: the same object as `index` for Flat
+    def __init__(self, index, refine, info: AnnInfo):
+        # Flat: IDMap2(FlatIP), refine None. IVF-PQ: IDMap(IVF-PQ over positions, with a direct
+        # map) and refine = scalar-quantised residuals at the same positions.
+        self.index = index
+        self.refine = refine
         self.info = info
         self._gpu_index = None
         self._ids: np.ndarray | None = None
+        self._order: np.ndarray | None = None
 
     @property
     def ntotal(self) -> int:
@@ -123,41 +139,47 @@ class AnnIndex:
                 index.add_with_ids(vectors, ids)
             info = AnnInfo(kind="flat", factory="IDMap2,Flat", count=n, dim=d)
             info.build_seconds = round(time.perf_counter() - started, 3)
-            return cls(index, index, info)
+            return cls(index, None, info)
 
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
         # Polysemous training (Hamming-ordered codes) costs ~100x the k-means and Prism never
         # searches in polysemous mode.
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        ivf.do_polysemous_training = False
+        ivf.cp.niter = config.kmeans_iterations
         rng = np.random.default_rng(config.seed)
         sample_size = min(n, max(64 * nlist, 30_000), 200_000)
-        sample = vectors[rng.choice(n, size=sample_size, replace=False)] if sample_size < n else vectors
-        index, on_gpu = _train_and_add(index, sample, vectors, ids, config)
+        sample = vectors[np.sort(rng.choice(n, size=sample_size, replace=False))] if sample_size < n else vectors
+        stages: dict[str, float] = {}
+        mark = time.perf_counter()
 
-        exact = faiss.IndexIDMap2(
-            faiss.IndexFlatIP(d)
-            if config.rerank_store == "Flat"
-            else faiss.index_factory(d, config.rerank_store, faiss.METRIC_INNER_PRODUCT)
-        )
-        if not exact.is_trained:
-            exact.train(sample)
-        exact.add_with_ids(vectors, ids)
+        def lap(stage: str) -> None:
+            nonlocal mark
+            stages[stage] = round(time.perf_counter() - mark, 3)
+            mark = time.perf_counter()
+
+        ivf, on_gpu = _train(ivf, sample, config)
+        lap("train")
+        index = faiss.IndexIDMap(ivf)  # the IVF holds positions 0..n-1; the IDMap maps them to row ids
+        index.add_with_ids(vectors, ids)
+        ivf.make_direct_map(True)  # position -> (list, offset): re-ranking reconstructs by position
+        codec = refine_codec(n, config)
+        lap("add")
+        refine = _residual_store(ivf, vectors, sample_size, codec, rng)
+        lap("rerank_codes")
 
         info = AnnInfo(
-            kind="ivfpq",
-            factory=factory,
-            count=n,
-            dim=d,
-            nlist=nlist,
-            rerank_store=config.rerank_store,
-            trained_on_gpu=on_gpu,
+            kind="ivfpq", factory=f"IDMap,{factory}", count=n, dim=d, nlist=nlist,
+            rerank_store=f"residual-{codec}", trained_on_gpu=on_gpu,
         )
-        ann = cls(index, exact, info)
-        ann._tune_nprobe(vectors, config, tuning_queries, rng)
+        ann = cls(index, refine, info)
+        ann._tune(vectors, config, tuning_queries, rng)
+        lap("tune")
+        info.tuning["stage_seconds"] = stages
         info.build_seconds = round(time.perf_counter() - started, 3)
         return ann
 
-    def _tune_nprobe(self, vectors: np.ndarray, config: AnnConfig, queries: np.ndarray | None, rng) -> None:
+    def _tune(self, vectors: np.ndarray, config: AnnConfig, queries: np.ndarray | None, rng) -> None:
+        faiss = import_faiss()
         source = "provided"
         if queries is None or len(queries) == 0:
             # Held-out stand-ins: catalog vectors moved off themselves by noise, so a query is
@@ -169,9 +191,10 @@ class AnnIndex:
             queries = queries[rng.choice(len(queries), size=config.tuning_queries, replace=False)]
         queries = _normalised_copy(queries)
         k = 10
-        _, truth = self.exact.search(queries, k)
+        _, positions = faiss.knn(queries, vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+        truth = self._row_ids()[positions]
         # Smallest nprobe that reaches the target, trying deeper re-rank only when probing more
-        # lists stops helping (PQ error, not the coarse quantizer, is then what loses neighbours).
+        # lists stops paying (the candidates' PQ error, not the coarse quantizer, then loses them).
         best, curve = None, []
         for factor in config.rerank_factors:
             self.info.rerank_factor = factor
@@ -182,7 +205,9 @@ class AnnIndex:
                 curve.append({"rerank_factor": factor, "nprobe": nprobe, "recall_at_10": round(recall, 4)})
                 if best is None or recall > best[2]:
                     best = (factor, nprobe, recall)
-                if recall >= config.recall_target or nprobe >= self.info.nlist or recall - previous < 0.002:
+                # Stop probing when doubling nprobe closes under a quarter of the remaining gap.
+                gap = config.recall_target - recall
+                if recall >= config.recall_target or nprobe >= self.info.nlist or recall - previous < max(0.002, gap / 4):
                     break
                 previous, nprobe = recall, min(nprobe * 2, self.info.nlist)
             if recall >= config.recall_target:
@@ -204,18 +229,34 @@ class AnnIndex:
         allowed: np.ndarray | None = None,
         excluded: np.ndarray | None = None,
         nprobe: int | None = None,
+        rerank_factor: int | None = None,
         exact_subset_max: int = AnnConfig.exact_subset_max,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ids are -1 where fewer than k vectors qualify.
 
         `allowed`: only these ids may be returned (a resolved metadata filter);
         `excluded`: these ids may not (products deleted since the build).
+        `nprobe`, `rerank_factor`: override the tuned values (benchmarks sweep them).
         """
         faiss = import_faiss()
         queries = _normalised_copy(np.atleast_2d(queries))
         nq = len(queries)
         if k <= 0 or self.ntotal == 0:
             return np.zeros((nq, max(k, 0)), np.float32), np.full((nq, max(k, 0)), -1, np.int64)
+        threads = faiss.omp_get_max_threads()
+        if nq >= SINGLE_THREAD_BELOW or threads == 1:
+            return self._search(queries, k, allowed, excluded, nprobe, rerank_factor, exact_subset_max)
+        # A few queries are one thread's work: an OpenMP team only adds barrier waits, which take
+        # whole scheduler slices when another process holds a core (10x slower on a busy 2-core
+        # host). The thread count is per calling thread, so other threads keep theirs.
+        faiss.omp_set_num_threads(1)
+        try:
+            return self._search(queries, k, allowed, excluded, nprobe, rerank_factor, exact_subset_max)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _search(self, queries, k, allowed, excluded, nprobe, rerank_factor, exact_subset_max):
+        faiss = import_faiss()
         if allowed is not None:
             allowed = np.asarray(allowed, dtype=np.int64)
             if excluded is not None and len(excluded):
@@ -228,13 +269,15 @@ class AnnIndex:
         else:
             selector = None
 
+        factor = rerank_factor or self.info.rerank_factor
         if self._gpu_index is not None:
-            scores, ids = self._search_gpu(queries, k, allowed, excluded)
+            scores, ids = self._search_gpu(queries, k, factor, allowed, excluded)
         elif self.info.kind == "flat":
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             scores, ids = self.index.search(queries, k, params=params)
         else:
-            fetch = min(max(k * self.info.rerank_factor, 40), self.ntotal)
+            fetch = min(max(k * factor, 40), self.ntotal)
+            # The IDMap translates the selector to positions and the results back to row ids.
             params = faiss.SearchParametersIVF(nprobe=nprobe or self.info.nprobe or 1, sel=selector)
             _, candidates = self.index.search(queries, fetch, params=params)
             scores, ids = self._rerank(queries, candidates, k)
@@ -247,13 +290,13 @@ class AnnIndex:
         return scores, ids
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact scores for ANN candidates (one batched reconstruct), best k kept."""
+        """Re-ranked scores for ANN candidates (one batched reconstruct), best k kept."""
         nq, fetch = candidates.shape
         valid = candidates >= 0
-        flat_ids = np.where(valid, candidates, candidates[valid][0] if valid.any() else 0).reshape(-1)
         if not valid.any():
             return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        vectors = self.exact.reconstruct_batch(flat_ids).reshape(nq, fetch, -1)
+        flat_ids = np.where(valid, candidates, candidates[valid][0]).reshape(-1)
+        vectors = self.reconstruct(flat_ids).reshape(nq, fetch, -1)
         exact = np.einsum("qfd,qd->qf", vectors, queries)
         exact[~valid] = -np.inf
         take = min(k, fetch)
@@ -273,7 +316,7 @@ class AnnIndex:
         members = allowed[np.isin(allowed, self.ids(), assume_unique=True)]
         if len(members) == 0:
             return scores, ids
-        vecs = self.exact.reconstruct_batch(members)
+        vecs = self.reconstruct(members)
         sims = queries @ vecs.T
         take = min(k, len(members))
         top = np.argsort(-sims, axis=1, kind="stable")[:, :take]
@@ -281,33 +324,55 @@ class AnnIndex:
         ids[:, :take] = members[top]
         return scores, ids
 
+    # ---------------------------------------------------------------- ids and vectors
+
+    def _row_ids(self) -> np.ndarray:
+        """Row id at each position (a view of the IDMap's own array)."""
+        faiss = import_faiss()
+        if self.ntotal == 0:
+            return np.zeros(0, np.int64)
+        return faiss.rev_swig_ptr(self.index.id_map.data(), self.ntotal)
+
     def ids(self) -> np.ndarray:
         """Every id in the index, sorted."""
         if self._ids is None:
-            faiss = import_faiss()
-            raw = faiss.vector_to_array(self.exact.id_map) if self.ntotal else np.zeros(0, np.int64)
-            self._ids = np.sort(raw.astype(np.int64))
+            raw = self._row_ids()
+            self._order = np.argsort(raw, kind="stable")
+            self._ids = raw[self._order]
         return self._ids
 
+    def _positions(self, ids: np.ndarray) -> np.ndarray:
+        ordered = self.ids()
+        at = np.searchsorted(ordered, ids)
+        if len(ids) and (at.max(initial=0) >= len(ordered) or (ordered[np.minimum(at, len(ordered) - 1)] != ids).any()):
+            raise KeyError("id not in the index")
+        return self._order[at]
+
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        return self.exact.reconstruct_batch(np.asarray(ids, dtype=np.int64))
+        """The stored vectors of these ids (exact for Flat, re-rank precision for IVF-PQ)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if self.refine is None:
+            return self.index.reconstruct_batch(ids)
+        positions = self._positions(ids)
+        return self.index.index.reconstruct_batch(positions) + self.refine.reconstruct_batch(positions)
 
     # ---------------------------------------------------------------- GPU
 
     def to_gpu(self) -> bool:
-        """Serve ANN searches from the GPU when faiss has one (filters become over-fetch + post-filter)."""
+        """Serve candidate searches from the GPU when faiss has one (filters become over-fetch + post-filter)."""
         if gpu_count() == 0 or self.info.kind != "ivfpq":
             return False
         faiss = import_faiss()
         self._gpu_resources = faiss.StandardGpuResources()
-        self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self.index)
+        self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss.downcast_index(self.index.index))
         self._gpu_index.nprobe = self.info.nprobe
         return True
 
-    def _search_gpu(self, queries, k, allowed, excluded):
+    def _search_gpu(self, queries, k, factor, allowed, excluded):
         over = 4 if (allowed is not None or (excluded is not None and len(excluded))) else 1
-        fetch = min(max(k * self.info.rerank_factor, 40) * over, self.ntotal, 2048)
-        _, candidates = self._gpu_index.search(queries, fetch)
+        fetch = min(max(k * factor, 40) * over, self.ntotal, 2048)
+        _, positions = self._gpu_index.search(queries, fetch)
+        candidates = np.where(positions >= 0, self._row_ids()[np.maximum(positions, 0)], -1)
         if allowed is not None:
             candidates = np.where(np.isin(candidates, allowed), candidates, -1)
         if excluded is not None and len(excluded):
@@ -320,22 +385,42 @@ class AnnIndex:
         faiss = import_faiss()
         files = [f"{name}.faiss"]
         faiss.write_index(self.index, str(directory / files[0]))
-        if self.info.kind != "flat":
+        if self.refine is not None:
             files.append(f"{name}.rerank.faiss")
-            faiss.write_index(self.exact, str(directory / files[1]))
+            faiss.write_index(self.refine, str(directory / files[1]))
         return files
 
     @classmethod
     def load(cls, directory: Path, name: str, info: dict) -> "AnnIndex":
         faiss = import_faiss()
-        parsed = AnnInfo(**info)
+        parsed = AnnInfo(**{"format": 1, **info})
+        if parsed.kind != "flat" and parsed.format != INDEX_FORMAT:
+            raise ValueError(
+                f"{name} index has format {parsed.format}, this Prism reads {INDEX_FORMAT}: rebuild it with `prism index`"
+            )
         index = faiss.read_index(str(directory / f"{name}.faiss"))
-        exact = index if parsed.kind == "flat" else faiss.read_index(str(directory / f"{name}.rerank.faiss"))
-        return cls(index, exact, parsed)
+        refine = None if parsed.kind == "flat" else faiss.read_index(str(directory / f"{name}.rerank.faiss"))
+        return cls(index, refine, parsed)
 
 
-def _train_and_add(index, sample: np.ndarray, vectors: np.ndarray, ids: np.ndarray, config: AnnConfig):
-    """Train and fill `index`, on the GPU when asked and available; returns (CPU index, used GPU)."""
+def _residual_store(ivf, vectors: np.ndarray, sample_size: int, codec: str, rng, chunk: int = 65_536):
+    """Scalar-quantised x - reconstruction(IVF-PQ code), one code per position."""
+    faiss = import_faiss()
+    n, d = vectors.shape
+
+    def residuals(positions: np.ndarray) -> np.ndarray:
+        return vectors[positions] - ivf.reconstruct_batch(positions)
+
+    store = faiss.index_factory(d, codec, faiss.METRIC_INNER_PRODUCT)
+    store.train(residuals(np.sort(rng.choice(n, size=min(n, sample_size), replace=False))))
+    for start in range(0, n, chunk):
+        store.add(residuals(np.arange(start, min(n, start + chunk))))
+    return store
+
+
+def _train(index, sample: np.ndarray, config: AnnConfig):
+    """Train `index` (its k-means is most of a build), on the GPU when asked and available;
+    returns (trained CPU index, used GPU)."""
     faiss = import_faiss()
     want_gpu = gpu_count() > 0 if config.use_gpu is None else config.use_gpu
     if want_gpu and gpu_count() > 0:
@@ -343,12 +428,20 @@ def _train_and_add(index, sample: np.ndarray, vectors: np.ndarray, ids: np.ndarr
             res = faiss.StandardGpuResources()
             gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
             gpu_index.train(sample)
-            gpu_index.add_with_ids(vectors, ids)
-            return faiss.index_gpu_to_cpu(gpu_index), True
+            return faiss.downcast_index(faiss.index_gpu_to_cpu(gpu_index)), True
         except Exception as exc:  # e.g. an index type faiss-gpu cannot clone: the CPU path still works
             log.warning("GPU training failed (%s); training on the CPU", exc)
-    index.train(sample)
-    index.add_with_ids(vectors, ids)
+    # The coarse k-means is a few big matrix products: all cores help. The PQ training after it is
+    # 64 tiny k-means, thousands of OpenMP barriers that a busy host turns from ~3 s into ~30 s,
+    # so it runs on one thread (the IVF skips retraining a quantizer that already has nlist centroids).
+    clustering = faiss.Clustering(index.d, index.nlist, index.cp)
+    clustering.train(sample, index.quantizer)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.train(sample)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return index, False
 
 

@@ -1,5 +1,6 @@
 """search: the query engine over the active index version plus the catalog changes since its build."""
 
+from search.batcher import BatchConfig
 from search.engine import (
     MAX_K,
     MAX_OFFSET,
@@ -15,6 +16,7 @@ from search.engine import (
 )
 
 __all__ = [
+    "BatchConfig",
     "MAX_K",
     "MAX_OFFSET",
     "MAX_QUERY_CHARS",

@@ -28,6 +28,7 @@ from PIL import Image
 
 from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
 from indexer import LoadedIndexVersion, load_index_version, product_text
+from search.batcher import BatchConfig, TextQueryBatcher
 from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
 from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
 
@@ -118,8 +119,10 @@ class SearchEngine:
         exact_subset_max: int = 4096,
         verify_files: bool = True,
         model_thread: ModelThread | None = None,
+        batching: BatchConfig | None = None,
     ):
-        """`model_thread`: run model loading and encoding there (servers); None: on the caller's thread."""
+        """`model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
+        `batching`: micro-batch concurrent text queries (servers; needs a model thread)."""
         self.store = store
         self.model_thread = model_thread
         self.models_dir = models_dir
@@ -134,6 +137,15 @@ class SearchEngine:
         # An active version that failed to load is not retried on every query (loading verifies
         # every file's sha256); the version serving before it keeps serving.
         self._failed: tuple[str, Exception, float] | None = None
+        self._batcher = (
+            TextQueryBatcher(batching, run=model_thread.run)
+            if batching is not None and batching.enabled and model_thread is not None
+            else None
+        )
+
+    def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
 
     # ---------------------------------------------------------------- versions
 
@@ -297,6 +309,12 @@ class SearchEngine:
         started = time.perf_counter()
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
+        if text is not None and self._batcher is not None:
+            with self._batcher.expecting() as submit:
+                return self._search(started, text, image, similar_to, target, k, offset, filters, submit)
+        return self._search(started, text, image, similar_to, target, k, offset, filters, None)
+
+    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit) -> SearchResult:
         filters = filters or ProductFilter()
         timings: dict[str, float] = {}
 
@@ -328,10 +346,7 @@ class SearchEngine:
             )
             encode = lambda: vector  # noqa: E731
 
-        def encode_and_search() -> list[tuple[int, float, dict]]:
-            t0 = time.perf_counter()
-            vector = encode()
-            timings["encode"] = _ms(t0)
+        def search_vector(vector: np.ndarray) -> list[tuple[int, float, dict]]:
             t0 = time.perf_counter()
             want = offset + k
             if target is Target.HYBRID:
@@ -341,8 +356,21 @@ class SearchEngine:
             timings["ann"] = _ms(t0)
             return ranked
 
-        # Model and FAISS work stay on one thread in servers (see embedder.model_thread); SQL does not.
-        ranked = self.model_thread.run(encode_and_search) if self.model_thread else encode_and_search()
+        def encode_and_search() -> list[tuple[int, float, dict]]:
+            t0 = time.perf_counter()
+            vector = encode()
+            timings["encode"] = _ms(t0)
+            return search_vector(vector)
+
+        if submit is not None:
+            ranked, batch = submit(serving.embedder, text, search_vector)
+            timings["queue"] = round(batch.queued_ms, 3)
+            timings["encode"] = round(batch.encode_ms, 3)  # the whole batch's, shared by its queries
+        elif self.model_thread:
+            # Model and FAISS work stay on one thread in servers (see embedder.model_thread); SQL does not.
+            ranked = self.model_thread.run(encode_and_search)
+        else:
+            ranked = encode_and_search()
 
         t0 = time.perf_counter()
         page = ranked[offset : offset + k]

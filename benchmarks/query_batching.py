@@ -1,0 +1,202 @@
+"""HTTP text-query latency and throughput with query micro-batching on and off, in one run.
+
+Two `prism serve` processes over the same PRISM_HOME, one with PRISM_QUERY_BATCHING=true and one
+with false, take turns (on, off, on, off, ...) under a closed-loop load generator on loopback:
+C clients, each sending its next GET /v1/search as soon as the previous answer arrives, for a
+fixed time. The generator is a few lines of asyncio over keep-alive sockets, so it costs the
+2-core host little next to the server. Reported per concurrency: QPS and p50/p95/p99 latency.
+
+Targets (issue 6): QPS at concurrency 32 with batching >= 2x without; lone-query (concurrency 1)
+p50 with batching within 1.1x of without.
+
+    python benchmarks/query_batching.py [--home prism-data] [--seconds 8] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+CONCURRENCY = (1, 8, 32)
+
+
+def query_words(home: Path, limit: int = 2000) -> list[str]:
+    """Real shopper-like queries: the demo catalog's titles (or any catalog's), shuffled."""
+    from store import Store
+
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
+    titles = [p.title for p in store.live_products() if p.title][:limit]
+    store.close()
+    if not titles:
+        raise SystemExit(f"no products in {home}: run `prism demo --no-serve` first")
+    random.Random(0).shuffle(titles)
+    return titles
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, batching: bool) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {
+        **os.environ, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=HERE.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"prism serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("prism serve did not become ready in 120 s")
+
+
+async def _client(port: int, queries: list[str], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    i = offset
+    try:
+        while time.perf_counter() < stop_at:
+            q = urllib.parse.quote(queries[i % len(queries)])
+            i += 1
+            request = f"GET /v1/search?q={q}&k=10 HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+            started = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+            await reader.readexactly(length)
+            if status != 200:
+                errors.append(str(status))
+                continue
+            latencies.append((time.perf_counter() - started) * 1000.0)
+    finally:
+        writer.close()
+
+
+async def _load(port: int, queries: list[str], concurrency: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    errors: list[str] = []
+    # Warm-up: every client's connection and a first query, not counted.
+    await asyncio.gather(*(_client(port, queries, c * 997, time.perf_counter() + 0.3, [], []) for c in range(concurrency)))
+    started = time.perf_counter()
+    stop_at = started + seconds
+    await asyncio.gather(*(_client(port, queries, c * 997 + 1, stop_at, latencies, errors) for c in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"latencies": latencies, "errors": len(errors), "elapsed": elapsed}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    low, high = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarise(runs: list[dict]) -> dict:
+    latencies = [x for r in runs for x in r["latencies"]]
+    total_s = sum(r["elapsed"] for r in runs)
+    return {
+        "qps": round(len(latencies) / total_s, 1),
+        "p50_ms": round(percentile(latencies, 0.50), 2),
+        "p95_ms": round(percentile(latencies, 0.95), 2),
+        "p99_ms": round(percentile(latencies, 0.99), 2),
+        "requests": len(latencies),
+        "errors": sum(r["errors"] for r in runs),
+        "qps_per_round": [round(len(r["latencies"]) / r["elapsed"], 1) for r in runs],
+    }
+
+
+def machine_info() -> dict:
+    import torch
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with an active index")
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
+    args = parser.parse_args()
+
+    queries = query_words(args.home)
+    servers = {mode: start_server(args.home.resolve(), mode == "on") for mode in ("on", "off")}
+    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in servers}
+    try:
+        for round_no in range(args.rounds):
+            for c in CONCURRENCY:
+                # Alternate which mode goes first, so that drift in machine load hits both alike.
+                for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
+                    result = asyncio.run(_load(servers[mode][1], queries, c, args.seconds))
+                    runs[mode][c].append(result)
+                    print(f"round {round_no + 1} batching {mode:3} concurrency {c:2}: "
+                          f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    table = {mode: {str(c): summarise(runs[mode][c]) for c in CONCURRENCY} for mode in runs}
+    result = {
+        "benchmark": "query_batching",
+        "home": str(args.home),
+        "seconds_per_level_per_round": args.seconds,
+        "rounds": args.rounds,
+        "batching_on": table["on"],
+        "batching_off": table["off"],
+        "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in CONCURRENCY},
+        "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in CONCURRENCY},
+        "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1"},
+        "machine": machine_info(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=f"HTTP text queries, micro-batching on vs off ({args.rounds} rounds x {args.seconds:.0f} s)")
+    for col in ("clients", "batching", "q/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
+        out.add_column(col, justify="right")
+    for c in CONCURRENCY:
+        for mode in ("on", "off"):
+            row = table[mode][str(c)]
+            out.add_row(str(c), mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
+        out.add_row("", "on/off", f"{result['qps_ratio_on_over_off'][str(c)]:.2f}x", f"{result['p50_ratio_on_over_off'][str(c)]:.2f}x", "", "", "")
+    Console().print(out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

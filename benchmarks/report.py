@@ -1,0 +1,260 @@
+"""Regenerate BENCHMARKS.md (and its SVG plots) from benchmarks/results/*.json.
+
+Every figure in BENCHMARKS.md comes from a JSON file that a benchmark script wrote; this script
+only lays them out. Plots are plain SVG, written here, so no plotting library is needed.
+
+    python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------- SVG
+
+
+def line_plot(path: Path, title: str, series: list[tuple[str, list[tuple[float, float]]]], *, x_label: str,
+              y_label: str, log_x: bool = True, y_line: float | None = None) -> None:
+    """Lines with markers; x on a log scale by default; an optional dashed horizontal target."""
+    width, height, left, right, top, bottom = 640, 400, 64, 170, 36, 48
+    points = [p for _, pts in series for p in pts]
+    if not points:
+        return
+    fx = (lambda v: math.log10(max(v, 1e-9))) if log_x else (lambda v: v)
+    xs, ys = [fx(x) for x, _ in points], [y for _, y in points] + ([y_line] if y_line is not None else [])
+    x0, x1 = math.floor(min(xs)), math.ceil(max(xs)) if log_x else max(xs)
+    if x1 == x0:
+        x1 = x0 + 1
+    y0, y1 = max(0.0, min(ys) - 0.02), min(1.0, max(ys) + 0.01) if max(ys) <= 1 else max(ys) * 1.05
+    px = lambda v: left + (fx(v) - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+    py = lambda v: top + (1 - (v - y0) / (y1 - y0)) * (height - top - bottom)  # noqa: E731
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2 - right / 2}" y="20" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" stroke="black"/>',
+    ]
+    ticks = range(int(x0), int(x1) + 1) if log_x else [x0 + i * (x1 - x0) / 5 for i in range(6)]
+    for t in ticks:
+        value = 10**t if log_x else t
+        x = px(value)
+        out.append(f'<line x1="{x}" y1="{height - bottom}" x2="{x}" y2="{top}" stroke="#ddd"/>')
+        out.append(f'<text x="{x}" y="{height - bottom + 16}" text-anchor="middle">{value:g}</text>')
+    for i in range(6):
+        value = y0 + i * (y1 - y0) / 5
+        y = py(value)
+        out.append(f'<line x1="{left}" y1="{y}" x2="{width - right}" y2="{y}" stroke="#eee"/>')
+        out.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{value:.3g}</text>')
+    if y_line is not None:
+        y = py(y_line)
+        out.append(f'<line x1="{left}" y1="{y}" x2="{width - right}" y2="{y}" stroke="grey" stroke-dasharray="5,4"/>')
+    for i, (name, pts) in enumerate(series):
+        colour = COLOURS[i % len(COLOURS)]
+        pts = sorted(pts)
+        if len(pts) > 1:
+            path_d = " ".join(f"{'M' if j == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for j, (x, y) in enumerate(pts))
+            out.append(f'<path d="{path_d}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3.5" fill="{colour}"/>' for x, y in pts]
+        ly = top + 16 + i * 18
+        out.append(f'<rect x="{width - right + 12}" y="{ly - 9}" width="12" height="12" fill="{colour}"/>')
+        out.append(f'<text x="{width - right + 30}" y="{ly + 1}">{name}</text>')
+    out.append(f'<text x="{(left + width - right) / 2}" y="{height - 10}" text-anchor="middle">{x_label}</text>')
+    out.append(f'<text transform="translate(16,{(top + height - bottom) / 2}) rotate(-90)" text-anchor="middle">{y_label}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out) + "\n")
+
+
+# ---------------------------------------------------------------- sections
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(result: dict) -> str:
+    m = result.get("machine", {})
+    parts = [f"{m.get('cpus', '?')} CPUs", m.get("platform", ""), f"Python {m.get('python', '?')}"]
+    parts += [f"{k} {m[k]}" for k in ("torch", "faiss") if m.get(k)]
+    if m.get("cuda"):
+        parts.append(f"GPU {m['cuda']}")
+    return "Machine: " + ", ".join(p for p in parts if p) + "."
+
+
+def embed_section(result: dict) -> list[str]:
+    out = ["## Embedding throughput (`benchmarks/embed_throughput.py`)", ""]
+    out.append(f"Model {result.get('model')}, {result.get('images')} images, batch {result.get('batch_size')}, "
+               f"device {result.get('device')}, {result.get('rounds')} alternating rounds. {machine_line(result)}")
+    out.append("")
+    rows = []
+    for key, label in (
+        ("bare_forward_images_per_s", "bare forward pass (preprocessed tensors, in-process)"),
+        ("prism_index_loop_images_per_s", "`prism index`, embedding loop (read, decode, preprocess, encode, cache)"),
+        ("prism_index_wall_images_per_s", "`prism index`, whole command (texts and index build included)"),
+        ("clip_retrieval_loop_images_per_s", "`clip-retrieval inference`, its loop (stats json)"),
+        ("clip_retrieval_wall_images_per_s", "`clip-retrieval inference`, whole command (images only)"),
+        ("prism_index_loop_texts_per_s", "`prism index`, text loop (texts/s)"),
+        ("clip_retrieval_text_loop_texts_per_s", "`clip-retrieval inference`, text loop (texts/s)"),
+    ):
+        if result.get(key) is not None:
+            rows.append([label, f"{result[key]:.1f}"])
+    out.append(table(["path", "images/s"], rows))
+    out.append("")
+    ratios = [
+        [label, result[key], result.get(f"target_{key}", "")]
+        for key, label in (
+            ("ratio_prism_over_clip_retrieval", "Prism / clip-retrieval, embedding loops"),
+            ("ratio_prism_over_clip_retrieval_wall_images_only", "Prism / clip-retrieval, whole commands"),
+            ("ratio_prism_text_loop_over_clip_retrieval", "Prism / clip-retrieval, text loops"),
+            ("ratio_end_to_end_over_bare", "Prism loop / bare forward"),
+        )
+        if result.get(key) is not None
+    ]
+    if ratios:
+        out.append(table(["ratio", "measured", "target"], ratios))
+        out.append("")
+    return out
+
+
+def ann_section(result: dict, name: str) -> list[str]:
+    out = [f"## ANN at scale (`benchmarks/ann_scale.py{' --full' if name.endswith('full') else ''}`)", ""]
+    out.append(f"recall@{result['k']} against exact search; each index at the cheapest setting reaching "
+               f"{result['recall_target']} (or its best). Batch-1 searches run on one thread for every index. "
+               f"{machine_line(result)}")
+    out.append("")
+    for dataset, data in result["datasets"].items():
+        shape = data.get("shape", {})
+        out.append(f"### {dataset}: {data['vectors']:,} x {data['dim']}, {data['queries']} queries")
+        if dataset.startswith("demo"):
+            out.append("")
+            out.append("Real demo-model vectors: the catalog's image vectors, queried by held-out title (text) vectors. "
+                       "Prism is forced onto its IVF-PQ path here; at this size it serves exact Flat by default.")
+        if shape:
+            out.append("")
+            out.append(f"Shape: mean pairwise cosine {shape.get('mean_pairwise_cosine')}, effective dimensionality "
+                       f"{shape.get('effective_dim')}, top-10 components {shape.get('top10_variance_share')} of the variance.")
+        out.append("")
+        rows = []
+        for row in data["rows"]:
+            if "error" in row:
+                rows.append([row["index"], "failed: " + row["error"][:80].replace("|", "/").replace("\n", " ")] + [""] * 8)
+                continue
+            rows.append([
+                row["index"], f"`{row['factory']}`", row.get("param", ""), f"{row['recall_at_10']:.3f}",
+                f"{row['qps_b1']:.0f}", f"{row['qps_b1_over_flat']:.1f}x", f"{row['qps_b64']:.0f}",
+                f"{row['bytes'] / 1e6:.0f}", f"{row['bytes_over_flat']:.3f}", f"{row['build_s']:.1f}",
+            ])
+        out.append(table(["index", "factory", "setting", "recall@10", "q/s b1", "vs Flat", "q/s b64", "MB", "vs Flat", "build s"], rows))
+        out.append("")
+        autofaiss = next((r for r in data["rows"] if r["index"] == "autofaiss" and r.get("choice_under_prism_budget")), None)
+        if autofaiss:
+            out.append(f"Under Prism's memory budget (a quarter of Flat) autofaiss would pick "
+                       f"`{autofaiss['choice_under_prism_budget']}`; the row above is its default choice.")
+            out.append("")
+        series = [(r["index"], [(p["qps_b1"], p["recall_at_10"]) for p in r.get("curve", [])])
+                  for r in data["rows"] if r.get("curve")]
+        flat = next((r for r in data["rows"] if r["index"].startswith("Flat")), None)
+        if flat:
+            series.append(("Flat", [(flat["qps_b1"], flat["recall_at_10"])]))
+        if series:
+            svg = RESULTS / f"{name}_{dataset}_recall_qps.svg"
+            line_plot(svg, f"{dataset}: recall@10 vs queries/s (batch 1)", series, x_label="queries/s, batch 1 (log)",
+                      y_label="recall@10", y_line=result["recall_target"])
+            out.append(f"![recall vs QPS]({svg.relative_to(ROOT)})")
+            out.append("")
+    return out
+
+
+def batching_section(result: dict) -> list[str]:
+    out = ["## Query micro-batching over HTTP (`benchmarks/query_batching.py`)", ""]
+    out.append(f"`prism serve` on {result['home']}, text queries (catalog titles) from a closed-loop generator on loopback; "
+               f"{result['rounds']} rounds x {result['seconds_per_level_per_round']:.0f} s per level, on and off alternating. "
+               f"{machine_line(result)}")
+    out.append("")
+    rows = []
+    for c, on in result["batching_on"].items():
+        off = result["batching_off"][c]
+        rows.append([c, f"{on['qps']:.1f}", f"{off['qps']:.1f}", f"{result['qps_ratio_on_over_off'][c]:.2f}x",
+                     f"{on['p50_ms']:.1f} / {on['p95_ms']:.1f} / {on['p99_ms']:.1f}",
+                     f"{off['p50_ms']:.1f} / {off['p95_ms']:.1f} / {off['p99_ms']:.1f}", on["errors"] + off["errors"]])
+    out.append(table(["clients", "q/s on", "q/s off", "on/off", "p50/p95/p99 ms on", "p50/p95/p99 ms off", "errors"], rows))
+    out.append("")
+    out.append(f"Targets: q/s at 32 clients on/off >= 2 (measured {result['qps_ratio_on_over_off']['32']:.2f}x); lone-query "
+               f"p50 on/off <= 1.1 (measured {result['p50_ratio_on_over_off']['1']:.2f}x).")
+    out.append("")
+    svg = RESULTS / "query_batching_qps.svg"
+    line_plot(svg, "HTTP text queries/s by concurrency", [
+        ("batching on", [(int(c), v["qps"]) for c, v in result["batching_on"].items()]),
+        ("batching off", [(int(c), v["qps"]) for c, v in result["batching_off"].items()]),
+    ], x_label="concurrent clients (log)", y_label="queries/s")
+    out.append(f"![QPS by concurrency]({svg.relative_to(ROOT)})")
+    out.append("")
+    return out
+
+
+def latency_section(result: dict) -> list[str]:
+    out = ["## One text query over HTTP vs encode + ANN alone (`benchmarks/serve_latency.py`)", ""]
+    out.append(f"Model {result['model']}, {result['products']} products, index `{result['index']}`. {machine_line(result)}")
+    out.append("")
+    rows = [[label, result[key]["p50_ms"], result[key]["p90_ms"], result[key]["p99_ms"]]
+            for key, label in (("http_text_query", "HTTP, client side"), ("server_took_ms", "server took_ms"),
+                               ("encode_plus_ann", "encode + ANN in-process"))]
+    out.append(table(["path", "p50 ms", "p90 ms", "p99 ms"], rows))
+    out.append("")
+    return out
+
+
+def feedback_section(result: dict) -> list[str]:
+    out = ["## Learning from clicks (`benchmarks/feedback_lift.py`, `make bench-feedback`)", ""]
+    out.append("Simulated shoppers, then `prism retrain`; see docs/feedback.md for the click model. "
+               "Not part of `make bench` (it needs the trained demo model and ~10 minutes).")
+    out.append("")
+    out.append("```json")
+    out.append(json.dumps({k: v for k, v in result.items() if k not in ("machine", "runs", "gate")}, indent=2)[:3000])
+    out.append("```")
+    out.append("")
+    return out
+
+
+def main() -> None:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `benchmarks/report.py` from `benchmarks/results/*.json`; `make bench` reruns everything at",
+        "sizes that fit ~15 minutes on 2 cores, `make bench-full` at the issue's sizes. Every ratio is measured",
+        "side by side in one run (alternating rounds where it matters): the host is shared and noisy, so",
+        "absolute figures move between runs while ratios hold. Do not edit by hand.",
+        "",
+    ]
+    if (r := load("embed_throughput")) is not None:
+        parts += embed_section(r)
+    for name in ("ann_scale_full", "ann_scale"):
+        if (r := load(name)) is not None:
+            parts += ann_section(r, name)
+    if (r := load("query_batching")) is not None:
+        parts += batching_section(r)
+    if (r := load("serve_latency")) is not None:
+        parts += latency_section(r)
+    if (r := load("feedback_lift")) is not None:
+        parts += feedback_section(r)
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
