@@ -69,4 +69,4 @@ bench-feedback: install
 	$(PY) benchmarks/feedback_lift.py --home prism-data-lift
 
 clean:
-	rm -rf $(VENV) prism-data prism-data-lift .pytest_cache
+	rm -rf $(VENV) prism-data prism-data-lift prism-data-bench-vit .pytest_cache

@@ -9,7 +9,12 @@ fixed time. The generator is a few lines of asyncio over keep-alive sockets, so 
 Targets (issue 6): QPS at concurrency 32 with batching >= 2x without; lone-query (concurrency 1)
 p50 with batching within 1.1x of without.
 
-    python benchmarks/query_batching.py [--home prism-data] [--seconds 8] [--rounds 2]
+Two setups, each its own PRISM_HOME:
+    demo       the demo home (`prism demo --no-serve`): MiniLM-L6 text tower, 4k products;
+    vit-b-32   ViT-B-32 (seeded random weights: the same text-tower cost as a pretrained CLIP) over
+               1,000 generated products, built on first use.
+
+    python benchmarks/query_batching.py [--demo-home prism-data] [--seconds 8] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -35,6 +40,28 @@ sys.path.insert(0, str(HERE))
 CONCURRENCY = (1, 8, 32)
 
 
+def vit_home(home: Path, model: str, n: int) -> Path:
+    """A home with `n` generated products indexed by `model` (reused when already built)."""
+    import warnings
+
+    from embedder import load_embedder
+    from indexer import CatalogIndexer, IndexOptions
+    from sample_catalog import make_catalog
+    from store import Store
+
+    warnings.filterwarnings("ignore", message=".*random weights.*")
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}")
+    try:
+        if store.active_index_version() is None:
+            print(f"building a {n}-product index with {model} in {home} ...", flush=True)
+            catalog = make_catalog(home / "catalog", n, image_size=64)
+            CatalogIndexer(home=home, store=store, embedder=load_embedder(model, device="cpu"),
+                           options=IndexOptions(batch_size=32)).run(catalog)
+    finally:
+        store.close()
+    return home
+
+
 def query_words(home: Path, limit: int = 2000) -> list[str]:
     """Real shopper-like queries: the demo catalog's titles (or any catalog's), shuffled."""
     from store import Store
@@ -54,10 +81,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path, batching: bool) -> tuple[subprocess.Popen, int]:
+def start_server(home: Path, batching: bool, extra_env: dict) -> tuple[subprocess.Popen, int]:
     port = free_port()
     env = {
-        **os.environ, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
+        **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     }
     proc = subprocess.Popen(
@@ -142,59 +169,80 @@ def machine_info() -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with an active index")
-    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
-    args = parser.parse_args()
-
-    queries = query_words(args.home)
-    servers = {mode: start_server(args.home.resolve(), mode == "on") for mode in ("on", "off")}
+def measure(home: Path, env: dict, seconds: float, rounds: int) -> dict:
+    queries = query_words(home)
+    servers = {mode: start_server(home.resolve(), mode == "on", env) for mode in ("on", "off")}
     runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in servers}
     try:
-        for round_no in range(args.rounds):
+        for round_no in range(rounds):
             for c in CONCURRENCY:
                 # Alternate which mode goes first, so that drift in machine load hits both alike.
                 for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
-                    result = asyncio.run(_load(servers[mode][1], queries, c, args.seconds))
+                    result = asyncio.run(_load(servers[mode][1], queries, c, seconds))
                     runs[mode][c].append(result)
-                    print(f"round {round_no + 1} batching {mode:3} concurrency {c:2}: "
+                    print(f"  round {round_no + 1} batching {mode:3} concurrency {c:2}: "
                           f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
-
     table = {mode: {str(c): summarise(runs[mode][c]) for c in CONCURRENCY} for mode in runs}
-    result = {
-        "benchmark": "query_batching",
-        "home": str(args.home),
-        "seconds_per_level_per_round": args.seconds,
-        "rounds": args.rounds,
+    return {
+        "home": str(home),
         "batching_on": table["on"],
         "batching_off": table["off"],
         "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in CONCURRENCY},
         "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in CONCURRENCY},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--demo-home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with the demo indexed")
+    parser.add_argument("--vit-home", type=Path, default=Path("prism-data-bench-vit"), help="built on first use")
+    parser.add_argument("--vit-model", default="ViT-B-32:random")
+    parser.add_argument("--vit-products", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
+    args = parser.parse_args()
+
+    setups = {}
+    if (args.demo_home / "prism.db").exists():
+        setups["demo"] = (args.demo_home, {})
+    else:
+        print(f"no demo home at {args.demo_home}: run `prism demo --no-serve` for the demo setup")
+    setups["vit-b-32"] = (vit_home(args.vit_home, args.vit_model, args.vit_products),
+                          {"PRISM_MODEL": args.vit_model, "PRISM_DEVICE": "cpu"})
+    result = {
+        "benchmark": "query_batching",
+        "seconds_per_level_per_round": args.seconds,
+        "rounds": args.rounds,
+        "setups": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1"},
         "machine": machine_info(),
     }
+    for name, (home, env) in setups.items():
+        print(f"[{name}] {home}", flush=True)
+        result["setups"][name] = measure(home, env, args.seconds, args.rounds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
     from rich.console import Console
     from rich.table import Table
 
-    out = Table(title=f"HTTP text queries, micro-batching on vs off ({args.rounds} rounds x {args.seconds:.0f} s)")
-    for col in ("clients", "batching", "q/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
-        out.add_column(col, justify="right")
-    for c in CONCURRENCY:
-        for mode in ("on", "off"):
-            row = table[mode][str(c)]
-            out.add_row(str(c), mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
-        out.add_row("", "on/off", f"{result['qps_ratio_on_over_off'][str(c)]:.2f}x", f"{result['p50_ratio_on_over_off'][str(c)]:.2f}x", "", "", "")
-    Console().print(out)
+    for name, setup in result["setups"].items():
+        out = Table(title=f"{name}: HTTP text queries, micro-batching on vs off ({args.rounds} rounds x {args.seconds:.0f} s)")
+        for col in ("clients", "batching", "q/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
+            out.add_column(col, justify="right")
+        for c in CONCURRENCY:
+            for mode in ("on", "off"):
+                row = setup[f"batching_{mode}"][str(c)]
+                out.add_row(str(c), mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
+                            f"{row['p99_ms']:.1f}", str(row["errors"]))
+            out.add_row("", "on/off", f"{setup['qps_ratio_on_over_off'][str(c)]:.2f}x",
+                        f"{setup['p50_ratio_on_over_off'][str(c)]:.2f}x", "", "", "")
+        Console().print(out)
     print(f"wrote {args.out}")
 
 

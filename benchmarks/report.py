@@ -182,28 +182,31 @@ def ann_section(result: dict, name: str) -> list[str]:
 
 def batching_section(result: dict) -> list[str]:
     out = ["## Query micro-batching over HTTP (`benchmarks/query_batching.py`)", ""]
-    out.append(f"`prism serve` on {result['home']}, text queries (catalog titles) from a closed-loop generator on loopback; "
-               f"{result['rounds']} rounds x {result['seconds_per_level_per_round']:.0f} s per level, on and off alternating. "
-               f"{machine_line(result)}")
+    out.append(f"`prism serve` with batching on and off (two processes), text queries (catalog titles) from a closed-loop "
+               f"generator on loopback; {result['rounds']} rounds x {result['seconds_per_level_per_round']:.0f} s per "
+               f"level, the two modes alternating. {machine_line(result)}")
     out.append("")
-    rows = []
-    for c, on in result["batching_on"].items():
-        off = result["batching_off"][c]
-        rows.append([c, f"{on['qps']:.1f}", f"{off['qps']:.1f}", f"{result['qps_ratio_on_over_off'][c]:.2f}x",
-                     f"{on['p50_ms']:.1f} / {on['p95_ms']:.1f} / {on['p99_ms']:.1f}",
-                     f"{off['p50_ms']:.1f} / {off['p95_ms']:.1f} / {off['p99_ms']:.1f}", on["errors"] + off["errors"]])
-    out.append(table(["clients", "q/s on", "q/s off", "on/off", "p50/p95/p99 ms on", "p50/p95/p99 ms off", "errors"], rows))
-    out.append("")
-    out.append(f"Targets: q/s at 32 clients on/off >= 2 (measured {result['qps_ratio_on_over_off']['32']:.2f}x); lone-query "
-               f"p50 on/off <= 1.1 (measured {result['p50_ratio_on_over_off']['1']:.2f}x).")
-    out.append("")
-    svg = RESULTS / "query_batching_qps.svg"
-    line_plot(svg, "HTTP text queries/s by concurrency", [
-        ("batching on", [(int(c), v["qps"]) for c, v in result["batching_on"].items()]),
-        ("batching off", [(int(c), v["qps"]) for c, v in result["batching_off"].items()]),
-    ], x_label="concurrent clients (log)", y_label="queries/s")
-    out.append(f"![QPS by concurrency]({svg.relative_to(ROOT)})")
-    out.append("")
+    for name, setup in result["setups"].items():
+        out.append(f"### {name} ({setup['home']})")
+        out.append("")
+        rows = []
+        for c, on in setup["batching_on"].items():
+            off = setup["batching_off"][c]
+            rows.append([c, f"{on['qps']:.1f}", f"{off['qps']:.1f}", f"{setup['qps_ratio_on_over_off'][c]:.2f}x",
+                         f"{on['p50_ms']:.1f} / {on['p95_ms']:.1f} / {on['p99_ms']:.1f}",
+                         f"{off['p50_ms']:.1f} / {off['p95_ms']:.1f} / {off['p99_ms']:.1f}", on["errors"] + off["errors"]])
+        out.append(table(["clients", "q/s on", "q/s off", "on/off", "p50/p95/p99 ms on", "p50/p95/p99 ms off", "errors"], rows))
+        out.append("")
+        out.append(f"Targets: q/s at 32 clients on/off >= 2 (measured {setup['qps_ratio_on_over_off']['32']:.2f}x); "
+                   f"lone-query p50 on/off <= 1.1 (measured {setup['p50_ratio_on_over_off']['1']:.2f}x).")
+        out.append("")
+        svg = RESULTS / f"query_batching_{name}_qps.svg"
+        line_plot(svg, f"{name}: HTTP text queries/s by concurrency", [
+            ("batching on", [(int(c), v["qps"]) for c, v in setup["batching_on"].items()]),
+            ("batching off", [(int(c), v["qps"]) for c, v in setup["batching_off"].items()]),
+        ], x_label="concurrent clients (log)", y_label="queries/s")
+        out.append(f"![QPS by concurrency]({svg.relative_to(ROOT)})")
+        out.append("")
     return out
 
 
