@@ -276,8 +276,10 @@ def main() -> None:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="S",
                         help="before each step wait up to S seconds for other processes to use < 0.25 cores")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (catalog, checkpoint, outputs)")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "embed_throughput.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/embed_throughput[_full].json")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = HERE / "results" / ("embed_throughput_full.json" if args.full else "embed_throughput.json")
     if args.full:
         args.n, args.rounds = 2000, 3
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -96,8 +96,8 @@ def machine_line(result: dict) -> str:
     return "Machine: " + ", ".join(p for p in parts if p) + "."
 
 
-def embed_section(result: dict) -> list[str]:
-    out = ["## Embedding throughput (`benchmarks/embed_throughput.py`)", ""]
+def embed_section(result: dict, name: str) -> list[str]:
+    out = [f"## Embedding throughput (`benchmarks/embed_throughput.py{' --full' if name.endswith('full') else ''}`)", ""]
     out.append(f"Model {result.get('model')}, {result.get('images')} images, batch {result.get('batch_size')}, "
                f"device {result.get('device')}, {result.get('rounds')} alternating rounds. {machine_line(result)}")
     out.append("")
@@ -244,8 +244,9 @@ def main() -> None:
         "absolute figures move between runs while ratios hold. Do not edit by hand.",
         "",
     ]
-    if (r := load("embed_throughput")) is not None:
-        parts += embed_section(r)
+    for name in ("embed_throughput_full", "embed_throughput"):
+        if (r := load(name)) is not None:
+            parts += embed_section(r, name)
     for name in ("ann_scale_full", "ann_scale"):
         if (r := load(name)) is not None:
             parts += ann_section(r, name)
