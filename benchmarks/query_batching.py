@@ -139,14 +139,9 @@ async def _load(port: int, queries: list[str], concurrency: int, seconds: float)
     return {"latencies": latencies, "errors": len(errors), "elapsed": elapsed}
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    low, high = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarise(runs: list[dict]) -> dict:
+    from serve_latency import percentile
+
     latencies = [x for r in runs for x in r["latencies"]]
     total_s = sum(r["elapsed"] for r in runs)
     return {
