@@ -115,6 +115,11 @@ def embed_section(result: dict, name: str) -> list[str]:
             rows.append([label, f"{result[key]:.1f}"])
     out.append(table(["path", "images/s"], rows))
     out.append("")
+    noise = result.get("noise_other_processes_cpu_cores")
+    if noise:
+        out.append("CPU cores other processes used during each round (of 2; well above 0 slows a run down): "
+                   + "; ".join(f"{k} {', '.join(str(v) for v in vals)}" for k, vals in noise.items()) + ".")
+        out.append("")
     ratios = [
         [label, result[key], result.get(f"target_{key}", "")]
         for key, label in (
