@@ -47,7 +47,7 @@ serve: install
 bench-env: install
 	$(PY) benchmarks/compare_env.py
 
-# Everything at sizes that fit ~15 minutes on 2 cores (plus ~6 the first time, for the demo model),
+# Everything at reduced sizes: ~25 minutes on 2 cores (~10 more the first time: demo model, compare env),
 # then BENCHMARKS.md. The demo home gives the real-data ANN rows and the HTTP batching load.
 bench: bench-env
 	$(VENV)/bin/prism demo --no-serve
