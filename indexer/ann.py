@@ -4,8 +4,9 @@
 - more: IVF-PQ for candidates, re-ranked with a compact code of what the PQ code misses
   (IVFADC+R, Jegou et al. 2011): per vector, the residual x - reconstruction(IVF-PQ code) is
   scalar-quantised (8 bits a dimension, 6 from `compact_threshold` vectors). Because the residual
-  is much smaller than x, 6 bits of it re-rank better than 8 bits of x, at under a quarter of the
-  memory of the float vectors: 1M x 512 takes ~0.48 GB instead of 2.05 GB.
+  is much smaller than x, 6 bits of it re-rank better than 6 bits of x (recall@10 ceiling 0.966
+  vs 0.945 on 1M CLIP-shaped vectors), and the whole index stays under a quarter of the memory of
+  the float vectors: 1M x 512 takes ~0.49 GB instead of 2.05 GB.
   `nprobe` and the re-rank depth are the smallest whose end-to-end recall@10 against exact search
   on held-out queries reaches `recall_target`.
 
