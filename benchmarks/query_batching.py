@@ -23,9 +23,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +34,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+from embed_throughput import machine_info  # noqa: E402
+from serve_latency import free_port, percentile  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 
@@ -73,12 +74,6 @@ def query_words(home: Path, limit: int = 2000) -> list[str]:
         raise SystemExit(f"no products in {home}: run `prism demo --no-serve` first")
     random.Random(0).shuffle(titles)
     return titles
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(home: Path, batching: bool, extra_env: dict) -> tuple[subprocess.Popen, int]:
@@ -140,8 +135,6 @@ async def _load(port: int, queries: list[str], concurrency: int, seconds: float)
 
 
 def summarise(runs: list[dict]) -> dict:
-    from serve_latency import percentile
-
     latencies = [x for r in runs for x in r["latencies"]]
     total_s = sum(r["elapsed"] for r in runs)
     return {
@@ -152,15 +145,6 @@ def summarise(runs: list[dict]) -> dict:
         "requests": len(latencies),
         "errors": sum(r["errors"] for r in runs),
         "qps_per_round": [round(len(r["latencies"]) / r["elapsed"], 1) for r in runs],
-    }
-
-
-def machine_info() -> dict:
-    import torch
-
-    return {
-        "python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
     }
 
 

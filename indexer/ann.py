@@ -163,8 +163,8 @@ class AnnIndex:
         index = faiss.IndexIDMap(ivf)  # the IVF holds positions 0..n-1; the IDMap maps them to row ids
         index.add_with_ids(vectors, ids)
         ivf.make_direct_map(True)  # position -> (list, offset): re-ranking reconstructs by position
-        codec = refine_codec(n, config)
         lap("add")
+        codec = refine_codec(n, config)
         refine = _residual_store(ivf, vectors, sample_size, codec, rng)
         lap("rerank_codes")
 

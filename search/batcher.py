@@ -16,7 +16,6 @@ that query.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -26,8 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
