@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install unicode browser test demo serve bench bench-full bench-env bench-feedback clean
+.PHONY: install unicode browser test test-postgres reliability demo serve bench bench-full bench-env bench-feedback clean
 
 install: $(STAMP) unicode
 
@@ -32,8 +32,21 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[$(FAISS_EXTRA),dev]'
 	@touch $(STAMP)
 
+# With PRISM_TEST_DATABASE_URL set (a PostgreSQL server URL whose user may CREATE DATABASE), the
+# whole suite runs a second time against PostgreSQL, one fresh database per PRISM_HOME.
 test: install browser
 	$(PY) -m pytest
+	@if [ -n "$$PRISM_TEST_DATABASE_URL" ]; then \
+	  echo "== the suite again, against PostgreSQL"; $(PY) -m pytest --database postgresql; fi
+
+# SQLite and PostgreSQL, with a throwaway server on loopback (Debian's postgresql, installed if missing).
+test-postgres: install browser
+	.ci/with-postgres $(MAKE) --no-print-directory test
+
+# Faults and load at full size (~30 minutes here): SIGKILL mid event stream, mid index / build /
+# retrain, version swaps under load, fuzzing; SQLite and PostgreSQL. Writes docs/reliability.md.
+reliability: install
+	.ci/with-postgres $(PY) benchmarks/reliability.py
 
 # The OpenMoji catalog, the demo model (trained once, ~5 minutes on 2 cores, then reused), the
 # index, and the search page at http://127.0.0.1:8000/ (Ctrl-C stops it).

@@ -55,6 +55,10 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.apply_threads()
+        if settings.admin_token is None:
+            log.warning(
+                "PRISM_ADMIN_TOKEN is not set: catalog changes, model activation and retraining over HTTP are disabled"
+            )
         try:
             engine.refresh()  # load the model and index now, not on the first query
         except Exception as exc:  # keep serving /healthz and /readyz; searches answer 503 with the reason
@@ -82,4 +86,12 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     # base64 inflates an image by 4/3; leave room for the JSON around it and multipart framing.
     app.add_middleware(BodyLimit, max_bytes=settings.max_image_bytes * 4 // 3 + 1024 * 1024)
     app.add_middleware(RequestMetrics, metrics=services.metrics)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        # Only the named origins; credentials are never shared cross-site (admin calls send a token).
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"], allow_credentials=False,
+        )
     return app

@@ -24,6 +24,9 @@ class PrismSettings(BaseSettings):
     flat_threshold: int = Field(20_000, ge=0, description="below this many vectors, exact Flat search")
     recall_target: float = Field(0.95, gt=0, le=1.0)
     allow_url_images: bool = False
+    cors_origins: list[str] = Field(
+        default_factory=list, description="browser origins allowed to call the API cross-site; none by default"
+    )
     image_root: Path | None = None
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)

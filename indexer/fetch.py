@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import socket
+import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
@@ -16,25 +17,46 @@ class FetchError(ValueError):
         self.reason = reason
 
 
-def _check_peer(sock: socket.socket, host: str) -> None:
-    addr = ipaddress.ip_address(sock.getpeername()[0])
-    if not addr.is_global or addr.is_multicast:
-        sock.close()
-        raise FetchError("forbidden_address", f"{host} resolves to a non-public address ({addr})")
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def _connect_public(host: str, port: int, timeout: float | None) -> socket.socket:
+    """A TCP connection to one of host's public addresses, never to a private, loopback or
+    link-local one. Resolving here and connecting to the checked address itself leaves no window
+    for DNS rebinding, and nothing internal is ever contacted (not even a SYN)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise FetchError("unreachable", f"cannot resolve {host}: {exc.strerror}") from None
+    public = [info for info in infos if _is_public(info[4][0])]
+    if not public:
+        found = ", ".join(sorted({info[4][0] for info in infos}))
+        raise FetchError("forbidden_address", f"{host} resolves to no public address ({found})")
+    error: OSError | None = None
+    for family, kind, proto, _, address in public:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
 
 
 class _PublicHTTPConnection(http.client.HTTPConnection):
     def connect(self):
-        super().connect()
-        # Checked after connecting, on the address actually used: immune to DNS rebinding.
-        _check_peer(self.sock, self.host)
+        self.sock = _connect_public(self.host, self.port, self.timeout)
 
 
 class _PublicHTTPSConnection(http.client.HTTPSConnection):
     def connect(self):
-        # HTTPSConnection.connect = TCP connect (checked here) + TLS wrap.
-        http.client.HTTPConnection.connect(self)
-        _check_peer(self.sock, self.host)
+        self.sock = _connect_public(self.host, self.port, self.timeout)
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
 
 
@@ -57,7 +79,25 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-_OPENER = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler, _RedirectHandler)
+# No proxies from the environment: through a proxy, the peer checked above would be the proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPHandler, _HTTPSHandler, _RedirectHandler)
+_CHUNK = 64 * 1024
+
+
+def _read_bounded(resp, url: str, *, max_bytes: int, deadline: float) -> bytes:
+    """At most max_bytes + 1 bytes, and no later than the deadline: the socket timeout alone bounds
+    each read, so a server trickling a byte at a time could otherwise hold a fetch for hours."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= max_bytes:
+        if time.monotonic() > deadline:
+            raise FetchError("timeout", f"{url}: not fully received within the time limit")
+        chunk = resp.read1(min(_CHUNK, max_bytes + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def fetch_image_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
@@ -71,12 +111,13 @@ def fetch_image_url(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
     if parts.scheme not in ("http", "https") or not host:
         raise FetchError("forbidden_scheme", f"only http(s) URLs with a host are fetched: {url!r}")
     request = urllib.request.Request(url, headers={"User-Agent": "prism-indexer/0.1", "Accept": "image/*"})
+    deadline = time.monotonic() + timeout_s
     try:
         with _OPENER.open(request, timeout=timeout_s) as resp:
             declared = resp.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError("too_large", f"{url} is {declared} bytes; the limit is {max_bytes}")
-            data = resp.read(max_bytes + 1)
+            data = _read_bounded(resp, url, max_bytes=max_bytes, deadline=deadline)
     except FetchError:
         raise
     except urllib.error.HTTPError as exc:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -125,7 +126,11 @@ def _make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default PostgreSQL driver is psycopg2; Prism's `postgres` extra installs psycopg 3.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, pool_pre_ping=True)
 
 
 def migrate(engine: Engine) -> None:
@@ -523,10 +528,7 @@ class Store:
         for attempt in range(3):
             try:
                 with self._hot_writes, self.session() as s, s.begin():
-                    ids = [e.event_id for e in events]
-                    seen: set[str] = set()
-                    for chunk in _chunks(ids):
-                        seen.update(s.scalars(select(Event.event_id).where(Event.event_id.in_(chunk))))
+                    seen = self._stored_event_ids(s, [e.event_id for e in events])
                     now = utcnow()
                     stored = 0
                     for e in events:
@@ -542,6 +544,18 @@ class Store:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def stored_event_ids(self, event_ids: Iterable[str]) -> set[str]:
+        """Which of these event_ids are stored: how a client (or an audit) checks what was kept."""
+        with self.session() as s:
+            return self._stored_event_ids(s, list(dict.fromkeys(event_ids)))
+
+    @staticmethod
+    def _stored_event_ids(s: Session, event_ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(event_ids):
+            found.update(s.scalars(select(Event.event_id).where(Event.event_id.in_(chunk))))
+        return found
 
     def count_events(self) -> dict[str, int]:
         with self.session() as s:

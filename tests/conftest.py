@@ -12,6 +12,30 @@ import pytest  # noqa: E402
 TINY = "prism-tiny-vit:random"
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="run every test against SQLite files (default) or PostgreSQL at $PRISM_TEST_DATABASE_URL",
+    )
+
+
+@pytest.fixture(scope="session")
+def databases(request):
+    """Database URLs and subprocess environments per PRISM_HOME (see tests/prism_databases.py)."""
+    from prism_databases import TestDatabases
+
+    server = None
+    if request.config.getoption("--database") == "postgresql":
+        server = os.environ.get("PRISM_TEST_DATABASE_URL")
+        if not server:
+            pytest.exit("--database postgresql needs PRISM_TEST_DATABASE_URL (see README: `.ci/with-postgres`)", returncode=4)
+    dbs = TestDatabases(server)
+    yield dbs
+    dbs.drop_all()
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder():
     from embedder import load_embedder
@@ -20,10 +44,10 @@ def tiny_embedder():
 
 
 @pytest.fixture
-def store(tmp_path):
+def store(tmp_path, databases):
     from store import Store
 
-    s = Store.open(f"sqlite:///{tmp_path / 'prism.db'}")
+    s = Store.open(databases.url(tmp_path))
     yield s
     s.close()
 
@@ -37,7 +61,7 @@ def small_catalog(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder):
+def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder, databases):
     """Factory: a fresh PRISM_HOME with the small catalog indexed by the tiny model; returns settings."""
     from api.settings import PrismSettings
     from indexer import CatalogIndexer, IndexOptions
@@ -45,20 +69,20 @@ def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder):
 
     def build(name: str, **settings) -> "PrismSettings":
         home = tmp_path_factory.mktemp(name)
-        store = Store.open(f"sqlite:///{home / 'prism.db'}")
+        store = Store.open(databases.url(home))
         try:
             CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=32)).run(
                 small_catalog
             )
         finally:
             store.close()
-        return PrismSettings(home=home, device="cpu", model=TINY, database_url=None, **settings)
+        return PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home), **settings)
 
     return build
 
 
 @pytest.fixture(scope="session")
-def small_demo_home(tmp_path_factory):
+def small_demo_home(tmp_path_factory, databases):
     """`prism demo --no-serve` on 150 OpenMoji products, 60 one-batch epochs, as a user runs it.
 
     Returns (home, env, the first run's process). Tests that change the home work on a copy.
@@ -66,7 +90,7 @@ def small_demo_home(tmp_path_factory):
     from prism_cli import run_prism
 
     home = tmp_path_factory.mktemp("demo-home")
-    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_THREADS": "2"}
+    env = databases.env(home, PRISM_THREADS="2")
     first = run_prism(["demo", "--no-serve", "--limit", "150", "--epochs", "60"], env)
     return home, env, first
 

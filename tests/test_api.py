@@ -341,10 +341,10 @@ def test_metrics_count_routes_stages_and_serving_versions(client):
     assert "prism_ready 1.0" in text
 
 
-def test_not_ready_until_an_index_exists(tmp_path):
+def test_not_ready_until_an_index_exists(tmp_path, databases):
     from api.settings import PrismSettings
 
-    settings = PrismSettings(home=tmp_path / "empty", device="cpu", database_url=None, admin_token=TOKEN)
+    settings = PrismSettings(home=tmp_path / "empty", device="cpu", database_url=databases.url(tmp_path / "empty"), admin_token=TOKEN)
     with TestClient(create_app(settings), headers=ADMIN) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503

@@ -121,3 +121,40 @@ def test_url_fetch_refuses_a_live_loopback_server_and_odd_schemes():
         server.shutdown()
     with pytest.raises(FetchError, match="http"):
         fetch_image_url("file:///etc/passwd", max_bytes=1000, timeout_s=2)
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/",  # cloud metadata (link-local)
+    "http://10.1.2.3/a.png", "http://192.168.0.1/a.png", "http://100.64.0.1/a.png",  # private, carrier-grade NAT
+    "http://localhost:8000/", "http://[::1]/", "http://[::ffff:127.0.0.1]/",  # loopback, also IPv4-mapped
+    "http://0.0.0.0/", "http://2130706433/",  # 'this host', 127.0.0.1 written as one number
+])
+def test_url_fetch_never_connects_to_internal_addresses(url):
+    from indexer import FetchError, fetch_image_url
+
+    with pytest.raises(FetchError) as exc:
+        fetch_image_url(url, max_bytes=1000, timeout_s=2)
+    assert exc.value.reason == "forbidden_address" and "no public address" in str(exc.value)
+
+
+def test_url_fetch_is_bounded_in_bytes_and_in_total_time():
+    import time
+
+    from indexer import FetchError
+    from indexer.fetch import _read_bounded
+
+    class Trickle:  # a server sending one byte every 50 ms: each read is quick, the whole is not
+        def read1(self, n):
+            time.sleep(0.05)
+            return b"x"
+
+    started = time.monotonic()
+    with pytest.raises(FetchError) as exc:
+        _read_bounded(Trickle(), "http://slow.example/", max_bytes=10_000, deadline=started + 0.3)
+    assert exc.value.reason == "timeout" and time.monotonic() - started < 1.0
+
+    class Flood:
+        def read1(self, n):
+            return b"y" * n
+
+    assert len(_read_bounded(Flood(), "http://big.example/", max_bytes=1000, deadline=time.monotonic() + 5)) == 1001

@@ -1,5 +1,4 @@
 import json
-import os
 
 import pytest
 
@@ -12,9 +11,9 @@ def _run(args, env, check=True):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, databases):
     home = tmp_path_factory.mktemp("home")
-    return {**os.environ, "PRISM_HOME": str(home), "PRISM_MODEL": "prism-tiny-vit:random", "HF_HUB_OFFLINE": "1"}
+    return databases.env(home, PRISM_MODEL="prism-tiny-vit:random")
 
 
 def test_index_then_search_by_image_returns_that_product(tmp_path_factory, env):

@@ -4,7 +4,6 @@ The real demo trains for minutes; here `--limit` and `--epochs` keep the same co
 """
 
 import json
-import os
 import shutil
 
 import pytest
@@ -61,20 +60,20 @@ def test_eval_reports_recall_and_mrr_side_by_side(demo_home):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
-def test_eval_without_a_demo_catalog_says_what_to_do(tmp_path):
-    env = {**os.environ, "PRISM_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+def test_eval_without_a_demo_catalog_says_what_to_do(tmp_path, databases):
+    env = databases.env(tmp_path)
     proc = _run(["eval"], env, check=False)
     assert proc.returncode == 2 and "prism demo" in proc.stderr
 
 
-def test_the_page_credits_openmoji(demo_home):
+def test_the_page_credits_openmoji(demo_home, databases):
     from fastapi.testclient import TestClient
 
     from api.app import create_app
     from api.settings import PrismSettings
 
     home, _, _ = demo_home
-    with TestClient(create_app(PrismSettings(home=home, device="cpu"))) as client:
+    with TestClient(create_app(PrismSettings(home=home, device="cpu", database_url=databases.url(home)))) as client:
         facets = client.get("/v1/facets").json()
         assert "OpenMoji" in facets["credits"] and "CC BY-SA 4.0" in facets["credits"]
         assert {c["value"] for c in facets["categories"]} >= {"Flags"}

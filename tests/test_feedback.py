@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from datetime import time as clock_time
@@ -51,16 +50,16 @@ T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def home(small_demo_home, tmp_path):
-    """A private copy of the small demo's PRISM_HOME (SQLite file, models, indexes)."""
+def home(small_demo_home, tmp_path, databases):
+    """A private copy of the small demo's PRISM_HOME (database, models, indexes)."""
     source, _, _ = small_demo_home
     target = tmp_path / "home"
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("demo-copy"))
+    databases.copy_home(source, target, ignore=shutil.ignore_patterns("demo-copy"))
     return target
 
 
-def _settings(home: Path, **extra) -> PrismSettings:
-    return PrismSettings(home=home, device="cpu", admin_token=TOKEN, database_url=None, **extra)
+def _settings(home: Path, databases, **extra) -> PrismSettings:
+    return PrismSettings(home=home, device="cpu", admin_token=TOKEN, database_url=databases.url(home), **extra)
 
 
 def _event(kind, query_id, hit, **over):
@@ -88,8 +87,8 @@ def _shop(client, home: Path, rounds: int = 3, queries: int = 40) -> int:
 # ---------------------------------------------------------------- events
 
 
-def test_events_are_checked_against_the_log_stored_once_and_durable(home):
-    with TestClient(create_app(_settings(home))) as client:
+def test_events_are_checked_against_the_log_stored_once_and_durable(home, databases):
+    with TestClient(create_app(_settings(home, databases))) as client:
         body = client.get("/v1/search", params={"q": "red apple", "k": 5}).json()
         qid, hits = body["query_id"], body["results"]
         batch = [_event("impression", qid, h) for h in hits] + [_event("click", qid, hits[1])]
@@ -127,7 +126,7 @@ def test_events_are_checked_against_the_log_stored_once_and_durable(home):
         r = client.post("/v1/events", content=b"[{not json", headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and "JSON" in r.json()["detail"]
 
-    reopened = Store.open(f"sqlite:///{home / 'prism.db'}")
+    reopened = Store.open(databases.url(home))
     assert reopened.count_events() == {"impression": 5, "click": 1}  # only the first batch, once
     reopened.close()
 
@@ -192,9 +191,9 @@ def test_mining_weights_clicks_by_position_and_filters_noise():
 # ---------------------------------------------------------------- gate
 
 
-def test_the_gate_accepts_a_better_model_and_rejects_a_worse_one(small_demo_home, tmp_path):
+def test_the_gate_accepts_a_better_model_and_rejects_a_worse_one(small_demo_home, tmp_path, databases):
     source, _, _ = small_demo_home
-    store = Store.open(f"sqlite:///{source / 'prism.db'}")
+    store = Store.open(databases.url(source))
     products = {p.product_id: p for p in store.live_products()}
     store.close()
     catalog = load_demo_catalog(source / "demo")
@@ -227,8 +226,8 @@ def _small_retrain(**gate) -> RetrainConfig:
                                gate=GateConfig(holdout_fraction=0.3, **gate))
 
 
-def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home):
-    settings = _settings(home)
+def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home, databases):
+    settings = _settings(home, databases)
     with TestClient(create_app(settings)) as client:
         assert _shop(client, home) > 20
         store = client.app.state.services.store
@@ -263,15 +262,15 @@ def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home):
         missing = client.post("/v1/models/no-such-version/activate", headers=ADMIN)
         assert missing.status_code == 404 and "no-such-version" in missing.json()["detail"]
 
-    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env = databases.env(home)
     forward = run_prism(["models", "activate", candidate], env)
     assert outcome.index_version in forward.stdout
     unknown = run_prism(["models", "activate", "nope"], env, check=False)
     assert unknown.returncode == 2 and "no model or index version" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
-def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home):
-    settings = _settings(home)
+def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home, databases):
+    settings = _settings(home, databases)
     with TestClient(create_app(settings)) as client:
         _shop(client, home)
         store = client.app.state.services.store
@@ -284,8 +283,8 @@ def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home
             busy = client.post("/v1/retrain", headers=ADMIN)
             assert busy.status_code == 409 and "under way" in busy.json()["detail"]
 
-        env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1", "PRISM_RETRAIN_EPOCHS": "500",
-               "PRISM_RETRAIN_MIN_CLICKS": "1", "PRISM_RETRAIN_MIN_PAIRS": "5", "PRISM_RETRAIN_MIN_MRR_GAIN": "0"}
+        env = databases.env(home, PRISM_RETRAIN_EPOCHS="500", PRISM_RETRAIN_MIN_CLICKS="1", PRISM_RETRAIN_MIN_PAIRS="5",
+                            PRISM_RETRAIN_MIN_MRR_GAIN="0")
         proc = subprocess.Popen(PRISM + ["retrain"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
@@ -309,8 +308,8 @@ def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home
         assert store.active_index_version().index_version == serving
 
 
-def test_retrain_skips_without_enough_clicks_and_the_cli_says_so(home):
-    env = {**os.environ, "PRISM_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+def test_retrain_skips_without_enough_clicks_and_the_cli_says_so(home, databases):
+    env = databases.env(home)
     proc = run_prism(["retrain"], env)
     assert "skipped" in proc.stdout and "fewer than min_pairs" in proc.stdout
     bad = run_prism(["retrain", "--nightly", "--at", "25:99"], env, check=False)

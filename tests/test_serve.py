@@ -2,7 +2,6 @@
 
 import base64
 import io
-import os
 import socket
 import subprocess
 import sys
@@ -16,15 +15,13 @@ from sample_catalog import draw_product_image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home, bad_images):
+def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home, bad_images, databases):
     settings = build_serving_home("serve-home")
     admin = {"Authorization": "Bearer serve-token"}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PRISM_HOME": str(settings.home), "PRISM_DEVICE": "cpu", "PRISM_THREADS": "1",
-           "PRISM_ADMIN_TOKEN": "serve-token"}
-    env.pop("PRISM_DATABASE_URL", None)
+    env = databases.env(settings.home, PRISM_DEVICE="cpu", PRISM_THREADS="1", PRISM_ADMIN_TOKEN="serve-token")
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     server = subprocess.Popen(
         [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
