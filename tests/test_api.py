@@ -411,3 +411,20 @@ def test_unknown_upload_fields_are_refused(client, images):
     r = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")},
                     data={"k": "20", "category": ["hats", "bags"]})
     assert {h["category"] for h in r.json()["results"]} <= {"hats", "bags"} and len(_ids(r)) == 20
+
+
+def test_cors_is_off_unless_origins_are_configured(settings, caplog):
+    preflight = {"Origin": "https://shop.example", "Access-Control-Request-Method": "GET"}
+    with TestClient(create_app(settings.model_copy(update={"admin_token": None}))) as closed:
+        r = closed.options("/v1/search", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+        assert "access-control-allow-origin" not in closed.get("/healthz", headers={"Origin": "https://shop.example"}).headers
+    assert any("PRISM_ADMIN_TOKEN is not set" in m for m in caplog.messages)
+
+    opened = settings.model_copy(update={"cors_origins": ["https://shop.example"]})
+    with TestClient(create_app(opened)) as c:
+        r = c.options("/v1/search", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://shop.example"
+        other = c.options("/v1/search", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        assert "access-control-allow-credentials" not in r.headers
