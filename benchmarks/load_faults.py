@@ -212,6 +212,11 @@ def durability(
     from store import Store
 
     tag = f"dur{int(time.time() * 1000) % 10**9}"
+    store = Store.open(db_url)
+    try:
+        rows_before = sum(store.count_events().values())
+    finally:
+        store.close()
     server = PrismServer(env, workers=workers, log=log).start()
     kills: list[dict] = []
     try:
@@ -263,10 +268,10 @@ def durability(
         "events_per_s": round(events / elapsed, 1),
         "acknowledged": len(stream.acked),
         "rows_for_these_events": len(kept),
-        "rows_in_events_table": total_rows,
+        "rows_added": total_rows - rows_before,
         "lost": len(stream.acked - kept),
         "lost_acknowledged_before_kill": len(acked_at_kill - kept),
-        "extra": len(kept - set(ids)) + max(0, total_rows - len(kept)),
+        "extra": total_rows - rows_before - len(kept),  # rows that are none of these events, or doubles
         "never_acknowledged": events - len(stream.acked),
         "stored_answers": stream.stored,
         "duplicate_answers": stream.duplicates,
