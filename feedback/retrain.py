@@ -2,7 +2,8 @@
 
 One run, start to end:
 
-1. take the job lock (two runs never overlap) and mark runs that died half-way as failed;
+1. take the job lock (two runs never overlap), mark runs that died half-way as failed and remove
+   what they left: training checkpoints, and candidates written but never registered;
 2. read the events of the last `window_days`, split them by time: the earlier searches train,
    the later `holdout_fraction` of them judge;
 3. mine weighted click pairs from the earlier slice (`feedback.pairs`) and mix them with
@@ -36,7 +37,7 @@ from feedback.evaluate import embed_images, first_relevant_ranks, ndcg_at, rank_
 from feedback.pairs import ClickPair, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.schedule import job_lock
 from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
-from feedback.versions import training_workdir, write_model_version
+from feedback.versions import pending_candidate, remove_unrecorded_candidates, training_workdir, write_model_version
 from indexer import CatalogIndexer, IndexOptions, product_text
 from store import ProductRecord, Store
 
@@ -130,6 +131,7 @@ def run_retrain(
         # Their half-trained checkpoints cannot be resumed: the next run mines another window.
         for stale in (home / "models" / ".training").glob("ft-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        remove_unrecorded_candidates(home / "models", store)
         active = store.active_index_version()
         if active is None:
             raise RetrainError("no index version is serving: index a catalog first")
@@ -205,8 +207,9 @@ def _run(store, home, run_id, serving, config, index_options, device, now, windo
         "metrics": {"gate": gate},
         "training_run": run_id,
     }
-    write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
-                        store=store, parent=serving)
+    with pending_candidate(models_dir, candidate):
+        write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
+                            store=store, parent=serving)
     shutil.rmtree(workdir, ignore_errors=True)
     # The index is built from the saved version (what servers will load), then activated at once.
     embedder = load_embedder(candidate, device=device, models_dir=models_dir)

@@ -9,10 +9,13 @@ becomes visible only after its directory is complete and renamed and its SQL row
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -23,7 +26,7 @@ from embedder import Embedder, ImageDecodeError, VectorCache, content_hash
 from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
-from indexer.versions import MODALITIES, build_lock, write_index_version
+from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
 from store import ImageState, ProductRecord, Store
 
 log = logging.getLogger(__name__)
@@ -255,7 +258,8 @@ class CatalogIndexer:
         text_ids, text_vecs = _gather(cache, "text", text_rows)
         image_ids, image_vecs = _gather(cache, "image", image_rows)
         summary.products_indexed = len(products)
-        with build_lock(self.home / "indexes"):
+        recorded = lambda version: self.store.get_index_version(version) is not None  # noqa: E731
+        with build_lock(self.home / "indexes", is_recorded=recorded):
             self.progress.start("build indexes", 2)
             indexes = {}
             # Each index is tuned with the other modality's vectors as queries: that is the
@@ -283,6 +287,7 @@ class CatalogIndexer:
                 version, model_version=self.embedder.name, path=str(path), manifest=manifest,
                 activate=self.options.activate,
             )
+            mark_recorded(self.home / "indexes", version)
         summary.index_version = version
         summary.model_version = self.embedder.name
         summary.indexes = {m: manifest["indexes"][m] for m in MODALITIES}
@@ -293,10 +298,39 @@ class CatalogIndexer:
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
         catalog_seq = self.store.catalog_seq()
-        cache = self.embed(summary)
-        self.build(cache, summary, catalog_seq=catalog_seq)
+        with embedding_writer(self.home):
+            cache = self.embed(summary)
+            self.build(cache, summary, catalog_seq=catalog_seq)
         summary.seconds = time.perf_counter() - started
         return summary
+
+
+@contextmanager
+def embedding_writer(home: Path):
+    """Held (shared) by every indexing run of a home while it writes vector shards and downloads.
+
+    A run that finds no other holder first removes what dead runs left half-written: temp shards
+    (`embeddings/*/.part-*.tmp`, from a kill during a shard write) and partial downloads
+    (`downloads/*.part`). With another run under way they may be its own, and are left alone.
+    The lock is an flock, so a killed run never holds it.
+    """
+    home = Path(home)
+    root = home / "embeddings"
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".writers.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass
+        else:
+            for leftover in [*root.glob("*/.part-*.tmp"), *(home / "downloads").glob("*.part")]:
+                log.info("removing %s, left half-written by a run that died", leftover)
+                leftover.unlink(missing_ok=True)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 class _Failing:

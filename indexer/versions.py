@@ -5,9 +5,11 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,8 +17,13 @@ from pathlib import Path
 
 from indexer.ann import AnnIndex
 
+log = logging.getLogger(__name__)
+
 MODALITIES = ("image", "text")
 _TMP_PREFIX = ".tmp-"
+# indexes/.pending-<version>: made before <version> is renamed into place, removed once its
+# index_versions row is committed. Left behind, it names a build that died in between.
+_PENDING_PREFIX = ".pending-"
 
 
 class IndexVersionError(RuntimeError):
@@ -53,23 +60,45 @@ def new_index_version() -> str:
 
 
 @contextmanager
-def build_lock(indexes_dir: Path):
-    """One index build at a time per PRISM_HOME; while held, any temp dir is a dead build's leftover."""
+def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None = None):
+    """One index build at a time per PRISM_HOME (an flock: the kernel drops it when its holder dies).
+
+    While it is held no build is under way, so what a build leaves only while it runs is a dead
+    build's: temp dirs, and versions renamed into place whose SQL row never came (a `.pending-`
+    marker still names them and `is_recorded` says no row does). Both are removed; a version
+    that did get its row only loses its stale marker.
+    """
     indexes_dir.mkdir(parents=True, exist_ok=True)
     with open(indexes_dir / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             for leftover in indexes_dir.glob(f"{_TMP_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+            if is_recorded is not None:
+                for marker in indexes_dir.glob(f"{_PENDING_PREFIX}*"):
+                    version = marker.name[len(_PENDING_PREFIX):]
+                    if version and not is_recorded(version):
+                        log.warning("removing index version %s: its build died before recording it", version)
+                        shutil.rmtree(indexes_dir / version, ignore_errors=True)
+                    marker.unlink(missing_ok=True)
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def mark_recorded(indexes_dir: Path, version: str) -> None:
+    """The version's SQL row is committed: it is no longer a build that may have died half-way."""
+    (Path(indexes_dir) / f"{_PENDING_PREFIX}{version}").unlink(missing_ok=True)
+
+
 def write_index_version(
     indexes_dir: Path, *, model_version: str, indexes: dict[str, AnnIndex], extra: dict | None = None
 ) -> tuple[str, Path, dict]:
-    """Write indexes + manifest atomically; returns (index_version, final path, manifest)."""
+    """Write indexes + manifest atomically; returns (index_version, final path, manifest).
+
+    Call under `build_lock`, and `mark_recorded` once the version's SQL row is committed: until
+    then the version is marked pending, and the next build removes it if its row never came.
+    """
     version = new_index_version()
     tmp = indexes_dir / f"{_TMP_PREFIX}{version}"
     final = indexes_dir / version
@@ -93,6 +122,9 @@ def write_index_version(
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        pending = indexes_dir / f"{_PENDING_PREFIX}{version}"
+        pending.touch()
+        _fsync_dir(indexes_dir)
         os.rename(tmp, final)
         _fsync_dir(indexes_dir)
     except BaseException:
