@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -18,10 +19,14 @@ log = logging.getLogger(__name__)
 
 
 class VectorCache:
-    def __init__(self, root: str | Path, dim: int, *, flush_every: int = 2048):
+    def __init__(self, root: str | Path, dim: int, *, flush_every: int = 2048, flush_after_s: float = 30.0):
         self.root = Path(root)
         self.dim = dim
         self.flush_every = flush_every
+        # A run killed outright (SIGKILL, OOM) loses what is still pending: bound it in time as
+        # well as in count, since on a slow CPU 2,048 images are minutes of work.
+        self.flush_after_s = flush_after_s
+        self._pending_since = 0.0
         self._index: dict[str, int] = {}
         self._matrix = np.zeros((0, dim), dtype=np.float32)
         self._pending: dict[str, tuple[str, str, np.ndarray]] = {}
@@ -79,8 +84,10 @@ class VectorCache:
     def put(self, key: str, vector: np.ndarray, *, modality: str, ref: str = "") -> None:
         if key in self._index or key in self._pending:
             return
+        if not self._pending:
+            self._pending_since = time.monotonic()
         self._pending[key] = (modality, ref, np.asarray(vector, dtype=np.float32))
-        if len(self._pending) >= self.flush_every:
+        if len(self._pending) >= self.flush_every or time.monotonic() - self._pending_since >= self.flush_after_s:
             self.flush()
 
     def flush(self) -> None:
