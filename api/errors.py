@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 from embedder import ImageDecodeError, ModelUnavailableError
 from indexer import IndexVersionError, UpdateError
@@ -54,7 +57,41 @@ def describe_validation(errors: list[dict]) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+# FastAPI answers a body it cannot decode (JSON that is not UTF-8, say) with this 400 and chains
+# the cause; Starlette answers a broken multipart form with a 400 raised while a
+# MultiPartException is handled. Both are malformed input: 422 like every other (README, OpenAPI).
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+def unparsable_body(request: Request, exc: StarletteHTTPException) -> tuple[int, str] | None:
+    """(status, detail) for a 400 that means "the body could not be parsed", else None."""
+    if exc.status_code != 400:
+        return None
+    if isinstance(exc.__context__, MultiPartException):
+        reason = str(exc.detail)
+        return (413 if "maximum size" in reason else 422), f"body: malformed multipart form ({reason})"
+    if exc.detail != _BODY_PARSE_ERROR:
+        return None
+    cause = exc.__cause__
+    content_type = request.headers.get("content-type", "").lower()
+    if content_type.startswith("multipart/"):
+        return 422, f"body: malformed multipart form ({cause or 'cannot parse it'})"
+    if isinstance(cause, RecursionError):
+        return 422, "body: malformed JSON (nested too deeply)"
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start]
+        return 422, f"body: malformed JSON (not UTF-8 text: byte {byte:#04x} at position {cause.start})"
+    return 422, "body: malformed JSON (cannot parse it)" if "json" in content_type else "body: cannot parse it"
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        mapped = unparsable_body(request, exc)
+        if mapped is not None:
+            return _json(*mapped)
+        return await http_exception_handler(request, exc)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError):
         # `detail` is a sentence for people; `errors` keeps FastAPI's structure for programs.

@@ -44,7 +44,18 @@ FilterValues = Annotated[
     BeforeValidator(_as_list),
     Field(max_length=MAX_FILTER_VALUES),
 ]
-Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true/false as 1/0; a boolean where a number belongs is a client bug.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+Int = Annotated[int, NotBool]
+Price = Annotated[float, NotBool, Field(ge=0, allow_inf_nan=False)]
 
 
 def _decode_b64(data: str) -> bytes:
@@ -90,8 +101,8 @@ class SearchParams(Filters):
 
     q: QueryText = Field(description="the text query")
     target: Target = Field(Target.IMAGE, description="which index to search: image, text or hybrid")
-    k: int = Field(10, ge=1, le=MAX_K, description="results to return")
-    offset: int = Field(0, ge=0, le=MAX_OFFSET, description="results to skip (paging)")
+    k: Int = Field(10, ge=1, le=MAX_K, description="results to return")
+    offset: Int = Field(0, ge=0, le=MAX_OFFSET, description="results to skip (paging)")
 
 
 class SearchRequest(BaseModel):
@@ -112,8 +123,8 @@ class SearchRequest(BaseModel):
     image_b64: Base64Image | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
     similar_to: ProductId | None = Field(None, description="a product id: find products like it")
     target: Target = Target.IMAGE
-    k: int = Field(10, ge=1, le=MAX_K)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    k: Int = Field(10, ge=1, le=MAX_K)
+    offset: Int = Field(0, ge=0, le=MAX_OFFSET)
     filters: Filters = Field(default_factory=Filters)
 
     @model_validator(mode="after")
@@ -179,7 +190,9 @@ class ProductIn(BaseModel):
     category: _text(1, MAX_ID_CHARS) | None = None
     brand: _text(1, MAX_ID_CHARS) | None = None
     price: Price | None = None
-    currency: _text(1, 8) | None = None
+    currency: Annotated[
+        str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
+    ] | None = None
     attributes: dict[str, Any] = Field(default_factory=dict, description="free-form JSON object (<= 16 KiB)")
     image_b64: Base64Image | None = Field(None, description="the product image, base64-encoded")
     image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
@@ -194,6 +207,13 @@ class ProductIn(BaseModel):
             encoded = json.dumps(self.attributes, allow_nan=False)
         except ValueError:
             raise ValueError("attributes must not hold NaN or infinite numbers") from None
+        except RecursionError:
+            raise ValueError("attributes are nested too deeply") from None
+        try:
+            json.dumps(self.attributes, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON allows "\ud800"; no database can store a lone surrogate.
+            raise ValueError("attributes must be valid Unicode text (no lone surrogates such as \\ud800)") from None
         if len(encoded.encode()) > MAX_ATTRIBUTES_BYTES:
             raise ValueError(f"attributes are {len(encoded)} bytes as JSON; the limit is {MAX_ATTRIBUTES_BYTES}")
         if "\x00" in encoded or "\\u0000" in encoded:
@@ -291,7 +311,7 @@ class EventIn(BaseModel):
     type: Literal["impression", "click"]
     query_id: _text(1, 64) = Field(description="the query_id of the search that served the product")
     product_id: ProductId
-    position: int = Field(ge=1, le=MAX_OFFSET + MAX_K, description="the 1-based rank the product was served at")
+    position: Int = Field(ge=1, le=MAX_OFFSET + MAX_K, description="the 1-based rank the product was served at")
     ts: AwareDatetime = Field(description="when it happened, with a time zone (ISO 8601)")
 
 
@@ -310,8 +330,12 @@ class EventProblem(BaseModel):
 
 
 class EventsRejected(BaseModel):
+    """422 of `POST /v1/events`: `problems` when events were checked against the search log,
+    `errors` when the batch did not even parse (wrong types, missing fields)."""
+
     detail: str
-    problems: list[EventProblem]
+    problems: list[EventProblem] | None = Field(None, description="one entry per invalid event")
+    errors: list[dict[str, Any]] | None = Field(None, description="one entry per invalid field: type, loc, msg")
 
 
 class ActivatedOut(BaseModel):
@@ -348,4 +372,8 @@ class ErrorOut(BaseModel):
 
 
 class ValidationErrorOut(ErrorOut):
-    errors: list[dict[str, Any]] = Field(description="one entry per problem: type, loc (where), msg")
+    # Only request validation fills `errors`; a 422 raised by a route (a query the engine refuses,
+    # an unusable image) has the `detail` sentence alone.
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="when the request failed validation: one entry per problem: type, loc (where), msg"
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -35,25 +37,41 @@ class ImageLimits:
 
 
 def read_image_bytes(source: str | Path | bytes, limits: ImageLimits) -> bytes:
+    """The bytes of an image given as bytes or a path, within `limits.max_bytes`.
+
+    Only regular files are read, and never more than the limit: a catalog row (or a file swapped
+    for a symlink after indexing) naming /dev/zero, a FIFO or /proc/... must not exhaust memory or
+    block the reader, and st_size is 0 for all of those.
+    """
     if isinstance(source, bytes):
         data = source
     else:
         path = Path(source)
         try:
-            size = path.stat().st_size
+            info = path.stat()
         except FileNotFoundError:
             raise ImageDecodeError("missing", f"image file not found: {path}") from None
         except OSError as exc:
-            raise ImageDecodeError("unreadable", f"cannot read {path}: {exc.strerror}") from None
-        if size > limits.max_bytes:
-            raise ImageDecodeError("too_large", f"image is {size} bytes; the limit is {limits.max_bytes}")
+            raise ImageDecodeError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+            raise ImageDecodeError("unreadable", f"{path} is not a regular file ({kind})")
+        if info.st_size > limits.max_bytes:
+            raise ImageDecodeError("too_large", f"image is {info.st_size} bytes; the limit is {limits.max_bytes}")
         try:
-            data = path.read_bytes()
+            # O_NONBLOCK: should the path have become a FIFO since the stat, open() must not wait.
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ImageDecodeError("unreadable", f"{path} is not a regular file")
+                data = fh.read(limits.max_bytes + 1)
         except OSError as exc:
-            raise ImageDecodeError("unreadable", f"cannot read {path}: {exc.strerror}") from None
+            raise ImageDecodeError("unreadable", f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) == 0:
         raise ImageDecodeError("empty", "image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
+        if not isinstance(source, bytes):  # the file grew since the stat; the read stopped at limit + 1
+            raise ImageDecodeError("too_large", f"image is over the {limits.max_bytes}-byte limit")
         raise ImageDecodeError("too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     return data
 
@@ -77,7 +95,10 @@ def decode_image(data: bytes | Image.Image, limits: ImageLimits) -> Image.Image:
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise ImageDecodeError("not_an_image", "not a recognised image format") from None
+            kind = _claimed_format(data)
+            if kind:  # the signature of an image format, but Pillow cannot even read its header
+                raise ImageDecodeError("broken", f"a damaged {kind} file: its header cannot be read") from None
+            raise ImageDecodeError("not_an_image", _unrecognised(data)) from None
         except Image.DecompressionBombError as exc:
             raise ImageDecodeError("too_many_pixels", str(exc)) from None
         except Exception as exc:  # Pillow raises many types on hostile headers
@@ -107,6 +128,27 @@ def decode_image(data: bytes | Image.Image, limits: ImageLimits) -> Image.Image:
         raise ImageDecodeError("broken", f"cannot decode image: {exc}") from None
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+)
+
+
+def _claimed_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WebP"
+    return next((kind for magic, kind in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _unrecognised(data: bytes) -> str:
+    head = data[:1024].lstrip().lower()
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head) or b"<!doctype svg" in head:
+        # Rasterising SVG would mean running a renderer (external references, scripts, entity
+        # expansion) on untrusted input; product photos are raster images anyway.
+        return "not a recognised image format: SVG (vector) images are not supported; send PNG, JPEG, WebP or GIF"
+    return "not a recognised image format; send PNG, JPEG, WebP, GIF, BMP or TIFF"
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
@@ -116,11 +158,19 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits rather than clip.
+    if img.mode.startswith("I;16") or img.mode == "I":
+        # 16/32-bit greyscale: map the format's range to 8 bits (Pillow's own conversion clips at
+        # 255). Not by the image's brightest pixel: that would brighten a dark photo and make its
+        # embedding differ from the same photo saved with 8 bits.
         import numpy as np
 
         arr = np.asarray(img, dtype=np.float64)
-        peak = arr.max() or 1.0
-        return Image.fromarray((arr * (255.0 / peak)).astype("uint8")).convert("RGB")
+        if arr.min() < 0 or arr.max() > 65535:
+            low, high = float(arr.min()), float(arr.max())  # 32-bit values of no known range
+            arr = (arr - low) * (255.0 / ((high - low) or 1.0))
+        elif img.mode == "I" and arr.max() <= 255:
+            pass  # 8-bit values held in a 32-bit image (e.g. convert("I") of an "L" image)
+        else:
+            arr = arr / 257.0  # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype("uint8")).convert("RGB")
     return img.convert("RGB")

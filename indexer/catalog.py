@@ -73,7 +73,9 @@ def read_catalog(path: str | Path, policy: ImagePolicy | None = None) -> Iterato
         raise CatalogError(f"unsupported catalog format {suffix!r}: use .csv, .parquet or .jsonl")
     seen: dict[str, int] = {}
     base = path.resolve().parent
+    rows = 0
     for line, record in reader(path):
+        rows += 1
         if isinstance(record, RowError):
             yield record
             continue
@@ -85,6 +87,10 @@ def read_catalog(path: str | Path, policy: ImagePolicy | None = None) -> Iterato
                 continue
             seen[result.product.product_id] = line
         yield result
+    if rows == 0:
+        # Almost always the wrong file (or an export that failed); building a new index version
+        # from it would only repeat the previous one.
+        raise CatalogError(f"{path.name} has no product rows")
 
 
 def _check_columns(columns, path: Path) -> None:
@@ -109,9 +115,12 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
                     continue
                 yield line, {k: (v if v != "" else None) for k, v in record.items()}
         except UnicodeDecodeError as exc:
-            raise CatalogError(f"{path.name} is not UTF-8 text: {exc}") from None
+            raise CatalogError(
+                f"{path.name} is not UTF-8 text ({exc}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
         except csv.Error as exc:
-            raise CatalogError(f"{path.name}: malformed CSV at line {reader.line_num}: {exc}") from None
+            # DictReader.line_num is that of the last good row; its csv reader's is where it stopped.
+            raise CatalogError(f"{path.name}: malformed CSV at line {reader.reader.line_num}: {exc}") from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
@@ -123,6 +132,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
                 record = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 yield line_no, RowError(line_no, None, f"invalid JSON: {exc}")
+                continue
+            except RecursionError:
+                yield line_no, RowError(line_no, None, "invalid JSON: nested too deeply")
                 continue
             if not isinstance(record, dict):
                 yield line_no, RowError(line_no, None, f"expected a JSON object, got {type(record).__name__}")
@@ -145,6 +157,16 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
             yield row, record
 
 
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates (JSON allows "\\ud800"): no database or UTF-8
+    encoder can store them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _clean_text(value, field: str, *, required: bool = False, max_length: int = MAX_TEXT_LENGTH) -> str | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         if required:
@@ -153,6 +175,8 @@ def _clean_text(value, field: str, *, required: bool = False, max_length: int = 
     if isinstance(value, (dict, list, bool)):
         raise ValueError(f"{field} must be a string, got {type(value).__name__}")
     text = _CONTROL.sub(" ", str(value)).strip()
+    if not _is_unicode(text):
+        raise ValueError(f"{field} is not valid Unicode text (it holds a lone surrogate such as \\ud800)")
     if not text:
         if required:
             raise ValueError(f"{field} is empty")
@@ -187,6 +211,8 @@ def _attributes(record: dict) -> dict:
                 raw = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"attributes is not valid JSON: {exc}") from None
+            except RecursionError:
+                raise ValueError("attributes is not valid JSON: nested too deeply") from None
         if not isinstance(raw, dict):
             raise ValueError("attributes must be a JSON object")
         attrs.update(raw)
@@ -194,9 +220,13 @@ def _attributes(record: dict) -> dict:
         if key not in KNOWN_COLUMNS and value is not None:
             attrs[str(key)] = value if isinstance(value, (str, int, float, bool, list, dict)) else str(value)
     try:
-        json.dumps(attrs, allow_nan=False)
+        encoded = json.dumps(attrs, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError):
         raise ValueError("attributes hold values that are not JSON") from None
+    except RecursionError:
+        raise ValueError("attributes are nested too deeply") from None
+    if not _is_unicode(encoded):
+        raise ValueError("attributes are not valid Unicode text (they hold a lone surrogate such as \\ud800)")
     return attrs
 
 

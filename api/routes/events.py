@@ -34,7 +34,7 @@ def post_events(events: EventBatch, services: ServicesDep):
     except EventBatchError as exc:
         body = EventsRejected(detail=f"{exc}: " + "; ".join(f"[{p['index']}] {p['error']}" for p in exc.problems[:5]),
                               problems=exc.problems)
-        return JSONResponse(body.model_dump(), status_code=422)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=422)
     services.metrics.events.labels("stored").inc(outcome.stored)
     services.metrics.events.labels("duplicate").inc(outcome.duplicates)
     return EventsStored(stored=outcome.stored, duplicates=outcome.duplicates)

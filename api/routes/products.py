@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from api.routes.common import ADMIN_ERRORS, ERRORS, product_out
 from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted
 from api.services import AdminDep, ServicesDep
-from embedder import content_hash
+from embedder import ImageDecodeError, ImageLimits, content_hash, read_image_bytes
 from store import ProductInput
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -25,7 +24,9 @@ _MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", 
 # Registered before the product route: `{product_id:path}` lets ids contain "/" (e.g. "AB/123").
 @router.get(
     "/products/{product_id:path}/image",
-    responses={404: ERRORS[404], 200: {"content": {"image/*": {}}, "description": "the product image"}},
+    responses={
+        404: ERRORS[404], 422: ERRORS[422], 200: {"content": {"image/*": {}}, "description": "the product image"},
+    },
     response_class=Response,
     summary="Product image",
 )
@@ -47,10 +48,12 @@ def product_image(product_id: ProductIdPath, services: ServicesDep, request: Req
         if not local.is_file():
             return RedirectResponse(uri, status_code=307)
         uri = str(local)
+    limits = ImageLimits(services.settings.max_image_bytes, services.settings.max_image_pixels)
     try:
-        data = Path(uri).read_bytes()
-    except OSError:
-        raise HTTPException(404, f"the image of {product_id!r} is no longer on disk") from None
+        # Bounded, regular files only: the path may since have become a symlink to /dev/zero or a FIFO.
+        data = read_image_bytes(uri, limits)
+    except ImageDecodeError as exc:
+        raise HTTPException(404, f"the image of {product_id!r} is no longer readable on disk ({exc.reason})") from None
     if content_hash(data) != product.image_hash:
         raise HTTPException(404, f"the image of {product_id!r} changed on disk since it was indexed")
     return Response(
@@ -80,7 +83,10 @@ def _media_type(data: bytes) -> str:
         return "application/octet-stream"
 
 
-@router.get("/products/{product_id:path}", response_model=ProductOut, responses={404: ERRORS[404]}, summary="One product")
+@router.get(
+    "/products/{product_id:path}", response_model=ProductOut, responses={404: ERRORS[404], 422: ERRORS[422]},
+    summary="One product",
+)
 def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
     product = services.store.get_product(product_id)
     if product is None:
@@ -127,7 +133,7 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
 @router.delete(
     "/products/{product_id:path}",
     status_code=204,
-    responses={404: ERRORS[404], **ADMIN_ERRORS},
+    responses={404: ERRORS[404], **ADMIN_ERRORS},  # ADMIN_ERRORS has the 422
     dependencies=[AdminDep],
     summary="Delete one product",
 )

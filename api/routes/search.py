@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import Annotated
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -20,9 +21,20 @@ router = APIRouter(prefix="/v1", tags=["search"])
 
 SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max")
 UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max"}
+SINGLE_FORM_FIELDS = UPLOAD_FIELDS - {"category", "brand"}
 
 
 def _single_valued(request: Request) -> None:
+    # Starlette decodes percent-escapes that are not UTF-8 (`q=%FF`, a CESU-8 surrogate) into
+    # U+FFFD and would search for that; the raw query string tells them apart from a real U+FFFD.
+    for part in request.scope.get("query_string", b"").split(b"&"):
+        name, _, value = part.partition(b"=")
+        try:
+            for piece in (name, value):
+                unquote_to_bytes(piece.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            shown = unquote_to_bytes(name).decode("utf-8", "replace")
+            raise HTTPException(422, f"query.{shown}: not valid UTF-8 once percent-decoded") from None
     # `q=a&q=b` would otherwise silently search for one of them.
     for name in SINGLE_QUERY_PARAMS:
         if len(request.query_params.getlist(name)) > 1:
@@ -32,9 +44,15 @@ def _single_valued(request: Request) -> None:
 async def _known_form_fields(request: Request) -> None:
     # Multipart forms are not pydantic models here, so unknown fields would pass silently,
     # unlike everywhere else in the API. The form is already parsed and cached by then.
-    unknown = sorted(set((await request.form()).keys()) - UPLOAD_FIELDS)
+    form = await request.form()
+    unknown = sorted(set(form.keys()) - UPLOAD_FIELDS)
     if unknown:
         raise HTTPException(422, "; ".join(f"body.{name}: unknown field" for name in unknown))
+    # Two files, or `k=1` and `k=5`: which one was meant? Refused, as in the query string.
+    for name in sorted(SINGLE_FORM_FIELDS):
+        count = len(form.getlist(name))
+        if count > 1:
+            raise HTTPException(422, f"body.{name}: give it once, not {count} times")
 
 
 def run_search(services: Services, *, filters: Filters, **query) -> SearchResponse:
@@ -96,8 +114,8 @@ def search_upload(
     """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes."""
     try:
         filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max)
-    except ValidationError as exc:  # reported like every other invalid field
-        raise RequestValidationError(exc.errors()) from None
+    except ValidationError as exc:  # reported like every other invalid form field: body.<name>
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     limit = services.settings.max_image_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
