@@ -99,6 +99,12 @@ def _run_index(settings, catalog: Path, *, quiet: bool):
     from indexer import CatalogIndexer
     from store import Store
 
+    from indexer import read_catalog
+
+    options = settings.index_options()
+    # An unreadable catalog (missing, unknown format, no required columns) fails before the model
+    # load, which takes seconds to minutes.
+    next(iter(read_catalog(catalog, options.image_policy)), None)
     settings.apply_threads()
     store = Store.open(settings.db_url)
     embedder = load_embedder(
@@ -108,7 +114,6 @@ def _run_index(settings, catalog: Path, *, quiet: bool):
         workers=settings.decode_workers,
         image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
     )
-    options = settings.index_options()
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
             home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)

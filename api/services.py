@@ -7,7 +7,8 @@ from typing import Annotated
 
 import secrets
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.metrics import Metrics
 from api.settings import PrismSettings
@@ -32,8 +33,15 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Catalog changes (and later model activation, retraining) need `Authorization: Bearer <PRISM_ADMIN_TOKEN>`.
+# Declared as a Bearer security scheme so /openapi.json (and the docs page) show which routes
+# need the token; auto_error=False because the answers below say more than FastAPI's default 403.
+_bearer = HTTPBearer(auto_error=False, description="PRISM_ADMIN_TOKEN", scheme_name="admin token")
+
+
+def require_admin(
+    services: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
+) -> None:
+    """Catalog changes, model activation and retraining need `Authorization: Bearer <PRISM_ADMIN_TOKEN>`.
 
     Without a configured token they are disabled: an open write API is not a safe default, and
     "only from localhost" would wave through everything behind a local reverse proxy.
@@ -41,8 +49,8 @@ def require_admin(services: ServicesDep, authorization: Annotated[str | None, He
     token = services.settings.admin_token
     if token is None:
         raise HTTPException(403, "this route is disabled: set PRISM_ADMIN_TOKEN on the server and send it as a Bearer token")
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    given = credentials.credentials.strip() if credentials is not None else ""
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise HTTPException(
             401, "send 'Authorization: Bearer <PRISM_ADMIN_TOKEN>' for this route", headers={"WWW-Authenticate": "Bearer"}
         )

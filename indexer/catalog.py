@@ -99,11 +99,17 @@ def _check_columns(columns, path: Path) -> None:
         raise CatalogError(f"{path.name}: missing required column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}")
 
 
+_CSV_FIELD_LIMIT = 16 * 1024 * 1024
+
+
 def _csv_records(path: Path) -> Iterator[tuple[int, dict | RowError]]:
     try:
         fh = open(path, newline="", encoding="utf-8-sig")
     except OSError as exc:
         raise CatalogError(f"cannot open {path}: {exc.strerror}") from None
+    # csv's default cell limit (128 KiB) would fail the whole file on one oversized cell; past
+    # this one, the row's own field limits report it as a bad row instead. (The limit is global.)
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with fh:
         reader = csv.DictReader(fh)
         try:

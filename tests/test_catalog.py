@@ -158,3 +158,11 @@ def test_url_fetch_is_bounded_in_bytes_and_in_total_time():
             return b"y" * n
 
     assert len(_read_bounded(Flood(), "http://big.example/", max_bytes=1000, deadline=time.monotonic() + 5)) == 1001
+
+
+def test_an_oversized_csv_cell_is_a_bad_row_not_a_failed_catalog(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("product_id,title,description\nA,ok,short\nB,big," + "x" * 300_000 + "\nC,fine,\n")
+    rows, errors = _split(list(read_catalog(path)))
+    assert [r.product.product_id for r in rows] == ["A", "C"]
+    assert [(e.line, e.product_id) for e in errors] == [(3, "B")] and "300000 characters" in errors[0].reason
