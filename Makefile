@@ -43,7 +43,7 @@ test: install browser
 test-postgres: install browser
 	.ci/with-postgres $(MAKE) --no-print-directory test
 
-# Faults and load at full size (~30 minutes here): SIGKILL mid event stream, mid index / build /
+# Faults and load at full size (~15 minutes here): SIGKILL mid event stream, mid index / build /
 # retrain, version swaps under load, fuzzing; SQLite and PostgreSQL. Writes docs/reliability.md.
 reliability: install
 	.ci/with-postgres $(PY) benchmarks/reliability.py
