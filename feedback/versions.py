@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from embedder import model_output_dim
+from indexer import fsync_dir
 from store import Store
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def pending_candidate(models_dir: Path, version: str) -> Iterator[None]:
     models_dir.mkdir(parents=True, exist_ok=True)
     marker = models_dir / f"{_PENDING_PREFIX}{version}"
     marker.touch()
-    _fsync_dir(models_dir)
+    fsync_dir(models_dir)
     yield
     marker.unlink(missing_ok=True)
 
@@ -122,14 +123,6 @@ def remove_unrecorded_candidates(models_dir: Path, store: Store) -> list[str]:
             removed.append(version)
         marker.unlink(missing_ok=True)
     return removed
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_model_json(models_dir: Path, version: str) -> dict | None:

@@ -7,7 +7,7 @@ from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
-from indexer.versions import IndexVersionError, LoadedIndexVersion, load_index_version
+from indexer.versions import IndexVersionError, LoadedIndexVersion, fsync_dir, load_index_version
 
 __all__ = [
     "ATTRIBUTION",
@@ -35,6 +35,7 @@ __all__ = [
     "UpdateError",
     "UpsertOutcome",
     "fetch_image_url",
+    "fsync_dir",
     "gpu_count",
     "import_faiss",
     "load_index_version",

@@ -47,7 +47,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (the directory's own metadata)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -121,12 +122,12 @@ def write_index_version(
         for name in [*files, "manifest.json"]:
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         pending = indexes_dir / f"{_PENDING_PREFIX}{version}"
         pending.touch()
-        _fsync_dir(indexes_dir)
+        fsync_dir(indexes_dir)
         os.rename(tmp, final)
-        _fsync_dir(indexes_dir)
+        fsync_dir(indexes_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
