@@ -63,6 +63,11 @@ def describe_validation(errors: list[dict]) -> str:
 _BODY_PARSE_ERROR = "There was an error parsing the body"
 
 
+# What the JSON and multipart parsers raise on bad bytes. Anything else behind that 400 (a full
+# disk while a form spools to a temp file, MemoryError) is the server's fault, not the client's.
+_PARSE_FAILURES = (UnicodeDecodeError, RecursionError, ValueError, MultiPartException)
+
+
 def unparsable_body(request: Request, exc: StarletteHTTPException) -> tuple[int, str] | None:
     """(status, detail) for a 400 that means "the body could not be parsed", else None."""
     if exc.status_code != 400:
@@ -73,9 +78,12 @@ def unparsable_body(request: Request, exc: StarletteHTTPException) -> tuple[int,
     if exc.detail != _BODY_PARSE_ERROR:
         return None
     cause = exc.__cause__
+    if not isinstance(cause, _PARSE_FAILURES):
+        log.error("%s %s: reading the request body failed", request.method, request.url.path, exc_info=cause)
+        return 500, "internal error while reading the request body; it was not stored"
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/"):
-        return 422, f"body: malformed multipart form ({cause or 'cannot parse it'})"
+        return 422, f"body: malformed multipart form ({cause})"
     if isinstance(cause, RecursionError):
         return 422, "body: malformed JSON (nested too deeply)"
     if isinstance(cause, UnicodeDecodeError):

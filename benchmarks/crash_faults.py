@@ -317,8 +317,9 @@ def run_prism(args: list[str], env: dict, *, fault: dict | None = None, trace: P
                 out, err = proc.communicate()
         else:
             out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
+    except BaseException:  # a timeout, Ctrl-C, a failing caller: never leave the child running
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
     events = _read_trace(trace)
@@ -418,7 +419,7 @@ def find_leftovers(home: Path, store) -> list[str]:
                 out.append(f"models/{p.name} (no model_versions row)")
     for p in sorted(home.glob("embeddings/*/.*.tmp")):
         out.append(str(p.relative_to(home)))
-    for p in sorted(home.glob("downloads/*.part")):
+    for p in sorted(home.glob("downloads/.*.part")):
         out.append(str(p.relative_to(home)))
     seen = set(out)
     for p in home.rglob("*"):
@@ -862,6 +863,30 @@ def retrain_scenario(home: Path, workdir: Path, *, kills: int | None = None, poi
 # ---------------------------------------------------------------- all of it, for make reliability
 
 
+def rehome_index_paths(db_url: str, source: Path, target: Path) -> None:
+    """Point a copied home's index_versions rows at the copy's own index directories.
+
+    The rows hold absolute paths, so a copy would otherwise load (and checksum) the source
+    home's files, and a crash check on the copy would look at the wrong ones."""
+    from sqlalchemy import create_engine, text
+
+    old, new = str(Path(source).resolve()), str(Path(target).resolve())
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text("UPDATE index_versions SET path = :new || substr(path, :cut) WHERE substr(path, 1, :n) = :old"),
+                {"new": new, "old": old, "n": len(old), "cut": len(old) + 1},
+            )
+    finally:
+        engine.dispose()
+
+
+def _copy_sqlite_home(source: Path, target: Path) -> None:
+    shutil.copytree(source, target)
+    rehome_index_paths(f"sqlite:///{Path(target).resolve() / 'prism.db'}", source, target)
+
+
 def run_all(root: Path, *, full: bool = True, scenarios=("index", "build", "retrain"), products: int | None = None,
             time_kills: int | None = None, epochs: int | None = None, database_url=None, copy_home=None,
             demo_home: Path | None = None, log=print) -> dict:
@@ -876,7 +901,7 @@ def run_all(root: Path, *, full: bool = True, scenarios=("index", "build", "retr
     products = products or (2000 if full else 300)
     time_kills = (3 if full else 1) if time_kills is None else time_kills
     epochs = epochs or (5 if full else 3)
-    copy_home = copy_home or shutil.copytree
+    copy_home = copy_home or _copy_sqlite_home
     out: dict = {"sizes": {"products": products, "time_kills": time_kills, "retrain_epochs": epochs}}
 
     def url(home: Path) -> str | None:

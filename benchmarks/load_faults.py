@@ -271,7 +271,6 @@ def durability(
         "rows_added": total_rows - rows_before,
         "lost": len(stream.acked - kept),
         "lost_acknowledged_before_kill": len(acked_at_kill - kept),
-        "extra": total_rows - rows_before - len(kept),  # rows that are none of these events, or doubles
         "never_acknowledged": events - len(stream.acked),
         "stored_answers": stream.stored,
         "duplicate_answers": stream.duplicates,

@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable
 from contextlib import contextmanager
@@ -234,7 +235,8 @@ class CatalogIndexer:
             raise_later = ImageDecodeError(exc.reason, str(exc))
             return _Failing(raise_later)
         downloads.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_suffix(".part")
+        # Unique per writer: two runs fetching the same URL must not write into one temp file.
+        tmp = downloads / f".{local.name}.{uuid.uuid4().hex}.part"
         tmp.write_bytes(data)
         tmp.replace(local)
         return str(local)
@@ -311,7 +313,7 @@ def embedding_writer(home: Path):
 
     A run that finds no other holder first removes what dead runs left half-written: temp shards
     (`embeddings/*/.part-*.tmp`, from a kill during a shard write) and partial downloads
-    (`downloads/*.part`). With another run under way they may be its own, and are left alone.
+    (`downloads/.*.part`). With another run under way they may be its own, and are left alone.
     The lock is an flock, so a killed run never holds it.
     """
     home = Path(home)
@@ -324,7 +326,7 @@ def embedding_writer(home: Path):
         except BlockingIOError:
             pass
         else:
-            for leftover in [*root.glob("*/.part-*.tmp"), *(home / "downloads").glob("*.part")]:
+            for leftover in [*root.glob("*/.part-*.tmp"), *(home / "downloads").glob(".*.part")]:
                 log.info("removing %s, left half-written by a run that died", leftover)
                 leftover.unlink(missing_ok=True)
         fcntl.flock(fd, fcntl.LOCK_SH)

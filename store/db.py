@@ -40,6 +40,7 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 _IN_CHUNK = 900
 # Any constant: the PostgreSQL advisory lock that makes journal sequence numbers commit in order.
 _JOURNAL_LOCK = 0x505249534D
+_MIGRATION_LOCK = 0x505249534E
 
 
 class StoreError(RuntimeError):
@@ -142,6 +143,10 @@ def migrate(engine: Engine) -> None:
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # `prism serve --workers N` migrates in every worker at once; one at a time, the
+            # others then find the schema current. (SQLite serialises the writers already.)
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
 

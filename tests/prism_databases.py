@@ -50,10 +50,15 @@ class TestDatabases:
         return env
 
     def copy_home(self, source: Path, target: Path, ignore=None) -> None:
-        """A private copy of a home: its files and its database."""
+        """A private copy of a home: its files and its database, the index paths pointing at the copy."""
+        from crash_faults import rehome_index_paths
+
         shutil.copytree(source, target, ignore=ignore)
-        if not self.postgres:
-            return
+        if self.postgres:
+            self._copy_database(source, target)
+        rehome_index_paths(self.url(target), source, target)
+
+    def _copy_database(self, source: Path, target: Path) -> None:
         self.url(source)
         name, template = self._name(Path(target).resolve()), self._name(Path(source).resolve())
         # CREATE DATABASE ... TEMPLATE needs the template to have no sessions; pools of stores the

@@ -166,3 +166,82 @@ def test_an_oversized_csv_cell_is_a_bad_row_not_a_failed_catalog(tmp_path):
     rows, errors = _split(list(read_catalog(path)))
     assert [r.product.product_id for r in rows] == ["A", "C"]
     assert [(e.line, e.product_id) for e in errors] == [(3, "B")] and "300000 characters" in errors[0].reason
+
+
+@pytest.mark.parametrize("address", [
+    "64:ff9b::a9fe:a9fe", "64:ff9b:1::a00:1",  # NAT64 to 169.254.169.254, 10.0.0.1
+    "2002:a00:1::1", "::a00:1", "::ffff:0:a00:1", "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # 6to4, compatible, Teredo
+])
+def test_ipv6_addresses_that_carry_an_internal_ipv4_one_are_not_public(address):
+    from indexer.fetch import _is_public
+
+    assert not _is_public(address)
+    assert _is_public("2606:4700:4700::1111") and _is_public("64:ff9b::808:808")  # public, and NAT64 to 8.8.8.8
+
+
+@pytest.fixture
+def loopback_counts_as_public(monkeypatch):
+    """Only 127.0.0.1 passes the public-address check, so a local server can play a slow or
+    redirecting public one; 127.0.0.2 (also loopback) stays internal."""
+    import indexer.fetch as fetch
+
+    real = fetch._is_public
+    monkeypatch.setattr(fetch, "_is_public", lambda address: address == "127.0.0.1" or real(address))
+
+
+def _serve(handler_cls):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_url_fetch_has_one_time_limit_for_headers_and_body(loopback_counts_as_public):
+    import http.server
+    import time
+
+    from indexer import FetchError, fetch_image_url
+
+    class SlowHeaders(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # every read arrives well within a socket timeout; the whole never does
+            for byte in b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nX-Padding: " + b"x" * 100:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+                time.sleep(0.05)
+
+        def log_message(self, *args):
+            pass
+
+    server = _serve(SlowHeaders)
+    try:
+        started = time.monotonic()
+        with pytest.raises(FetchError) as exc:
+            fetch_image_url(f"http://127.0.0.1:{server.server_port}/a.png", max_bytes=10_000, timeout_s=1.0)
+        assert exc.value.reason == "timeout" and time.monotonic() - started < 3.0
+    finally:
+        server.shutdown()
+
+
+def test_a_redirect_to_an_internal_address_is_refused(loopback_counts_as_public):
+    import http.server
+
+    from indexer import FetchError, fetch_image_url
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("Location", "http://127.0.0.2:9/secret.png")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = _serve(Redirect)
+    try:
+        with pytest.raises(FetchError) as exc:
+            fetch_image_url(f"http://127.0.0.1:{server.server_port}/a.png", max_bytes=10_000, timeout_s=5)
+        assert exc.value.reason == "forbidden_address" and "127.0.0.2" in str(exc.value)
+    finally:
+        server.shutdown()

@@ -143,10 +143,12 @@ def test_a_lock_whose_holder_was_killed_is_free_at_once(tmp_path):
          "print('held', flush=True); time.sleep(600)", str(indexes / ".build.lock")],
         stdout=subprocess.PIPE, text=True,
     )
-    assert holder.stdout.readline().strip() == "held"
-    assert cf.held_locks(tmp_path) == ["indexes/.build.lock"]
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.wait(timeout=10)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert cf.held_locks(tmp_path) == ["indexes/.build.lock"]
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
     started = time.monotonic()
     with build_lock(indexes):
         pass

@@ -54,14 +54,15 @@ def test_sigkill_mid_stream_loses_no_acknowledged_event_and_retries_add_nothing(
         databases.env(settings.home, PRISM_DEVICE="cpu", PRISM_THREADS="1"), databases.url(settings.home),
         events=2_000, clients=16, batch_size=20, retry_fraction=0.2, kill_at_fraction=0.4, log=tmp_path / "serve.log",
     )
-    assert result["kills"] and result["kills"][0]["acked_at_kill"] >= 800
+    # The kill really landed mid-stream: clients saw the server gone and had batches to retry.
+    assert len(result["kills"]) == 1 and result["kills"][0]["acked_at_kill"] < 2_000 and result["failed_posts"] > 0
     assert result["acknowledged"] == 2_000 and result["never_acknowledged"] == 0
     assert result["lost"] == 0 and result["lost_acknowledged_before_kill"] == 0
-    assert result["rows_for_these_events"] == 2_000 and result["extra"] == 0
+    assert result["rows_added"] == 2_000  # exactly one row per event, acknowledged twice or not at all meanwhile
     assert result["retries_after_ack"] > 0 and result["retries_answered_all_duplicates"] == result["retries_after_ack"]
-    # Every event was stored exactly once: "stored" answers can only fall short by batches whose
-    # answer the kill swallowed (their retry answered "duplicate").
-    assert result["stored_answers"] <= 2_000
+    # "stored" answers fall short of 2,000 only by batches committed just before the kill, whose
+    # answer was lost: their retry was answered "duplicate".
+    assert result["stored_answers"] + result["duplicate_answers"] == 2_000
 
 
 def test_swapping_versions_under_query_load_fails_no_query(two_version_home, databases, tmp_path):

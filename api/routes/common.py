@@ -18,8 +18,8 @@ ERRORS = {
 ADMIN_ERRORS = {
     401: {"model": ErrorOut, "description": "missing or wrong admin token"},
     403: {"model": ErrorOut, "description": "no admin token is configured on the server"},
-    # The Authorization header is a declared parameter, so FastAPI would otherwise document its
-    # default 422 body (`detail` as a list), which is not what errors.install answers.
+    # Admin routes take path parameters that can fail validation; without this entry FastAPI
+    # documents its default 422 body (`detail` as a list), which is not what errors.install answers.
     422: ERRORS[422],
 }
 
