@@ -208,7 +208,7 @@ def durability(
     log: Path | None = None,
 ) -> dict:
     """Post `events` events from `clients` clients; SIGKILL the server once `kill_at_fraction` of
-    them are acknowledged (None: no kill). Returns counts; `lost` and `extra` must be 0."""
+    them are acknowledged (None: no kill). Returns counts; `lost` must be 0 and `rows_added` equal `events`."""
     from store import Store
 
     tag = f"dur{int(time.time() * 1000) % 10**9}"
