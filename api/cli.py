@@ -96,10 +96,8 @@ def index(
 
 def _run_index(settings, catalog: Path, *, quiet: bool):
     from embedder import ImageLimits, load_embedder
-    from indexer import CatalogIndexer
+    from indexer import CatalogIndexer, read_catalog
     from store import Store
-
-    from indexer import read_catalog
 
     options = settings.index_options()
     # An unreadable catalog (missing, unknown format, no required columns) fails before the model

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -17,10 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from embedder import model_output_dim
-from indexer import fsync_dir
+from indexer import mark_pending, mark_recorded, remove_unrecorded
 from store import Store
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_JSON = "model.json"
@@ -84,45 +81,30 @@ def write_model_version(
     return target
 
 
-_PENDING_PREFIX = ".pending-"
-
-
 @contextlib.contextmanager
 def pending_candidate(models_dir: Path, version: str) -> Iterator[None]:
     """Mark `version` as being written by a retrain run until it is written and registered.
 
-    `models/.pending-<version>` exists from before the version's temp dir is made until its
-    `model_versions` row is committed; a run killed (or failing) in between leaves it, and the
-    next run, under the job lock, removes the half-written or unregistered version it names.
+    The marker exists from before the version's temp dir is made until its `model_versions` row is
+    committed; a run killed (or failing) in between leaves it, and the next run, under the job
+    lock, removes the half-written or unregistered version it names.
     """
     models_dir = Path(models_dir)
     if (models_dir / version).exists():  # not ours to mark: it could be removed as a dead run's
         raise ModelVersionExistsError(f"model version {version!r} already exists at {models_dir / version}")
     models_dir.mkdir(parents=True, exist_ok=True)
-    marker = models_dir / f"{_PENDING_PREFIX}{version}"
-    marker.touch()
-    fsync_dir(models_dir)
+    mark_pending(models_dir, version)
     yield
-    marker.unlink(missing_ok=True)
+    mark_recorded(models_dir, version)
 
 
 def remove_unrecorded_candidates(models_dir: Path, store: Store) -> list[str]:
     """Remove the versions retrain runs that died were writing: their temp dirs, and the version
     itself when no `model_versions` row names it. Only under the retrain job lock (no run is live)."""
-    models_dir = Path(models_dir)
-    removed = []
-    for marker in sorted(models_dir.glob(f"{_PENDING_PREFIX}*")):
-        version = marker.name[len(_PENDING_PREFIX):]
-        if not version:
-            continue
-        for tmp in models_dir.glob(f".{version}.tmp-*"):
-            shutil.rmtree(tmp, ignore_errors=True)
-        if store.get_model_version(version) is None and (models_dir / version).exists():
-            log.warning("removing model version %s: the retrain run writing it died before registering it", version)
-            shutil.rmtree(models_dir / version, ignore_errors=True)
-            removed.append(version)
-        marker.unlink(missing_ok=True)
-    return removed
+    return remove_unrecorded(
+        models_dir, lambda version: store.get_model_version(version) is not None, what="model version",
+        temp_dirs=".{version}.tmp-*",  # write_model_version's temp dir
+    )
 
 
 def read_model_json(models_dir: Path, version: str) -> dict | None:

@@ -7,7 +7,15 @@ from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
-from indexer.versions import IndexVersionError, LoadedIndexVersion, fsync_dir, load_index_version
+from indexer.versions import (
+    IndexVersionError,
+    LoadedIndexVersion,
+    fsync_dir,
+    load_index_version,
+    mark_pending,
+    mark_recorded,
+    remove_unrecorded,
+)
 
 __all__ = [
     "ATTRIBUTION",
@@ -39,7 +47,10 @@ __all__ = [
     "gpu_count",
     "import_faiss",
     "load_index_version",
+    "mark_pending",
+    "mark_recorded",
     "plan_factory",
     "product_text",
     "read_catalog",
+    "remove_unrecorded",
 ]

@@ -76,20 +76,43 @@ def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None =
             for leftover in indexes_dir.glob(f"{_TMP_PREFIX}*"):
                 shutil.rmtree(leftover, ignore_errors=True)
             if is_recorded is not None:
-                for marker in indexes_dir.glob(f"{_PENDING_PREFIX}*"):
-                    version = marker.name[len(_PENDING_PREFIX):]
-                    if version and not is_recorded(version):
-                        log.warning("removing index version %s: its build died before recording it", version)
-                        shutil.rmtree(indexes_dir / version, ignore_errors=True)
-                    marker.unlink(missing_ok=True)
+                remove_unrecorded(indexes_dir, is_recorded, what="index version")
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def mark_recorded(indexes_dir: Path, version: str) -> None:
-    """The version's SQL row is committed: it is no longer a build that may have died half-way."""
-    (Path(indexes_dir) / f"{_PENDING_PREFIX}{version}").unlink(missing_ok=True)
+def mark_pending(directory: Path, version: str) -> None:
+    """`directory/<version>` is about to be written and then recorded in SQL: until `mark_recorded`,
+    a writer that dies leaves this marker, naming what `remove_unrecorded` may delete."""
+    (Path(directory) / f"{_PENDING_PREFIX}{version}").touch()
+    fsync_dir(directory)
+
+
+def mark_recorded(directory: Path, version: str) -> None:
+    """The version's SQL row is committed: it is no longer a write that may have died half-way."""
+    (Path(directory) / f"{_PENDING_PREFIX}{version}").unlink(missing_ok=True)
+
+
+def remove_unrecorded(
+    directory: Path, is_recorded: Callable[[str], bool], *, what: str, temp_dirs: str | None = None
+) -> list[str]:
+    """Delete the versions whose writers died between `mark_pending` and their SQL row, and their
+    temp dirs (`temp_dirs`, a glob with `{version}`); clear every marker. Only while no writer of
+    `directory` can be live (under its build or job lock)."""
+    directory = Path(directory)
+    removed = []
+    for marker in sorted(directory.glob(f"{_PENDING_PREFIX}*")):
+        version = marker.name[len(_PENDING_PREFIX):]
+        if version and temp_dirs is not None:
+            for tmp in directory.glob(temp_dirs.format(version=version)):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if version and not is_recorded(version) and (directory / version).exists():
+            log.warning("removing %s %s: the run writing it died before recording it", what, version)
+            shutil.rmtree(directory / version, ignore_errors=True)
+            removed.append(version)
+        marker.unlink(missing_ok=True)
+    return removed
 
 
 def write_index_version(
@@ -123,9 +146,7 @@ def write_index_version(
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        pending = indexes_dir / f"{_PENDING_PREFIX}{version}"
-        pending.touch()
-        fsync_dir(indexes_dir)
+        mark_pending(indexes_dir, version)
         os.rename(tmp, final)
         fsync_dir(indexes_dir)
     except BaseException:
