@@ -7,7 +7,7 @@ the nightly fine-tune on click pairs. What it does:
   treated as positives of each other, not as negatives;
 - lock either tower, or unlock only its last N layers (open_clip's lock methods);
 - AdamW (no decay on norms, biases and the temperature), linear warm-up then cosine decay,
-  gradient clipping, fp16 autocast on GPU, seeded sampling and augmentation;
+  gradient clipping, fp16 autocast on GPU (bfloat16 on CPUs that have it), seeded sampling and augmentation;
 - a checkpoint after every epoch, atomically replaced; a run started again with the same
   configuration and data resumes from it.
 
@@ -72,6 +72,9 @@ class TrainConfig:
     zoom: tuple[float, float] = (0.8, 1.15)  # >1 zooms out (the border colour fills in)
     max_shift: float = 0.08  # of the image side
     max_rotation_deg: float = 8.0
+    # fp16 autocast on CUDA; bfloat16 on CPUs with oneDNN bfloat16 kernels (AVX-512, AMX), where
+    # it makes a small CNN train 1.5-2x faster; fp32 elsewhere and when False.
+    mixed_precision: bool = True
     seed: int = 0
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
 
@@ -394,6 +397,9 @@ def train_contrastive(
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1 / config.init_temperature))
 
+    if device == "cpu":
+        # oneDNN's convolutions run fastest on NHWC; the batches below are made to match
+        model.visual.to(memory_format=torch.channels_last)
     size = model_image_size(model)
     store_size = size if not config.augment else int(math.ceil(size * 1.15))
     pixels = decode_images(data.images, store_size, image_limits, decode_workers)
@@ -416,8 +422,8 @@ def train_contrastive(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, warmup=config.warmup_steps, total=total_steps)
     )
-    use_amp = device.startswith("cuda")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    autocast, use_scaler, precision = _autocast(device, config.mixed_precision)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     generator = torch.Generator().manual_seed(config.seed)
 
     fingerprint = f"{config.fingerprint()}-{data.fingerprint()}"
@@ -441,7 +447,6 @@ def train_contrastive(
         model.visual.apply(lambda m: m.eval() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) else None)
     progress.start(stop_at, step)
     seen_images, loop_started = 0, time.perf_counter()
-    autocast = torch.autocast("cuda", dtype=torch.float16) if use_amp else torch.autocast("cpu", enabled=False)
     while step < stop_at:
         epoch = step // steps_per_epoch
         if step % steps_per_epoch == 0 or order is None:
@@ -458,7 +463,7 @@ def train_contrastive(
                 images = augment_batch(images, size, config, generator)
             elif images.shape[-1] != size:
                 images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-            images = (images - mean_t) / std_t
+            images = ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
             with autocast:
                 image_features = model.encode_image(images)
                 text_features = text_side(picks.reshape(-1))
@@ -492,6 +497,8 @@ def train_contrastive(
                              order=order, epoch_step_losses=losses)
     progress.finish()
     model.eval()
+    if device == "cpu":
+        model.visual.to(memory_format=torch.contiguous_format)
     elapsed = time.perf_counter() - loop_started
     return TrainResult(
         steps=step,
@@ -504,7 +511,8 @@ def train_contrastive(
         resumed_from_step=resumed_from,
         stats={"items": n, "distinct_texts": len(distinct), "batch_size": batch_size,
                "steps_per_epoch": steps_per_epoch, "trainable_parameters": _count(model, trainable),
-               "text_features_cached": text_side.cached is not None, "image_store_size": store_size},
+               "text_features_cached": text_side.cached is not None, "image_store_size": store_size,
+               "precision": precision},
     )
 
 
@@ -521,6 +529,27 @@ def _epoch_order(n: int, groups: list[str] | None, generator):
         members.setdefault(groups[i], []).append(i)
     runs = list(members.values())
     return torch.tensor([i for g in torch.randperm(len(runs), generator=generator).tolist() for i in runs[g]])
+
+
+def _autocast(device: str, mixed_precision: bool):
+    """The autocast context for training steps, whether it needs a gradient scaler (fp16), its dtype."""
+    import torch
+
+    if mixed_precision and device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.float16), True, "float16"
+    if mixed_precision and device == "cpu" and cpu_bfloat16():
+        return torch.autocast("cpu", dtype=torch.bfloat16), False, "bfloat16"
+    return torch.autocast("cpu", enabled=False), False, "float32"
+
+
+def cpu_bfloat16() -> bool:
+    """True where oneDNN has bfloat16 kernels (AVX-512 or AMX); elsewhere it would be slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _temperature(model) -> float:

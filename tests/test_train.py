@@ -21,7 +21,7 @@ from feedback import (
     write_model_version,
 )
 from feedback.demo import eval_set, pair_data
-from feedback.train import trainable_names
+from feedback.train import cpu_bfloat16, trainable_names
 from indexer import build_demo_catalog
 
 TINY_TRAIN = TrainConfig(epochs=10, batch_size=32, lr=3e-3, warmup_steps=5, lock_text=True, seed=0)
@@ -75,6 +75,24 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, demo_catalog, 
     other = train_contrastive(_fresh_model()[0], tokenizer, data, dataclasses.replace(config, lr=1e-3),
                               workdir=tmp_path / "b")
     assert other.resumed_from_step == 0  # a checkpoint from another configuration is not resumed
+
+
+def test_mixed_precision_trains_in_bfloat16_where_the_cpu_has_it(tmp_path, demo_catalog, train_items):
+    config = dataclasses.replace(TINY_TRAIN, epochs=2)
+    data = pair_data(train_items, demo_catalog.root)
+    exact, _, tokenizer = _fresh_model()
+    fp32 = train_contrastive(exact, tokenizer, data, dataclasses.replace(config, mixed_precision=False),
+                             workdir=tmp_path / "fp32")
+    mixed_model, _, tokenizer = _fresh_model()
+    mixed = train_contrastive(mixed_model, tokenizer, data, config, workdir=tmp_path / "mixed")
+    assert fp32.stats["precision"] == "float32"
+    assert mixed.stats["precision"] == ("bfloat16" if cpu_bfloat16() else "float32")
+    # the same steps on the same batches: the losses agree to bfloat16's precision
+    assert mixed.epoch_losses == pytest.approx(fp32.epoch_losses, rel=0.05)
+    a, b = exact.state_dict(), mixed_model.state_dict()
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    assert same == (mixed.stats["precision"] == "float32"), "autocast did not change the arithmetic"
+    assert mixed_model.visual.conv1.weight.is_contiguous()  # the trained model leaves NHWC behind
 
 
 def test_locks_freeze_what_they_name(tmp_path, demo_catalog, train_items):
