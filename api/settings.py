@@ -37,7 +37,7 @@ class PrismSettings(BaseSettings):
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
     retrain_min_mrr_gain: float = Field(0.01, ge=0, description="MRR on later clicks a candidate must add to be promoted")
     retrain_max_catalog_recall_drop: float = Field(0.01, ge=0, le=1, description="catalog recall@10 a candidate may lose")
-    retrain_catalog_mix: float = Field(0.5, ge=0, le=0.95, description="share of fine-tune items that are catalog pairs")
+    retrain_catalog_mix: float = Field(0.8, ge=0, le=0.95, description="share of fine-tune items that are catalog pairs")
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
     retrain_epochs: int = Field(40, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")

@@ -75,7 +75,7 @@ class RetrainConfig:
     mining: MiningConfig = MiningConfig()
     gate: GateConfig = GateConfig()
     train: TrainConfig = FINETUNE_TRAIN
-    catalog_mix: float = 0.5  # share of training items that are catalog (title, image) pairs
+    catalog_mix: float = 0.8  # share of training items that are catalog (title, image) pairs; see docs/feedback.md
     min_pairs: int = 10  # fewer mined pairs than this: no training, the run is skipped
     seed: int = 0
 
