@@ -81,7 +81,11 @@ def test_type_a_query_and_see_results(page):
     expect(first.locator(".title")).not_to_be_empty()
     expect(first.locator(".price")).to_contain_text("EUR")
     expect(first.locator(".score")).to_contain_text("score")
-    assert first.locator("img").evaluate("img => img.complete && img.naturalWidth > 0")
+    # The thumbnail loads after the card renders (and is lazy), so wait for it rather than sample
+    # it once; a broken image never gets a natural width and fails here after the timeout.
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 0", arg=first.locator("img").element_handle(), timeout=15_000
+    )
     assert "q=red+shoe" in page.url  # shareable
 
 
