@@ -39,7 +39,8 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
     model_thread = ModelThread()
     engine = SearchEngine(
-        store, models_dir=settings.models_dir, device=settings.device, image_limits=limits, model_thread=model_thread,
+        store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
+        image_limits=limits, model_thread=model_thread,
         batching=settings.batch_config(),
     )
     services = Services(

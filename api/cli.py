@@ -173,7 +173,7 @@ def search(
         settings.apply_threads()
         store = Store.open(settings.db_url)
         engine = SearchEngine(
-            store, models_dir=settings.models_dir, device=settings.device,
+            store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
             image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
         )
         engine.refresh()

@@ -61,6 +61,10 @@ class PrismSettings(BaseSettings):
     def models_dir(self) -> Path:
         return self.home / "models"
 
+    @property
+    def indexes_dir(self) -> Path:
+        return self.home / "indexes"
+
     def index_options(self):
         from indexer import AnnConfig, ImagePolicy, IndexOptions
 

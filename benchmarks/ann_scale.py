@@ -102,7 +102,7 @@ def shape_stats(x: np.ndarray, sample: int = 1000) -> dict:
 
 def demo_vectors(home: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(image vectors, text vectors) of the active demo index version, aligned by product row id."""
-    from indexer import load_index_version
+    from indexer import index_version_path, load_index_version
     from store import Store
 
     db = home / "prism.db"
@@ -112,7 +112,7 @@ def demo_vectors(home: Path) -> tuple[np.ndarray, np.ndarray] | None:
     active = store.active_index_version()
     if active is None:
         return None
-    version = load_index_version(active.path, verify=False)
+    version = load_index_version(index_version_path(home / "indexes", active.path), verify=False)
     image, text = version.indexes["image"], version.indexes["text"]
     rows = np.intersect1d(image.ids(), text.ids())
     return image.reconstruct(rows).astype(np.float32), text.reconstruct(rows).astype(np.float32)

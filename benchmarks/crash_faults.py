@@ -445,7 +445,7 @@ class HomeInspector:
         self.query = query
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.engine = SearchEngine(self.store, models_dir=self.home / "models", device="cpu")
+            self.engine = SearchEngine(self.store, indexes_dir=self.home / "indexes", models_dir=self.home / "models", device="cpu")
         self.ever_active: set[str] = set()
 
     def close(self) -> None:
@@ -459,7 +459,7 @@ class HomeInspector:
     def inspect(self) -> dict:
         import warnings
 
-        from indexer import load_index_version
+        from indexer import index_version_path, load_index_version
 
         active = self.store.active_index_version()
         if active is not None:
@@ -469,7 +469,7 @@ class HomeInspector:
             if v.activated_at is not None or v.is_active:
                 self.ever_active.add(v.index_version)
             try:
-                load_index_version(v.path, verify=True)
+                load_index_version(index_version_path(self.home / "indexes", v.path), verify=True)
             except Exception as exc:
                 broken.append(f"{v.index_version}: {exc}")
                 if v.index_version in self.ever_active:
@@ -789,7 +789,7 @@ def make_clicks(home: Path, db_url: str, *, rounds: int = 3, queries: int = 40, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = SearchEngine(store, models_dir=Path(home) / "models", device="cpu")
+            engine = SearchEngine(store, indexes_dir=Path(home) / "indexes", models_dir=Path(home) / "models", device="cpu")
         products = sorted(store.live_products(), key=lambda p: p.product_id)[:queries]
         clicks = 0
         for _ in range(rounds):
@@ -863,28 +863,9 @@ def retrain_scenario(home: Path, workdir: Path, *, kills: int | None = None, poi
 # ---------------------------------------------------------------- all of it, for make reliability
 
 
-def rehome_index_paths(db_url: str, source: Path, target: Path) -> None:
-    """Point a copied home's index_versions rows at the copy's own index directories.
-
-    The rows hold absolute paths, so a copy would otherwise load (and checksum) the source
-    home's files, and a crash check on the copy would look at the wrong ones."""
-    from sqlalchemy import create_engine, text
-
-    old, new = str(Path(source).resolve()), str(Path(target).resolve())
-    engine = create_engine(db_url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(
-                text("UPDATE index_versions SET path = :new || substr(path, :cut) WHERE substr(path, 1, :n) = :old"),
-                {"new": new, "old": old, "n": len(old), "cut": len(old) + 1},
-            )
-    finally:
-        engine.dispose()
-
-
 def _copy_sqlite_home(source: Path, target: Path) -> None:
+    # Index paths in the database are relative to the home, so a copied home serves its own files.
     shutil.copytree(source, target)
-    rehome_index_paths(f"sqlite:///{Path(target).resolve() / 'prism.db'}", source, target)
 
 
 def run_all(root: Path, *, full: bool = True, scenarios=("index", "build", "retrain"), products: int | None = None,

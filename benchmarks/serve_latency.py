@@ -96,7 +96,7 @@ def main() -> None:
         embedder = load_embedder(args.model, device="cpu")
         CatalogIndexer(home=home, store=store, embedder=embedder, options=IndexOptions(batch_size=32)).run(catalog)
 
-    engine = SearchEngine(store, models_dir=settings.models_dir, device="cpu")
+    engine = SearchEngine(store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device="cpu")
     engine.refresh()
     serving = engine.serving
     ann = serving.version.indexes["image"]

@@ -286,7 +286,7 @@ class CatalogIndexer:
                 },
             )
             self.store.record_index_version(
-                version, model_version=self.embedder.name, path=str(path), manifest=manifest,
+                version, model_version=self.embedder.name, path=path.name, manifest=manifest,
                 activate=self.options.activate,
             )
             mark_recorded(self.home / "indexes", version)

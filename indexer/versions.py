@@ -155,6 +155,16 @@ def write_index_version(
     return version, final, manifest
 
 
+def index_version_path(indexes_dir: Path, recorded: str) -> Path:
+    """Where an `index_versions.path` value points on this host.
+
+    Rows record the version's directory relative to the home's `indexes/`, so a home can be moved,
+    restored from backup or served from another mount point. Rows written before that recorded
+    absolute paths; those are taken as they are."""
+    path = Path(recorded)
+    return path if path.is_absolute() else indexes_dir / path
+
+
 def load_index_version(path: str | Path, *, verify: bool = True) -> LoadedIndexVersion:
     path = Path(path)
     manifest_path = path / "manifest.json"

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
-from indexer import LoadedIndexVersion, load_index_version, product_text
+from indexer import LoadedIndexVersion, index_version_path, load_index_version, product_text
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
 from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
@@ -112,6 +112,7 @@ class SearchEngine:
         self,
         store: Store,
         *,
+        indexes_dir: Path,
         models_dir: Path | None = None,
         device: str = "auto",
         image_limits: ImageLimits | None = None,
@@ -121,10 +122,12 @@ class SearchEngine:
         model_thread: ModelThread | None = None,
         batching: BatchConfig | None = None,
     ):
-        """`model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
+        """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
+        `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
         `batching`: micro-batch concurrent text queries (servers; needs a model thread)."""
         self.store = store
         self.model_thread = model_thread
+        self.indexes_dir = indexes_dir
         self.models_dir = models_dir
         self.device = device
         self.image_limits = image_limits or ImageLimits()
@@ -205,7 +208,7 @@ class SearchEngine:
                     raise self._failed[1]
                 return False
         try:
-            version = load_index_version(active.path, verify=self.verify_files)
+            version = load_index_version(index_version_path(self.indexes_dir, active.path), verify=self.verify_files)
             embedder = self.embedder_for(version.model_version)
         except Exception as exc:
             self._failed = (active.index_version, exc, time.monotonic())

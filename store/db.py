@@ -134,8 +134,8 @@ def _make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision`, the newest migration by default (idempotent)."""
     from alembic import command
     from alembic.config import Config
 
@@ -148,7 +148,7 @@ def migrate(engine: Engine) -> None:
             # others then find the schema current. (SQLite serialises the writers already.)
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = connection
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, revision)
 
 
 class Store:

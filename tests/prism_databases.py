@@ -50,13 +50,10 @@ class TestDatabases:
         return env
 
     def copy_home(self, source: Path, target: Path, ignore=None) -> None:
-        """A private copy of a home: its files and its database, the index paths pointing at the copy."""
-        from crash_faults import rehome_index_paths
-
+        """A private copy of a home: its files and its database (index paths are home-relative)."""
         shutil.copytree(source, target, ignore=ignore)
         if self.postgres:
             self._copy_database(source, target)
-        rehome_index_paths(self.url(target), source, target)
 
     def _copy_database(self, source: Path, target: Path) -> None:
         self.url(source)

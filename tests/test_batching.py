@@ -21,7 +21,7 @@ def home(build_serving_home):
 def _engine(settings, batching):
     thread = ModelThread()
     store = Store.open(settings.db_url)
-    engine = SearchEngine(store, device="cpu", model_thread=thread, batching=batching)
+    engine = SearchEngine(store, indexes_dir=settings.indexes_dir, device="cpu", model_thread=thread, batching=batching)
     engine.refresh()
     return engine, store, thread
 

@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from sample_catalog import make_catalog, product_row, write_rows
-from indexer import CatalogIndexer, IndexOptions, IndexVersionError, load_index_version, product_text
+from indexer import CatalogIndexer, IndexOptions, IndexVersionError, index_version_path, load_index_version, product_text
 from search import QueryError, SearchEngine, Target
 from store import ProductFilter
 
@@ -16,7 +16,7 @@ def _indexer(tmp_path, store, embedder, **kw):
 @pytest.fixture
 def indexed(tmp_path, store, tiny_embedder, small_catalog):
     summary = _indexer(tmp_path, store, tiny_embedder).run(small_catalog)
-    engine = SearchEngine(store, device="cpu")
+    engine = SearchEngine(store, indexes_dir=tmp_path / "home" / "indexes", device="cpu")
     engine._embedders[tiny_embedder.name] = tiny_embedder
     assert engine.refresh()
     return summary, engine, small_catalog.parent
@@ -81,7 +81,7 @@ def test_broken_and_missing_images_keep_the_product_text_only(tmp_path, store, t
     assert [(e.line, e.product_id) for e in summary.row_errors] == [(15, "P00013")]
     assert store.get_product("P00010").image_status == "broken"
     assert store.get_product("P00012").image_status == "none"
-    engine = SearchEngine(store, device="cpu")
+    engine = SearchEngine(store, indexes_dir=tmp_path / "home" / "indexes", device="cpu")
     engine._embedders[tiny_embedder.name] = tiny_embedder
     engine.refresh()
     hit = engine.search(text=product_text(store.get_product("P00010")), target="text", k=1).hits[0]
@@ -136,12 +136,25 @@ def test_version_directory_is_complete_verified_and_immutable(tmp_path, store, t
     table = pq.read_table(shards[0])
     assert {"product_id", "modality", "vector"} <= set(table.column_names)
     copy = tmp_path / "tampered"
-    shutil.copytree(record.path, copy)
+    assert record.path == summary.index_version  # relative to the home's indexes/, see below
+    shutil.copytree(index_version_path(tmp_path / "home" / "indexes", record.path), copy)
     with open(copy / "image.faiss", "r+b") as fh:
         fh.seek(-8, 2)
         fh.write(b"\x00" * 8)
     with pytest.raises(IndexVersionError, match="sha256"):
         load_index_version(copy)
+
+
+def test_a_moved_home_serves_its_own_index_files(tmp_path, store, tiny_embedder, small_catalog):
+    summary = _indexer(tmp_path, store, tiny_embedder).run(small_catalog)
+    moved = tmp_path / "restored" / "home"
+    moved.parent.mkdir()
+    shutil.move(tmp_path / "home", moved)  # the old location is gone: nothing may still point there
+    engine = SearchEngine(store, indexes_dir=moved / "indexes", device="cpu")
+    engine._embedders[tiny_embedder.name] = tiny_embedder
+    assert engine.refresh() and engine.serving.version.index_version == summary.index_version
+    query = str(small_catalog.parent / "images" / "00042.png")
+    assert engine.search(image=query, target="image", k=1).hits[0].product.product_id == "P00042"
 
 
 def test_deleted_products_leave_results_at_once(indexed, store):

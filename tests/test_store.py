@@ -22,6 +22,23 @@ def test_migrations_create_contract_tables_and_are_idempotent(tmp_path, database
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
 
 
+def test_migration_0003_makes_index_paths_relative_to_the_home(tmp_path, databases):
+    from store import migrate
+
+    url = databases.url(tmp_path)
+    old = Store.open(url, apply_migrations=False)
+    migrate(old.engine, "0002")
+    old.register_model_version("m", spec="m:random", dim=4)
+    # Rows as code before 0003 wrote them (absolute), plus one that someone pointed elsewhere.
+    old.record_index_version("v1", model_version="m", path="/srv/prism/indexes/v1", manifest={}, activate=False)
+    old.record_index_version("v2", model_version="m", path="/mnt/elsewhere/snapshot", manifest={}, activate=True)
+    old.close()
+    store = Store.open(url)
+    paths = {v.index_version: v.path for v in store.list_index_versions()}
+    store.close()
+    assert paths == {"v1": "v1", "v2": "/mnt/elsewhere/snapshot"}
+
+
 def test_upsert_update_delete_and_undelete(store):
     ids = store.upsert_products([ProductInput("a", "Apple", price=1.5, image_uri="/x/a.png"), ProductInput("b", "Bag")])
     assert set(ids) == {"a", "b"} and ids["a"] != ids["b"]
