@@ -82,8 +82,10 @@ class PrismSettings(BaseSettings):
     def retrain_config(self):
         from dataclasses import replace
 
-        from feedback import GateConfig, MiningConfig, RetrainConfig
+        from feedback import RetrainConfig
 
+        # The defaults of these fields repeat RetrainConfig's, so `prism --help` and the docs can
+        # show them without importing torch; a test keeps the two equal.
         base = RetrainConfig()
         return replace(
             base,
@@ -91,9 +93,9 @@ class PrismSettings(BaseSettings):
             catalog_mix=self.retrain_catalog_mix,
             min_pairs=self.retrain_min_pairs,
             train=replace(base.train, epochs=self.retrain_epochs),
-            mining=replace(MiningConfig(), min_clicks=self.retrain_min_clicks),
+            mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(
-                GateConfig(),
+                base.gate,
                 holdout_fraction=self.retrain_holdout_fraction,
                 min_mrr_gain=self.retrain_min_mrr_gain,
                 max_catalog_recall_drop=self.retrain_max_catalog_recall_drop,

@@ -334,3 +334,13 @@ def test_nightly_runs_at_the_set_time_and_survives_a_failed_run():
 
     run_nightly(job, clock_time(3, 0), now=lambda: clock[0], sleep=sleep, runs=2)
     assert [c.strftime("%d %H:%M") for c in calls] == ["24 03:00", "25 03:00"]
+
+
+def test_retrain_settings_default_to_the_job_config_and_reach_it(monkeypatch):
+    # api/settings repeats RetrainConfig's defaults (so the CLI need not import torch to show them).
+    for name in [n for n in os.environ if n.startswith("PRISM_RETRAIN_")]:
+        monkeypatch.delenv(name)
+    assert PrismSettings(home=Path("unused")).retrain_config() == RetrainConfig()
+    tuned = PrismSettings(home=Path("unused"), retrain_catalog_mix=0.5, retrain_min_clicks=3, retrain_epochs=7)
+    config = tuned.retrain_config()
+    assert (config.catalog_mix, config.mining.min_clicks, config.train.epochs) == (0.5, 3, 7)
