@@ -139,22 +139,6 @@ def measure(client, vocab, queries: list[str]) -> dict:
     return {"queries": len(queries), "mrr@10": round(sum(reciprocal) / n, 4), "recall@10": round(sum(hits) / n, 4)}
 
 
-def wait_ready(client, server, *, index_version: str | None = None, timeout: float = 300) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            r = client.get("/readyz")
-            if r.status_code == 200 and (index_version is None or r.json().get("index_version") == index_version):
-                return r.json()
-        except httpx.TransportError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server not ready: {server.stderr.read().decode()[-2000:] if server.poll() is not None else 'timeout'}")
-        time.sleep(0.3)
-
-
 def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "api.cli", *args], env=env, cwd=HERE.parent,
                           capture_output=True, text=True)
@@ -179,8 +163,8 @@ def main() -> None:
     import httpx
 
     from embed_throughput import machine_info
-    from serve_latency import free_port
     from indexer import load_demo_catalog
+    from prism_server import PrismServer
 
     home = (args.home or Path(tempfile.mkdtemp(prefix="prism-lift-"))).resolve()
     token = uuid.uuid4().hex
@@ -203,14 +187,10 @@ def main() -> None:
     future = shoppers.draw(args.eval_queries, random.Random(args.seed + 1))
     unseen_sample = random.Random(args.seed + 2).sample(unseen, min(len(unseen), args.eval_queries))
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    server = PrismServer(env).start(timeout_s=300)
     try:
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-        before_version = wait_ready(client, server)
+        client = httpx.Client(base_url=server.url, timeout=60)
+        before_version = server.wait_ready()
         print(f"serving {before_version['model_version']}; sending {args.train_queries} shopper searches ...", flush=True)
         traffic = send_traffic(client, shoppers, vocab, shoppers.draw(args.train_queries, random.Random(args.seed + 3)),
                                random.Random(args.seed + 4), args.page_size, categories(catalog), args.p_refine)
@@ -226,11 +206,10 @@ def main() -> None:
         outcome = json.loads(retrain.stdout)
         print(f"retrain: {outcome['status']}, {outcome['decision']} ({outcome.get('reason') or outcome['metrics'].get('gate', {}).get('why')})", flush=True)
         if outcome["index_version"]:
-            wait_ready(client, server, index_version=outcome["index_version"])
+            server.wait_ready(index_version=outcome["index_version"])
         after = {"future": measure(client, vocab, future), "unseen": measure(client, vocab, unseen_sample)}
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
     catalog_recall = {}
     if outcome.get("candidate_model_version") and outcome["decision"] == "promoted":

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,67 +30,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
-from serve_latency import free_port, percentile, queries  # noqa: E402
+from prism_server import PrismServer  # noqa: E402
+from serve_latency import percentile, queries  # noqa: E402
 
 ADMIN_TOKEN = "reliability-admin-token"
-
-
-class PrismServer:
-    """`prism serve` in its own process group, so SIGKILL takes the whole service down at once."""
-
-    def __init__(self, env: dict[str, str], *, workers: int = 1, port: int | None = None, log: Path | None = None):
-        self.env = {**env, "PRISM_ADMIN_TOKEN": ADMIN_TOKEN}
-        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        self.workers = workers
-        self.port = port or free_port()
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 180.0) -> "PrismServer":
-        import httpx
-
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "serve", "--port", str(self.port), "--workers", str(self.workers),
-             "--log-level", "warning"],
-            cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prism serve exited with {self.proc.returncode}" + (f"; see {self.log}" if self.log else ""))
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        self.kill()
-        raise RuntimeError(f"prism serve was not ready within {timeout_s:.0f} s")
-
-    def kill(self) -> None:
-        """SIGKILL to every process of the service: no shutdown handler, no flush, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def __enter__(self) -> "PrismServer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 # ---------------------------------------------------------------- durability
@@ -217,7 +157,7 @@ def durability(
         rows_before = sum(store.count_events().values())
     finally:
         store.close()
-    server = PrismServer(env, workers=workers, log=log).start()
+    server = PrismServer({**env, "PRISM_ADMIN_TOKEN": ADMIN_TOKEN}, workers=workers, log=log).start()
     kills: list[dict] = []
     try:
         slots = served_slots(server.url, searches or max(1, events // 20))
@@ -333,7 +273,7 @@ def hot_swap(
 
     out: dict = {"queries": 0, "failed": [], "latencies_ms": [], "versions": {}}
     activations: list[dict] = []
-    with PrismServer(env, workers=workers, log=log) as server:
+    with PrismServer({**env, "PRISM_ADMIN_TOKEN": ADMIN_TOKEN}, workers=workers, log=log) as server:
 
         async def run() -> None:
             stop = asyncio.Event()

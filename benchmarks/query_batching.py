@@ -24,11 +24,9 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,7 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from embed_throughput import machine_info  # noqa: E402
-from serve_latency import free_port, percentile  # noqa: E402
+from prism_server import PrismServer  # noqa: E402
+from serve_latency import percentile  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 
@@ -76,28 +75,13 @@ def query_words(home: Path, limit: int = 2000) -> list[str]:
     return titles
 
 
-def start_server(home: Path, batching: bool, extra_env: dict) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def start_server(home: Path, batching: bool, extra_env: dict) -> PrismServer:
     env = {
         **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=HERE.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prism serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return proc, port
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("prism serve did not become ready in 120 s")
+    # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
+    return PrismServer(env, host="127.0.0.1", log_level="info").start(timeout_s=120)
 
 
 async def _client(port: int, queries: list[str], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
@@ -150,21 +134,22 @@ def summarise(runs: list[dict]) -> dict:
 
 def measure(home: Path, env: dict, seconds: float, rounds: int) -> dict:
     queries = query_words(home)
-    servers = {mode: start_server(home.resolve(), mode == "on", env) for mode in ("on", "off")}
-    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in servers}
+    servers: dict[str, PrismServer] = {}
+    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in ("on", "off")}
     try:
+        for mode in ("on", "off"):
+            servers[mode] = start_server(home.resolve(), mode == "on", env)
         for round_no in range(rounds):
             for c in CONCURRENCY:
                 # Alternate which mode goes first, so that drift in machine load hits both alike.
                 for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
-                    result = asyncio.run(_load(servers[mode][1], queries, c, seconds))
+                    result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
                     runs[mode][c].append(result)
                     print(f"  round {round_no + 1} batching {mode:3} concurrency {c:2}: "
                           f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(timeout=30)
+        for server in servers.values():
+            server.stop()
     table = {mode: {str(c): summarise(runs[mode][c]) for c in CONCURRENCY} for mode in runs}
     return {
         "home": str(home),

@@ -17,9 +17,7 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,12 +55,6 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ViT-B-32:random")
@@ -81,6 +73,7 @@ def main() -> None:
     from embed_throughput import machine_info
     from embedder import load_embedder
     from indexer import CatalogIndexer, IndexOptions
+    from prism_server import PrismServer
     from sample_catalog import make_catalog
     from search import SearchEngine
     from store import Store
@@ -101,26 +94,9 @@ def main() -> None:
     serving = engine.serving
     ann = serving.version.indexes["image"]
 
-    port = free_port()
     env = {**os.environ, "PRISM_HOME": str(home), "PRISM_MODEL": args.model, "PRISM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--log-level", "warning"],
-        env=env, cwd=HERE.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        client = httpx.Client(base_url=base, timeout=30)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {server.stderr.read().decode()[-2000:]}")
-            time.sleep(0.2)
-
+    with PrismServer(env).start(timeout_s=120) as server:
+        client = httpx.Client(base_url=server.url, timeout=30)
         texts = queries(args.queries)
         for q in texts[:10]:  # warm-up both paths: first calls allocate
             client.get("/v1/search", params={"q": q, "target": "image", "k": 10})
@@ -144,9 +120,6 @@ def main() -> None:
                 scores, ids = ann.search(serving.embedder.encode_texts([q]), 10)
                 inproc_ms.append((time.perf_counter() - t0) * 1000)
                 assert (ids >= 0).all()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     http, inproc = summary(http_ms), summary(inproc_ms)
     result = {

@@ -2,43 +2,20 @@
 
 import base64
 import io
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 
+from prism_server import PrismServer
 from sample_catalog import draw_product_image
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home, bad_images, databases):
+def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home, bad_images, databases, tmp_path):
     settings = build_serving_home("serve-home")
     admin = {"Authorization": "Bearer serve-token"}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = databases.env(settings.home, PRISM_DEVICE="cpu", PRISM_THREADS="1", PRISM_ADMIN_TOKEN="serve-token")
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "serve", "--port", str(port), "--workers", "2", "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stdout.read().decode()[-3000:]
-            time.sleep(0.3)
-
+    log = tmp_path / "serve.log"
+    with PrismServer(env, workers=2, log=log).start(timeout_s=120) as server:
+        base = server.url
         r = httpx.get(base + "/v1/search", params={"q": "red shoe", "target": "image", "k": 5})
         assert r.status_code == 200 and len(r.json()["results"]) == 5 and r.json()["query_id"]
 
@@ -68,7 +45,5 @@ def test_serve_with_two_workers_sees_changes_in_every_worker(build_serving_home,
         searches = [line for line in metrics.splitlines()
                     if line.startswith('prism_http_requests_total{method="POST",route="/v1/search/image",status="200"}')]
         assert searches and float(searches[0].split()[-1]) == 24  # summed over both workers
-    finally:
-        server.terminate()
-        out, _ = server.communicate(timeout=30)
-    assert b"Traceback" not in out, out.decode()[-3000:]
+    out = log.read_text(errors="replace")
+    assert "Traceback" not in out, out[-3000:]
