@@ -53,8 +53,16 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         metrics=Metrics(engine.stats),
     )
 
+    lifespans = 0
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal lifespans
+        lifespans += 1
+        if lifespans > 1:
+            # Shutdown closed the store, the model thread and the batcher this app was built with;
+            # serving again on them would fail request by request, so fail the start-up instead.
+            raise RuntimeError("this app has already been started and shut down: build a new one with create_app()")
         settings.apply_threads()
         if settings.admin_token is None:
             log.warning(

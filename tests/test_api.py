@@ -171,6 +171,9 @@ def test_changes_survive_a_restart_and_go_into_the_next_build(build_serving_home
         assert c.put("/v1/products/R-1", json={"title": "rattan basket", "image_b64": base64.b64encode(image).decode()}).status_code == 201
         assert c.delete("/v1/products/P00030").status_code == 204
     query = {"files": {"file": ("q.png", image, "image/png")}, "data": {"k": "1"}}
+    with pytest.raises(RuntimeError, match="create_app"):  # its store and model thread are closed
+        with TestClient(c.app):
+            pass
     with TestClient(create_app(settings)) as c:  # restarted: replays the journal
         assert _ids(c.post("/v1/search/image", **query)) == ["R-1"]
         assert "P00030" not in _ids(c.get("/v1/search", params={"q": "x", "k": 120}))
