@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,6 +134,25 @@ def _make_engine(url: str) -> Engine:
     return create_engine(parsed, pool_pre_ping=True)
 
 
+@contextmanager
+def _sqlite_migration_lock(engine: Engine):
+    """One migrating process at a time per SQLite file.
+
+    pysqlite opens its transaction only at the first write, so two `prism serve --workers N`
+    workers both read the old alembic revision, and the second one's version update then matches
+    no row and fails its start-up. An flock on a file beside the database orders them; the kernel
+    releases it if a holder dies."""
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        yield
+        return
+    import fcntl
+
+    with open(f"{database}.migrate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def migrate(engine: Engine, revision: str = "head") -> None:
     """Bring the schema to `revision`, the newest migration by default (idempotent)."""
     from alembic import command
@@ -142,7 +161,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    with _sqlite_migration_lock(engine), engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             # `prism serve --workers N` migrates in every worker at once; one at a time, the
             # others then find the schema current. (SQLite serialises the writers already.)

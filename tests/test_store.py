@@ -1,3 +1,5 @@
+from pathlib import Path
+
 from sqlalchemy import inspect
 
 import numpy as np
@@ -29,14 +31,57 @@ def test_migration_0003_makes_index_paths_relative_to_the_home(tmp_path, databas
     old = Store.open(url, apply_migrations=False)
     migrate(old.engine, "0002")
     old.register_model_version("m", spec="m:random", dim=4)
-    # Rows as code before 0003 wrote them (absolute), plus one that someone pointed elsewhere.
-    old.record_index_version("v1", model_version="m", path="/srv/prism/indexes/v1", manifest={}, activate=False)
-    old.record_index_version("v2", model_version="m", path="/mnt/elsewhere/snapshot", manifest={}, activate=True)
+    # Rows as code before 0003 wrote them (PRISM_HOME absolute or relative), and two that someone
+    # pointed elsewhere by hand.
+    for version, path in [("v1", "/srv/prism/indexes/v1"), ("v2", "prism-data/indexes/v2"), ("v3", "indexes/v3"),
+                          ("v4", "/mnt/elsewhere/snapshot"), ("v5", "/mnt/ssd/v5")]:
+        old.record_index_version(version, model_version="m", path=path, manifest={}, activate=version == "v4")
     old.close()
     store = Store.open(url)
     paths = {v.index_version: v.path for v in store.list_index_versions()}
     store.close()
-    assert paths == {"v1": "v1", "v2": "/mnt/elsewhere/snapshot"}
+    assert paths == {"v1": "v1", "v2": "v2", "v3": "v3", "v4": "/mnt/elsewhere/snapshot", "v5": "/mnt/ssd/v5"}
+
+
+def test_workers_upgrading_one_database_at_once_all_start(tmp_path, databases):
+    """`prism serve --workers N` on a home from an older release: every worker migrates at start-up."""
+    import subprocess
+    import sys
+    import time
+
+    from store import migrate
+
+    url = databases.url(tmp_path)
+    old = Store.open(url, apply_migrations=False)
+    migrate(old.engine, "0002")
+    old.close()
+    go = tmp_path / "go"
+    script = (
+        "import sys, time, pathlib; sys.path.insert(0, sys.argv[1]); from store import Store\n"
+        "pathlib.Path(sys.argv[3]).touch()\n"
+        "while not pathlib.Path(sys.argv[4]).exists(): time.sleep(0.005)\n"
+        "Store.open(sys.argv[2]).close()\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    workers = [
+        subprocess.Popen([sys.executable, "-c", script, root, url, str(tmp_path / f"ready-{i}"), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{i}").exists() for i in range(4)):  # all imported: start together
+        assert time.monotonic() < deadline and all(w.poll() is None for w in workers)
+        time.sleep(0.01)
+    go.touch()
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0] * 4, outputs
+    versions = []
+    for at in (url, databases.url(tmp_path / "fresh")):  # upgraded as far as a new database goes
+        store = Store.open(at)
+        with store.engine.connect() as conn:
+            versions.append(conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar())
+        store.close()
+    assert versions[0] == versions[1]
 
 
 def test_upsert_update_delete_and_undelete(store):
