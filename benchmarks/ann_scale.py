@@ -108,7 +108,7 @@ def demo_vectors(home: Path) -> tuple[np.ndarray, np.ndarray] | None:
     db = home / "prism.db"
     if not db.exists():
         return None
-    store = Store.open(f"sqlite:///{db.resolve()}", apply_migrations=False)
+    store = Store.open(f"sqlite:///{db.resolve()}")  # migrated: index paths are read in the current form
     active = store.active_index_version()
     if active is None:
         return None

@@ -58,6 +58,9 @@ class PrismServer:
 
     def start(self, timeout_s: float = 180.0) -> "PrismServer":
         """Start the service (again, after kill(), on the same port) and wait until /readyz answers 200."""
+        if self.proc is not None and self.proc.poll() is None:
+            # The readiness poll would get its 200 from the running one, and stop() would lose it.
+            raise RuntimeError(f"prism serve is already running (pid {self.proc.pid}); stop() or kill() it first")
         if self.log is None and self._temp_log is None:
             fd, name = tempfile.mkstemp(prefix="prism-serve-", suffix=".log")
             os.close(fd)
@@ -114,18 +117,29 @@ class PrismServer:
         where = f" (all of it in {self.log})" if self.log else ""
         return f"; its output ends{where}:\n{self.output_tail()}"
 
+    def _signal_group(self, sig: int) -> None:
+        # The whole group, even when the supervisor is gone: its workers may still hold the port.
+        # A group id is not reused while any member lives, and `proc` is dropped once the group
+        # has been stopped, so this never signals a later process that got the same id.
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
         """SIGKILL to every process of the service: no shutdown handler, no flush, no goodbye."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self._signal_group(signal.SIGKILL)
             self.proc.wait(timeout=30)
+            self.proc = None
 
     def stop(self) -> None:
         """SIGTERM to the service (SIGKILL after 30 s), then remove the temp output file, if any."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+        if self.proc is not None:
+            self._signal_group(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=30)
+                self.proc = None
             except subprocess.TimeoutExpired:
                 self.kill()
         if self._temp_log is not None:

@@ -159,8 +159,9 @@ def index_version_path(indexes_dir: Path, recorded: str) -> Path:
     """Where an `index_versions.path` value points on this host.
 
     Rows record the version's directory relative to the home's `indexes/`, so a home can be moved,
-    restored from backup or served from another mount point. Rows written before that recorded
-    absolute paths; those are taken as they are."""
+    restored from backup or served from another mount point. Migration 0003 rewrote the rows of
+    older releases, which held the path as PRISM_HOME spelled it; an absolute path it left (one
+    not ending in `indexes/<version>`, set by hand) is taken as it is."""
     path = Path(recorded)
     return path if path.is_absolute() else indexes_dir / path
 

@@ -3,9 +3,11 @@
 Revision ID: 0003
 Revises: 0002
 
-Rows used to hold the absolute path of the version's directory, so a home that was moved, copied
-or restored elsewhere went on loading (or failed to find) the files at the old location. A version
-always lives in `<home>/indexes/<index_version>`, so the relative form is the version itself.
+Rows used to hold the version's directory as `PRISM_HOME` spelled it: an absolute path, or one
+relative to the writer's working directory (the default home is `prism-data`). A home that was
+moved, copied or restored elsewhere, or a server started from another directory, then loaded the
+files at the old location or none. A version always lives in `<home>/indexes/<index_version>`, so
+the new form is the version itself, resolved against the reader's own home.
 """
 from alembic import op
 import sqlalchemy as sa
@@ -21,9 +23,9 @@ def upgrade() -> None:
     connection = op.get_bind()
     rows = connection.execute(sa.select(index_versions.c.index_version, index_versions.c.path)).all()
     for version, path in rows:
-        # Only paths that end in the version's own directory name: anything else was put there by
-        # hand, and the engine still reads absolute paths as they are.
-        if path != version and path.replace("\\", "/").rstrip("/").endswith("/" + version):
+        # Only paths that end in `indexes/<version>`, as Prism wrote them: anything else was put
+        # there by hand, and the engine still reads absolute paths as they are.
+        if path != version and ("/" + path.replace("\\", "/").rstrip("/")).endswith("/indexes/" + version):
             connection.execute(
                 index_versions.update().where(index_versions.c.index_version == version).values(path=version)
             )
