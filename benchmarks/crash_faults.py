@@ -863,11 +863,6 @@ def retrain_scenario(home: Path, workdir: Path, *, kills: int | None = None, poi
 # ---------------------------------------------------------------- all of it, for make reliability
 
 
-def _copy_sqlite_home(source: Path, target: Path) -> None:
-    # Index paths in the database are relative to the home, so a copied home serves its own files.
-    shutil.copytree(source, target)
-
-
 def run_all(root: Path, *, full: bool = True, scenarios=("index", "build", "retrain"), products: int | None = None,
             time_kills: int | None = None, epochs: int | None = None, database_url=None, copy_home=None,
             demo_home: Path | None = None, log=print) -> dict:
@@ -882,7 +877,8 @@ def run_all(root: Path, *, full: bool = True, scenarios=("index", "build", "retr
     products = products or (2000 if full else 300)
     time_kills = (3 if full else 1) if time_kills is None else time_kills
     epochs = epochs or (5 if full else 3)
-    copy_home = copy_home or _copy_sqlite_home
+    # A SQLite home is one directory; its index paths are home-relative, so a copy serves its own files.
+    copy_home = copy_home or shutil.copytree
     out: dict = {"sizes": {"products": products, "time_kills": time_kills, "retrain_epochs": epochs}}
 
     def url(home: Path) -> str | None:

@@ -31,7 +31,7 @@ class PrismServer:
     """
 
     def __init__(self, env: dict[str, str], *, workers: int = 1, port: int | None = None, log: Path | None = None,
-                 host: str = "127.0.0.1", log_level: str = "warning"):
+                 log_level: str = "warning"):
         self.env = dict(env)
         # `prism serve --workers N` makes a fresh metrics directory of its own (and removes it on
         # exit) only when PROMETHEUS_MULTIPROC_DIR is unset (api/cli.py). An inherited one would
@@ -40,7 +40,6 @@ class PrismServer:
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.workers = workers
         self.port = port or free_port()
-        self.host = host
         self.log_level = log_level
         self.log = log
         self._temp_log: Path | None = None
@@ -48,8 +47,7 @@ class PrismServer:
 
     @property
     def url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)  # listening on all: ask loopback
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def output_path(self) -> Path | None:
@@ -67,7 +65,7 @@ class PrismServer:
             self._temp_log = Path(name)
         with open(self.output_path, "ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", "serve", "--host", self.host, "--port", str(self.port),
+                [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--workers", str(self.workers), "--log-level", self.log_level],
                 cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -81,7 +81,7 @@ def start_server(home: Path, batching: bool, extra_env: dict) -> PrismServer:
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     }
     # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
-    return PrismServer(env, host="127.0.0.1", log_level="info").start(timeout_s=120)
+    return PrismServer(env, log_level="info").start(timeout_s=120)
 
 
 async def _client(port: int, queries: list[str], offset: int, stop_at: float, latencies: list[float], errors: list[str]):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -135,22 +135,24 @@ def _make_engine(url: str) -> Engine:
 
 
 @contextmanager
-def _sqlite_migration_lock(engine: Engine):
-    """One migrating process at a time per SQLite file.
+def _migrating_connection(engine: Engine):
+    """A connection in a transaction, held by one migrating process at a time per database.
 
-    pysqlite opens its transaction only at the first write, so two `prism serve --workers N`
-    workers both read the old alembic revision, and the second one's version update then matches
-    no row and fails its start-up. An flock on a file beside the database orders them; the kernel
-    releases it if a holder dies."""
+    `prism serve --workers N` migrates in every worker at once; one at a time, the others then
+    find the schema current. PostgreSQL: a transaction-scoped advisory lock. SQLite: pysqlite opens
+    its transaction only at the first write, so two workers would both read the old revision and
+    the second one's version update would match no row; an flock on a file beside the database
+    orders them instead (the kernel releases it if a holder dies)."""
     database = engine.url.database if engine.dialect.name == "sqlite" else None
-    if not database or database == ":memory:" or database.startswith("file:"):
-        yield
-        return
-    import fcntl
+    with ExitStack() as held:
+        if database and database != ":memory:" and not database.startswith("file:"):
+            import fcntl
 
-    with open(f"{database}.migrate.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+            fcntl.flock(held.enter_context(open(f"{database}.migrate.lock", "a")), fcntl.LOCK_EX)
+        connection = held.enter_context(engine.begin())
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+        yield connection
 
 
 def migrate(engine: Engine, revision: str = "head") -> None:
@@ -161,11 +163,7 @@ def migrate(engine: Engine, revision: str = "head") -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False))
-    with _sqlite_migration_lock(engine), engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            # `prism serve --workers N` migrates in every worker at once; one at a time, the
-            # others then find the schema current. (SQLite serialises the writers already.)
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
+    with _migrating_connection(engine) as connection:
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, revision)
 
