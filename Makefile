@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install unicode browser test test-postgres reliability demo serve bench bench-full bench-env bench-feedback clean
+.PHONY: install unicode browser test test-postgres reliability demo serve bench bench-full bench-env bench-feedback bench-scale clean
 
 install: $(STAMP) unicode
 
@@ -77,6 +77,11 @@ bench-full: bench-env
 	$(PY) benchmarks/ann_scale.py --full
 	$(PY) benchmarks/query_batching.py --seconds 20 --rounds 3
 	$(PY) benchmarks/report.py
+
+# Millions of products: `prism index --vectors` on a synthetic catalog generated chunk-wise in
+# /tmp/prism-scale (1M and 10M: ~25 GB of disk, ~1.5 hours here), then serving figures.
+bench-scale: install
+	$(PY) benchmarks/scale.py --n 1000000 --n 10000000
 
 bench-feedback: install
 	$(PY) benchmarks/feedback_lift.py --home prism-data-lift

@@ -30,12 +30,13 @@ def _fail(message: str, code: int = 2) -> None:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from embedder import ImageDecodeError, ModelSpecError, ModelUnavailableError
     from feedback import TrainingError
-    from indexer import CatalogError, DemoCatalogError, IndexVersionError
+    from indexer import CatalogError, DemoCatalogError, IndexVersionError, VectorsFileError
     from search import NotReadyError, QueryError
     from store import StoreError
 
     return (
         CatalogError,
+        VectorsFileError,
         DemoCatalogError,
         TrainingError,
         ModelSpecError,
@@ -75,15 +76,18 @@ def index(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
     allow_url_images: Annotated[bool, typer.Option(help="fetch http(s) image URLs (public hosts only)")] = False,
     image_root: Annotated[Optional[Path], typer.Option(help="local images must lie inside this folder")] = None,
+    vectors: Annotated[Optional[Path], typer.Option(
+        help="Parquet file of vectors made elsewhere by --model (product_id, image_vector and/or text_vector): "
+             "nothing is embedded here")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Ingest CATALOG, embed what changed, build and activate a new index version."""
+    """Ingest CATALOG, embed what changed (or take --vectors), build and activate a new index version."""
     settings = _settings(
         model=model, batch_size=batch_size, device=device, image_root=image_root,
         allow_url_images=allow_url_images or None,
     )
     try:
-        summary = _run_index(settings, catalog, quiet=as_json)
+        summary = _run_index(settings, catalog, vectors=vectors, quiet=as_json)
     except KeyboardInterrupt:
         _fail("interrupted; finished batches are kept: run the same command again to resume", 130)
     except _known_errors() as exc:
@@ -94,15 +98,18 @@ def index(
         _print_summary(summary)
 
 
-def _run_index(settings, catalog: Path, *, quiet: bool):
+def _run_index(settings, catalog: Path, *, vectors: Path | None = None, quiet: bool):
     from embedder import ImageLimits, load_embedder
-    from indexer import CatalogIndexer, read_catalog
+    from indexer import CatalogIndexer, read_catalog, read_vectors_file
+
     from store import Store
 
     options = settings.index_options()
-    # An unreadable catalog (missing, unknown format, no required columns) fails before the model
-    # load, which takes seconds to minutes.
+    # An unreadable catalog (missing, unknown format, no required columns) or vectors file fails
+    # before the model load, which takes seconds to minutes.
     next(iter(read_catalog(catalog, options.image_policy)), None)
+    if vectors is not None:
+        read_vectors_file(vectors, dim=None)
     settings.apply_threads()
     store = Store.open(settings.db_url)
     embedder = load_embedder(
@@ -116,7 +123,7 @@ def _run_index(settings, catalog: Path, *, quiet: bool):
         indexer = CatalogIndexer(
             home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
         )
-        return indexer.run(catalog)
+        return indexer.run(catalog, vectors=vectors)
 
 
 def _print_summary(summary) -> None:
@@ -130,6 +137,8 @@ def _print_summary(summary) -> None:
     table.add_row("products indexed", str(summary.products_indexed))
     table.add_row("images embedded", f"{summary.images_embedded} (+{summary.images_cached} from cache)")
     table.add_row("texts embedded", f"{summary.texts_embedded} (+{summary.texts_cached} from cache)")
+    if summary.images_supplied or summary.texts_supplied:
+        table.add_row("vectors supplied", f"{summary.images_supplied} image, {summary.texts_supplied} text (new)")
     failures = ", ".join(f"{k}: {v}" for k, v in sorted(summary.image_failures.items())) or "none"
     table.add_row("image failures", failures)
     for modality, info in summary.indexes.items():

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, Target
+from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_RESULT_WINDOW, Target
 
 MAX_ID_CHARS = 256
 MAX_FILTER_VALUES = 100
@@ -38,6 +38,14 @@ def _text(min_length: int, max_length: int, *extra):
     # Length constraints before the custom checks, so pydantic reports them as string lengths.
     return Annotated[str, Field(min_length=min_length, max_length=max_length), AfterValidator(_no_nul), *extra]
 
+
+# The engine refuses offset + k beyond MAX_RESULT_WINDOW (one check, shared with the CLI); the
+# field bounds below only catch values that are wrong on their own.
+K_DESCRIPTION = f"results to return (offset + k may be at most {MAX_RESULT_WINDOW})"
+OFFSET_DESCRIPTION = (
+    f"results to skip (paging); offset + k may be at most {MAX_RESULT_WINDOW}, "
+    "beyond that the answer is a 422: refine the query instead"
+)
 
 FilterValues = Annotated[
     list[_text(1, MAX_ID_CHARS)],
@@ -101,8 +109,8 @@ class SearchParams(Filters):
 
     q: QueryText = Field(description="the text query")
     target: Target = Field(Target.IMAGE, description="which index to search: image, text or hybrid")
-    k: Int = Field(10, ge=1, le=MAX_K, description="results to return")
-    offset: Int = Field(0, ge=0, le=MAX_OFFSET, description="results to skip (paging)")
+    k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
+    offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
 
 
 class SearchRequest(BaseModel):
@@ -123,8 +131,8 @@ class SearchRequest(BaseModel):
     image_b64: Base64Image | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
     similar_to: ProductId | None = Field(None, description="a product id: find products like it")
     target: Target = Target.IMAGE
-    k: Int = Field(10, ge=1, le=MAX_K)
-    offset: Int = Field(0, ge=0, le=MAX_OFFSET)
+    k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
+    offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
     filters: Filters = Field(default_factory=Filters)
 
     @model_validator(mode="after")
@@ -311,7 +319,7 @@ class EventIn(BaseModel):
     type: Literal["impression", "click"]
     query_id: _text(1, 64) = Field(description="the query_id of the search that served the product")
     product_id: ProductId
-    position: Int = Field(ge=1, le=MAX_OFFSET + MAX_K, description="the 1-based rank the product was served at")
+    position: Int = Field(ge=1, le=MAX_RESULT_WINDOW, description="the 1-based rank the product was served at")
     ts: AwareDatetime = Field(description="when it happened, with a time zone (ISO 8601)")
 
 

@@ -30,6 +30,11 @@ class PrismSettings(BaseSettings):
     image_root: Path | None = None
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    keep_versions: int = Field(
+        3, ge=1,
+        description="index versions kept after a build (the newest by creation, plus the active one); older "
+        "ones lose their files and row, and the change journal entries every kept version holds are deleted",
+    )
     query_batching: bool = Field(True, description="encode concurrent text queries as one batch")
     query_batch_window_ms: float = Field(2.0, ge=0, le=100, description="longest a batch waits for queries in flight")
     query_batch_max: int = Field(32, ge=1, le=1024, description="most text queries encoded in one batch")
@@ -70,6 +75,7 @@ class PrismSettings(BaseSettings):
 
         return IndexOptions(
             batch_size=self.batch_size,
+            keep_versions=self.keep_versions,
             ann=AnnConfig(flat_threshold=self.flat_threshold, recall_target=self.recall_target),
             image_policy=ImagePolicy(root=self.image_root, allow_urls=self.allow_url_images),
         )

@@ -43,7 +43,7 @@ K = 10
 # ---------------------------------------------------------------- data
 
 
-def clip_like(n: int, d: int = 512, *, seed: int, world_seed: int = 0, clusters: int | None = None) -> np.ndarray:
+class ClipLikeWorld:
     """Unit vectors from a seeded mixture of clusters on the sphere, shaped like CLIP embeddings.
 
     - a shared "cone": every vector leans towards one mean direction (weight 0.55), so the mean
@@ -51,39 +51,50 @@ def clip_like(n: int, d: int = 512, *, seed: int, world_seed: int = 0, clusters:
     - anisotropy: cluster centres and within-cluster spread are drawn with a power-law spectrum
       (std of component i proportional to i^-0.5) in a random orthonormal basis, plus a small
       isotropic part;
-    - n/100 clusters with log-normal sizes (a few big product types, a long tail).
+    - `clusters` clusters with log-normal sizes (a few big product types, a long tail).
 
     The spread and exponent were set so that the effective dimensionality of the centred vectors
     (1 / sum of squared normalised eigenvalues) is ~41 and the top-10 components hold ~38% of the
     variance: the same as the demo model's real catalog embeddings (42.6 and 38%).
-    `world_seed` fixes the clusters; `seed` draws the points, so queries come from the same world.
+    `world_seed` fixes the clusters; `draw(n, seed)` draws points, so queries and every chunk of a
+    catalog generated chunk-wise come from the same world.
     """
-    world = np.random.default_rng(world_seed)
-    clusters = clusters or max(1, n // 100)
-    basis, _ = np.linalg.qr(world.standard_normal((d, d)))
-    sigma = (1.0 + np.arange(d)) ** -0.5
-    sigma /= np.linalg.norm(sigma)
-    mean = world.standard_normal(d)
-    mean /= np.linalg.norm(mean)
-    centres = (world.standard_normal((clusters, d)) * sigma) @ basis.T
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    sizes = world.lognormal(0.0, 1.0, clusters)
-    basis, sigma, mean, centres = (a.astype(np.float32) for a in (basis, sigma, mean, centres))
 
-    rng = np.random.default_rng(seed)
-    assign = rng.choice(clusters, size=n, p=sizes / sizes.sum())
-    out = np.empty((n, d), np.float32)
-    for start in range(0, n, 100_000):
-        stop = min(n, start + 100_000)
-        m = stop - start
-        spread = (rng.standard_normal((m, d), dtype=np.float32) * sigma) @ basis.T
-        spread /= np.linalg.norm(spread, axis=1, keepdims=True)
-        iso = rng.standard_normal((m, d), dtype=np.float32) / np.float32(np.sqrt(d))
-        x = centres[assign[start:stop]] + 0.6 * spread + 0.25 * iso
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        x += 0.55 * mean
-        out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
+    def __init__(self, d: int = 512, *, clusters: int, world_seed: int = 0):
+        world = np.random.default_rng(world_seed)
+        self.d, self.clusters = d, clusters
+        basis, _ = np.linalg.qr(world.standard_normal((d, d)))
+        sigma = (1.0 + np.arange(d)) ** -0.5
+        sigma /= np.linalg.norm(sigma)
+        mean = world.standard_normal(d)
+        mean /= np.linalg.norm(mean)
+        centres = (world.standard_normal((clusters, d)) * sigma) @ basis.T
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        sizes = world.lognormal(0.0, 1.0, clusters)
+        self.p = sizes / sizes.sum()
+        self.basis, self.sigma, self.mean, self.centres = (a.astype(np.float32) for a in (basis, sigma, mean, centres))
+
+    def draw(self, n: int, *, seed: int) -> np.ndarray:
+        d = self.d
+        rng = np.random.default_rng(seed)
+        assign = rng.choice(self.clusters, size=n, p=self.p)
+        out = np.empty((n, d), np.float32)
+        for start in range(0, n, 100_000):
+            stop = min(n, start + 100_000)
+            m = stop - start
+            spread = (rng.standard_normal((m, d), dtype=np.float32) * self.sigma) @ self.basis.T
+            spread /= np.linalg.norm(spread, axis=1, keepdims=True)
+            iso = rng.standard_normal((m, d), dtype=np.float32) / np.float32(np.sqrt(d))
+            x = self.centres[assign[start:stop]] + 0.6 * spread + 0.25 * iso
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            x += 0.55 * self.mean
+            out[start:stop] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+
+def clip_like(n: int, d: int = 512, *, seed: int, world_seed: int = 0, clusters: int | None = None) -> np.ndarray:
+    """n points of a ClipLikeWorld with n/100 clusters (or `clusters`)."""
+    return ClipLikeWorld(d, clusters=clusters or max(1, n // 100), world_seed=world_seed).draw(n, seed=seed)
 
 
 def shape_stats(x: np.ndarray, sample: int = 1000) -> dict:

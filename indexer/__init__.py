@@ -1,12 +1,14 @@
 """indexer: catalog readers, the ingestion pipeline, FAISS index construction and index-version artifacts."""
 
-from indexer.ann import AnnConfig, AnnIndex, AnnInfo, plan_factory
+from indexer.ann import AnnConfig, AnnIndex, AnnInfo, IdSet, plan_factory
 from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
+from indexer.retention import RetentionOutcome, apply_retention
+from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_file
 from indexer.versions import (
     IndexVersionError,
     LoadedIndexVersion,
@@ -20,6 +22,7 @@ from indexer.versions import (
 
 __all__ = [
     "ATTRIBUTION",
+    "apply_retention",
     "DemoCatalog",
     "DemoCatalogError",
     "EmojiProduct",
@@ -33,6 +36,7 @@ __all__ = [
     "CatalogUpdater",
     "CatalogRow",
     "FetchError",
+    "IdSet",
     "ImagePolicy",
     "IndexOptions",
     "IndexSummary",
@@ -40,9 +44,12 @@ __all__ = [
     "LoadedIndexVersion",
     "NoProgress",
     "Progress",
+    "RetentionOutcome",
     "RowError",
     "UpdateError",
     "UpsertOutcome",
+    "VectorChunk",
+    "VectorsFileError",
     "fetch_image_url",
     "fsync_dir",
     "gpu_count",
@@ -54,5 +61,6 @@ __all__ = [
     "plan_factory",
     "product_text",
     "read_catalog",
+    "read_vectors_file",
     "remove_unrecorded",
 ]

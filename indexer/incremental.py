@@ -39,6 +39,7 @@ class UpsertOutcome:
     created: bool
     seq: int
     image_action: str  # set | clear | keep
+    metadata_only: bool = False  # nothing was embedded: a "meta" journal entry
 
 
 class CatalogUpdater:
@@ -75,10 +76,14 @@ class CatalogUpdater:
         image it has; a new product is then text-only."""
         if image is not None and image_url is not None:
             raise UpdateError("conflict", "give image bytes or an image URL, not both")
+        text = product_text(item)
+        if image is None and image_url is None:
+            outcome = self._update_metadata(item, content_hash(text))
+            if outcome is not None:
+                return outcome
         if image_url is not None:
             image = self._download(image_url)
         new_image = self._new_image(item, image, image_url, embedder) if image is not None else None
-        text = product_text(item)
         text_vector = embedder.encode_texts([text])[0]
         for attempt in range(_ATTEMPTS):
             # What to do with the image depends on the product as it is now; the store refuses
@@ -109,6 +114,23 @@ class CatalogUpdater:
             return UpsertOutcome(record, created, seq, action)
         raise AssertionError("unreachable")
 
+    def _update_metadata(self, item: ProductInput, text_hash: str) -> UpsertOutcome | None:
+        """A change of price, category, brand, currency or attributes only: no model call, and the
+        product's vectors stay where they are (index or overlay). None when more than that changed
+        (or the product has no embedded text and image to keep), or it keeps changing meanwhile."""
+        for _ in range(_ATTEMPTS):
+            current = self.store.get_product(item.product_id)
+            if current is None or current.text_hash != text_hash:
+                return None
+            if current.image_uri is not None and current.image_status not in ("ok", "supplied"):
+                return None  # an image no build has embedded: the full path embeds it now
+            try:
+                record, seq = self.store.update_product_metadata(item, expect_updated_at=current.updated_at)
+            except ConflictError:
+                continue
+            return UpsertOutcome(record, False, seq, "keep", metadata_only=True)
+        return None
+
     def delete(self, product_id: str) -> ProductRecord | None:
         return self.store.soft_delete_product(product_id)
 
@@ -132,6 +154,10 @@ class CatalogUpdater:
         return replace(item, image_ref=ref, image_uri=str(path.resolve())), "set", digest, vector
 
     def _existing_image(self, item: ProductInput, current: ProductRecord | None, embedder: Embedder):
+        if current is not None and current.deleted_at is None and current.image_status == "supplied":
+            # An image vector made elsewhere (`prism index --vectors`) stays the product's image.
+            item = replace(item, image_ref=current.image_ref, image_uri=current.image_uri)
+            return item, "keep", current.image_hash, None, {}
         if current is None or not current.image_uri:
             return replace(item, image_ref=None, image_uri=None), "clear", None, None, {"image_status": "none"}
         item = replace(item, image_ref=current.image_ref, image_uri=current.image_uri)

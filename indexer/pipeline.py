@@ -15,9 +15,9 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import compress
 from pathlib import Path
 from typing import Protocol
 
@@ -25,10 +25,12 @@ import numpy as np
 
 from embedder import Embedder, ImageDecodeError, VectorCache, content_hash
 from indexer.ann import AnnConfig, AnnIndex
-from indexer.catalog import CatalogRow, ImagePolicy, RowError, read_catalog
+from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
+from indexer.retention import apply_retention
+from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
-from store import ImageState, ProductRecord, Store
+from store import ImageState, ProductInput, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,10 @@ class IndexOptions:
     url_max_bytes: int = 10 * 1024 * 1024
     url_timeout_s: float = 10.0
     activate: bool = True
+    chunk_rows: int = 5_000  # catalog rows upserted, and products embedded, per chunk
+    build_chunk_rows: int = 100_000  # products listed per SQL page when an index is built
+    vector_batch_rows: int = 8_192  # rows of a --vectors file read at a time
+    keep_versions: int = 3  # index versions kept for rollback besides the active one (PRISM_KEEP_VERSIONS)
 
 
 @dataclass
@@ -74,6 +80,8 @@ class IndexSummary:
     image_failures: Counter = field(default_factory=Counter)
     texts_embedded: int = 0
     texts_cached: int = 0
+    images_supplied: int = 0  # new vectors taken from a --vectors file
+    texts_supplied: int = 0
     index_version: str | None = None
     model_version: str | None = None
     indexes: dict = field(default_factory=dict)
@@ -90,6 +98,8 @@ class IndexSummary:
             "image_failures": dict(self.image_failures),
             "texts_embedded": self.texts_embedded,
             "texts_cached": self.texts_cached,
+            "images_supplied": self.images_supplied,
+            "texts_supplied": self.texts_supplied,
             "index_version": self.index_version,
             "model_version": self.model_version,
             "indexes": self.indexes,
@@ -127,20 +137,74 @@ class CatalogIndexer:
     # ---- stage 1+2: read and write products
 
     def load_catalog(self, catalog: Path, summary: IndexSummary) -> None:
-        rows: list[CatalogRow] = []
+        """Rows go to SQL a chunk at a time: the catalog is never held whole."""
+        chunk: list[ProductInput] = []
         self.progress.start("read catalog", None)
         for item in read_catalog(catalog, self.options.image_policy):
             summary.rows_read += 1
             if isinstance(item, RowError):
                 summary.row_errors.append(item)
             else:
-                rows.append(item)
+                chunk.append(item.product)
+            if len(chunk) >= self.options.chunk_rows:
+                self._upsert(chunk, summary)
             self.progress.advance("read catalog")
+        self._upsert(chunk, summary)
         self.progress.finish("read catalog")
-        products = [r.product for r in rows]
-        for start in range(0, len(products), 2000):
-            self.store.upsert_products(products[start : start + 2000])
-        summary.products_upserted = len(products)
+
+    def _upsert(self, chunk: list[ProductInput], summary: IndexSummary) -> None:
+        if chunk:
+            self.store.upsert_products(chunk)
+            summary.products_upserted += len(chunk)
+            chunk.clear()
+
+    # ---- stage 3 (bring your own vectors): vectors made elsewhere, straight into the cache
+
+    def load_vectors(self, vectors_file: Path, summary: IndexSummary) -> VectorCache:
+        """`prism index --vectors`: nothing is embedded here. Each supplied vector is stored in
+        the cache under `<modality>:<sha256 of its float32 bytes>`, which becomes the product's
+        image or text hash, so a rerun with the same vectors finds them all cached."""
+        cache = VectorCache(self.cache_dir, self.embedder.dim)
+        claimed = _RowSet()
+        self.progress.start("read vectors", None)
+        for item in read_vectors_file(vectors_file, dim=self.embedder.dim, batch_rows=self.options.vector_batch_rows):
+            if isinstance(item, RowError):
+                summary.row_errors.append(replace(item, reason=f"vectors file: {item.reason}"))
+                continue
+            rows = self.store.live_row_ids(item.product_ids)
+            keep = np.zeros(len(item.product_ids), dtype=bool)
+            row_ids = np.full(len(item.product_ids), -1, dtype=np.int64)
+            for i, (line, pid) in enumerate(zip(item.lines.tolist(), item.product_ids)):
+                row = rows.get(pid)
+                if row is None:
+                    summary.row_errors.append(RowError(line, pid, "vectors file: no live product with this id in the catalog"))
+                elif not claimed.add(row):
+                    summary.row_errors.append(RowError(line, pid, "vectors file: a second row for this product_id"))
+                else:
+                    keep[i], row_ids[i] = True, row
+            hashes: dict[str, list] = {}
+            for modality, matrix in item.vectors.items():
+                take = keep & item.present[modality]
+                digests = [content_hash(v.tobytes()) for v in matrix[take]]
+                new = cache.put_many([f"{modality}:{h}" for h in digests], matrix[take], modality=modality,
+                                     refs=list(compress(item.product_ids, take)))
+                column = [None] * len(keep)
+                for i, h in zip(np.flatnonzero(take).tolist(), digests):
+                    column[i] = h
+                hashes[modality] = column
+                if modality == "image":
+                    summary.images_supplied += new
+                    summary.images_cached += int(take.sum()) - new
+                else:
+                    summary.texts_supplied += new
+                    summary.texts_cached += int(take.sum()) - new
+            self.store.record_supplied_vectors([
+                (int(row_ids[i]), hashes.get("image", [None] * len(keep))[i], hashes.get("text", [None] * len(keep))[i])
+                for i in np.flatnonzero(keep).tolist()
+            ])
+            self.progress.advance("read vectors", len(item.product_ids))
+        self.progress.finish("read vectors")
+        return cache
 
     # ---- stage 3: embed every live product not yet in this model's cache
 
@@ -150,31 +214,62 @@ class CatalogIndexer:
         built = [v.manifest.get("catalog_seq", 0) for v in self.store.list_index_versions()
                  if v.model_version == self.embedder.name]
         self._cache_journal_vectors(cache, after=max(built, default=0))
-        products = self.store.live_products()
+        total = self.store.count_products()
         try:
-            self._embed_texts(products, cache, summary)
-            self._embed_images(products, cache, summary)
+            self._embed_texts(total, cache, summary)
+            self._embed_images(total, cache, summary)
         finally:
             cache.flush()  # keep every finished batch, also when interrupted
         return cache
 
-    def _embed_texts(self, products: list[ProductRecord], cache: VectorCache, summary: IndexSummary) -> None:
-        self.progress.start("embed texts", len(products))
-        items = [(p.row_id, product_text(p)) for p in products]
-        recorded = {p.row_id: p.text_hash for p in products}
-        for batch in self.embedder.embed_texts(items, batch_size=self.options.text_batch_size, cache=cache):
-            summary.texts_embedded += batch.encoded
-            summary.texts_cached += batch.attempted - batch.encoded
-            changed = {row: h for row, h in zip(batch.keys, batch.hashes) if recorded[row] != h}
-            if changed:
-                self.store.record_text_hashes(changed, seen=recorded)
-            self.progress.advance("embed texts", batch.attempted)
+    def _embed_texts(self, total: int, cache: VectorCache, summary: IndexSummary) -> None:
+        self.progress.start("embed texts", total)
+        for products in self.store.iter_live_products(self.options.chunk_rows):
+            items = [(p.row_id, product_text(p)) for p in products]
+            recorded = {p.row_id: p.text_hash for p in products}
+            for batch in self.embedder.embed_texts(items, batch_size=self.options.text_batch_size, cache=cache):
+                summary.texts_embedded += batch.encoded
+                summary.texts_cached += batch.attempted - batch.encoded
+                changed = {row: h for row, h in zip(batch.keys, batch.hashes) if recorded[row] != h}
+                if changed:
+                    self.store.record_text_hashes(changed, seen=recorded)
+                self.progress.advance("embed texts", batch.attempted)
         self.progress.finish("embed texts")
 
-    def _embed_images(self, products: list[ProductRecord], cache: VectorCache, summary: IndexSummary) -> None:
-        with_image = [p for p in products if p.image_uri]
-        without = [p for p in products if not p.image_uri and p.image_status != "none"]
-        seen = {p.row_id: (p.image_uri, p.image_hash) for p in products}
+    def _embed_images(self, total: int, cache: VectorCache, summary: IndexSummary) -> None:
+        # Products stream through one decode/encode pipeline; `seen` holds those in flight only.
+        seen: dict[int, tuple[str | None, str | None]] = {}
+
+        def with_images():
+            for products in self.store.iter_live_products(self.options.chunk_rows):
+                self._record_imageless(products, summary)
+                for p in products:
+                    if p.image_uri:
+                        seen[p.row_id] = (p.image_uri, p.image_hash)
+                        yield p.row_id, self._image_source(p)
+                    else:
+                        self.progress.advance("embed images")
+
+        self.progress.start("embed images", total)
+        for batch in self.embedder.embed_images(with_images(), batch_size=self.options.batch_size, cache=cache):
+            summary.images_embedded += batch.encoded
+            summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
+            states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
+            for row, reason, message in batch.failures:
+                summary.image_failures[reason] += 1
+                states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
+            self.store.record_image_states(states, seen={s.row_id: seen[s.row_id] for s in states})
+            for st in states:
+                seen.pop(st.row_id, None)
+            self.progress.advance("embed images", batch.attempted)
+        self.progress.finish("embed images")
+
+    def _record_imageless(self, products: list[ProductRecord], summary: IndexSummary) -> None:
+        # A supplied image vector (`--vectors`) stands for an image the catalog does not carry.
+        without = [p for p in products if not p.image_uri and p.image_status not in ("none", "supplied")]
+        for p in products:
+            if "_image_rejected" in p.attributes:
+                summary.image_failures["rejected"] += 1
         if without:
             self.store.record_image_states(
                 [
@@ -183,27 +278,8 @@ class CatalogIndexer:
                                image_error=p.attributes.get("_image_rejected"))
                     for p in without
                 ],
-                seen=seen,
+                seen={p.row_id: (p.image_uri, p.image_hash) for p in without},
             )
-        for p in products:
-            if "_image_rejected" in p.attributes:
-                summary.image_failures["rejected"] += 1
-        self.progress.start("embed images", len(with_image))
-        batches = self.embedder.embed_images(
-            ((p.row_id, self._image_source(p)) for p in with_image),
-            batch_size=self.options.batch_size,
-            cache=cache,
-        )
-        for batch in batches:
-            summary.images_embedded += batch.encoded
-            summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
-            states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
-            for row, reason, message in batch.failures:
-                summary.image_failures[reason] += 1
-                states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
-            self.store.record_image_states(states, seen=seen)
-            self.progress.advance("embed images", batch.attempted)
-        self.progress.finish("embed images")
 
     def _cache_journal_vectors(self, cache: VectorCache, *, after: int) -> None:
         """Put vectors that API upserts journaled for this model into the cache (no re-embedding)."""
@@ -254,24 +330,18 @@ class CatalogIndexer:
             catalog_seq = self.store.catalog_seq()
         # API changes that landed while this build embedded: their vectors are in the journal.
         self._cache_journal_vectors(cache, after=catalog_seq)
-        products = self.store.indexable_products()
-        text_rows = [(p.row_id, p.text_hash) for p in products if p.text_hash]
-        image_rows = [(p.row_id, p.image_hash) for p in products if p.image_hash]
-        text_ids, text_vecs = _gather(cache, "text", text_rows)
-        image_ids, image_vecs = _gather(cache, "image", image_rows)
-        summary.products_indexed = len(products)
+        cache.flush()
+        sources, products = self._sources(cache)
+        summary.products_indexed = products
         recorded = lambda version: self.store.get_index_version(version) is not None  # noqa: E731
         with build_lock(self.home / "indexes", is_recorded=recorded):
             self.progress.start("build indexes", 2)
             indexes = {}
             # Each index is tuned with the other modality's vectors as queries: that is the
             # cross-modal traffic it will serve.
-            for modality, ids, vecs, queries in (
-                ("image", image_ids, image_vecs, text_vecs),
-                ("text", text_ids, text_vecs, image_vecs),
-            ):
-                indexes[modality] = AnnIndex.build(
-                    vecs, ids, self.options.ann, tuning_queries=queries if len(queries) else None, dim=self.embedder.dim
+            for modality, other in (("image", "text"), ("text", "image")):
+                indexes[modality] = AnnIndex.build_from(
+                    sources[modality], self.options.ann, tuning_queries=sources[other].sample(self.options.ann.tuning_queries)
                 )
                 self.progress.advance("build indexes")
             self.progress.finish("build indexes")
@@ -281,7 +351,7 @@ class CatalogIndexer:
                 model_version=self.embedder.name,
                 indexes=indexes,
                 extra={
-                    "counts": {"products": len(products), "image": len(image_ids), "text": len(text_ids)},
+                    "counts": {"products": products, "image": indexes["image"].ntotal, "text": indexes["text"].ntotal},
                     "catalog_seq": catalog_seq,
                 },
             )
@@ -290,30 +360,60 @@ class CatalogIndexer:
                 activate=self.options.activate,
             )
             mark_recorded(self.home / "indexes", version)
+            apply_retention(self.store, self.home / "indexes", self.options.keep_versions)
         summary.index_version = version
         summary.model_version = self.embedder.name
         summary.indexes = {m: manifest["indexes"][m] for m in MODALITIES}
 
-    def run(self, catalog: Path | None) -> IndexSummary:
+    def _sources(self, cache: VectorCache) -> tuple[dict[str, "CachedVectors"], int]:
+        """Where each live product's vectors lie in the cache, per modality (16 bytes a vector:
+        row id and cache location), and how many live products there are."""
+        found: dict[str, tuple[list, list]] = {m: ([], []) for m in MODALITIES}
+        missing = dict.fromkeys(MODALITIES, 0)
+        products = 0
+        for row_ids, image_hashes, text_hashes in self.store.iter_indexable(self.options.build_chunk_rows):
+            products += len(row_ids)
+            for modality, hashes in (("image", image_hashes), ("text", text_hashes)):
+                has = np.fromiter((h is not None for h in hashes), dtype=bool, count=len(hashes))
+                keys = [f"{modality}:{h}" for h in compress(hashes, has)]
+                locations = cache.locate(keys)
+                ok = locations >= 0
+                missing[modality] += int((~ok).sum())
+                found[modality][0].append(row_ids[has][ok])
+                found[modality][1].append(locations[ok])
+        for modality, count in missing.items():
+            if count:
+                log.warning("%d %s vectors missing from the cache; those products are left out of this index", count, modality)
+        sources = {
+            m: CachedVectors(cache, np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                             np.concatenate(locs) if locs else np.zeros(0, np.int64))
+            for m, (ids, locs) in found.items()
+        }
+        return sources, products
+
+    def run(self, catalog: Path | None, *, vectors: Path | None = None) -> IndexSummary:
+        """Load `catalog` (if given), then embed what is missing with the model, or, with
+        `vectors`, take the vectors made elsewhere instead (nothing is embedded); build, publish."""
         started = time.perf_counter()
         summary = IndexSummary()
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
         catalog_seq = self.store.catalog_seq()
-        with embedding_writer(self.home):
-            cache = self.embed(summary)
+        with embedding_writer(self.home, compact=self.cache_dir):
+            cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
             self.build(cache, summary, catalog_seq=catalog_seq)
         summary.seconds = time.perf_counter() - started
         return summary
 
 
 @contextmanager
-def embedding_writer(home: Path):
+def embedding_writer(home: Path, *, compact: Path | None = None):
     """Held (shared) by every indexing run of a home while it writes vector shards and downloads.
 
     A run that finds no other holder first removes what dead runs left half-written: temp shards
     (`embeddings/*/.part-*.tmp`, from a kill during a shard write) and partial downloads
-    (`downloads/.*.part`). With another run under way they may be its own, and are left alone.
+    (`downloads/.*.part`), and folds the small shards of the cache it will use (`compact`) into
+    large ones. With another run under way they may be its own, and are left alone.
     The lock is an flock, so a killed run never holds it.
     """
     home = Path(home)
@@ -329,6 +429,8 @@ def embedding_writer(home: Path):
             for leftover in [*root.glob("*/.part-*.tmp"), *(home / "downloads").glob(".*.part")]:
                 log.info("removing %s, left half-written by a run that died", leftover)
                 leftover.unlink(missing_ok=True)
+            if compact is not None:
+                VectorCache.compact(compact)
         fcntl.flock(fd, fcntl.LOCK_SH)
         yield
     finally:
@@ -345,11 +447,37 @@ class _Failing:
         raise self.error
 
 
-def _gather(cache: VectorCache, modality: str, rows: Iterable[tuple[int, str]]) -> tuple[np.ndarray, np.ndarray]:
-    rows = list(rows)
-    ids = np.asarray([r for r, _ in rows], dtype=np.int64)
-    vectors, found = cache.get_many([f"{modality}:{h}" for _, h in rows])
-    if not found.all():
-        missing = int((~found).sum())
-        log.warning("%d %s vectors missing from the cache; those products are left out of this index", missing, modality)
-    return ids[found], vectors[found]
+class CachedVectors:
+    """One modality's vectors for a build, read from the cache by position a chunk at a time
+    (an `indexer.ann.VectorSource`)."""
+
+    def __init__(self, cache: VectorCache, ids: np.ndarray, locations: np.ndarray):
+        self.cache, self.ids, self.locations = cache, ids, locations
+        self.dim = cache.dim
+
+    def read(self, positions: np.ndarray) -> np.ndarray:
+        return self.cache.read(self.locations[positions])
+
+    def sample(self, size: int, seed: int = 0) -> np.ndarray:
+        if not len(self.ids):
+            return np.zeros((0, self.dim), np.float32)
+        picks = np.random.default_rng(seed).choice(len(self.ids), size=min(size, len(self.ids)), replace=False)
+        return self.read(np.sort(picks))
+
+
+class _RowSet:
+    """Row ids seen so far, as a growable bitmap (a set of 10M ints would take ~0.5 GB)."""
+
+    def __init__(self):
+        self._bits = np.zeros(1 << 16, dtype=bool)
+
+    def add(self, row: int) -> bool:
+        """False when `row` was already in the set."""
+        if row >= len(self._bits):
+            grown = np.zeros(max(row + 1, 2 * len(self._bits)), dtype=bool)
+            grown[: len(self._bits)] = self._bits
+            self._bits = grown
+        if self._bits[row]:
+            return False
+        self._bits[row] = True
+        return True

@@ -29,13 +29,21 @@ from PIL import Image
 from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
 from indexer import LoadedIndexVersion, index_version_path, load_index_version, product_text
 from search.batcher import BatchConfig, TextQueryBatcher
+from search.filters import FilterIndex
 from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
 from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
-MAX_K = 1000
-MAX_OFFSET = 10_000
+# Results one query can page through: offset + k. A deeper page costs candidates and re-ranking
+# for every result above it, so an anonymous request must not ask for 11,000 of them.
+MAX_RESULT_WINDOW = 1000
+MAX_K = MAX_RESULT_WINDOW
+MAX_OFFSET = MAX_RESULT_WINDOW - 1
+# Candidate depths a ranking is built in (see SearchEngine._ranked): a page is cut from the first
+# depth that covers it, so every page of a query is cut from one ranking. The first is a usual
+# first page, which then costs one search of its own depth (candidates grow with the depth).
+RANKING_DEPTHS = (10, 50, 100, 200, 400, 800, MAX_RESULT_WINDOW)
 MAX_QUERY_CHARS = 2000
 # A version that failed to load is tried again after this long (its files may have been repaired).
 FAILED_VERSION_RETRY_S = 60.0
@@ -105,6 +113,7 @@ class _Serving:
     version: LoadedIndexVersion
     embedder: Embedder
     overlay: Overlay
+    filters: FilterIndex
 
 
 class SearchEngine:
@@ -217,10 +226,15 @@ class SearchEngine:
                 f"still serving {current.version.index_version}" if current else "nothing is serving",
             )
             raise
-        # Products deleted after the build outside the journal (or before it existed) stay hidden.
-        overlay = Overlay.start(int(version.manifest.get("catalog_seq", 0)), embedder.dim, self.store.deleted_row_ids())
-        serving = _Serving(version, embedder, overlay)
-        serving = replace(serving, overlay=self._replay(serving))
+        filters = FilterIndex.load(self.store.iter_filter_facts())
+        # Products deleted after the build outside the journal (or before it existed) stay hidden;
+        # only those the indexes hold need a mask, not every product ever deleted.
+        indexed = {m: ann.ids() for m, ann in version.indexes.items()}
+        tombstones = np.concatenate([ids[~filters.base_live(ids)] for ids in indexed.values()] or [np.zeros(0, np.int64)])
+        overlay = Overlay.start(
+            int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
+        )
+        serving = self._replay(_Serving(version, embedder, overlay, filters))
         self._serving = serving
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion.
@@ -256,12 +270,13 @@ class SearchEngine:
             with self._lock:
                 current = self._serving
                 if seq > current.overlay.seq:
-                    self._serving = replace(current, overlay=self._replay(current))
+                    self._serving = self._replay(current)
 
-    def _replay(self, serving: _Serving) -> Overlay:
+    def _replay(self, serving: _Serving) -> _Serving:
+        """`serving` with the journal entries after its overlay's seq applied to its overlay and filters."""
         changes = self.store.catalog_changes(serving.overlay.seq)
         if not changes:
-            return serving.overlay
+            return serving
         foreign = [c for c in changes if c.op == "upsert" and c.model_version != serving.embedder.name]
         reembedded = self._reembed(serving.embedder, foreign) if foreign else {}
 
@@ -271,7 +286,9 @@ class SearchEngine:
             image = KEEP if change.image_action == "keep" else change.image_vector
             return ChangeVectors(text=change.text_vector, image=image)
 
-        return serving.overlay.applied(changes, vectors_for)
+        # Filters take every change, metadata-only ones included, as the row is now.
+        filters = serving.filters.patched(self.store.filter_facts({c.row_id for c in changes}))
+        return replace(serving, overlay=serving.overlay.applied(changes, vectors_for), filters=filters)
 
     def _reembed(self, embedder: Embedder, changes: list[CatalogChangeRecord]) -> dict[int, ChangeVectors]:
         """Vectors for changes journaled by another model (made during a model swap): embed the
@@ -327,7 +344,7 @@ class SearchEngine:
         timings["sync"] = _ms(t0)
 
         t0 = time.perf_counter()
-        allowed = None if filters.is_empty() else self.store.filter_row_ids(filters)
+        allowed = None if filters.is_empty() else serving.filters.allowed(filters)
         timings["filter"] = _ms(t0)
 
         exclude = np.zeros(0, dtype=np.int64)
@@ -351,11 +368,7 @@ class SearchEngine:
 
         def search_vector(vector: np.ndarray) -> list[tuple[int, float, dict]]:
             t0 = time.perf_counter()
-            want = offset + k
-            if target is Target.HYBRID:
-                ranked = self._hybrid(serving, vector, want, allowed, exclude)
-            else:
-                ranked = self._single(serving, target.value, vector, want, allowed, exclude)
+            ranked = self._ranked(serving, target, vector, offset + k, allowed, exclude)
             timings["ann"] = _ms(t0)
             return ranked
 
@@ -414,17 +427,46 @@ class SearchEngine:
                 return product, np.asarray(vector, dtype=np.float32).reshape(1, -1), modality
         raise QueryError(f"product {product_id!r} is not in the serving index yet")
 
+    def _ranked(self, serving, target, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+        """The first `want` entries of the query's one ranking, from which every page is cut.
+
+        An approximate search at a greater depth can find a candidate that a shallower one
+        missed and rank it above results a previous page already showed; page 2 would then repeat
+        an item of page 1. So the ranking is built depth by depth (RANKING_DEPTHS): positions up
+        to each depth are fixed by the search at that depth, and a deeper search only appends
+        what it adds after them. Every page of a query (same version, same catalog state) is
+        then a slice of the same list, and ties are broken by row id at every step.
+        """
+        ranked: list[tuple[int, float, dict]] = []
+        seen: set[int] = set()
+        for depth in RANKING_DEPTHS:
+            if target is Target.HYBRID:
+                found = self._hybrid(serving, query, depth, allowed, exclude)
+            else:
+                found = self._single(serving, target.value, query, depth, allowed, exclude)
+            for entry in found:
+                if len(ranked) >= depth:
+                    break
+                if entry[0] not in seen:
+                    seen.add(entry[0])
+                    ranked.append(entry)
+            if depth >= want or len(found) < depth:  # deep enough, or nothing more qualifies
+                break
+        return ranked[:want]
+
     def _candidates(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float]]:
         """Top `want` (row, cosine) from the base index and the overlay, merged."""
         overlay = serving.overlay
-        masked = overlay.masked(modality)
-        excluded = np.union1d(masked, exclude) if len(exclude) else masked
         ann = serving.version.indexes[modality]
+        # `exclude` (the product a "similar" query starts from) is a few ids: fetched past and
+        # dropped here, so the base search keeps the overlay's cached mask as its only exclusion.
         scores, ids = ann.search(
-            query, want, allowed=allowed, excluded=excluded, exact_subset_max=self.exact_subset_max
+            query, want + len(exclude), allowed=allowed, excluded=overlay.masked(modality),
+            exact_subset_max=self.exact_subset_max,
         )
-        found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
-        found += overlay.search(modality, query, want, allowed=allowed, excluded=exclude)
+        found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i not in exclude]
+        members = None if allowed is None else allowed.ids
+        found += overlay.search(modality, query, want, allowed=members, excluded=exclude)
         found.sort(key=lambda pair: (-pair[1], pair[0]))
         return found[:want]
 
@@ -456,6 +498,7 @@ class SearchEngine:
             "vectors": {m: serving.version.indexes[m].ntotal for m in MODALITIES},
             "overlay_vectors": {m: serving.overlay.count(m) for m in MODALITIES},
             "masked": {m: int(len(serving.overlay.masked(m))) for m in MODALITIES},
+            "filter_changed_rows": serving.filters.changed_rows,
         }
 
 
@@ -480,6 +523,11 @@ def _validate(text, image, similar_to, k, offset) -> None:
         raise QueryError(f"k must be between 1 and {MAX_K}, got {k}")
     if not 0 <= offset <= MAX_OFFSET:
         raise QueryError(f"offset must be between 0 and {MAX_OFFSET}, got {offset}")
+    if offset + k > MAX_RESULT_WINDOW:
+        raise QueryError(
+            f"offset + k is {offset + k}; results are served to a depth of {MAX_RESULT_WINDOW}: "
+            "narrow the query or its filters instead of paging further"
+        )
 
 
 def _ms(since: float) -> float:

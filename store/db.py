@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, create_engine, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,6 +25,7 @@ from store.records import (
     IndexVersionRecord,
     LoggedEvent,
     ModelVersionRecord,
+    ProductFacts,
     ProductFilter,
     ProductInput,
     ProductRecord,
@@ -95,6 +96,15 @@ def _apply_input(p: Product, it: ProductInput, now: datetime) -> None:
     p.attributes = dict(it.attributes)
     p.updated_at = now
     p.deleted_at = None
+
+
+def _catalog_fields(it: ProductInput, now: datetime) -> dict:
+    """A product's catalog fields as column values (what `_apply_input` sets on an ORM row)."""
+    return {
+        "title": it.title, "description": it.description, "category": it.category, "brand": it.brand,
+        "price": it.price, "currency": it.currency, "image_ref": it.image_ref, "image_uri": it.image_uri,
+        "attributes": dict(it.attributes), "updated_at": now,
+    }
 
 
 def _serialise_journal(s: Session) -> None:
@@ -200,23 +210,56 @@ class Store:
         """Insert or update products by product_id; returns product_id -> row_id.
 
         A re-upserted product is un-deleted. When its image changes, its image state is reset so
-        the next indexing run embeds it again.
+        the next indexing run embeds it again. Core SQL in executemany batches, not ORM objects:
+        a catalog load is millions of rows, and per-row ORM work made it the slowest stage.
         """
         now = utcnow()
+        table = Product.__table__
+        c = table.c
         out: dict[str, int] = {}
+        update_stmt = (
+            update(table)
+            .where(c.row_id == bindparam("b_row"))
+            .values(
+                title=bindparam("title"), description=bindparam("description"), category=bindparam("category"),
+                brand=bindparam("brand"), price=bindparam("price"), currency=bindparam("currency"),
+                image_ref=bindparam("image_ref"), image_uri=bindparam("image_uri"),
+                attributes=bindparam("attributes"), updated_at=bindparam("updated_at"), deleted_at=None,
+                image_status=bindparam("image_status"), image_hash=bindparam("image_hash"),
+                image_error=bindparam("image_error"),
+            )
+        )
         with self.session() as s, s.begin():
-            for chunk in _chunks(list(items)):
+            for chunk in _chunks(list({it.product_id: it for it in items}.values())):
                 ids = [it.product_id for it in chunk]
-                existing = {p.product_id: p for p in s.scalars(select(Product).where(Product.product_id.in_(ids)))}
+                existing = {
+                    r.product_id: r
+                    for r in s.execute(
+                        select(c.product_id, c.row_id, c.image_uri, c.image_status, c.image_hash, c.image_error)
+                        .where(c.product_id.in_(ids))
+                    )
+                }
+                inserts, updates = [], []
                 for it in chunk:
-                    p = existing.get(it.product_id)
-                    if p is None:
-                        p = Product(product_id=it.product_id, created_at=now, image_status="pending")
-                        s.add(p)
-                        existing[it.product_id] = p
-                    _apply_input(p, it, now)
-                s.flush()
-                out.update({p.product_id: p.row_id for p in existing.values()})
+                    fields_ = _catalog_fields(it, now)
+                    row = existing.get(it.product_id)
+                    if row is None:
+                        inserts.append({**fields_, "product_id": it.product_id, "created_at": now,
+                                        "image_status": "pending", "deleted_at": None})
+                        continue
+                    if row.image_uri != it.image_uri:
+                        image = {"image_status": "pending", "image_hash": None, "image_error": None}
+                    else:
+                        image = {"image_status": row.image_status, "image_hash": row.image_hash,
+                                 "image_error": row.image_error}
+                    updates.append({**fields_, **image, "b_row": row.row_id})
+                    out[it.product_id] = row.row_id
+                if updates:
+                    s.execute(update_stmt, updates)
+                if inserts:
+                    s.execute(table.insert(), inserts)
+                    out.update(s.execute(select(c.product_id, c.row_id).where(
+                        c.product_id.in_([r["product_id"] for r in inserts]))).tuples().all())
         return out
 
     def record_text_hashes(self, hashes: dict[int, str], *, seen: dict[int, str | None]) -> None:
@@ -302,6 +345,63 @@ class Store:
             q = select(Product).where(Product.deleted_at.is_(None)).order_by(Product.row_id)
             return [_to_record(ProductRecord, p) for p in s.scalars(q)]
 
+    def iter_live_products(self, chunk_size: int = 5_000) -> Iterator[list[ProductRecord]]:
+        """Live products in row-id order, a chunk at a time (keyset pages: each is one indexed
+        range scan, and no more than one chunk is held)."""
+        after = -1
+        while True:
+            with self.session() as s:
+                q = (select(Product).where(Product.deleted_at.is_(None), Product.row_id > after)
+                     .order_by(Product.row_id).limit(chunk_size))
+                chunk = [_to_record(ProductRecord, p) for p in s.scalars(q)]
+            if not chunk:
+                return
+            yield chunk
+            after = chunk[-1].row_id
+
+    def iter_indexable(self, chunk_size: int = 100_000) -> Iterator[tuple[np.ndarray, list, list]]:
+        """(row ids, image hashes, text hashes) of live products in row-id order, a chunk at a
+        time: what an index build needs, without product rows."""
+        c = Product.__table__.c
+        after = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(
+                    select(c.row_id, c.image_hash, c.text_hash)
+                    .where(c.deleted_at.is_(None), c.row_id > after).order_by(c.row_id).limit(chunk_size)
+                ).all()
+            if not rows:
+                return
+            row_ids, image_hashes, text_hashes = zip(*rows)
+            yield np.asarray(row_ids, dtype=np.int64), list(image_hashes), list(text_hashes)
+            after = int(row_ids[-1])
+
+    def live_row_ids(self, product_ids: Sequence[str]) -> dict[str, int]:
+        """product_id -> row_id of those that are live products."""
+        c = Product.__table__.c
+        out: dict[str, int] = {}
+        with self.session() as s:
+            for chunk in _chunks(list(product_ids)):
+                out.update(s.execute(select(c.product_id, c.row_id)
+                                     .where(c.product_id.in_(chunk), c.deleted_at.is_(None))).tuples().all())
+        return out
+
+    def record_supplied_vectors(self, rows: Sequence[tuple[int, str | None, str | None]]) -> None:
+        """(row_id, image vector hash or None, text vector hash or None) for vectors a team made
+        elsewhere (`prism index --vectors`): the hashes become the products' cache keys, and a
+        supplied image vector stands for the product's image (status `supplied`)."""
+        table = Product.__table__
+        c = table.c
+        image_rows = [{"b_row": r, "b_hash": i} for r, i, _ in rows if i is not None]
+        text_rows = [{"b_row": r, "b_hash": t} for r, _, t in rows if t is not None]
+        with self.session() as s, s.begin():
+            if image_rows:
+                s.execute(update(table).where(c.row_id == bindparam("b_row"))
+                          .values(image_hash=bindparam("b_hash"), image_status="supplied", image_error=None), image_rows)
+            if text_rows:
+                s.execute(update(table).where(c.row_id == bindparam("b_row"))
+                          .values(text_hash=bindparam("b_hash")), text_rows)
+
     def count_products(self, *, include_deleted: bool = False) -> int:
         with self.session() as s:
             q = select(func.count()).select_from(Product)
@@ -361,6 +461,28 @@ class Store:
             s.flush()
             return _to_record(ProductRecord, p), created, int(change.seq)
 
+    def update_product_metadata(self, item: ProductInput, *, expect_updated_at: datetime) -> tuple[ProductRecord, int]:
+        """Change a live product's metadata (category, brand, price, currency, attributes) and
+        journal it as a "meta" change, which carries no vectors: its title, description and image
+        stay as they are, so do its vectors in every index and overlay.
+
+        Compare-and-set on `updated_at` like `upsert_product_live`: the caller decided that only
+        metadata changed from the row as it read it. Returns (product, seq).
+        """
+        now = utcnow()
+        with self.session() as s, s.begin():
+            _serialise_journal(s)
+            p = s.scalar(select(Product).where(Product.product_id == item.product_id))
+            if p is None or p.deleted_at is not None or _as_utc(p.updated_at) != expect_updated_at:
+                raise ConflictError(f"product {item.product_id!r} changed concurrently")
+            p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
+            p.attributes = dict(item.attributes)
+            p.updated_at = now
+            change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
+            s.add(change)
+            s.flush()
+            return _to_record(ProductRecord, p), int(change.seq)
+
     def soft_delete_product(self, product_id: str) -> ProductRecord | None:
         """Mark a product deleted and journal it; None when there is no live product by that id."""
         with self.session() as s, s.begin():
@@ -373,6 +495,26 @@ class Store:
             s.add(CatalogChange(row_id=p.row_id, product_id=p.product_id, op="delete", ts=p.deleted_at))
             s.flush()
             return _to_record(ProductRecord, p)
+
+    def soft_delete_products(self, product_ids: Sequence[str]) -> int:
+        """Delete many live products, each journaled like `soft_delete_product`, a chunk per
+        transaction (a feed dropping thousands of products); returns how many were deleted."""
+        c = Product.__table__.c
+        journal = CatalogChange.__table__
+        deleted = 0
+        for chunk in _chunks(list(dict.fromkeys(product_ids))):
+            now = utcnow()
+            with self.session() as s, s.begin():
+                _serialise_journal(s)
+                live = s.execute(select(c.row_id, c.product_id).where(c.product_id.in_(chunk), c.deleted_at.is_(None))).all()
+                if not live:
+                    continue
+                s.execute(update(Product.__table__).where(c.row_id.in_([r.row_id for r in live]))
+                          .values(deleted_at=now, updated_at=now))
+                s.execute(journal.insert(), [{"row_id": r.row_id, "product_id": r.product_id, "op": "delete", "ts": now}
+                                             for r in live])
+                deleted += len(live)
+        return deleted
 
     # ---------------------------------------------------------------- change journal
 
@@ -424,6 +566,52 @@ class Store:
         with self.session() as s:
             ids = s.scalars(q.order_by(Product.row_id)).all()
         return np.asarray(ids, dtype=np.int64)
+
+    def iter_filter_facts(self, *, chunk: int = 50_000) -> Iterator[ProductFacts]:
+        """The filter columns of every live product, in row-id order, `chunk` rows per query.
+
+        Pages by row id (the primary key), so each query is an index range scan and no
+        transaction stays open across chunks; a change committed meanwhile is in the journal.
+        """
+        last = 0
+        while True:
+            q = (
+                select(Product.row_id, Product.category, Product.brand, Product.price)
+                .where(Product.deleted_at.is_(None), Product.row_id > last)
+                .order_by(Product.row_id)
+                .limit(chunk)
+            )
+            with self.session() as s:
+                rows = s.execute(q).all()
+            if not rows:
+                return
+            yield _facts(rows, live=True)
+            last = int(rows[-1].row_id)
+            if len(rows) < chunk:
+                return
+
+    def filter_facts(self, row_ids: Iterable[int]) -> ProductFacts:
+        """The filter columns of these rows as they are now, deleted and unknown rows not live."""
+        ids = sorted({int(r) for r in row_ids})
+        found = []
+        with self.session() as s:
+            for part in _chunks(ids):
+                found += s.execute(
+                    select(Product.row_id, Product.category, Product.brand, Product.price, Product.deleted_at)
+                    .where(Product.row_id.in_(part))
+                ).all()
+        by_row = {int(r.row_id): r for r in found}
+        facts = _facts([by_row[r] for r in ids if r in by_row], live=None)
+        missing = [r for r in ids if r not in by_row]
+        if not missing:
+            return facts
+        return ProductFacts(
+            rows=np.concatenate([facts.rows, np.asarray(missing, dtype=np.int64)]),
+            categories=facts.categories + [None] * len(missing),
+            brands=facts.brands + [None] * len(missing),
+            prices=np.concatenate([facts.prices, np.full(len(missing), np.nan)]),
+            live=np.concatenate([facts.live, np.zeros(len(missing), dtype=bool)]),
+        )
 
     def facets(self, *, limit: int = 200) -> dict:
         """Live products' categories and brands (most common first) and price range."""
@@ -517,6 +705,40 @@ class Store:
     def list_index_versions(self) -> list[IndexVersionRecord]:
         with self.session() as s:
             return [_to_record(IndexVersionRecord, v) for v in s.scalars(select(IndexVersion).order_by(IndexVersion.created_at))]
+
+    def retention_candidates(self, keep: int) -> list[IndexVersionRecord]:
+        """Index versions beyond the newest `keep` by creation, the active one excepted: what
+        `prune_index_versions` may drop."""
+        if keep < 1:
+            raise ValueError("keep at least the newest index version")
+        with self.session() as s:
+            newest_first = s.scalars(
+                select(IndexVersion).order_by(IndexVersion.created_at.desc(), IndexVersion.index_version.desc())
+            ).all()
+            return [_to_record(IndexVersionRecord, v) for v in newest_first[keep:] if not v.is_active]
+
+    def prune_index_versions(self, index_versions: Iterable[str]) -> tuple[list[str], int]:
+        """Forget these index versions, then the journal entries every remaining version holds.
+
+        A version activated meanwhile is kept. Journal entries with seq <= the lowest
+        `catalog_seq` among the versions still recorded are deleted: no version that can still be
+        served (or rolled back to) replays them. One transaction. Returns (versions dropped,
+        journal entries deleted)."""
+        names = list(dict.fromkeys(index_versions))
+        with self.session() as s, s.begin():
+            for part in _chunks(names):
+                s.execute(
+                    delete(IndexVersion).where(IndexVersion.index_version.in_(part), IndexVersion.is_active.is_(False))
+                )
+            remaining = s.execute(select(IndexVersion.index_version, IndexVersion.manifest)).all()
+            left = {name for name, _ in remaining}
+            dropped = [name for name in names if name not in left]
+            if not remaining:
+                return dropped, 0
+            # A version without catalog_seq (made before the journal) replays it all.
+            through = min(int((manifest or {}).get("catalog_seq") or 0) for _, manifest in remaining)
+            pruned = s.execute(delete(CatalogChange).where(CatalogChange.seq <= through)).rowcount or 0
+            return dropped, int(pruned)
 
     # ---------------------------------------------------------------- search log
 
@@ -635,6 +857,18 @@ class Store:
                 update(TrainingRun).where(TrainingRun.status == "running")
                 .values(status="failed", decision="none", finished_at=utcnow(), metrics={"error": reason})
             ).rowcount or 0
+
+
+def _facts(rows, *, live: bool | None) -> ProductFacts:
+    """ProductFacts of result rows; `live` None: from each row's `deleted_at`."""
+    return ProductFacts(
+        rows=np.asarray([r.row_id for r in rows], dtype=np.int64),
+        categories=[r.category for r in rows],
+        brands=[r.brand for r in rows],
+        prices=np.asarray([np.nan if r.price is None else r.price for r in rows], dtype=np.float64),
+        live=np.full(len(rows), live, dtype=bool) if live is not None
+        else np.asarray([r.deleted_at is None for r in rows], dtype=bool),
+    )
 
 
 def _search_context(r: SearchLog) -> SearchContext:

@@ -124,7 +124,7 @@ class CatalogChange(Base):
     seq: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
     row_id: Mapped[int] = mapped_column(RowId, ForeignKey("products.row_id"), nullable=False)
     product_id: Mapped[str] = mapped_column(String(256), nullable=False)
-    op: Mapped[str] = mapped_column(String(16), nullable=False)  # upsert | delete
+    op: Mapped[str] = mapped_column(String(16), nullable=False)  # upsert | meta (no vectors) | delete
     model_version: Mapped[str | None] = mapped_column(String(200))
     text_hash: Mapped[str | None] = mapped_column(String(64))
     text_vector: Mapped[bytes | None] = mapped_column(LargeBinary)

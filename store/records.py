@@ -86,7 +86,7 @@ class IndexVersionRecord:
 
 @dataclass(frozen=True)
 class ProductFilter:
-    """Metadata filters, resolved to allowed row ids in SQL."""
+    """Metadata filters on live products: values within a field OR-ed, fields AND-ed."""
 
     categories: tuple[str, ...] = ()
     brands: tuple[str, ...] = ()
@@ -95,6 +95,18 @@ class ProductFilter:
 
     def is_empty(self) -> bool:
         return not (self.categories or self.brands or self.price_min is not None or self.price_max is not None)
+
+
+@dataclass(frozen=True)
+class ProductFacts:
+    """What metadata filters test, for some products, column by column (`prices`: NaN = none;
+    `live`: False for a deleted or unknown row)."""
+
+    rows: np.ndarray  # int64
+    categories: list[str | None]
+    brands: list[str | None]
+    prices: np.ndarray  # float64
+    live: np.ndarray  # bool
 
 
 @dataclass(frozen=True)
@@ -120,7 +132,7 @@ class CatalogChangeRecord:
     seq: int
     row_id: int
     product_id: str
-    op: str  # upsert | delete
+    op: str  # upsert | meta (metadata only: no vectors) | delete
     model_version: str | None
     text_hash: str | None
     text_vector: np.ndarray | None

@@ -104,3 +104,16 @@ def test_bad_build_inputs():
         AnnIndex.build(np.ones((2, 4), np.float32), np.array([1, 1]))
     with pytest.raises(ValueError, match="ids"):
         AnnIndex.build(np.ones((2, 4), np.float32), np.array([1]))
+
+
+def test_hnsw_coarse_quantizer_builds_tunes_saves_and_loads(tmp_path, data, flat):
+    """Large catalogs (thousands of lists) find their lists through an HNSW graph over the centroids."""
+    x, ids, q = data
+    ann = AnnIndex.build(x, ids, AnnConfig(flat_threshold=10_000, hnsw_quantizer_from=16, add_chunk=3000))
+    assert "_HNSW32" in ann.info.factory and "x4fsr" in ann.info.factory and ann.info.recall_at_10 >= 0.95
+    ann.save(tmp_path, "image")
+    loaded = AnnIndex.load(tmp_path, "image", ann.info.to_dict())
+    _, truth = flat.search(q, 10)
+    _, found = loaded.search(q, 10)
+    assert _recall(found, truth) >= 0.95
+    assert np.abs(loaded.reconstruct(ids[:50]) - x[:50]).max() < 0.05  # fast-scan codes + residuals, after a load

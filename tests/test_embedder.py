@@ -158,7 +158,7 @@ def test_vector_cache_writes_pending_vectors_after_a_while_not_only_after_many(t
 
     cache = VectorCache(tmp_path / "c", 4, flush_every=1000, flush_after_s=0.2)
     cache.put("image:a", np.ones(4), modality="image")
-    assert not list((tmp_path / "c").glob("part-*.parquet"))  # one vector, just now: still pending
+    assert not list((tmp_path / "c").glob("part-*.arrow"))  # one vector, just now: still pending
     time.sleep(0.25)
     cache.put("image:b", np.ones(4), modality="image")  # the oldest pending one is 0.25 s old
     # What a run killed right now would find on disk:

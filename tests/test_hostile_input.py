@@ -431,7 +431,7 @@ BAD_PAGING = [
     ("k", "-1", "greater than or equal to 1"), ("k", "0", "greater than or equal to 1"),
     ("k", "1000000000000000000000000000000", "less than or equal to 1000"), ("k", "1e4", "integer"),
     ("offset", "-5", "greater than or equal to 0"),
-    ("offset", "99999999999999999999", "less than or equal to 10000"), ("offset", "0x10", "integer"),
+    ("offset", "99999999999999999999", "less than or equal to 999"), ("offset", "0x10", "integer"),
 ]
 
 

@@ -129,12 +129,13 @@ def test_version_directory_is_complete_verified_and_immutable(tmp_path, store, t
     assert manifest["model_version"] == tiny_embedder.name == record.model_version
     assert manifest["counts"] == {"products": 120, "image": 120, "text": 120}
     assert not list((tmp_path / "home" / "indexes").glob(".tmp-*"))
-    shards = list((tmp_path / "home" / "embeddings" / tiny_embedder.name).glob("part-*.parquet"))
+    shards = list((tmp_path / "home" / "embeddings" / tiny_embedder.name).glob("part-*.arrow"))
     assert shards
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
-    table = pq.read_table(shards[0])
-    assert {"product_id", "modality", "vector"} <= set(table.column_names)
+    with pa.memory_map(str(shards[0])) as source:
+        table = pa.ipc.open_file(source).read_all()
+    assert {"key", "digest", "product_id", "modality", "vector"} <= set(table.column_names)
     copy = tmp_path / "tampered"
     assert record.path == summary.index_version  # relative to the home's indexes/, see below
     shutil.copytree(index_version_path(tmp_path / "home" / "indexes", record.path), copy)

@@ -104,7 +104,9 @@ def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
 )
 def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDep) -> JSONResponse:
     """Embedded with the serving model and searchable on the next query, in every worker, without
-    a rebuild. The next index build includes it like any catalog product. Needs the admin token."""
+    a rebuild. The next index build includes it like any catalog product. A change of price,
+    currency, category, brand or attributes alone embeds nothing and shows at once as well.
+    Needs the admin token."""
     _check_new_id(product_id)
     services.engine.sync()
     embedder = services.engine.serving.embedder
@@ -119,7 +121,7 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         attributes=body.attributes,
     )
     outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url)
-    services.metrics.catalog_changes.labels("upsert").inc()
+    services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
     services.engine.sync()
     payload = ProductUpserted(
         **product_out(outcome.product),

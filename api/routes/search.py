@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from api.routes.common import ERRORS, catalog_fields, to_filter
-from api.schemas import Filters, SearchParams, SearchRequest, SearchResponse
+from api.schemas import K_DESCRIPTION, OFFSET_DESCRIPTION, Filters, SearchParams, SearchRequest, SearchResponse
 from api.services import Services, ServicesDep
 from embedder import ImageDecodeError
 from feedback import record_search
@@ -104,8 +104,8 @@ def search_upload(
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="the query image")],
     target: Annotated[Target, Form()] = Target.IMAGE,
-    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10,
-    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET)] = 0,
+    k: Annotated[int, Form(ge=1, le=MAX_K, description=K_DESCRIPTION)] = 10,
+    offset: Annotated[int, Form(ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)] = 0,
     category: Annotated[list[str] | None, Form()] = None,
     brand: Annotated[list[str] | None, Form()] = None,
     price_min: Annotated[float | None, Form()] = None,

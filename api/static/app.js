@@ -2,6 +2,8 @@
 "use strict";
 
 const PAGE_SIZE = 24;
+// The server serves results to this depth (offset + k); the last page is cut short to fit.
+const RESULT_WINDOW = 1000;
 
 const state = {
   query: null,      // {kind: "text", text} | {kind: "image", file} | {kind: "similar", productId, title}
@@ -48,8 +50,9 @@ async function request(url, options) {
 
 function searchRequest(query, offset) {
   const f = filters();
+  const k = Math.min(PAGE_SIZE, RESULT_WINDOW - offset);
   if (query.kind === "text") {
-    const params = new URLSearchParams({ q: query.text, target: target(), k: PAGE_SIZE, offset });
+    const params = new URLSearchParams({ q: query.text, target: target(), k, offset });
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) params.append(key, v);
     }
@@ -59,7 +62,7 @@ function searchRequest(query, offset) {
     const form = new FormData();
     form.append("file", query.file, query.file.name || "query-image");
     form.append("target", target());
-    form.append("k", PAGE_SIZE);
+    form.append("k", k);
     form.append("offset", offset);
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) form.append(key, v);
@@ -69,7 +72,7 @@ function searchRequest(query, offset) {
   return request("/v1/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ similar_to: query.productId, target: target(), k: PAGE_SIZE, offset, filters: f }),
+    body: JSON.stringify({ similar_to: query.productId, target: target(), k, offset, filters: f }),
   });
 }
 
@@ -181,8 +184,8 @@ function render(result) {
   }
   $("pager").hidden = result.offset === 0 && result.results.length < result.k;
   $("prev").disabled = result.offset === 0;
-  $("next").disabled = result.results.length < result.k;
-  $("page-info").textContent = `page ${Math.floor(result.offset / result.k) + 1}`;
+  $("next").disabled = result.results.length < result.k || result.offset + result.k >= RESULT_WINDOW;
+  $("page-info").textContent = `page ${Math.floor(result.offset / PAGE_SIZE) + 1}`;
   // Paging or "similar" from far down the grid: bring the new results' start into view.
   if ($("status").getBoundingClientRect().top < 0) $("status").scrollIntoView();
 }
