@@ -133,7 +133,7 @@ def _print_summary(summary) -> None:
     console = Console()
     table = Table(title="prism index", show_header=False)
     table.add_row("rows read", str(summary.rows_read))
-    table.add_row("rows rejected", str(len(summary.row_errors)))
+    table.add_row("rows rejected", str(summary.rows_rejected))
     table.add_row("products indexed", str(summary.products_indexed))
     table.add_row("images embedded", f"{summary.images_embedded} (+{summary.images_cached} from cache)")
     table.add_row("texts embedded", f"{summary.texts_embedded} (+{summary.texts_cached} from cache)")
@@ -152,8 +152,9 @@ def _print_summary(summary) -> None:
     console.print(table)
     for err in summary.row_errors[:20]:
         console.print(f"  line {err.line}: {err.product_id or '?'}: {err.reason}", style="yellow")
-    if len(summary.row_errors) > 20:
-        console.print(f"  ... and {len(summary.row_errors) - 20} more (use --json for all)", style="yellow")
+    if summary.rows_rejected > 20:
+        more = "use --json for the first 10,000" if summary.rows_rejected > 10_000 else "use --json for all"
+        console.print(f"  ... and {summary.rows_rejected - 20} more ({more})", style="yellow")
 
 
 @app.command()

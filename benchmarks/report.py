@@ -227,6 +227,35 @@ def latency_section(result: dict) -> list[str]:
     return out
 
 
+def scale_section(result: dict) -> list[str]:
+    out = ["## Millions of products on one machine (`benchmarks/scale.py`, `make bench-scale`)", ""]
+    out.append("`prism index CATALOG --vectors VECTORS --model ViT-B-32:random` on synthetic CLIP-shaped vectors "
+               "(float16 Parquet, image vectors only), then the version served as `prism serve` loads it. Recall "
+               "against the exact top-10 of 1,000 queries; q/s: the ANN search alone, batch 1, one thread; "
+               f"p50: `similar_to` searches through the engine (sync, filter, ANN, metadata). {machine_line(result)}")
+    out.append("")
+    rows = []
+    for r in result["sizes"]:
+        index, serve, again = r.get("index", {}), r.get("serve", {}), r.get("rerun_1pct")
+        float_bytes = serve.get("float32_bytes") or r["n"] * 512 * 4
+        rows.append([
+            f"{r['n']:,}", f"{r['generate']['vectors_bytes'] / 1e9:.1f} GB",
+            f"{index['seconds']:.0f}" if index else "-", f"{index['peak_rss_mb'] / 1024:.2f}" if index else "-",
+            f"{serve['serving_rss_mb'] / 1024:.2f} ({serve['serving_rss_mb'] * 2**20 / float_bytes:.3f})" if serve else "-",
+            f"{serve['index_bytes_on_disk'] / float_bytes:.3f}" if serve else "-",
+            serve.get("ann", {}).get("factory", "-") + (f" + {serve['ann']['rerank_store']}" if serve else ""),
+            serve.get("recall_at_10", "-"), serve.get("batch1_qps_single_thread", "-"),
+            serve.get("p50_ms_unfiltered", "-"), serve.get("p50_ms_category_10pct", "-"),
+            f"{serve['p50_ms_after_delete']} ({serve['deleted']:,} deleted)" if serve else "-",
+            f"{again['new_vectors']:,} new of {again['changed']:,} changed, {again['seconds']:.0f} s" if again else "not run",
+        ])
+    out.append(table(["products", "vectors file", "index s", "index peak RSS GB", "serving RSS GB (x float32)",
+                      "index files (x float32)", "ANN", "recall@10", "q/s batch-1", "p50 ms", "p50 ms, 10% filter",
+                      "p50 ms after deletes", "re-run, 1% changed"], rows))
+    out.append("")
+    return out
+
+
 def feedback_section(result: dict) -> list[str]:
     out = ["## Learning from clicks (`benchmarks/feedback_lift.py`, `make bench-feedback`)", ""]
     out.append("Simulated shoppers, then `prism retrain`; see docs/feedback.md for the click model. "
@@ -255,6 +284,8 @@ def main() -> None:
     for name in ("ann_scale_full", "ann_scale"):
         if (r := load(name)) is not None:
             parts += ann_section(r, name)
+    if (r := load("scale")) is not None:
+        parts += scale_section(r)
     if (r := load("query_batching")) is not None:
         parts += batching_section(r)
     if (r := load("serve_latency")) is not None:

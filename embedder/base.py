@@ -149,16 +149,17 @@ class Embedder(ABC):
                 if cache is not None:
                     cache.put(f"image:{p.hash}", vec, modality="image", ref=ref(p.key))
         keys, hashes, rows, failures = [], [], [], []
+        ok = [p for p in prepared if p.failure is None]
+        cached = [p for p in ok if id(p) not in fresh]
+        # One batched cache read (a lookup per key, a read per shard), not a shard open per key.
+        from_cache = dict(zip(map(id, cached), cache.get_many([f"image:{p.hash}" for p in cached])[0])) if cached else {}
         for p in prepared:
             if p.failure is not None:
                 failures.append((p.key, *p.failure))
                 continue
-            vec = fresh.get(id(p))
-            if vec is None:
-                vec = cache.get(f"image:{p.hash}")
             keys.append(p.key)
             hashes.append(p.hash)
-            rows.append(vec)
+            rows.append(fresh[id(p)] if id(p) in fresh else from_cache[id(p)])
         matrix = np.stack(rows).astype(np.float32) if rows else np.zeros((0, self.dim), np.float32)
         return EmbeddedBatch(keys, hashes, matrix, failures, encoded=len(to_encode), attempted=len(prepared))
 
@@ -184,9 +185,9 @@ class Embedder(ABC):
                     vectors[i] = encoded[chunk[i][1]]
                     if cache is not None:
                         cache.put(f"text:{hashes[i]}", vectors[i], modality="text", ref=ref(keys[i]))
-            for i, h in enumerate(hashes):
-                if i not in missing_set:
-                    vectors[i] = cache.get(f"text:{h}")
+            cached = [i for i in range(len(chunk)) if i not in missing_set]
+            if cached:
+                vectors[cached] = cache.get_many([f"text:{hashes[i]}" for i in cached])[0]
             yield EmbeddedBatch(keys, hashes, vectors, encoded=len(missing), attempted=len(chunk))
 
     def autocast(self):

@@ -45,6 +45,8 @@ def _digests(keys: Sequence[str]) -> np.ndarray:
 
 
 class VectorCache:
+    shard_rows = SHARD_ROWS  # what a bulk writer should gather before `put_many`, to write full shards
+
     def __init__(self, root: str | Path, dim: int, *, flush_every: int = 2048, flush_after_s: float = 30.0):
         self.root = Path(root)
         self.dim = dim
@@ -155,13 +157,24 @@ class VectorCache:
         return None if location[0] < 0 else self._read(location)[0]
 
     def get_many(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors for keys (zeros where absent) and a boolean mask of which were found."""
-        self.flush()
-        locations = self._locate(_digests(keys))
-        found = locations >= 0
+        """Vectors for keys (zeros where absent) and a boolean mask of which were found: one
+        lookup and one read per shard touched, however many keys."""
         out = np.zeros((len(keys), self.dim), dtype=np.float32)
-        if found.any():
-            out[found] = self._read(locations[found])
+        found = np.zeros(len(keys), dtype=bool)
+        stored = []
+        for i, key in enumerate(keys):
+            pending = self._pending.get(key)
+            if pending is None:
+                stored.append(i)
+            else:
+                out[i], found[i] = pending[2], True
+        if stored:
+            stored = np.asarray(stored)
+            locations = self._locate(_digests([keys[i] for i in stored]))
+            hit = locations >= 0
+            if hit.any():
+                out[stored[hit]] = self._read(locations[hit])
+                found[stored[hit]] = True
         return out, found
 
     # ---------------------------------------------------------------- writing
@@ -237,7 +250,7 @@ class VectorCache:
         if len(small) < 2 and not any(p.suffix == ".parquet" for p in small):
             return 0
         dim = None
-        seen: set[bytes] = set()
+        folded: list[Path] = []
         buffer: dict[str, list] = {"keys": [], "modalities": [], "refs": [], "vectors": []}
 
         def write_buffer() -> None:
@@ -255,19 +268,20 @@ class VectorCache:
                 log.warning("skipping unreadable embedding shard %s while compacting: %s", shard, exc)
                 continue
             dim = dim or matrix.shape[1]
-            keep = [i for i, k in enumerate(keys) if k not in seen]
-            seen.update(keys)
-            buffer["keys"] += [keys[i] for i in keep]
-            buffer["modalities"] += [modalities[i] for i in keep]
-            buffer["refs"] += [refs[i] for i in keep]
-            buffer["vectors"].append(matrix[keep])
+            # Keys are not de-duplicated across shards: writers skip stored keys, so duplicates
+            # come only from a crash between a compaction's rename and unlink, and cost bytes.
+            buffer["keys"] += keys
+            buffer["modalities"] += modalities
+            buffer["refs"] += refs
+            buffer["vectors"].append(matrix)
+            folded.append(shard)
             if len(buffer["keys"]) >= SHARD_ROWS:
                 write_buffer()
         write_buffer()
-        for shard in small:
+        for shard in folded:  # only what was read and rewritten: an unreadable shard stays
             shard.unlink(missing_ok=True)
-        log.info("compacted %d embedding shards in %s", len(small), root)
-        return len(small)
+        log.info("compacted %d embedding shards in %s", len(folded), root)
+        return len(folded)
 
 
 # ---------------------------------------------------------------- shard files

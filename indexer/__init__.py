@@ -7,7 +7,7 @@ from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
-from indexer.retention import RetentionOutcome, apply_retention
+from indexer.retention import RetentionOutcome, apply_retention, journal_hold
 from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_file
 from indexer.versions import (
     IndexVersionError,
@@ -23,6 +23,7 @@ from indexer.versions import (
 __all__ = [
     "ATTRIBUTION",
     "apply_retention",
+    "journal_hold",
     "DemoCatalog",
     "DemoCatalogError",
     "EmojiProduct",

@@ -120,7 +120,10 @@ class CatalogUpdater:
         (or the product has no embedded text and image to keep), or it keeps changing meanwhile."""
         for _ in range(_ATTEMPTS):
             current = self.store.get_product(item.product_id)
-            if current is None or current.text_hash != text_hash:
+            # The embedded text is title + description: compare both, since two different pairs
+            # can join to the same text (and its hash).
+            if current is None or current.text_hash != text_hash or \
+                    (current.title, current.description) != (item.title, item.description):
                 return None
             if current.image_uri is not None and current.image_status not in ("ok", "supplied"):
                 return None  # an image no build has embedded: the full path embeds it now

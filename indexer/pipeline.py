@@ -27,7 +27,7 @@ from embedder import Embedder, ImageDecodeError, VectorCache, content_hash
 from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
-from indexer.retention import apply_retention
+from indexer.retention import apply_retention, journal_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
 from store import ImageState, ProductInput, ProductRecord, Store
@@ -69,10 +69,14 @@ class IndexOptions:
     keep_versions: int = 3  # index versions kept for rollback besides the active one (PRISM_KEEP_VERSIONS)
 
 
+MAX_ROW_ERRORS = 10_000  # kept in a summary; the rest are counted (a wrong file can be all bad rows)
+
+
 @dataclass
 class IndexSummary:
     rows_read: int = 0
     row_errors: list[RowError] = field(default_factory=list)
+    rows_rejected: int = 0
     products_upserted: int = 0
     products_indexed: int = 0
     images_embedded: int = 0
@@ -87,9 +91,15 @@ class IndexSummary:
     indexes: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    def reject(self, error: RowError) -> None:
+        self.rows_rejected += 1
+        if len(self.row_errors) < MAX_ROW_ERRORS:
+            self.row_errors.append(error)
+
     def to_dict(self) -> dict:
         return {
             "rows_read": self.rows_read,
+            "rows_rejected": self.rows_rejected,
             "row_errors": [{"line": e.line, "product_id": e.product_id, "reason": e.reason} for e in self.row_errors],
             "products_upserted": self.products_upserted,
             "products_indexed": self.products_indexed,
@@ -143,7 +153,7 @@ class CatalogIndexer:
         for item in read_catalog(catalog, self.options.image_policy):
             summary.rows_read += 1
             if isinstance(item, RowError):
-                summary.row_errors.append(item)
+                summary.reject(item)
             else:
                 chunk.append(item.product)
             if len(chunk) >= self.options.chunk_rows:
@@ -166,10 +176,11 @@ class CatalogIndexer:
         image or text hash, so a rerun with the same vectors finds them all cached."""
         cache = VectorCache(self.cache_dir, self.embedder.dim)
         claimed = _RowSet()
+        pending = _SuppliedVectors()
         self.progress.start("read vectors", None)
         for item in read_vectors_file(vectors_file, dim=self.embedder.dim, batch_rows=self.options.vector_batch_rows):
             if isinstance(item, RowError):
-                summary.row_errors.append(replace(item, reason=f"vectors file: {item.reason}"))
+                summary.reject(replace(item, reason=f"vectors file: {item.reason}"))
                 continue
             rows = self.store.live_row_ids(item.product_ids)
             keep = np.zeros(len(item.product_ids), dtype=bool)
@@ -177,32 +188,29 @@ class CatalogIndexer:
             for i, (line, pid) in enumerate(zip(item.lines.tolist(), item.product_ids)):
                 row = rows.get(pid)
                 if row is None:
-                    summary.row_errors.append(RowError(line, pid, "vectors file: no live product with this id in the catalog"))
+                    summary.reject(RowError(line, pid, "vectors file: no live product with this id in the catalog"))
                 elif not claimed.add(row):
-                    summary.row_errors.append(RowError(line, pid, "vectors file: a second row for this product_id"))
+                    summary.reject(RowError(line, pid, "vectors file: a second row for this product_id"))
                 else:
                     keep[i], row_ids[i] = True, row
             hashes: dict[str, list] = {}
             for modality, matrix in item.vectors.items():
                 take = keep & item.present[modality]
                 digests = [content_hash(v.tobytes()) for v in matrix[take]]
-                new = cache.put_many([f"{modality}:{h}" for h in digests], matrix[take], modality=modality,
-                                     refs=list(compress(item.product_ids, take)))
+                pending.add(modality, [f"{modality}:{h}" for h in digests], matrix[take],
+                            list(compress(item.product_ids, take)))
                 column = [None] * len(keep)
                 for i, h in zip(np.flatnonzero(take).tolist(), digests):
                     column[i] = h
                 hashes[modality] = column
-                if modality == "image":
-                    summary.images_supplied += new
-                    summary.images_cached += int(take.sum()) - new
-                else:
-                    summary.texts_supplied += new
-                    summary.texts_cached += int(take.sum()) - new
-            self.store.record_supplied_vectors([
+            pending.rows += [
                 (int(row_ids[i]), hashes.get("image", [None] * len(keep))[i], hashes.get("text", [None] * len(keep))[i])
                 for i in np.flatnonzero(keep).tolist()
-            ])
+            ]
+            if pending.size() >= cache.shard_rows:
+                pending.write(cache, self.store, summary)
             self.progress.advance("read vectors", len(item.product_ids))
+        pending.write(cache, self.store, summary)
         self.progress.finish("read vectors")
         return cache
 
@@ -237,31 +245,24 @@ class CatalogIndexer:
         self.progress.finish("embed texts")
 
     def _embed_images(self, total: int, cache: VectorCache, summary: IndexSummary) -> None:
-        # Products stream through one decode/encode pipeline; `seen` holds those in flight only.
-        seen: dict[int, tuple[str | None, str | None]] = {}
-
-        def with_images():
-            for products in self.store.iter_live_products(self.options.chunk_rows):
-                self._record_imageless(products, summary)
-                for p in products:
-                    if p.image_uri:
-                        seen[p.row_id] = (p.image_uri, p.image_hash)
-                        yield p.row_id, self._image_source(p)
-                    else:
-                        self.progress.advance("embed images")
-
         self.progress.start("embed images", total)
-        for batch in self.embedder.embed_images(with_images(), batch_size=self.options.batch_size, cache=cache):
-            summary.images_embedded += batch.encoded
-            summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
-            states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
-            for row, reason, message in batch.failures:
-                summary.image_failures[reason] += 1
-                states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
-            self.store.record_image_states(states, seen={s.row_id: seen[s.row_id] for s in states})
-            for st in states:
-                seen.pop(st.row_id, None)
-            self.progress.advance("embed images", batch.attempted)
+        for products in self.store.iter_live_products(self.options.chunk_rows):
+            self._record_imageless(products, summary)
+            with_image = [p for p in products if p.image_uri]
+            self.progress.advance("embed images", len(products) - len(with_image))
+            seen = {p.row_id: (p.image_uri, p.image_hash) for p in with_image}
+            batches = self.embedder.embed_images(
+                ((p.row_id, self._image_source(p)) for p in with_image), batch_size=self.options.batch_size, cache=cache
+            )
+            for batch in batches:
+                summary.images_embedded += batch.encoded
+                summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
+                states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
+                for row, reason, message in batch.failures:
+                    summary.image_failures[reason] += 1
+                    states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
+                self.store.record_image_states(states, seen=seen)
+                self.progress.advance("embed images", batch.attempted)
         self.progress.finish("embed images")
 
     def _record_imageless(self, products: list[ProductRecord], summary: IndexSummary) -> None:
@@ -398,8 +399,11 @@ class CatalogIndexer:
         summary = IndexSummary()
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
-        catalog_seq = self.store.catalog_seq()
-        with embedding_writer(self.home, compact=self.cache_dir):
+        # The hold is taken before the position is read: a retention in between could otherwise
+        # prune entries after it.
+        with journal_hold(self.home / "indexes", self.store.catalog_seq()), \
+                embedding_writer(self.home, compact=self.cache_dir):
+            catalog_seq = self.store.catalog_seq()
             cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
             self.build(cache, summary, catalog_seq=catalog_seq)
         summary.seconds = time.perf_counter() - started
@@ -463,6 +467,38 @@ class CachedVectors:
             return np.zeros((0, self.dim), np.float32)
         picks = np.random.default_rng(seed).choice(len(self.ids), size=min(size, len(self.ids)), replace=False)
         return self.read(np.sort(picks))
+
+
+class _SuppliedVectors:
+    """Supplied vectors gathered into full cache shards (a file is read in small batches), and
+    the products' hashes, written to SQL only once their vectors are in the cache."""
+
+    def __init__(self):
+        self.keys: dict[str, list] = {}
+        self.vectors: dict[str, list] = {}
+        self.refs: dict[str, list] = {}
+        self.rows: list[tuple[int, str | None, str | None]] = []
+
+    def add(self, modality: str, keys: list[str], vectors: np.ndarray, refs: list[str]) -> None:
+        self.keys.setdefault(modality, []).extend(keys)
+        self.vectors.setdefault(modality, []).append(vectors)
+        self.refs.setdefault(modality, []).extend(refs)
+
+    def size(self) -> int:
+        return max((len(k) for k in self.keys.values()), default=0)
+
+    def write(self, cache: VectorCache, store: Store, summary: "IndexSummary") -> None:
+        for modality, keys in self.keys.items():
+            new = cache.put_many(keys, np.concatenate(self.vectors[modality]), modality=modality,
+                                 refs=self.refs[modality])
+            if modality == "image":
+                summary.images_supplied += new
+                summary.images_cached += len(keys) - new
+            else:
+                summary.texts_supplied += new
+                summary.texts_cached += len(keys) - new
+        store.record_supplied_vectors(self.rows)
+        self.__init__()
 
 
 class _RowSet:

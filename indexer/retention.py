@@ -14,8 +14,12 @@ killed before, the row still exists and only the marker is cleared.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,54 @@ log = logging.getLogger(__name__)
 class RetentionOutcome:
     dropped: list[str]  # index versions whose row (and local directory) were removed
     journal_entries_deleted: int
+
+
+_HOLD_PREFIX = ".journal-hold-"
+
+
+@contextmanager
+def journal_hold(indexes_dir: Path, seq: int):
+    """Keep journal entries after `seq` from being pruned while a build that started there runs.
+
+    A build reads the journal position before it embeds (minutes to hours) and replays what came
+    after it when it publishes; retention run by another build meanwhile must not prune those
+    entries. The hold is a file naming `seq`, flocked while the build lives, so the hold of a
+    build that died is seen as such and removed."""
+    indexes_dir = Path(indexes_dir)
+    indexes_dir.mkdir(parents=True, exist_ok=True)
+    path = indexes_dir / f"{_HOLD_PREFIX}{uuid.uuid4().hex}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, str(int(seq)).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def held_journal_floor(indexes_dir: Path) -> int | None:
+    """The lowest journal position a live build holds (None: no build holds any)."""
+    floor = None
+    for path in Path(indexes_dir).glob(f"{_HOLD_PREFIX}*"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:  # held: its build is alive
+                text = path.read_text().strip()
+                if text.isdigit():
+                    floor = int(text) if floor is None else min(floor, int(text))
+                else:
+                    floor = 0  # being written: hold everything, to be safe
+                continue
+            path.unlink(missing_ok=True)  # its build died
+        finally:
+            os.close(fd)
+    return floor
 
 
 def apply_retention(store: Store, indexes_dir: Path, keep_versions: int) -> RetentionOutcome:
@@ -46,7 +98,9 @@ def apply_retention(store: Store, indexes_dir: Path, keep_versions: int) -> Rete
             local[version.index_version] = path
             mark_pending(indexes_dir, version.index_version)
     try:
-        dropped, pruned = store.prune_index_versions([v.index_version for v in candidates])
+        dropped, pruned = store.prune_index_versions(
+            [v.index_version for v in candidates], keep_after=held_journal_floor(indexes_dir)
+        )
         for name in dropped:
             if name in local:
                 shutil.rmtree(local[name], ignore_errors=True)

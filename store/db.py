@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, select, text, update
+from sqlalchemy import Engine, bindparam, case, create_engine, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -217,6 +217,7 @@ class Store:
         table = Product.__table__
         c = table.c
         out: dict[str, int] = {}
+        same_image = c.image_uri.is_not_distinct_from(bindparam("b_new_uri"))
         update_stmt = (
             update(table)
             .where(c.row_id == bindparam("b_row"))
@@ -225,20 +226,17 @@ class Store:
                 brand=bindparam("brand"), price=bindparam("price"), currency=bindparam("currency"),
                 image_ref=bindparam("image_ref"), image_uri=bindparam("image_uri"),
                 attributes=bindparam("attributes"), updated_at=bindparam("updated_at"), deleted_at=None,
-                image_status=bindparam("image_status"), image_hash=bindparam("image_hash"),
-                image_error=bindparam("image_error"),
+                # A changed image resets its state; an unchanged one keeps the state as it is at
+                # the write, not as read above (another run may have recorded it meanwhile).
+                image_status=case((same_image, c.image_status), else_="pending"),
+                image_hash=case((same_image, c.image_hash), else_=None),
+                image_error=case((same_image, c.image_error), else_=None),
             )
         )
         with self.session() as s, s.begin():
             for chunk in _chunks(list({it.product_id: it for it in items}.values())):
                 ids = [it.product_id for it in chunk]
-                existing = {
-                    r.product_id: r
-                    for r in s.execute(
-                        select(c.product_id, c.row_id, c.image_uri, c.image_status, c.image_hash, c.image_error)
-                        .where(c.product_id.in_(ids))
-                    )
-                }
+                existing = {r.product_id: r for r in s.execute(select(c.product_id, c.row_id).where(c.product_id.in_(ids)))}
                 inserts, updates = [], []
                 for it in chunk:
                     fields_ = _catalog_fields(it, now)
@@ -247,12 +245,7 @@ class Store:
                         inserts.append({**fields_, "product_id": it.product_id, "created_at": now,
                                         "image_status": "pending", "deleted_at": None})
                         continue
-                    if row.image_uri != it.image_uri:
-                        image = {"image_status": "pending", "image_hash": None, "image_error": None}
-                    else:
-                        image = {"image_status": row.image_status, "image_hash": row.image_hash,
-                                 "image_error": row.image_error}
-                    updates.append({**fields_, **image, "b_row": row.row_id})
+                    updates.append({**fields_, "b_new_uri": it.image_uri, "b_row": row.row_id})
                     out[it.product_id] = row.row_id
                 if updates:
                     s.execute(update_stmt, updates)
@@ -382,8 +375,10 @@ class Store:
         out: dict[str, int] = {}
         with self.session() as s:
             for chunk in _chunks(list(product_ids)):
-                out.update(s.execute(select(c.product_id, c.row_id)
-                                     .where(c.product_id.in_(chunk), c.deleted_at.is_(None))).tuples().all())
+                # Liveness is tested here, not in SQL: with `deleted_at IS NULL` in the query,
+                # SQLite's planner scanned the deleted_at index (every live row) per chunk.
+                rows = s.execute(select(c.product_id, c.row_id, c.deleted_at).where(c.product_id.in_(chunk)))
+                out.update((pid, row) for pid, row, deleted in rows if deleted is None)
         return out
 
     def record_supplied_vectors(self, rows: Sequence[tuple[int, str | None, str | None]]) -> None:
@@ -717,13 +712,14 @@ class Store:
             ).all()
             return [_to_record(IndexVersionRecord, v) for v in newest_first[keep:] if not v.is_active]
 
-    def prune_index_versions(self, index_versions: Iterable[str]) -> tuple[list[str], int]:
+    def prune_index_versions(self, index_versions: Iterable[str], *, keep_after: int | None = None) -> tuple[list[str], int]:
         """Forget these index versions, then the journal entries every remaining version holds.
 
         A version activated meanwhile is kept. Journal entries with seq <= the lowest
-        `catalog_seq` among the versions still recorded are deleted: no version that can still be
-        served (or rolled back to) replays them. One transaction. Returns (versions dropped,
-        journal entries deleted)."""
+        `catalog_seq` among the versions still recorded (and <= `keep_after`: the position an
+        unfinished build started from) are deleted: no version that can still be served, rolled
+        back to or published replays them. One transaction. Returns (versions dropped, journal
+        entries deleted)."""
         names = list(dict.fromkeys(index_versions))
         with self.session() as s, s.begin():
             for part in _chunks(names):
@@ -737,6 +733,8 @@ class Store:
                 return dropped, 0
             # A version without catalog_seq (made before the journal) replays it all.
             through = min(int((manifest or {}).get("catalog_seq") or 0) for _, manifest in remaining)
+            if keep_after is not None:
+                through = min(through, keep_after)
             pruned = s.execute(delete(CatalogChange).where(CatalogChange.seq <= through)).rowcount or 0
             return dropped, int(pruned)
 

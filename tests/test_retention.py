@@ -103,3 +103,27 @@ def test_a_retention_killed_between_row_and_files_is_finished_by_the_next_build(
         assert not directory.exists() and not list(indexes.glob(".pending-*"))
     finally:
         store.close()
+
+
+def test_a_build_still_running_keeps_the_journal_it_will_replay(build_serving_home, tiny_embedder):
+    """Retention by one build must not prune what a slower build, started earlier, replays."""
+    from indexer import journal_hold
+
+    settings = build_serving_home("retention-hold-home")
+    indexes = settings.indexes_dir
+    store = Store.open(settings.db_url)
+    updater = CatalogUpdater(home=settings.home, store=store)
+    try:
+        started_at = store.catalog_seq()
+        seqs = [updater.upsert(ProductInput(product_id=f"H-{i}", title=f"held {i}"), tiny_embedder,
+                               image=_png(8000 + i)).seq for i in range(3)]
+        with journal_hold(indexes, started_at):  # the slow build, embedding since `started_at`
+            CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder,
+                           options=IndexOptions(keep_versions=1)).run(None)
+            assert [c.seq for c in store.catalog_changes(0)] == seqs  # all newer than the slow build's start
+        # Finished (or dead: its hold is released either way), the next retention prunes them.
+        CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder,
+                       options=IndexOptions(keep_versions=1)).run(None)
+        assert store.catalog_changes(0) == [] and not list(indexes.glob(".journal-hold-*"))
+    finally:
+        store.close()
