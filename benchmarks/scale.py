@@ -11,7 +11,7 @@ For each size, in --work (default /tmp/prism-scale, never inside the repo):
    `ClipLikeWorld`; the exact top-10 of 1,000 queries from the same world is computed chunk-wise
    on the float16-rounded vectors as they are written;
 2. run `prism index CATALOG --vectors VECTORS --model ViT-B-32:random --json` in a subprocess
-   (its own PRISM_HOME): wall time and peak RSS (wait4);
+   (its own PRISM_HOME): wall time and peak RSS (the child's VmHWM, polled);
 3. load the active version the way `prism serve` does (SearchEngine) and measure: resident memory
    added by the index (RSS after load and 1,000 queries, minus before), its bytes on disk,
    recall@10 against the exact top-10, batch-1 single-thread q/s of the ANN search, p50 of
@@ -130,16 +130,32 @@ def run_index(home: Path, catalog: Path, vectors: Path) -> dict:
     env.pop("PRISM_DATABASE_URL", None)
     log = home.parent / f"index-{vectors.stem}.log"
     started = time.perf_counter()
+    peak_kb = 0
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "api.cli", "index", str(catalog), "--vectors", str(vectors),
                                  "--json"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        # The child's own high-water mark (VmHWM is reset by exec): wait4's ru_maxrss also counts
+        # the image of this process that the fork copied, gigabytes after a generation.
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _hwm_kb(proc.pid))
+            time.sleep(0.2)
     seconds = time.perf_counter() - started
     text = log.read_text()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if proc.returncode != 0:
         raise SystemExit(f"prism index failed:\n{text[-3000:]}")
     summary = json.loads(text[text.index("{\n"):])
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "summary": summary}
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak_kb / 1024, 1), "summary": summary}
+
+
+def _hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
 
 
 def serve_measurements(home: Path, work: Path, n: int) -> dict:
