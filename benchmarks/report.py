@@ -253,6 +253,14 @@ def scale_section(result: dict) -> list[str]:
                       "index files (x float32)", "ANN", "recall@10", "q/s batch-1", "p50 ms", "p50 ms, 10% filter",
                       "p50 ms after deletes", "re-run, 1% changed"], rows))
     out.append("")
+    for r in result["sizes"]:
+        sweep = r.get("serve", {}).get("sweep_same_index")
+        if sweep:
+            out.append(f"{r['n']:,} products, nprobe x re-rank depth on the same index ({sweep['note']}):")
+            out.append("")
+            out.append(table(["nprobe", "re-rank x", "recall@10", "q/s batch-1"],
+                             [[p["nprobe"], p["rerank_factor"], p["recall_at_10"], p["qps_batch1"]] for p in sweep["points"]]))
+            out.append("")
     return out
 
 

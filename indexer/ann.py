@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 # Searches of fewer queries than this run on one thread (see AnnIndex.search).
 SINGLE_THREAD_BELOW = 4
+# Masked (deleted) rows up to this share of an IVF index are dropped after the scan, not selected.
+POST_FILTER_MASKED_SHARE = 0.25
 INDEX_FORMAT = 3  # 3: 4-bit fast-scan IVF-PQ; 2 (8-bit IVF-PQ) loads as it is; 1 (exact re-rank store) must be rebuilt
 READABLE_FORMATS = (2, 3)
 
@@ -151,13 +153,27 @@ class IdSet:
             return self.ids
         return self.ids[~np.isin(self.ids, other.ids, assume_unique=True)]
 
-    def selector(self):
-        faiss = import_faiss()
+    def bitmap(self) -> np.ndarray:
         bitmap = self._bitmap  # one read: threads sharing this set may build it at once
         if bitmap is None:
             bits = np.zeros(int(self.ids[-1]) + 1 if len(self.ids) else 1, dtype=bool)
             bits[self.ids[self.ids >= 0]] = True
             bitmap = self._bitmap = np.packbits(bits, bitorder="little")
+        return bitmap
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id is in the set (-1 and unknown ids: False), from the bitmap."""
+        bitmap = self.bitmap()
+        ids = np.asarray(ids, dtype=np.int64)
+        inside = (ids >= 0) & ((ids >> 3) < len(bitmap))
+        out = np.zeros(ids.shape, dtype=bool)
+        picked = ids[inside]
+        out[inside] = ((bitmap[picked >> 3] >> (picked & 7)) & 1).astype(bool)
+        return out
+
+    def selector(self):
+        faiss = import_faiss()
+        bitmap = self.bitmap()
         selector = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))  # n: bytes
         selector.referenced = bitmap  # the selector reads this memory: keep it alive with it
         return selector
@@ -361,7 +377,7 @@ class AnnIndex:
         finally:
             faiss.omp_set_num_threads(threads)
 
-    def _search(self, queries, k, allowed, excluded, nprobe, rerank_factor, exact_subset_max):
+    def _search(self, queries, k, allowed, excluded, nprobe, rerank_factor, exact_subset_max, *, post_filter=True):
         faiss = import_faiss()
         allowed = None if allowed is None else IdSet.of(allowed)
         excluded = None if excluded is None or not len(excluded) else IdSet.of(excluded)
@@ -371,6 +387,11 @@ class AnnIndex:
             selector = allowed.selector()
             if excluded is not None:
                 selector = faiss.IDSelectorAnd(selector, faiss.IDSelectorNot(excluded.selector()))
+        elif excluded is not None and post_filter and self.info.kind != "flat" and self._gpu_index is None \
+                and len(excluded) <= POST_FILTER_MASKED_SHARE * self.ntotal:
+            # Deleted products, a small share: fetched past and dropped after the scan. A selector
+            # takes the fast-scan off its SIMD path (1M, 10% masked: +45% per query).
+            return self._search_past_masked(queries, k, excluded, nprobe, rerank_factor, exact_subset_max)
         elif excluded is not None:
             selector = faiss.IDSelectorNot(excluded.selector())
         else:
@@ -384,15 +405,7 @@ class AnnIndex:
             scores, ids = self.index.search(queries, k, params=params)
         else:
             fetch = min(max(k * factor, 40), self.ntotal)
-            # The IDMap translates the selector to positions and the results back to row ids.
-            probes = nprobe or self.info.nprobe or 1
-            params = faiss.SearchParametersIVF(nprobe=probes, sel=selector)
-            if self._hnsw_quantizer:
-                # The graph walk must keep more candidate lists than are probed; twice is plenty.
-                hnsw = faiss.SearchParametersHNSW(efSearch=max(2 * probes, 16))
-                params.quantizer_params = hnsw
-            _, candidates = self.index.search(queries, fetch, params=params)
-            scores, ids = self._rerank(queries, candidates, k)
+            scores, ids = self._rerank(queries, self._ivf_candidates(queries, fetch, nprobe, selector), k)
 
         if allowed is not None:
             # An IVF probe can miss members of a broad filter; never return fewer than exist.
@@ -410,6 +423,32 @@ class AnnIndex:
                 if len(members) <= 16 * exact_subset_max:
                     scores[short], ids[short] = self._search_subset(queries[short], k, members)
         return scores, ids
+
+    def _search_past_masked(self, queries, k, excluded: "IdSet", nprobe, rerank_factor, exact_subset_max):
+        factor = rerank_factor or self.info.rerank_factor
+        share = len(excluded) / max(self.ntotal, 1)
+        fetch = min(int(max(k * factor, 40) / (1.0 - share)) + 8, self.ntotal)
+        candidates = self._ivf_candidates(queries, fetch, nprobe, selector=None)
+        candidates = np.where(excluded.contains(candidates), -1, candidates)
+        scores, ids = self._rerank(queries, candidates, k)
+        # Where the masked rows took too many places, that query goes through the selector.
+        short = (ids < 0).any(axis=1) & ((candidates >= 0).sum(axis=1) < min(k, self.ntotal - len(excluded)))
+        if short.any():
+            scores[short], ids[short] = self._search(
+                queries[short], k, None, excluded, nprobe, rerank_factor, exact_subset_max, post_filter=False
+            )
+        return scores, ids
+
+    def _ivf_candidates(self, queries, fetch, nprobe, selector) -> np.ndarray:
+        faiss = import_faiss()
+        probes = nprobe or self.info.nprobe or 1
+        params = faiss.SearchParametersIVF(nprobe=probes, sel=selector)
+        if self._hnsw_quantizer:
+            # The graph walk must keep more candidate lists than are probed; twice is plenty.
+            params.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * probes, 16))
+        # The IDMap translates a selector to positions and the results back to row ids.
+        _, candidates = self.index.search(queries, fetch, params=params)
+        return candidates
 
     def _rerank(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Re-ranked scores for ANN candidates (one batched reconstruct), best k kept."""

@@ -501,7 +501,10 @@ class Store:
             now = utcnow()
             with self.session() as s, s.begin():
                 _serialise_journal(s)
-                live = s.execute(select(c.row_id, c.product_id).where(c.product_id.in_(chunk), c.deleted_at.is_(None))).all()
+                # Liveness tested here: with `deleted_at IS NULL` in SQL, SQLite's planner walked the
+                # deleted_at index (every live product) per chunk: 100k deletes took 5 minutes at 10M.
+                rows = s.execute(select(c.row_id, c.product_id, c.deleted_at).where(c.product_id.in_(chunk))).all()
+                live = [r for r in rows if r.deleted_at is None]
                 if not live:
                     continue
                 s.execute(update(Product.__table__).where(c.row_id.in_([r.row_id for r in live]))
