@@ -21,7 +21,6 @@ from store.records import (
     CatalogChangeRecord,
     EventInput,
     ImageState,
-    IndexableProduct,
     IndexVersionRecord,
     LoggedEvent,
     ModelVersionRecord,
@@ -323,15 +322,6 @@ class Store:
                     out[p.product_id] = _to_record(ProductRecord, p)
         return out
 
-    def indexable_products(self) -> list[IndexableProduct]:
-        with self.session() as s:
-            rows = s.execute(
-                select(Product.row_id, Product.image_hash, Product.text_hash)
-                .where(Product.deleted_at.is_(None))
-                .order_by(Product.row_id)
-            )
-            return [IndexableProduct(r.row_id, r.image_hash, r.text_hash) for r in rows]
-
     def live_products(self) -> list[ProductRecord]:
         """Every product not deleted, in row-id order."""
         with self.session() as s:
@@ -628,11 +618,6 @@ class Store:
             low, high, count = s.execute(select(func.min(Product.price), func.max(Product.price), func.count()).where(live)).one()
         out.update(price_min=low, price_max=high, products=int(count))
         return out
-
-    def deleted_row_ids(self) -> np.ndarray:
-        with self.session() as s:
-            ids = s.scalars(select(Product.row_id).where(Product.deleted_at.is_not(None))).all()
-        return np.asarray(ids, dtype=np.int64)
 
     # ---------------------------------------------------------------- versions
 

@@ -57,13 +57,6 @@ class ImageState:
 
 
 @dataclass(frozen=True)
-class IndexableProduct:
-    row_id: int
-    image_hash: str | None
-    text_hash: str | None
-
-
-@dataclass(frozen=True)
 class ModelVersionRecord:
     model_version: str
     spec: str
