@@ -84,16 +84,8 @@ def _apply_input(p: Product, it: ProductInput, now: datetime) -> None:
     """Copy a product's catalog fields onto its row; a changed image resets its image state."""
     if p.image_uri != it.image_uri:
         p.image_status, p.image_hash, p.image_error = "pending", None, None
-    p.title = it.title
-    p.description = it.description
-    p.category = it.category
-    p.brand = it.brand
-    p.price = it.price
-    p.currency = it.currency
-    p.image_ref = it.image_ref
-    p.image_uri = it.image_uri
-    p.attributes = dict(it.attributes)
-    p.updated_at = now
+    for column, value in _catalog_fields(it, now).items():
+        setattr(p, column, value)
     p.deleted_at = None
 
 
