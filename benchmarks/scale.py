@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from ann_scale import ClipLikeWorld  # noqa: E402
+from indexer.ann import ExactTopK  # noqa: E402
 from ann_scale import machine_info  # noqa: E402
 
 DIM = 512
@@ -58,19 +59,6 @@ def _rss_mb() -> float:
     return 0.0
 
 
-class _TopK:
-    def __init__(self, queries: np.ndarray, k: int = 10):
-        self.queries, self.k = queries, k
-        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
-        self.ids = np.zeros((len(queries), 0), np.int64)
-
-    def add(self, x: np.ndarray, first: int) -> None:
-        sims = np.concatenate([self.scores, self.queries @ x.T], axis=1)
-        ids = np.concatenate([self.ids, np.broadcast_to(np.arange(first, first + len(x)), (len(self.queries), len(x)))], axis=1)
-        top = np.argpartition(-sims, self.k - 1, axis=1)[:, : self.k]
-        self.scores, self.ids = np.take_along_axis(sims, top, axis=1), np.take_along_axis(ids, top, axis=1)
-
-
 def generate(work: Path, n: int, *, changed_fraction: float = 0.01) -> dict:
     """Catalog, vectors, vectors with `changed_fraction` changed, and the exact top-10 (by position)."""
     import pyarrow as pa
@@ -82,7 +70,7 @@ def generate(work: Path, n: int, *, changed_fraction: float = 0.01) -> dict:
         return json.loads(done.read_text())
     world = ClipLikeWorld(DIM, clusters=max(1, min(n // 100, 100_000)))
     queries = world.draw(QUERIES, seed=2)
-    truth = _TopK(queries)
+    truth = ExactTopK(queries, 10)
     started = time.perf_counter()
     vector_type = pa.list_(pa.float16(), DIM)
     catalog_schema = pa.schema([("product_id", pa.string()), ("title", pa.string()), ("category", pa.string()),
@@ -108,15 +96,14 @@ def generate(work: Path, n: int, *, changed_fraction: float = 0.01) -> dict:
             vectors.write_table(pa.table({"product_id": ids, "image_vector": pa.FixedSizeListArray.from_arrays(
                 pa.array(x.reshape(-1)), DIM)}, schema=vectors_schema), row_group_size=50_000)
             xf = x.astype(np.float32)
-            truth.add(xf / np.linalg.norm(xf, axis=1, keepdims=True), start)
+            truth.add(xf / np.linalg.norm(xf, axis=1, keepdims=True), np.arange(start, stop))
             local = changed_rows[(changed_rows >= start) & (changed_rows < stop)] - start
             x2 = x.copy()
             x2[local] = world.draw(len(local), seed=5000 + chunk_no).astype(np.float16)
             changed.write_table(pa.table({"product_id": ids, "image_vector": pa.FixedSizeListArray.from_arrays(
                 pa.array(x2.reshape(-1)), DIM)}, schema=vectors_schema), row_group_size=50_000)
             print(f"  generated {stop:,} / {n:,}", flush=True)
-    order = np.argsort(-truth.scores, axis=1)
-    np.save(work / "truth.npy", np.take_along_axis(truth.ids, order, axis=1))
+    np.save(work / "truth.npy", truth.ids())
     np.save(work / "queries.npy", queries)
     info = {"n": n, "changed": int(len(changed_rows)), "seconds": round(time.perf_counter() - started, 1),
             "vectors_bytes": (work / "vectors.parquet").stat().st_size}

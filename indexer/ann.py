@@ -290,7 +290,7 @@ class AnnIndex:
         lap("train")
 
         queries, source_name = _tuning_queries(tuning_queries, sample, config, rng)
-        truth = _TopK(queries, 10)
+        truth = ExactTopK(queries, 10)
         index = faiss.IndexIDMap(ivf)  # the IVF holds positions 0..n-1; the IDMap maps them to row ids
         ivf.make_direct_map(True)  # position -> (list, offset): re-ranking reconstructs by position
         for start, stop in _chunk_bounds(n, config.add_chunk):
@@ -575,7 +575,7 @@ def _chunk_bounds(n: int, chunk: int):
         yield start, min(n, start + chunk)
 
 
-class _TopK:
+class ExactTopK:
     """Exact top-k ids of a few queries over vectors seen a chunk at a time (the tuner's truth)."""
 
     def __init__(self, queries: np.ndarray, k: int):
