@@ -53,20 +53,83 @@ def server(build_serving_home):
     thread.join(timeout=10)
 
 
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+
+
 @pytest.fixture
-def page(browser, server):
-    context = browser.new_context()
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.goto(server + "/")
-    yield pg
-    context.close()
+def open_page(browser, server):
+    """Factory: a fresh browser context (its own history and storage) on `path`, at `viewport`.
+    Every page must end without a JavaScript error."""
+    contexts, errors = [], []
+
+    def open_(path: str = "/", viewport: dict = DESKTOP, **options):
+        # en-US, so prices read the same ("€12.30") whatever locale the machine running the tests has
+        context = browser.new_context(viewport=viewport, locale="en-US", **options)
+        contexts.append(context)
+        pg = context.new_page()
+        pg.on("pageerror", lambda exc: errors.append(str(exc)))
+        pg.goto(server + path)
+        return pg
+
+    yield open_
+    for context in contexts:
+        context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(open_page):
+    return open_page()
+
+
+@pytest.fixture
+def phone(open_page):
+    # a 390 px wide phone that honours the page's viewport meta tag, as a real one does
+    return open_page(viewport=PHONE, device_scale_factor=3, is_mobile=True, has_touch=True)
 
 
 def _result_ids(page) -> list[str]:
     return page.locator("#results > li").evaluate_all("items => items.map(li => li.dataset.productId)")
+
+
+def _expect_ids(page, ids: list[str], timeout: float = 15_000) -> None:
+    """Wait until the grid shows exactly `ids`, in order (searches answer asynchronously)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            """ids => JSON.stringify(Array.from(document.querySelectorAll("#results > li"),
+                                                li => li.dataset.productId)) === JSON.stringify(ids)""",
+            arg=ids,
+            timeout=timeout,
+        )
+    except PlaywrightTimeout:
+        raise AssertionError(f"the page shows {_result_ids(page)}, expected {ids}") from None
+
+
+def _api_hits(server: str, **params) -> list[dict]:
+    """What the HTTP API itself answers for one page of 24: what the page must show."""
+    import httpx
+
+    params = {"k": 24, "offset": 0, **params}
+    if "similar_to" in params:
+        filters = {key: params.pop(key) for key in ("category", "brand", "price_min", "price_max") if key in params}
+        response = httpx.post(server + "/v1/search", json={**params, "filters": filters})
+    else:
+        response = httpx.get(server + "/v1/search", params=params)
+    response.raise_for_status()
+    return response.json()["results"]
+
+
+def _api_ids(server: str, **params) -> list[str]:
+    return [hit["product_id"] for hit in _api_hits(server, **params)]
+
+
+def _url_params(page) -> dict[str, list[str]]:
+    from urllib.parse import parse_qs, urlsplit
+
+    return parse_qs(urlsplit(page.url).query)
 
 
 def test_type_a_query_and_see_results(page):
@@ -79,8 +142,7 @@ def test_type_a_query_and_see_results(page):
     expect(page.locator("#status")).to_contain_text("Results 1–24")
     first = cards.first
     expect(first.locator(".title")).not_to_be_empty()
-    expect(first.locator(".price")).to_contain_text("EUR")
-    expect(first.locator(".score")).to_contain_text("score")
+    expect(first.locator(".price")).to_contain_text("€")
     # The thumbnail loads after the card renders (and is lazy), so wait for it rather than sample
     # it once; a broken image never gets a natural width and fails here after the timeout.
     page.wait_for_function(
@@ -89,13 +151,27 @@ def test_type_a_query_and_see_results(page):
     assert "q=red+shoe" in page.url  # shareable
 
 
-def test_upload_an_image_and_see_its_product_first(page, small_catalog):
+def test_upload_an_image_and_see_its_product_first(page, server, small_catalog):
     from playwright.sync_api import expect
 
     page.set_input_files("#image-input", str(small_catalog.parent / "images" / "00042.png"))
     expect(page.locator("#results > li").first).to_have_attribute("data-product-id", "P00042")
     expect(page.locator("#status")).to_contain_text("your image → image")
     expect(page.locator("#query-image")).to_be_visible()
+
+    # The file cannot go into the URL, but Back within the tab still finds it...
+    page.fill("#q", "red shoe")
+    page.press("#q", "Enter")
+    _expect_ids(page, _api_ids(server, q="red shoe"))
+    expect(page.locator("#query-image")).to_be_hidden()
+    page.go_back()
+    expect(page.locator("#results > li").first).to_have_attribute("data-product-id", "P00042")
+    expect(page.locator("#query-image")).to_be_visible()
+    expect(page.locator("#q")).to_have_value("")
+    # ...and a reload, which loses it, says so instead of showing stale or unrelated results.
+    page.reload()
+    expect(page.locator("#status")).to_contain_text("choose or drop the image again")
+    expect(page.locator("#results > li")).to_have_count(0)
 
 
 def test_drop_an_image_onto_the_page(page, small_catalog):
@@ -143,7 +219,7 @@ def test_target_switch_filters_paging_and_similar(page):
     assert set(categories) == {"hats"}
     page.locator("#results > li .open").first.click()
     expect(page.locator("#detail")).to_be_visible()
-    expect(page.locator("#detail-meta")).to_contain_text("hats")
+    expect(page.locator("#detail-facts")).to_contain_text("hats")
     page.click("#detail-similar")
     expect(page.locator("#status")).to_contain_text("products like")
     expect(page.locator("#detail")).to_be_hidden()
@@ -183,3 +259,211 @@ def test_the_page_reports_impressions_and_the_click_it_opens(page, server):
     # the server checked it against the search log: the same click with a made-up position is refused
     bad = httpx.post(server + "/v1/events", json=[{**click, "event_id": "x-1", "position": 7}])
     assert bad.status_code == 422 and "served at position 3" in bad.json()["detail"]
+
+
+def test_cards_show_brand_and_price_but_no_raw_scores(page, server):
+    import httpx
+    from playwright.sync_api import expect
+
+    page.fill("#q", "red shoe")
+    page.press("#q", "Enter")
+    cards = page.locator("#results > li")
+    expect(cards).to_have_count(24)
+    expect(page.locator("#results .score")).to_have_count(0)
+    expect(page.locator("#results")).not_to_contain_text("score")
+    for i in (0, 7, 23):
+        card = cards.nth(i)
+        product = httpx.get(f"{server}/v1/products/{card.get_attribute('data-product-id')}").json()
+        assert product["brand"] and product["currency"] == "EUR"
+        expect(card.locator(".brand")).to_have_text(product["brand"])
+        expect(card.locator(".brand")).to_be_visible()
+        expect(card.locator(".price")).to_have_text(f"€{product['price']:,.2f}")
+        expect(card.locator(".price")).to_be_visible()
+
+
+def test_debug_1_in_the_address_shows_the_scores(open_page, server):
+    import re
+
+    from playwright.sync_api import expect
+
+    page = open_page("/?q=red+shoe&debug=1")
+    hits = _api_hits(server, q="red shoe")
+    _expect_ids(page, [hit["product_id"] for hit in hits])
+    score = page.locator("#results > li").first.locator(".score")
+    expect(score).to_be_visible()
+    expect(score).to_have_text(re.compile(r"^score -?\d+\.\d{3}"))
+    assert abs(float(score.inner_text().split()[1]) - hits[0]["score"]) < 0.001
+    page.click("#next")  # debug is part of the view, so it stays on while paging
+    _expect_ids(page, _api_ids(server, q="red shoe", offset=24))
+    assert _url_params(page)["debug"] == ["1"]
+    expect(page.locator("#results > li .score")).to_have_count(24)
+
+
+def test_the_detail_dialog_shows_the_brand_and_price(page, server):
+    import httpx
+    from playwright.sync_api import expect
+
+    page.fill("#q", "green hat")
+    page.press("#q", "Enter")
+    expect(page.locator("#results > li")).to_have_count(24)
+    card = page.locator("#results > li").nth(2)
+    product = httpx.get(f"{server}/v1/products/{card.get_attribute('data-product-id')}").json()
+    card.locator(".open").click()
+    dialog = page.locator("#detail")
+    expect(dialog).to_be_visible()
+    brand = dialog.locator('#detail-facts dt:text-is("Brand") + dd')
+    expect(brand).to_have_text(product["brand"])
+    expect(brand).to_be_visible()
+    expect(dialog.locator("#detail-price")).to_have_text(f"€{product['price']:,.2f}")
+    expect(dialog.locator('#detail-facts dt:text-is("Category") + dd')).to_have_text(product["category"])
+    expect(dialog).not_to_contain_text("score")
+    page.keyboard.press("Escape")
+    expect(dialog).to_be_hidden()
+
+
+def test_reload_and_a_shared_link_restore_query_target_filters_and_page(page, open_page, server):
+    from playwright.sync_api import expect
+
+    page.fill("#q", "blue bag")
+    page.press("#q", "Enter")
+    expect(page.locator("#results > li")).to_have_count(24)
+    page.check('input[name="target"][value="text"]')
+    _expect_ids(page, _api_ids(server, q="blue bag", target="text"))
+    expect(page.locator("#brand option")).not_to_have_count(1)  # facets loaded
+    page.select_option("#brand", "globex")
+    _expect_ids(page, _api_ids(server, q="blue bag", target="text", brand="globex"))
+    page.fill("#price-min", "10")
+    page.press("#price-min", "Tab")  # a number field commits its value on leaving it
+    _expect_ids(page, _api_ids(server, q="blue bag", target="text", brand="globex", price_min=10))
+    page.click("#next")
+    page_two = _api_ids(server, q="blue bag", target="text", brand="globex", price_min=10, offset=24)
+    assert page_two, "the filtered query must have a second page for this test to mean anything"
+    _expect_ids(page, page_two)
+    assert _url_params(page) == {
+        "q": ["blue bag"], "target": ["text"], "brand": ["globex"], "price_min": ["10"], "page": ["2"],
+    }
+
+    def shows_page_two(pg):
+        _expect_ids(pg, page_two)
+        expect(pg.locator("#status")).to_contain_text("Results 25–")
+        expect(pg.locator("#status")).to_contain_text("“blue bag” → text")
+        expect(pg.locator("#q")).to_have_value("blue bag")
+        expect(pg.locator('input[name="target"][value="text"]')).to_be_checked()
+        expect(pg.locator("#brand")).to_have_value("globex")
+        expect(pg.locator("#price-min")).to_have_value("10")
+        expect(pg.locator("#price-max")).to_have_value("")
+        expect(pg.locator("#page-info")).to_have_text("page 2")
+        expect(pg.locator("#prev")).to_be_enabled()
+
+    page.reload()
+    shows_page_two(page)
+    shared = open_page(page.url.removeprefix(server))  # a new browser context: nothing but the link
+    shows_page_two(shared)
+
+
+def test_back_and_forward_walk_through_queries_pages_targets_and_similar(page, server):
+    from playwright.sync_api import expect
+
+    status, q = page.locator("#status"), page.locator("#q")
+    image_target = page.locator('input[name="target"][value="image"]')
+    page.fill("#q", "red shoe")
+    page.press("#q", "Enter")
+    red1 = _api_ids(server, q="red shoe")
+    _expect_ids(page, red1)
+    page.click("#next")
+    red2 = _api_ids(server, q="red shoe", offset=24)
+    _expect_ids(page, red2)
+    page.fill("#q", "blue bag")
+    page.press("#q", "Enter")
+    blue = _api_ids(server, q="blue bag")
+    _expect_ids(page, blue)
+    page.check('input[name="target"][value="text"]')
+    blue_text = _api_ids(server, q="blue bag", target="text")
+    _expect_ids(page, blue_text)
+    card = page.locator("#results > li").nth(1)
+    product_id, title = card.get_attribute("data-product-id"), card.locator(".title").inner_text()
+    card.locator(".similar").click()
+    like = _api_ids(server, similar_to=product_id, target="text")
+    _expect_ids(page, like)
+    expect(status).to_contain_text(f"products like “{title}”")
+    assert _url_params(page) == {"similar": [product_id], "target": ["text"]}
+    expect(q).to_have_value("")
+
+    page.go_back()
+    _expect_ids(page, blue_text)
+    expect(q).to_have_value("blue bag")
+    expect(page.locator('input[name="target"][value="text"]')).to_be_checked()
+    page.go_back()
+    _expect_ids(page, blue)
+    expect(image_target).to_be_checked()
+    page.go_back()
+    _expect_ids(page, red2)
+    expect(q).to_have_value("red shoe")
+    expect(status).to_contain_text("Results 25–48 for “red shoe”")
+    page.go_back()
+    _expect_ids(page, red1)
+    assert _url_params(page) == {"q": ["red shoe"]}
+    page.go_back()  # the page as first opened: nothing searched yet
+    expect(page.locator("#results > li")).to_have_count(0)
+    expect(q).to_have_value("")
+    assert page.url == server + "/"
+
+    for expected in (red1, red2, blue, blue_text, like):
+        page.go_forward()
+        _expect_ids(page, expected)
+    expect(status).to_contain_text(f"products like “{title}”")
+    page.reload()  # the link carries only the product id; the page looks its title up again
+    _expect_ids(page, like)
+    expect(status).to_contain_text(f"products like “{title}”")
+
+
+def test_phone_width_two_columns_and_folded_filters(phone, server):
+    from playwright.sync_api import expect
+
+    page = phone
+    toggle, filters = page.locator("#filters-toggle"), page.locator("#filters")
+    expect(toggle).to_be_visible()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(filters).to_be_hidden()
+    expect(page.locator("#target")).to_be_hidden()
+
+    page.fill("#q", "red shoe")
+    page.press("#q", "Enter")
+    cards = page.locator("#results > li")
+    expect(cards).to_have_count(24)
+    columns = page.eval_on_selector("#results", "el => getComputedStyle(el).gridTemplateColumns.split(' ').length")
+    assert columns == 2
+    first, second, third = (cards.nth(i).bounding_box() for i in range(3))
+    assert first["y"] == second["y"] and second["x"] >= first["x"] + first["width"]  # side by side
+    assert third["y"] > first["y"]  # the third card starts the second row
+    assert first["x"] >= 0 and second["x"] + second["width"] <= PHONE["width"]
+    assert first["y"] + first["height"] <= PHONE["height"], "the first row of results is below the first screen"
+    assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # no sideways scrolling
+
+    toggle.focus()
+    page.keyboard.press("Enter")  # the fold opens from the keyboard too
+    expect(toggle).to_have_attribute("aria-expanded", "true")
+    expect(filters).to_be_visible()
+    expect(page.locator("#category option")).not_to_have_count(1)
+    page.select_option("#category", "hats")
+    _expect_ids(page, _api_ids(server, q="red shoe", category="hats"))
+    expect(toggle).to_contain_text("1 active")
+    toggle.click()
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    expect(filters).to_be_hidden()
+
+
+def test_desktop_width_filters_open_and_a_wide_grid(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#filters-toggle")).to_be_hidden()
+    expect(page.locator("#filters")).to_be_visible()
+    expect(page.locator("#target")).to_be_visible()
+    page.fill("#q", "red shoe")
+    page.press("#q", "Enter")
+    cards = page.locator("#results > li")
+    expect(cards).to_have_count(24)
+    columns = page.eval_on_selector("#results", "el => getComputedStyle(el).gridTemplateColumns.split(' ').length")
+    assert columns >= 5
+    boxes = [cards.nth(i).bounding_box() for i in range(columns)]
+    assert len({box["y"] for box in boxes}) == 1 and boxes[-1]["x"] + boxes[-1]["width"] <= 1280

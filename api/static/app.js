@@ -4,30 +4,170 @@
 const PAGE_SIZE = 24;
 // The server serves results to this depth (offset + k); the last page is cut short to fit.
 const RESULT_WINDOW = 1000;
+const LAST_PAGE = Math.ceil(RESULT_WINDOW / PAGE_SIZE);
+const TARGETS = ["image", "text", "hybrid"];
 
+// What the page shows is a function of one "view" ({q | similar | image, target, filters, page,
+// debug}), and the view round-trips through the address bar: reload, a shared link and Back all
+// rebuild the same search from the URL instead of from whatever the controls happen to hold.
 const state = {
-  query: null,      // {kind: "text", text} | {kind: "image", file} | {kind: "similar", productId, title}
-  offset: 0,
+  view: null,
   last: null,       // the last search response
   busy: 0,          // sequence number: late answers to superseded searches are dropped
 };
 
+// An uploaded image cannot live in a URL. Its history entry carries a random key instead, so Back
+// and Forward within this tab find the file again; random, not counted, because history.state
+// outlives a reload and a fresh counter would hand an old entry someone else's image.
+const images = new Map();
+// "products like …" names the product; a shared link only carries its id, the title is looked up.
+const titles = new Map();
+
 const $ = (id) => document.getElementById(id);
 
-function target() {
-  return document.querySelector('input[name="target"]:checked').value;
+function randomKey() {
+  // crypto.randomUUID exists only in secure contexts; getRandomValues works on plain http too.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-function filters() {
+// ---------------------------------------------------------------- the view and the URL
+
+function price(value) {
+  // Anything the API would refuse as a price is dropped here, so a hand-edited link still searches.
+  if (value === null || value.trim() === "") return "";
+  const n = Number(value);
+  return Number.isFinite(n) && n >= 0 ? value.trim() : "";
+}
+
+function viewFromUrl(href, entry) {
+  const p = new URL(href).searchParams;
+  const page = Number.parseInt(p.get("page") || "1", 10);
+  return {
+    q: (p.get("q") || "").trim() || null,
+    similar: p.get("similar") || null,
+    image: (entry && entry.image) || null,
+    target: TARGETS.includes(p.get("target")) ? p.get("target") : "image",
+    category: p.get("category") || "",
+    brand: p.get("brand") || "",
+    priceMin: price(p.get("price_min")),
+    priceMax: price(p.get("price_max")),
+    page: Number.isFinite(page) ? Math.min(Math.max(page, 1), LAST_PAGE) : 1,
+    debug: p.get("debug") === "1",
+  };
+}
+
+function urlFromView(view) {
+  const p = new URLSearchParams();
+  if (view.similar) p.set("similar", view.similar);
+  else if (view.q && !view.image) p.set("q", view.q);
+  // Defaults stay out of the URL, so a plain query shares as a short link.
+  if (view.target !== "image") p.set("target", view.target);
+  if (view.category) p.set("category", view.category);
+  if (view.brand) p.set("brand", view.brand);
+  if (view.priceMin !== "") p.set("price_min", view.priceMin);
+  if (view.priceMax !== "") p.set("price_max", view.priceMax);
+  if (view.page > 1) p.set("page", String(view.page));
+  if (view.debug) p.set("debug", "1");
+  const query = p.toString();
+  return window.location.pathname + (query ? `?${query}` : "");
+}
+
+function queryKind(view) {
+  if (view.similar) return "similar";
+  if (view.image) return images.has(view.image) ? "image" : "lost-image";
+  if (view.q) return "text";
+  return null;
+}
+
+function hasQuery(view) {
+  const kind = queryKind(view);
+  return kind !== null && kind !== "lost-image";
+}
+
+// The view the controls describe, keeping the query (and debug) of `base`.
+function viewFromControls(base = state.view) {
+  return {
+    ...base,
+    target: document.querySelector('input[name="target"]:checked').value,
+    category: $("category").value,
+    brand: $("brand").value,
+    priceMin: price($("price-min").value),
+    priceMax: price($("price-max").value),
+  };
+}
+
+function selectValue(select, value) {
+  // A linked filter value the facets do not list (yet, or any more) still has to show as chosen.
+  if (value && !Array.from(select.options).some((option) => option.value === value)) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = value;
+    select.append(option);
+  }
+  select.value = value;
+}
+
+function showControls(view) {
+  const radio = document.querySelector(`input[name="target"][value="${view.target}"]`);
+  if (radio) radio.checked = true;
+  selectValue($("category"), view.category);
+  selectValue($("brand"), view.brand);
+  $("price-min").value = view.priceMin;
+  $("price-max").value = view.priceMax;
+  const active = [view.category, view.brand, view.priceMin, view.priceMax].filter((v) => v !== "").length;
+  $("filters-count").textContent = active ? ` (${active} active)` : "";
+  const file = view.image ? images.get(view.image) : null;
+  if (file) showQueryImage(file, view.image);
+  else hideQueryImage();
+}
+
+// Every change of what is searched goes through here. A new search gets its own history entry;
+// re-running the same one, or changing filters with nothing searched yet, replaces the entry.
+function go(next) {
+  const url = urlFromView(next);
+  const entry = next.image ? { image: next.image } : {};
+  const current = window.location.pathname + window.location.search;
+  const shownImage = (history.state && history.state.image) || null;
+  const same = url === current && shownImage === (entry.image || null);
+  if (hasQuery(next) && !same) history.pushState(entry, "", url);
+  else history.replaceState(entry, "", url);
+  state.view = next;
+  show();
+}
+
+// Back, Forward, reload and a shared link: the URL says what to show.
+function restore(entry) {
+  if ($("detail").open) $("detail").close();
+  state.view = viewFromUrl(window.location.href, entry);
+  $("q").value = state.view.q && !state.view.similar && !state.view.image ? state.view.q : "";
+  show();
+}
+
+function show() {
+  const view = state.view;
+  showControls(view);
+  const kind = queryKind(view);
+  if (kind === null || kind === "lost-image") {
+    ++state.busy;  // an answer still on its way belongs to a search no longer shown
+    document.body.removeAttribute("aria-busy");
+    state.last = null;
+    $("results").replaceChildren();
+    $("pager").hidden = true;
+    setStatus(kind === "lost-image"
+      ? "An image search cannot be restored from the address: choose or drop the image again."
+      : "");
+    return;
+  }
+  search(view);
+}
+
+function filtersOf(view) {
   const out = {};
-  const category = $("category").value;
-  const brand = $("brand").value;
-  const min = $("price-min").value;
-  const max = $("price-max").value;
-  if (category) out.category = [category];
-  if (brand) out.brand = [brand];
-  if (min !== "") out.price_min = Number(min);
-  if (max !== "") out.price_max = Number(max);
+  if (view.category) out.category = [view.category];
+  if (view.brand) out.brand = [view.brand];
+  if (view.priceMin !== "") out.price_min = Number(view.priceMin);
+  if (view.priceMax !== "") out.price_max = Number(view.priceMax);
   return out;
 }
 
@@ -48,20 +188,23 @@ async function request(url, options) {
   return body;
 }
 
-function searchRequest(query, offset) {
-  const f = filters();
+function searchRequest(view) {
+  const f = filtersOf(view);
+  const offset = (view.page - 1) * PAGE_SIZE;
   const k = Math.min(PAGE_SIZE, RESULT_WINDOW - offset);
-  if (query.kind === "text") {
-    const params = new URLSearchParams({ q: query.text, target: target(), k, offset });
+  const kind = queryKind(view);
+  if (kind === "text") {
+    const params = new URLSearchParams({ q: view.q, target: view.target, k, offset });
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) params.append(key, v);
     }
     return request(`/v1/search?${params}`);
   }
-  if (query.kind === "image") {
+  if (kind === "image") {
+    const file = images.get(view.image);
     const form = new FormData();
-    form.append("file", query.file, query.file.name || "query-image");
-    form.append("target", target());
+    form.append("file", file, file.name || "query-image");
+    form.append("target", view.target);
     form.append("k", k);
     form.append("offset", offset);
     for (const [key, value] of Object.entries(f)) {
@@ -72,21 +215,29 @@ function searchRequest(query, offset) {
   return request("/v1/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ similar_to: query.productId, target: target(), k, offset, filters: f }),
+    body: JSON.stringify({ similar_to: view.similar, target: view.target, k, offset, filters: f }),
   });
 }
 
-async function search(offset = 0) {
-  if (!state.query) return;
+async function lookUpTitle(productId) {
+  if (titles.has(productId)) return;
+  try {
+    const product = await request(`/v1/products/${encodeURIComponent(productId)}`);
+    titles.set(productId, product.title);
+  } catch (_) {
+    // The id stands in for the title; the search itself reports an unknown product.
+  }
+}
+
+async function search(view) {
   const ticket = ++state.busy;
-  state.offset = offset;
   setStatus("Searching…");
   document.body.setAttribute("aria-busy", "true");
   try {
-    const result = await searchRequest(state.query, offset);
+    const [result] = await Promise.all([searchRequest(view), view.similar ? lookUpTitle(view.similar) : null]);
     if (ticket !== state.busy) return;
     state.last = result;
-    render(result);
+    render(result, view);
   } catch (error) {
     if (ticket !== state.busy) return;
     renderError(error.message);
@@ -96,12 +247,6 @@ async function search(offset = 0) {
 }
 
 // ---------------------------------------------------------------- feedback events
-
-function eventId() {
-  // crypto.randomUUID exists only in secure contexts; getRandomValues works on plain http too.
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-}
 
 // Fire and forget, but not lost on a hiccup: one retry with the same event ids, which the server
 // counts once. `keepalive` lets a click report outlive a page that navigates away.
@@ -122,7 +267,7 @@ async function sendEvents(events, retries = 1) {
 
 function feedbackEvent(type, queryId, hit) {
   return {
-    event_id: eventId(), type, query_id: queryId, product_id: hit.product_id,
+    event_id: randomKey(), type, query_id: queryId, product_id: hit.product_id,
     position: hit.rank, ts: new Date().toISOString(),
   };
 }
@@ -135,23 +280,37 @@ function setStatus(text, isError = false) {
   status.classList.toggle("error", isError);
 }
 
-function describeQuery(query) {
-  if (query.kind === "text") return `“${query.text}”`;
-  if (query.kind === "image") return "your image";
-  return `products like “${query.title || query.productId}”`;
+function describeQuery(view) {
+  const kind = queryKind(view);
+  if (kind === "text") return `“${view.q}”`;
+  if (kind === "image") return "your image";
+  return `products like “${titles.get(view.similar) || view.similar}”`;
 }
 
 function formatPrice(hit) {
   if (hit.price === null || hit.price === undefined) return "";
-  const amount = hit.price.toFixed(2);
-  return hit.currency ? `${amount} ${hit.currency}` : amount;
+  if (hit.currency) {
+    try {
+      return new Intl.NumberFormat(undefined, { style: "currency", currency: hit.currency }).format(hit.price);
+    } catch (_) {
+      // Not a currency Intl knows: the code itself still tells the shopper what the amount means.
+      return `${hit.price.toFixed(2)} ${hit.currency}`;
+    }
+  }
+  return new Intl.NumberFormat(undefined, { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(hit.price);
 }
 
-function render(result) {
+// Scores mean something to whoever tunes the ranking, nothing to a shopper: only with ?debug=1.
+function formatScore(hit) {
+  const parts = Object.entries(hit.scores || {}).map(([index, value]) => `${index} ${value.toFixed(3)}`);
+  return `score ${hit.score.toFixed(3)}` + (parts.length > 1 ? ` (${parts.join(", ")})` : "");
+}
+
+function render(result, view) {
   const list = $("results");
   list.replaceChildren();
   const template = $("card-template");
-  result.results.forEach((hit, index) => {
+  result.results.forEach((hit) => {
     const card = template.content.firstElementChild.cloneNode(true);
     card.dataset.productId = hit.product_id;
     card.dataset.rank = hit.rank;
@@ -159,14 +318,20 @@ function render(result) {
     const img = card.querySelector("img");
     if (hit.image_url) {
       img.src = hit.image_url;
-      img.alt = hit.title;
     } else {
       card.querySelector(".thumb").classList.add("no-image");
       img.remove();
     }
     card.querySelector(".title").textContent = hit.title;
+    card.querySelector(".brand").textContent = hit.brand || "";
     card.querySelector(".price").textContent = formatPrice(hit);
-    card.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
+    const score = card.querySelector(".score");
+    if (view.debug) {
+      score.textContent = formatScore(hit);
+      score.hidden = false;
+    } else {
+      score.remove();
+    }
     card.querySelector(".open").addEventListener("click", () => openResult(hit, result.query_id));
     card.querySelector(".similar").addEventListener("click", () => searchSimilar(hit));
     card.querySelector(".similar").setAttribute("aria-label", `Find products similar to ${hit.title}`);
@@ -176,7 +341,7 @@ function render(result) {
 
   const first = result.offset + 1;
   const last = result.offset + result.results.length;
-  const where = `${describeQuery(state.query)} → ${result.target}`;
+  const where = `${describeQuery(view)} → ${result.target}`;
   if (result.results.length === 0) {
     setStatus(result.offset > 0 ? `No more results for ${where}.` : `No results for ${where}.`);
   } else {
@@ -185,7 +350,7 @@ function render(result) {
   $("pager").hidden = result.offset === 0 && result.results.length < result.k;
   $("prev").disabled = result.offset === 0;
   $("next").disabled = result.results.length < result.k || result.offset + result.k >= RESULT_WINDOW;
-  $("page-info").textContent = `page ${Math.floor(result.offset / PAGE_SIZE) + 1}`;
+  $("page-info").textContent = `page ${view.page}`;
   // Paging or "similar" from far down the grid: bring the new results' start into view.
   if ($("status").getBoundingClientRect().top < 0) $("status").scrollIntoView();
 }
@@ -194,6 +359,15 @@ function renderError(message) {
   $("results").replaceChildren();
   $("pager").hidden = true;
   setStatus(`Search failed: ${message}`, true);
+}
+
+function addFact(list, label, value) {
+  if (value === null || value === undefined || value === "") return;
+  const dt = document.createElement("dt");
+  dt.textContent = label;
+  const dd = document.createElement("dd");
+  dd.textContent = typeof value === "string" ? value : JSON.stringify(value);
+  list.append(dt, dd);
 }
 
 // Every activation of a result goes through here: the one place where a click is reported.
@@ -209,18 +383,15 @@ function openResult(hit, queryId) {
     img.alt = hit.title;
   }
   $("detail-title").textContent = hit.title;
-  $("detail-meta").textContent = [formatPrice(hit), hit.brand, hit.category, `id ${hit.product_id}`]
-    .filter(Boolean).join(" · ");
+  $("detail-price").textContent = formatPrice(hit);
   $("detail-description").textContent = hit.description || "";
-  const attrs = $("detail-attributes");
-  attrs.replaceChildren();
-  for (const [key, value] of Object.entries(hit.attributes || {})) {
-    const dt = document.createElement("dt");
-    dt.textContent = key;
-    const dd = document.createElement("dd");
-    dd.textContent = typeof value === "string" ? value : JSON.stringify(value);
-    attrs.append(dt, dd);
-  }
+  const facts = $("detail-facts");
+  facts.replaceChildren();
+  addFact(facts, "Brand", hit.brand);
+  addFact(facts, "Category", hit.category);
+  for (const [key, value] of Object.entries(hit.attributes || {})) addFact(facts, key, value);
+  addFact(facts, "Product id", hit.product_id);
+  if (state.view.debug) addFact(facts, "Score", formatScore(hit));
   $("detail-similar").onclick = () => {
     dialog.close();
     searchSimilar(hit);
@@ -231,13 +402,7 @@ function openResult(hit, queryId) {
 // ---------------------------------------------------------------- query entry points
 
 function searchText(text) {
-  clearImage(false);
-  state.query = { kind: "text", text };
-  const url = new URL(window.location);
-  url.searchParams.set("q", text);
-  url.searchParams.set("target", target());
-  history.replaceState(null, "", url);
-  search(0);
+  go({ ...viewFromControls(), q: text, similar: null, image: null, page: 1 });
 }
 
 function searchImage(file) {
@@ -245,26 +410,34 @@ function searchImage(file) {
     setStatus("That file is not an image.", true);
     return;
   }
-  state.query = { kind: "image", file };
-  const preview = $("query-image-preview");
-  if (preview.src) URL.revokeObjectURL(preview.src);
-  preview.src = URL.createObjectURL(file);
-  $("query-image-name").textContent = file.name || "";
-  $("query-image").hidden = false;
+  const key = randomKey();
+  images.set(key, file);
   $("q").value = "";
-  search(0);
+  go({ ...viewFromControls(), q: null, similar: null, image: key, page: 1 });
 }
 
 function searchSimilar(hit) {
-  clearImage(false);
-  state.query = { kind: "similar", productId: hit.product_id, title: hit.title };
-  search(0);
+  titles.set(hit.product_id, hit.title);
+  $("q").value = "";
+  go({ ...viewFromControls(), q: null, similar: hit.product_id, image: null, page: 1 });
 }
 
-function clearImage(resetQuery = true) {
+let previewUrl = null;
+
+function showQueryImage(file, key) {
+  if ($("query-image").dataset.key === key) return;
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file);
+  $("query-image-preview").src = previewUrl;
+  $("query-image-name").textContent = file.name || "";
+  $("query-image").dataset.key = key;
+  $("query-image").hidden = false;
+}
+
+function hideQueryImage() {
   $("query-image").hidden = true;
+  delete $("query-image").dataset.key;
   $("image-input").value = "";
-  if (resetQuery && state.query && state.query.kind === "image") state.query = null;
 }
 
 // ---------------------------------------------------------------- facets and wiring
@@ -278,6 +451,7 @@ async function loadFacets() {
     }
     for (const [id, values] of [["category", facets.categories], ["brand", facets.brands]]) {
       const select = $(id);
+      select.replaceChildren(select.options[0]);
       for (const { value, count } of values) {
         const option = document.createElement("option");
         option.value = value;
@@ -285,6 +459,8 @@ async function loadFacets() {
         select.append(option);
       }
     }
+    // A filter restored from the URL before the options arrived: choose it again among them.
+    showControls(state.view);
   } catch (_) {
     // Filters still work as plain "any"; searches report their own errors.
   }
@@ -295,16 +471,23 @@ function wire() {
     event.preventDefault();
     const text = $("q").value.trim();
     if (text) searchText(text);
-    else if (state.query) search(0);
+    else if (hasQuery(state.view)) go({ ...viewFromControls(), page: 1 });
     else setStatus("Type what you are looking for, or choose an image.", true);
   });
   $("image-input").addEventListener("change", (event) => searchImage(event.target.files[0]));
-  $("clear-image").addEventListener("click", () => clearImage(true));
+  $("clear-image").addEventListener("click", () => go({ ...viewFromControls(), image: null, page: 1 }));
   for (const input of document.querySelectorAll('input[name="target"], #category, #brand, #price-min, #price-max')) {
-    input.addEventListener("change", () => search(0));
+    input.addEventListener("change", () => go({ ...viewFromControls(), page: 1 }));
   }
-  $("prev").addEventListener("click", () => search(Math.max(0, state.offset - PAGE_SIZE)));
-  $("next").addEventListener("click", () => search(state.offset + PAGE_SIZE));
+  $("prev").addEventListener("click", () => go({ ...state.view, page: Math.max(1, state.view.page - 1) }));
+  $("next").addEventListener("click", () => go({ ...state.view, page: Math.min(LAST_PAGE, state.view.page + 1) }));
+  $("filters-toggle").addEventListener("click", () => {
+    const toggle = $("filters-toggle");
+    const open = toggle.getAttribute("aria-expanded") !== "true";
+    toggle.setAttribute("aria-expanded", String(open));
+    $("controls").classList.toggle("open", open);
+  });
+  window.addEventListener("popstate", (event) => restore(event.state));
 
   // Drag and drop anywhere on the page.
   const overlay = $("drop-overlay");
@@ -329,18 +512,10 @@ function wire() {
     const file = event.dataTransfer && event.dataTransfer.files[0];
     if (file) searchImage(file);
   });
-
-  const params = new URLSearchParams(window.location.search);
-  const wanted = params.get("target");
-  if (wanted) {
-    const radio = document.querySelector(`input[name="target"][value="${CSS.escape(wanted)}"]`);
-    if (radio) radio.checked = true;
-  }
-  if (params.get("q")) {
-    $("q").value = params.get("q");
-    searchText(params.get("q"));
-  }
 }
 
 wire();
+restore(history.state);
+// The address as the page understood it: dropped junk parameters do not linger in a shared link.
+history.replaceState(history.state, "", urlFromView(state.view));
 loadFacets();
