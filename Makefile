@@ -64,6 +64,7 @@ bench-env: install
 # then BENCHMARKS.md. The demo home gives the real-data ANN rows and the HTTP batching load.
 bench: bench-env
 	$(VENV)/bin/prism demo --no-serve
+	$(PY) benchmarks/demo_spot_checks.py
 	$(PY) benchmarks/embed_throughput.py
 	$(PY) benchmarks/ann_scale.py
 	$(PY) benchmarks/query_batching.py

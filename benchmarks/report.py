@@ -192,7 +192,7 @@ def batching_section(result: dict) -> list[str]:
                f"level, the two modes alternating. {machine_line(result)}")
     out.append("")
     for name, setup in result["setups"].items():
-        out.append(f"### {name} ({setup['home']})")
+        out.append(f"### {name} ({Path(setup['home']).name})")  # not the path: it is the benchmark machine's
         out.append("")
         rows = []
         for c, on in setup["batching_on"].items():
@@ -270,7 +270,10 @@ def feedback_section(result: dict) -> list[str]:
                "Not part of `make bench` (it needs the trained demo model and ~10 minutes).")
     out.append("")
     out.append("```json")
-    out.append(json.dumps({k: v for k, v in result.items() if k not in ("machine", "runs", "gate")}, indent=2)[:3000])
+    # Paths of the machine that ran it (its home, the output file) mean nothing to a reader.
+    shown = {k: v for k, v in result.items() if k not in ("machine", "runs", "gate", "home")}
+    shown["settings"] = {k: v for k, v in shown.get("settings", {}).items() if k not in ("home", "out")}
+    out.append(json.dumps(shown, indent=2)[:3000])
     out.append("```")
     out.append("")
     return out

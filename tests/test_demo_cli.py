@@ -79,3 +79,26 @@ def test_the_page_credits_openmoji(demo_home, databases):
         assert {c["value"] for c in facets["categories"]} >= {"Flags"}
         hits = client.get("/v1/search", params={"q": "flag", "k": 3}).json()["results"]
         assert len(hits) == 3 and all(h["image_url"] for h in hits)
+
+
+def test_the_spot_checks_in_docs_demo_md_are_written_from_the_demo(demo_home, tmp_path):
+    """docs/demo.md's spot checks come from a script run on the demo, not from memory."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home, env, _ = demo_home
+    root = Path(__file__).resolve().parents[1]
+    doc = tmp_path / "demo.md"
+    shutil.copy(root / "docs" / "demo.md", doc)
+    out = tmp_path / "spot.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "demo_spot_checks.py"), "--home", str(home),
+                           "--doc", str(doc), "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    body = json.loads(out.read_text())
+    served = [json.loads(_run(["search", q["query"], "-k", "5", "--json"], env).stdout) for q in body["queries"][:2]]
+    for check, result in zip(body["queries"], served):
+        assert check["top"] == [r["title"] for r in result["results"]]  # what `prism search` shows
+    text = doc.read_text()
+    assert text.count("<!-- spot-checks:start -->") == 1 and f"| \"{body['queries'][0]['query']}\" |" in text
+    assert "; ".join(body["queries"][0]["top"]) in text

@@ -58,7 +58,7 @@ HYPOTHESIS = hypothesis.settings(
     max_examples=EXAMPLES, database=None, deadline=None, print_blob=False, suppress_health_check=list(HealthCheck),
 )
 
-# Every route of the v1 contract (DESIGN.md, "HTTP contract"); a new route must be added here.
+# Every route of the v1 contract (docs/design.md, "HTTP contract"); a new route must be added here.
 OPERATIONS = {
     "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "GET /v1/facets",
     "GET /v1/search", "POST /v1/search", "POST /v1/search/image",
