@@ -4,27 +4,76 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prism: cross-modal product search.")
 models_app = typer.Typer(no_args_is_help=True, help="Model and index versions.")
 app.add_typer(models_app, name="models")
+products_app = typer.Typer(
+    no_args_is_help=True, help="One catalog product: show or delete it (works on PRISM_HOME directly; no server needed)."
+)
+app.add_typer(products_app, name="products")
+
+# `--help` on a pipe: wide enough that no option name is cut (the widest needs about 105 columns).
+HELP_WIDTH = 120
+# Tables on a pipe: their natural width, whatever it is.
+PIPE_WIDTH = 1_000_000
 
 
 def _settings(**overrides):
+    from pydantic import ValidationError
+
     from api.settings import PrismSettings
 
-    return PrismSettings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        return PrismSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # a bad PRISM_* value or prism.toml entry: pydantic names the field
+        _fail("invalid setting: " + "; ".join(
+            f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
+        ))
 
 
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def _console():
+    """The console for stdout. On a pipe or in a file, tables keep their natural width: that output
+    is parsed and copied from (version ids), and rich's 80-column default for non-terminals cut
+    exactly that. An explicit COLUMNS still wins, as it does everywhere in rich."""
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal or os.environ.get("COLUMNS"):
+        return console
+    return Console(width=PIPE_WIDTH)
+
+
+def _table(*columns: str, **options):
+    """A table whose cells wrap rather than end in "…". A cut cell loses characters; CJK titles have
+    no spaces to wrap at, so rich's default overflow (ellipsis) cut them mid-title."""
+    from rich.table import Table
+
+    table = Table(**options)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
+
+
+def _row(table, *values) -> None:
+    # Catalog text as Text, never as markup: a title like "[b]Sale[/b]" or ":apple:" prints as it
+    # is instead of being styled, turned into an emoji, or refused as broken markup.
+    from rich.text import Text
+
+    table.add_row(*(Text("" if v is None else str(v)) for v in values))
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -79,32 +128,58 @@ def index(
     vectors: Annotated[Optional[Path], typer.Option(
         help="Parquet file of vectors made elsewhere by --model (product_id, image_vector and/or text_vector): "
              "nothing is embedded here")] = None,
+    prefer: Annotated[Literal["newer", "file", "api"], typer.Option(
+        help="a product edited over the API since this file was written: the newer change wins (by the "
+             "file's modification time), or always the file, or always the API edit")] = "newer",
+    report: Annotated[Optional[Path], typer.Option(
+        help="write the whole summary as JSON here, with every rejected row and every product whose "
+             "image failed")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
-    """Ingest CATALOG, embed what changed (or take --vectors), build and activate a new index version."""
+    """Ingest CATALOG, embed what changed (or take --vectors), build and activate a new index version.
+
+    Without --model, a home keeps embedding with the model of its active index version."""
     settings = _settings(
         model=model, batch_size=batch_size, device=device, image_root=image_root,
         allow_url_images=allow_url_images or None,
     )
     try:
-        summary = _run_index(settings, catalog, vectors=vectors, quiet=as_json)
+        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json)
+        if report is not None:
+            _write_report(report, summary, store)
     except KeyboardInterrupt:
         _fail("interrupted; finished batches are kept: run the same command again to resume", 130)
     except _known_errors() as exc:
         _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot write the report: {exc}")
     if as_json:
-        typer.echo(json.dumps(summary.to_dict(), indent=2))
+        typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
     else:
-        _print_summary(summary)
+        _print_summary(summary, report)
 
 
-def _run_index(settings, catalog: Path, *, vectors: Path | None = None, quiet: bool):
-    from embedder import ImageLimits, load_embedder
-    from indexer import CatalogIndexer, read_catalog, read_vectors_file
+def _write_report(path: Path, summary, store) -> None:
+    """The summary with every failing product (from SQL, so none is left out however many there
+    are), written atomically."""
+    body = summary.to_dict()
+    body["failed_images"] = [
+        {"product_id": pid, "reason": status, "message": error or ""} for pid, status, error in store.iter_image_failures()
+    ]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False))
+    tmp.replace(path)
 
-    from store import Store
 
-    options = settings.index_options()
+def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool):
+    from dataclasses import replace
+
+    from embedder import ImageLimits, describe_model, load_embedder
+    from indexer import CatalogIndexer, index_model_spec, read_catalog, read_vectors_file
+
+    from store import SourcePreference, Store
+
+    options = replace(settings.index_options(), prefer=SourcePreference(prefer))
     # An unreadable catalog (missing, unknown format, no required columns) or vectors file fails
     # before the model load, which takes seconds to minutes.
     next(iter(read_catalog(catalog, options.image_policy)), None)
@@ -112,28 +187,30 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, quiet: b
         read_vectors_file(vectors, dim=None)
     settings.apply_threads()
     store = Store.open(settings.db_url)
-    embedder = load_embedder(
-        settings.model,
-        device=settings.device,
-        models_dir=settings.models_dir,
-        workers=settings.decode_workers,
-        image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
-    )
+    spec = index_model_spec(store, settings.model)
+    if vectors is not None:  # nothing is embedded: the model's name and width are all the run needs
+        embedder = describe_model(spec, models_dir=settings.models_dir)
+    else:
+        embedder = load_embedder(
+            spec,
+            device=settings.device,
+            models_dir=settings.models_dir,
+            workers=settings.decode_workers,
+            image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+        )
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
             home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
         )
-        return indexer.run(catalog, vectors=vectors)
+        return indexer.run(catalog, vectors=vectors), store
 
 
-def _print_summary(summary) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    table = Table(title="prism index", show_header=False)
+def _print_summary(summary, report: Path | None = None) -> None:
+    console = _console()
+    table = _table("", "", title="prism index", show_header=False)
     table.add_row("rows read", str(summary.rows_read))
     table.add_row("rows rejected", str(summary.rows_rejected))
+    table.add_row("products written", f"{summary.products_upserted} (+{summary.products_unchanged} unchanged)")
     table.add_row("products indexed", str(summary.products_indexed))
     table.add_row("images embedded", f"{summary.images_embedded} (+{summary.images_cached} from cache)")
     table.add_row("texts embedded", f"{summary.texts_embedded} (+{summary.texts_cached} from cache)")
@@ -150,11 +227,24 @@ def _print_summary(summary) -> None:
     table.add_row("index version", str(summary.index_version))
     table.add_row("seconds", f"{summary.seconds:.1f}")
     console.print(table)
+    everything = f"all in {report}" if report else "--report FILE lists all"
     for err in summary.row_errors[:20]:
-        console.print(f"  line {err.line}: {err.product_id or '?'}: {err.reason}", style="yellow")
+        console.print(f"  line {err.line}: {err.product_id or '?'}: {err.reason}", style="yellow", markup=False)
     if summary.rows_rejected > 20:
-        more = "use --json for the first 10,000" if summary.rows_rejected > 10_000 else "use --json for all"
-        console.print(f"  ... and {summary.rows_rejected - 20} more ({more})", style="yellow")
+        console.print(f"  ... and {summary.rows_rejected - 20} more rejected rows ({everything})", style="yellow")
+    failed = sum(summary.image_failures.values())
+    if failed:
+        console.print(f"products whose image failed (indexed by their text only): {failed}", style="yellow")
+    for f in summary.failed_images[:20]:
+        console.print(f"  {f['product_id']}: {f['reason']}: {f['message']}", style="yellow", markup=False)
+    if failed > 20:
+        console.print(f"  ... and {failed - 20} more ({everything})", style="yellow")
+    if summary.api_edits_kept:
+        ids = ", ".join(summary.api_edits_kept_ids[:20]) + (", ..." if summary.api_edits_kept > 20 else "")
+        console.print(f"API edits newer than the file, kept: {summary.api_edits_kept} ({ids}); "
+                      "--prefer file overwrites them", style="yellow", markup=False)
+    if summary.api_edits_overwritten:
+        console.print(f"API edits overwritten by the file: {summary.api_edits_overwritten}", markup=False)
 
 
 @app.command()
@@ -168,72 +258,106 @@ def search(
     brand: Annotated[Optional[list[str]], typer.Option(help="only this brand (repeatable)")] = None,
     price_min: Annotated[Optional[float], typer.Option(help="minimum price")] = None,
     price_max: Annotated[Optional[float], typer.Option(help="maximum price")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON, as POST /v1/search answers it")] = False,
 ) -> None:
     """Search the active index by TEXT or by --image."""
-    from embedder import ImageLimits
-    from feedback import record_search
-    from search import SearchEngine
-    from store import ProductFilter, Store
-
     if (text is None) == (image is None):
         _fail("give a text query or --image PATH (exactly one)")
     settings = _settings()
+    # Everything the user typed is checked before the model loads (seconds to minutes): the image
+    # file is read and decoded, and the arguments go through the request model of POST /v1/search.
+    data = _read_query_image(settings, image) if image is not None else None
+    request = _search_request(
+        text=text, image=data, target=target, k=k, offset=offset,
+        filters={"category": category or [], "brand": brand or [], "price_min": price_min, "price_max": price_max},
+    )
+    from api.routes.common import to_filter
+    from api.routes.search import logged_response
+    from embedder import ImageLimits
+    from search import SearchEngine
+    from store import Store
+
     try:
-        settings.apply_threads()
         store = Store.open(settings.db_url)
         engine = SearchEngine(
             store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
             image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
         )
-        engine.refresh()
-        flt = ProductFilter(tuple(category or ()), tuple(brand or ()), price_min, price_max)
+        settings.apply_threads()
+        # No engine.refresh() first: search() checks the query (offset + k within the result
+        # window, as for HTTP) before it loads the active version and its model.
         result = engine.search(
-            text=text, image=str(image) if image else None, target=target, k=k, offset=offset, filters=flt
+            text=request.text, image=request.image_b64, target=request.target, k=request.k, offset=request.offset,
+            filters=to_filter(request.filters),
         )
-        record_search(store, result)
+        response = logged_response(store, result)
     except _known_errors() as exc:
         _fail(str(exc))
     if as_json:
-        typer.echo(json.dumps(_result_json(result), indent=2, ensure_ascii=False))
+        typer.echo(json.dumps(response.model_dump(mode="json"), indent=2, ensure_ascii=False))
         return
-    from rich.console import Console
-    from rich.table import Table
+    # took_ms includes loading the index version and its model, which a CLI run does every time
+    # (a server once); say how much of it that was.
+    loading = response.timings_ms.get("sync", 0.0)
+    took = f"{response.took_ms:.0f} ms" + (f", {loading:.0f} of them loading" if loading >= 50 else "")
+    table = _table("rank", "score", "product_id", "title", "category", "price")
+    for hit in response.results:
+        price = "" if hit.price is None else f"{hit.price:.2f} {hit.currency or ''}".strip()
+        _row(table, hit.rank, f"{hit.score:.4f}", hit.product_id, hit.title, hit.category, price)
+    console = _console()
+    # A line of its own, not the table's title, which rich wraps to the table's width.
+    console.print(f"{response.query_kind} -> {response.target.value}  ({took}; query {response.query_id})")
+    console.print(table)
 
-    table = Table(
-        title=f"{result.query_kind} -> {result.target.value}  ({result.took_ms:.0f} ms, query {result.query_id})"
-    )
-    for col in ("rank", "score", "product_id", "title", "category", "price"):
-        table.add_column(col)
-    for hit in result.hits:
-        p = hit.product
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", p.product_id, p.title, p.category or "",
-                      "" if p.price is None else f"{p.price:.2f} {p.currency or ''}")
-    Console().print(table)
+
+# The request model's field names as the CLI spells them, for its validation messages.
+_SEARCH_ARGS = {
+    "text": "TEXT", "image_b64": "--image", "target": "--target", "k": "-k", "offset": "--offset",
+    "category": "--category", "brand": "--brand", "price_min": "--price-min", "price_max": "--price-max",
+}
 
 
-def _result_json(result) -> dict:
-    return {
-        "query_id": result.query_id,
-        "model_version": result.model_version,
-        "index_version": result.index_version,
-        "took_ms": result.took_ms,
-        "results": [
-            {
-                "product_id": h.product.product_id,
-                "score": h.score,
-                "rank": h.rank,
-                "title": h.product.title,
-                "category": h.product.category,
-                "brand": h.product.brand,
-                "price": h.product.price,
-                "currency": h.product.currency,
-                "image": h.product.image_ref,
-                "scores": h.scores,
-            }
-            for h in result.hits
-        ],
-    }
+def _search_request(*, text: str | None, image: bytes | None, filters: dict, **fields):
+    """The CLI's arguments as the SearchRequest of POST /v1/search: the same validators, so the CLI
+    refuses exactly what HTTP answers with a 422. Its messages use the CLI's names."""
+    import base64
+    import re
+
+    from pydantic import ValidationError
+
+    from api.schemas import SearchRequest
+
+    body = {"text": text, "filters": filters, **fields}
+    if image is not None:
+        body["image_b64"] = base64.b64encode(image).decode("ascii")
+    try:
+        return SearchRequest.model_validate(body)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            names = [_SEARCH_ARGS[x] for x in e["loc"] if isinstance(x, str) and x in _SEARCH_ARGS]
+            message = e["msg"].removeprefix("Value error, ")
+            # A check across fields (price_min above price_max) names them in the message.
+            message = re.sub(r"\b(price_min|price_max)\b", lambda m: _SEARCH_ARGS[m.group(1)], message)
+            if names and names[-1] != "--image" and not isinstance(e.get("input"), dict):
+                shown = repr(e.get("input"))
+                message += f" (got {shown if len(shown) <= 60 else shown[:57] + '...'})"
+            problems.append(f"{names[-1]}: {message}" if names else message)
+        _fail("; ".join(problems))
+
+
+def _read_query_image(settings, path: Path) -> bytes:
+    """The query image's bytes, read within the upload limits and decoded once to prove it is an
+    image: a missing, oversized or broken file is refused before the model loads."""
+    from embedder import ImageDecodeError, ImageLimits, decode_image, read_image_bytes
+
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    try:
+        data = read_image_bytes(path, limits)
+        decode_image(data, limits)
+    except ImageDecodeError as exc:
+        _fail(f"--image {path}: {exc}")
+    return data
 
 
 class LogLevel(str, Enum):
@@ -355,7 +479,7 @@ def demo(
             )
         how = f"trained in {meta['training']['seconds']:.0f} s" if trained else "reused"
         console.print(f"demo model ({how}); held-out test split: {summarise(meta['metrics']['test'])}")
-        summary = _run_index(settings, catalog.catalog, quiet=False)
+        summary, _ = _run_index(settings, catalog.catalog, quiet=False)
     except KeyboardInterrupt:
         _fail("interrupted; finished work is kept: run `prism demo` again to resume", 130)
     except _known_errors() as exc:
@@ -420,16 +544,13 @@ def _serving_model(store) -> str:
 
 
 def _print_eval(reports: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     versions = list(reports)
-    table = Table(title="prism eval (gallery = the split's own products; skin-tone variants count as the same emoji)")
-    table.add_column("split")
-    table.add_column("direction")
-    table.add_column("metric")
+    table = _table(
+        "split", "direction", "metric",
+        title="prism eval (gallery = the split's own products; skin-tone variants count as the same emoji)",
+    )
     for v in versions:
-        table.add_column(v, justify="right")
+        table.add_column(v, justify="right", overflow="fold")
     if len(versions) == 2:
         table.add_column("delta", justify="right")
     first = reports[versions[0]]
@@ -445,7 +566,7 @@ def _print_eval(reports: dict) -> None:
                 if len(values) == 2:
                     row.append(f"{values[1] - values[0]:+.3f}")
                 table.add_row(*row)
-    Console().print(table)
+    _console().print(table)
 
 
 @models_app.command("list")
@@ -470,22 +591,15 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
             ],
         }, indent=2))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    mt = Table(title="model versions")
-    for col in ("model_version", "spec", "dim"):
-        mt.add_column(col)
+    console = _console()
+    mt = _table("model_version", "spec", "dim", title="model versions")
     for m in models:
-        mt.add_row(m.model_version, m.spec, str(m.dim))
+        _row(mt, m.model_version, m.spec, m.dim)
     console.print(mt)
-    it = Table(title="index versions")
-    for col in ("", "index_version", "model_version", "products", "created"):
-        it.add_column(col)
+    it = _table("", "index_version", "model_version", "products", "created", title="index versions")
     for v in versions:
-        it.add_row("*" if v.is_active else "", v.index_version, v.model_version,
-                   str(v.manifest.get("counts", {}).get("products", "")), f"{v.created_at:%Y-%m-%d %H:%M}")
+        _row(it, "*" if v.is_active else "", v.index_version, v.model_version,
+             v.manifest.get("counts", {}).get("products", ""), f"{v.created_at:%Y-%m-%d %H:%M}")
     console.print(it)
 
 
@@ -564,10 +678,112 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
                        f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@10 {cat['recall@10']:.4f}")
     if outcome.index_version:
         typer.echo(f"  serving now: model {outcome.candidate_model_version}, index {outcome.index_version}")
+    retention = outcome.metrics.get("retention")
+    if retention:
+        typer.echo(f"  retention: pruned {retention['searches_pruned']} searches and {retention['events_pruned']} "
+                   f"events older than {retention['days']:g} days")
+
+
+ProductIdArg = Annotated[str, typer.Argument(help="the catalog's product id", show_default=False)]
+
+
+def _product_id(product_id: str) -> str:
+    # The id rules of the /v1/products/{id} routes, so an id HTTP refuses is refused here too.
+    from pydantic import TypeAdapter, ValidationError
+
+    from api.schemas import ProductId
+
+    try:
+        return TypeAdapter(ProductId).validate_python(product_id)
+    except ValidationError as exc:
+        _fail(f"PRODUCT_ID: {exc.errors()[0]['msg']}")
+
+
+@products_app.command("get")
+def products_get(
+    product_id: ProductIdArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print it as JSON, as GET /v1/products/{id} answers it")] = False,
+) -> None:
+    """Show one product as GET /v1/products/{id} does (exit 1 when there is none by that id)."""
+    product_id = _product_id(product_id)
+    from api.routes.common import product_out
+    from api.schemas import ProductOut
+    from store import Store
+
+    settings = _settings()
+    try:
+        product = Store.open(settings.db_url).get_product(product_id)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if product is None:
+        _fail(f"no product {product_id!r}", 1)
+    body = ProductOut.model_validate(product_out(product)).model_dump(mode="json")
+    if as_json:
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    table = _table("field", "value", title=f"product {product_id}", show_header=False)
+    for field, value in body.items():
+        if field == "attributes":
+            value = json.dumps(value, ensure_ascii=False) if value else ""
+        _row(table, field, value)
+    _console().print(table)
+
+
+@products_app.command("delete")
+def products_delete(product_id: ProductIdArg) -> None:
+    """Delete one product as DELETE /v1/products/{id} does: the deletion is journaled, so running
+    servers stop returning it on their next query (exit 1 when there is none by that id)."""
+    product_id = _product_id(product_id)
+    from embedder import ImageLimits
+    from indexer import CatalogUpdater
+    from store import Store
+
+    settings = _settings()
+    try:
+        store = Store.open(settings.db_url)
+        # The route's own service: it soft-deletes the row and writes the journal entry that
+        # serving engines replay, in one transaction.
+        updater = CatalogUpdater(
+            home=settings.home, store=store, image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+        )
+        deleted = updater.delete(product_id)
+    except _known_errors() as exc:
+        _fail(str(exc))
+    if deleted is None:
+        _fail(f"no product {product_id!r}", 1)
+    typer.echo(f"deleted product {product_id!r}; servers drop it from results on their next query")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Prism's own notices (random weights) as one plain line, not Python's "file:line: Category:
+    message" plus the source line; every other warning as Python shows it."""
+    factory = sys.modules.get("embedder.factory")
+    if factory is not None and issubclass(category, factory.RandomWeightsWarning):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+        return
+    _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _help_width() -> None:
+    """On a pipe typer renders --help 80 columns wide and cuts option names to fit; give it room.
+    TERMINAL_WIDTH (typer's own setting) or COLUMNS, when set, still decide."""
+    if sys.stdout.isatty() or os.environ.get("TERMINAL_WIDTH") or os.environ.get("COLUMNS"):
+        return
+    # Read by typer.rich_utils when it is first imported, which happens only when help or a usage
+    # error is printed: importing it here would cost every command ~50 ms.
+    os.environ["TERMINAL_WIDTH"] = str(HELP_WIDTH)
+    rich_utils = sys.modules.get("typer.rich_utils")
+    if rich_utils is not None:
+        rich_utils.MAX_WIDTH = HELP_WIDTH
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.showwarning = _show_warning
+    _help_width()
     app()
 
 

@@ -67,7 +67,7 @@ class Metrics:
             "prism_searches", "searches served by query kind and target", ["query_kind", "target"], **own
         )
         self.catalog_changes = Counter("prism_catalog_changes", "API catalog changes by operation", ["op"], **own)
-        self.events = Counter("prism_events", "Feedback events received, by outcome (stored, duplicate)", ["outcome"], **own)
+        self.events = Counter("prism_events", "Feedback events received, by outcome (stored, duplicate, conflict)", ["outcome"], **own)
         self.rejected_images = Counter(
             "prism_rejected_images", "query or product images refused, by reason", ["reason"], **own
         )

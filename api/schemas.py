@@ -1,4 +1,4 @@
-"""Typed request and response models of the v1 HTTP contract (DESIGN.md, "HTTP contract")."""
+"""Typed request and response models of the v1 HTTP contract (docs/design.md, "HTTP contract")."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from embedder import ACCEPTED_IMAGE_FORMATS_TEXT
 from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_RESULT_WINDOW, Target
 
 MAX_ID_CHARS = 256
@@ -128,7 +129,7 @@ class SearchRequest(BaseModel):
     )
 
     text: QueryText | None = None
-    image_b64: Base64Image | None = Field(None, description="a base64-encoded image (PNG, JPEG, WebP, GIF, ...)")
+    image_b64: Base64Image | None = Field(None, description=f"a base64-encoded image ({ACCEPTED_IMAGE_FORMATS_TEXT})")
     similar_to: ProductId | None = Field(None, description="a product id: find products like it")
     target: Target = Target.IMAGE
     k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)

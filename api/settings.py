@@ -15,7 +15,10 @@ class PrismSettings(BaseSettings):
 
     home: Path = Field(Path("prism-data"), description="PRISM_HOME: database, models, embeddings, indexes")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///$PRISM_HOME/prism.db")
-    model: str = Field("ViT-B-32:laion2b_s34b_b79k", description="model spec used by `prism index`")
+    model: str | None = Field(
+        None, description="model spec `prism index` embeds with; unset: the model of the home's active index "
+        "version, or ViT-B-32:laion2b_s34b_b79k in an empty home",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(0, ge=0, description="torch/faiss threads; 0 = all cores")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -46,6 +49,11 @@ class PrismSettings(BaseSettings):
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
     retrain_epochs: int = Field(40, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
+    log_retention_days: float = Field(
+        90.0, gt=0,
+        description="searches (query text, uploaded image hashes) and their events older than this many days are "
+        "deleted by every retrain run; never fewer than retrain_window_days, which the job reads",
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -98,6 +106,7 @@ class PrismSettings(BaseSettings):
             window_days=self.retrain_window_days,
             catalog_mix=self.retrain_catalog_mix,
             min_pairs=self.retrain_min_pairs,
+            log_retention_days=self.log_retention_days,
             train=replace(base.train, epochs=self.retrain_epochs),
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(

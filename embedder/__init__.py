@@ -3,9 +3,12 @@
 from embedder.base import EmbeddedBatch, Embedder
 from embedder.cache import VectorCache
 from embedder.factory import (
+    ModelIdentity,
+    ModelIntegrityError,
     ModelUnavailableError,
     TrainableModel,
     add_model_config,
+    describe_model,
     create_base_model,
     file_digest,
     load_embedder,
@@ -15,9 +18,12 @@ from embedder.factory import (
     prism_config_path,
     register_prism_configs,
     resolve_device,
+    verify_model_files,
     wrap_open_clip,
 )
 from embedder.images import (
+    ACCEPTED_IMAGE_FORMATS,
+    ACCEPTED_IMAGE_FORMATS_TEXT,
     ImageDecodeError,
     ImageLimits,
     ImageSource,
@@ -30,6 +36,8 @@ from embedder.openclip_backend import model_output_dim, pad_token_id, trim_paddi
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
 __all__ = [
+    "ACCEPTED_IMAGE_FORMATS",
+    "ACCEPTED_IMAGE_FORMATS_TEXT",
     "EmbeddedBatch",
     "Embedder",
     "ImageDecodeError",
@@ -38,6 +46,8 @@ __all__ = [
     "ModelSpec",
     "ModelSpecError",
     "ModelThread",
+    "ModelIdentity",
+    "ModelIntegrityError",
     "ModelUnavailableError",
     "SpecKind",
     "ThreadBoundEmbedder",
@@ -46,8 +56,10 @@ __all__ = [
     "create_base_model",
     "VectorCache",
     "content_hash",
+    "describe_model",
     "decode_image",
     "file_digest",
+    "verify_model_files",
     "load_embedder",
     "load_trainable",
     "model_output_dim",

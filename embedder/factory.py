@@ -26,6 +26,15 @@ class ModelUnavailableError(RuntimeError):
     """The model exists in principle but its weights are not on this machine."""
 
 
+class RandomWeightsWarning(UserWarning):
+    """A spec asked for seeded random weights (`ARCH:random`): right for tests and benchmarks,
+    meaningless for search. Its own class so that front ends can show it as one plain line."""
+
+
+class ModelIntegrityError(ModelUnavailableError):
+    """A model version's files are not what was written: missing, truncated or corrupted."""
+
+
 def resolve_device(device: str = "auto") -> str:
     import torch
 
@@ -143,6 +152,40 @@ def model_version_name(spec: ModelSpec) -> str:
     return _slug(spec.source or spec.raw)
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names a model's vectors (`name`, the model_version), the spec that loads it and its
+    width, without its weights: enough for a run that embeds nothing (`prism index --vectors`)."""
+
+    name: str
+    spec: str
+    dim: int
+
+
+def describe_model(spec: str | ModelSpec, *, models_dir: str | Path | None = None) -> ModelIdentity:
+    """The identity `load_embedder(spec)` would give, read from configs instead of loading weights
+    (for ViT-B-32 that is ~1.4 GB of resident memory a `--vectors` run has no use for). Hugging
+    Face towers have no single width field across CLIP, SigLIP and ChineseCLIP: those load."""
+    parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
+    if parsed.kind is SpecKind.OPEN_CLIP:
+        import open_clip
+
+        register_prism_configs()
+        config = open_clip.get_model_config(parsed.arch)
+        if config is None:
+            raise ModelSpecError(f"unknown open_clip architecture {parsed.arch!r} (see open_clip.list_models())")
+        return ModelIdentity(model_version_name(parsed), parsed.raw, int(config["embed_dim"]))
+    if parsed.kind in (SpecKind.VERSION, SpecKind.DEMO) and models_dir is not None:
+        version = "demo" if parsed.kind is SpecKind.DEMO else parsed.source
+        meta_path = Path(models_dir) / version / "model.json"
+        if meta_path.is_file():
+            meta = _read_model_json(version, meta_path)
+            if "embed_dim" in meta:
+                return ModelIdentity(version, parsed.raw, int(meta["embed_dim"]))
+    loaded = load_embedder(parsed, device="cpu", models_dir=models_dir)
+    return ModelIdentity(loaded.name, loaded.spec, loaded.dim)
+
+
 def load_embedder(
     spec: str | ModelSpec,
     *,
@@ -185,8 +228,11 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
     source = spec.source
     path = checkpoint or Path(source).expanduser()
     if checkpoint is None and source == "random":
-        warnings.warn(f"{spec.raw}: random weights (seed {RANDOM_SEED}); results carry no meaning", stacklevel=3)
-        with torch.random.fork_rng(devices=[]):
+        warnings.warn(
+            f"{spec.raw}: random weights (seed {RANDOM_SEED}); results carry no meaning", RandomWeightsWarning,
+            stacklevel=3,
+        )
+        with torch.random.fork_rng(devices=[]), _without_root_lines("No pretrained weights loaded"):
             torch.manual_seed(RANDOM_SEED)
             model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None, **create)
     elif checkpoint is not None or path.is_file():
@@ -201,15 +247,18 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
         if source not in tags:
             raise ModelSpecError(f"{arch!r} has no pretrained tag {source!r}; known tags: {', '.join(tags) or 'none'}")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **create)
+            # open_clip logs its own ERROR line for a failed download; the error below says it once.
+            with _without_root_lines("Failed to download weights"):
+                model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=source, **create)
         except Exception as exc:
+            log.debug("loading %s failed", spec.raw, exc_info=True)
             raise ModelUnavailableError(
                 f"weights for {spec.raw} are not on this machine and cannot be downloaded "
-                f"({'HF_HUB_OFFLINE is set' if _offline() else 'the model hub is unreachable'}). Fix: on a machine "
-                f"with network, run `python -c \"import open_clip; open_clip.create_model('{arch}', "
-                f"pretrained='{source}')\"` and copy ~/.cache/huggingface here, or save the checkpoint file and "
-                f"use `{arch}:/path/to/checkpoint.bin`. ({type(exc).__name__}: {exc})"
-            ) from exc
+                f"({'HF_HUB_OFFLINE is set' if _offline() else 'the model hub is unreachable'}). Fix: name a model "
+                f"this machine has with --model (or PRISM_MODEL), e.g. `{arch}:/path/to/checkpoint.bin`, `hf:/dir` "
+                f"or `demo` after `make demo`; or fetch the weights into ~/.cache/huggingface on a machine with "
+                f"network (`open_clip.create_model('{arch}', pretrained='{source}')`) and copy that folder here."
+            ) from None
     tokenizer = open_clip.get_tokenizer(arch)
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device, **kwargs)
 
@@ -254,13 +303,54 @@ def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str
             f"unknown model {spec.raw!r}: not ARCH:TAG, ARCH:PATH, ARCH:random, hf:DIR, demo, "
             f"nor a model version in {models_dir}"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = _read_model_json(spec.source, meta_path)
+    verify_model_files(spec.source, root, meta)
     if meta.get("open_clip_config"):
         add_model_config(root / meta["open_clip_config"], meta["arch"])
     base = ModelSpec(SpecKind.OPEN_CLIP, meta["arch"], arch=meta["arch"], source=str(root / meta["checkpoint"]))
     embedder = _load_open_clip(base, name=spec.source, device=device, checkpoint=root / meta["checkpoint"], **kwargs)
     embedder.spec = spec.raw
     return embedder
+
+
+def _read_model_json(version: str, path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelIntegrityError(
+            f"model version {version!r}: {path} is unreadable ({exc}); restore the version from a backup"
+        ) from exc
+    if not isinstance(meta, dict) or not {"arch", "checkpoint"} <= meta.keys():
+        raise ModelIntegrityError(f"model version {version!r}: {path} is not a model.json (no arch and checkpoint)")
+    return meta
+
+
+def verify_model_files(version: str, root: Path, meta: dict) -> None:
+    """Check a model version's files against the sha256 digests its model.json lists.
+
+    Hashed afresh on every load (not through `file_digest`'s cache): a file corrupted in place can
+    keep its size and mtime. Versions written before the digests existed list none and load as
+    they are; a truncated checkpoint of theirs still fails in torch, as `cannot load checkpoint`.
+    """
+    for name, digest in (meta.get("files") or {}).items():
+        path = Path(root) / name
+        if not path.is_file():
+            raise ModelIntegrityError(
+                f"model version {version!r}: {path} is missing; restore the version from a backup"
+            )
+        if _sha256(path) != digest:
+            raise ModelIntegrityError(
+                f"model version {version!r}: {path} does not match its sha256 in model.json (truncated or "
+                "corrupted); restore the version from a backup, or activate another version"
+            )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def create_base_model(arch: str, *, device: str = "cpu", seed: int = 0):
@@ -325,6 +415,36 @@ def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cp
     from embedder.openclip_backend import OpenClipEmbedder
 
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
+
+
+class _RootLinesFilter(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+class _without_root_lines:
+    """Drop open_clip's own root-logger lines that start with `prefixes` while a model is created:
+    its "No pretrained weights loaded" when random weights are asked for on purpose
+    (RandomWeightsWarning says so, once), its "Failed to download weights" ERROR when a miss is
+    expected (ModelUnavailableError states the fix, once).
+
+    A filter on the root logger (open_clip calls `logging.warning`/`logging.error`) for these
+    messages only, not a level change, so other threads' log lines during the load still show."""
+
+    def __init__(self, *prefixes: str):
+        self._filter = _RootLinesFilter(prefixes)
+
+    def __enter__(self):
+        logging.getLogger().addFilter(self._filter)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeFilter(self._filter)
+        return False
 
 
 class _quiet_model_loading:

@@ -128,6 +128,11 @@ def decode_image(data: bytes | Image.Image, limits: ImageLimits) -> Image.Image:
         raise ImageDecodeError("broken", f"cannot decode image: {exc}") from None
 
 
+# The one list of image formats Prism accepts (uploads, catalog files, search queries); error
+# messages, the API schema and the README name these.
+ACCEPTED_IMAGE_FORMATS = ("PNG", "JPEG", "WebP", "GIF", "BMP", "TIFF")
+ACCEPTED_IMAGE_FORMATS_TEXT = ", ".join(ACCEPTED_IMAGE_FORMATS[:-1]) + " or " + ACCEPTED_IMAGE_FORMATS[-1]
+
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
@@ -145,8 +150,8 @@ def _unrecognised(data: bytes) -> str:
     if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in head) or b"<!doctype svg" in head:
         # Rasterising SVG would mean running a renderer (external references, scripts, entity
         # expansion) on untrusted input; product photos are raster images anyway.
-        return "not a recognised image format: SVG (vector) images are not supported; send PNG, JPEG, WebP or GIF"
-    return "not a recognised image format; send PNG, JPEG, WebP, GIF, BMP or TIFF"
+        return f"not a recognised image format: SVG (vector) images are not supported; send {ACCEPTED_IMAGE_FORMATS_TEXT}"
+    return f"not a recognised image format; send {ACCEPTED_IMAGE_FORMATS_TEXT}"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -2,7 +2,7 @@
 
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
 from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
-from feedback.events import EventBatchError, EventsOutcome, record_events, record_search
+from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
 from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.retrain import (
@@ -14,6 +14,7 @@ from feedback.retrain import (
     RetrainOutcome,
     click_queries,
     gate_candidate,
+    prune_logs,
     run_retrain,
 )
 from feedback.schedule import RetrainBusyError, is_running, job_lock, next_run, run_nightly
@@ -34,6 +35,7 @@ __all__ = [
     "EvalReport",
     "EvalSet",
     "EventBatchError",
+    "EventConflictError",
     "EventsOutcome",
     "FINETUNE_TRAIN",
     "GateConfig",
@@ -62,6 +64,7 @@ __all__ = [
     "mine_pairs",
     "next_run",
     "normalise_query",
+    "prune_logs",
     "rank_metrics",
     "read_model_json",
     "record_events",

@@ -4,6 +4,10 @@ Every served query writes one search_log row (its query_id is valid for events o
 `record_search` returns). Clients report what they showed and what was opened as events that
 name that query_id, the product and the 1-based position it was served at. A batch is checked
 as a whole against the log and stored in one transaction, or not at all.
+
+An event_id is the client's promise that two sends are one event: a resend with the same content
+is a retry (counted as a duplicate), a resend with other content is a conflict, and the whole
+batch is refused so that no part of it is silently dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from search import SearchResult
-from store import EventInput, Store
+from store import EventIdReusedError, EventInput, Store, UnknownSearchError
 
 EVENT_TYPES = ("impression", "click")
 
@@ -24,6 +28,22 @@ class EventBatchError(ValueError):
     def __init__(self, problems: list[dict]):
         self.problems = problems
         super().__init__(f"{len(problems)} invalid event(s); nothing was stored")
+
+
+class EventConflictError(ValueError):
+    """Events reuse event_ids already used (stored, or earlier in the batch) by events with other
+    content; `conflicts` names each (index, event_id, error). Nothing of the batch was stored."""
+
+    def __init__(self, conflicts: list[dict]):
+        self.conflicts = conflicts
+        self.event_ids = list(dict.fromkeys(c["event_id"] for c in conflicts))
+        shown = ", ".join(repr(i) for i in self.event_ids[:10])
+        if len(self.event_ids) > 10:
+            shown += f" and {len(self.event_ids) - 10} more"
+        super().__init__(
+            f"event_id(s) {shown} already used by events with other content; nothing of this batch was stored "
+            "(an identical resend counts as a duplicate; a different event needs a new event_id)"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,6 +90,9 @@ def record_events(
 ) -> EventsOutcome:
     """Validate a batch against the search log and store it atomically; a retried event_id counts once.
 
+    Raises `EventBatchError` for invalid events and `EventConflictError` for an event_id reused
+    with other content (type, query_id, product_id, position or ts); either way nothing is stored.
+
     An event must name a logged query_id, a product that query served, the position it was served
     at, a known type, and a time neither in the future nor before the search (both give or take
     `max_clock_skew`, for client clocks).
@@ -83,7 +106,18 @@ def record_events(
             problems.append({"index": index, "event_id": event.event_id, "error": error})
     if problems:
         raise EventBatchError(problems)
-    stored, duplicates = store.add_events(events)
+    try:
+        stored, duplicates = store.add_events(events)
+    except EventIdReusedError as exc:
+        raise EventConflictError(
+            [{"index": index, "event_id": event_id, "error": error} for index, event_id, error in exc.conflicts]
+        ) from None
+    except UnknownSearchError as exc:  # pruned by the retention job after the check above
+        raise EventBatchError([
+            {"index": index, "event_id": e.event_id,
+             "error": f"unknown query_id {e.query_id!r} (no longer in the search log)"}
+            for index, e in enumerate(events) if e.query_id in exc.query_ids
+        ]) from None
     return EventsOutcome(stored, duplicates)
 
 

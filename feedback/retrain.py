@@ -3,7 +3,9 @@
 One run, start to end:
 
 1. take the job lock (two runs never overlap), mark runs that died half-way as failed and remove
-   what they left: training checkpoints, and candidates written but never registered;
+   what they left: training checkpoints, and candidates written but never registered; delete the
+   searches (query text is personal data) and their events older than `log_retention_days`,
+   never younger than the `window_days` the job reads;
 2. read the events of the last `window_days`, split them by time: the earlier searches train,
    the later `holdout_fraction` of them judge;
 3. mine weighted click pairs from the earlier slice (`feedback.pairs`) and mix them with
@@ -78,6 +80,10 @@ class RetrainConfig:
     catalog_mix: float = 0.8  # share of training items that are catalog (title, image) pairs; see docs/feedback.md
     min_pairs: int = 10  # fewer mined pairs than this: no training, the run is skipped
     seed: int = 0
+    # Searches and their events older than this are deleted by every run; never fewer days than
+    # `window_days` (see `prune_logs`).
+    log_retention_days: float = 90.0
+    prune_batch: int = 1_000  # searches deleted per transaction
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,19 +144,46 @@ def run_retrain(
         now = now or datetime.now(timezone.utc)
         window = {"start": (now - timedelta(days=config.window_days)).isoformat(), "end": now.isoformat()}
         run = store.start_training_run(serving_model_version=active.model_version, data_window=window)
+        retention: dict = {}
         try:
+            retention = prune_logs(store, config, now)
             outcome = _run(store, home, run.id, active.model_version, config, index_options, device, now, window,
                            progress or SilentProgress())
         except BaseException as exc:
             reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            store.finish_training_run(run.id, status="failed", decision="none", metrics={"error": reason})
+            store.finish_training_run(run.id, status="failed", decision="none",
+                                      metrics={"error": reason, **({"retention": retention} if retention else {})})
             raise
+        outcome.metrics["retention"] = retention
         store.finish_training_run(
             run.id, status=outcome.status, decision=outcome.decision,
             metrics={**outcome.metrics, **({"reason": outcome.reason} if outcome.reason else {})},
             candidate_model_version=outcome.candidate_model_version, data_window=outcome.metrics.get("data_window"),
         )
         return outcome
+
+
+def prune_logs(store: Store, config: RetrainConfig, now: datetime) -> dict:
+    """Delete the searches logged more than `log_retention_days` before `now`, with their events.
+
+    The window kept is never shorter than the one the job mines (`window_days`): a shorter
+    setting is raised to it, with a warning, so retention can never starve the retrain.
+    Returns what was done, for the run's metrics.
+    """
+    days = config.log_retention_days
+    if days < config.window_days:
+        log.warning(
+            "PRISM_LOG_RETENTION_DAYS=%g is shorter than the %g days the retrain job reads "
+            "(PRISM_RETRAIN_WINDOW_DAYS): keeping %g days of searches and events", days, config.window_days,
+            config.window_days,
+        )
+        days = config.window_days
+    before = now - timedelta(days=days)
+    searches, events = store.prune_search_log(before, batch=config.prune_batch)
+    log.info("retention: deleted %d searches and %d events logged before %s (%g days kept)",
+             searches, events, before.isoformat(timespec="seconds"), days)
+    return {"days": days, "configured_days": config.log_retention_days, "before": before.isoformat(),
+            "searches_pruned": searches, "events_pruned": events}
 
 
 def _run(store, home, run_id, serving, config, index_options, device, now, window, progress) -> RetrainOutcome:

@@ -571,6 +571,10 @@ def _save_checkpoint(path: Path, model, trainable, optimizer, scheduler, scaler,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"model": weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(), "generator": generator.get_state(), **extra}, tmp)
+    # Without the fsync a power loss can leave the renamed name pointing at unwritten blocks:
+    # the last good checkpoint would be gone, not just the newest epoch.
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 

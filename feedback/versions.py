@@ -1,12 +1,16 @@
 """Model versions on disk: models/<version>/ with checkpoint.pt, the open_clip config and model.json.
 
-A version is written into a temporary directory and renamed into place, then recorded in the
-`model_versions` table. Once written it is never changed.
+Written as index versions are: into a temporary directory, every file and the directory fsynced,
+a pending marker, a rename into place, then the `model_versions` row (and the marker removed).
+model.json lists the sha256 of the other files, and the loader (`embedder.verify_model_files`)
+checks them, so a truncated or corrupted checkpoint is refused by name instead of loading as
+garbage. Once written a version is never changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -15,8 +19,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from embedder import model_output_dim
-from indexer import mark_pending, mark_recorded, remove_unrecorded
+from embedder import ModelIntegrityError, model_output_dim
+from indexer import fsync_dir, mark_pending, mark_recorded, remove_unrecorded
 from store import Store
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -44,6 +48,11 @@ def write_model_version(
     store: Store | None = None,
     parent: str | None = None,
 ) -> Path:
+    """Write `model` as model version `version` atomically; with `store`, also its SQL row.
+
+    A writer killed before the rename leaves only a temp dir; one killed after it, before the row,
+    leaves a pending marker: under the retrain job lock, `remove_unrecorded_candidates` removes both.
+    """
     import torch
 
     models_dir = Path(models_dir)
@@ -70,15 +79,33 @@ def write_model_version(
             "embed_dim": int(model_output_dim(model)),
             "created_at": datetime.now(timezone.utc).isoformat(),
             **info,
+            # after `info`: nothing a caller passes may replace what the loader checks
+            "files": {name: _sha256(tmp / name) for name in (CHECKPOINT_FILE, config_name)},
         }
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        for name in (CHECKPOINT_FILE, config_name, MODEL_JSON):
+            with open(tmp / name, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if store is not None:
+            mark_pending(models_dir, version)
         os.rename(tmp, target)
+        fsync_dir(models_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if store is not None:
         store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
+        mark_recorded(models_dir, version)
     return target
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -109,7 +136,13 @@ def remove_unrecorded_candidates(models_dir: Path, store: Store) -> list[str]:
 
 def read_model_json(models_dir: Path, version: str) -> dict | None:
     path = Path(models_dir) / version / MODEL_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelIntegrityError(f"model version {version!r}: {path} is unreadable ({exc}); restore the version "
+                                  "from a backup") from exc
 
 
 def activate_version(store: Store, version: str):

@@ -6,7 +6,16 @@ from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
-from indexer.pipeline import CatalogIndexer, IndexOptions, IndexSummary, NoProgress, Progress, product_text
+from indexer.pipeline import (
+    DEFAULT_MODEL_SPEC,
+    CatalogIndexer,
+    IndexOptions,
+    IndexSummary,
+    NoProgress,
+    Progress,
+    index_model_spec,
+    product_text,
+)
 from indexer.retention import RetentionOutcome, apply_retention, journal_hold
 from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_file
 from indexer.versions import (
@@ -41,6 +50,8 @@ __all__ = [
     "ImagePolicy",
     "IndexOptions",
     "IndexSummary",
+    "DEFAULT_MODEL_SPEC",
+    "index_model_spec",
     "IndexVersionError",
     "LoadedIndexVersion",
     "NoProgress",

@@ -290,6 +290,7 @@ class AnnIndex:
         lap("train")
 
         queries, source_name = _tuning_queries(tuning_queries, sample, config, rng)
+        del sample  # up to 200k x d float32 (~0.4 GB at d=512), not needed while the codes grow
         truth = ExactTopK(queries, 10)
         index = faiss.IndexIDMap(ivf)  # the IVF holds positions 0..n-1; the IDMap maps them to row ids
         ivf.make_direct_map(True)  # position -> (list, offset): re-ranking reconstructs by position

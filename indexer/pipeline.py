@@ -17,20 +17,21 @@ import uuid
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from itertools import compress
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from embedder import Embedder, ImageDecodeError, VectorCache, content_hash
+from embedder import Embedder, ImageDecodeError, ModelIdentity, VectorCache, content_hash
 from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.retention import apply_retention, journal_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
-from store import ImageState, ProductInput, ProductRecord, Store
+from store import ImageState, ProductInput, ProductRecord, SourcePreference, Store
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +68,11 @@ class IndexOptions:
     build_chunk_rows: int = 100_000  # products listed per SQL page when an index is built
     vector_batch_rows: int = 8_192  # rows of a --vectors file read at a time
     keep_versions: int = 3  # index versions kept for rollback besides the active one (PRISM_KEEP_VERSIONS)
+    prefer: SourcePreference = SourcePreference.NEWER  # a file row against a newer API edit: who wins
 
 
 MAX_ROW_ERRORS = 10_000  # kept in a summary; the rest are counted (a wrong file can be all bad rows)
+MAX_LISTED_IDS = 10_000  # product ids kept per list in a summary (API edits kept, image failures)
 
 
 @dataclass
@@ -77,11 +80,17 @@ class IndexSummary:
     rows_read: int = 0
     row_errors: list[RowError] = field(default_factory=list)
     rows_rejected: int = 0
-    products_upserted: int = 0
+    products_upserted: int = 0  # rows written: new, or changed since the last load
+    products_unchanged: int = 0
+    api_edits_kept: int = 0  # products edited over the API more recently than the file
+    api_edits_overwritten: int = 0
+    api_edits_kept_ids: list[str] = field(default_factory=list)
+    api_edits_overwritten_ids: list[str] = field(default_factory=list)
     products_indexed: int = 0
     images_embedded: int = 0
     images_cached: int = 0
     image_failures: Counter = field(default_factory=Counter)
+    failed_images: list[dict] = field(default_factory=list)  # product_id, reason, message (the first 10,000)
     texts_embedded: int = 0
     texts_cached: int = 0
     images_supplied: int = 0  # new vectors taken from a --vectors file
@@ -96,16 +105,27 @@ class IndexSummary:
         if len(self.row_errors) < MAX_ROW_ERRORS:
             self.row_errors.append(error)
 
+    def image_failed(self, product_id: str, reason: str, message: str | None) -> None:
+        self.image_failures[reason] += 1
+        if len(self.failed_images) < MAX_LISTED_IDS:
+            self.failed_images.append({"product_id": product_id, "reason": reason, "message": message or ""})
+
     def to_dict(self) -> dict:
         return {
             "rows_read": self.rows_read,
             "rows_rejected": self.rows_rejected,
             "row_errors": [{"line": e.line, "product_id": e.product_id, "reason": e.reason} for e in self.row_errors],
             "products_upserted": self.products_upserted,
+            "products_unchanged": self.products_unchanged,
+            "api_edits_kept": self.api_edits_kept,
+            "api_edits_overwritten": self.api_edits_overwritten,
+            "api_edits_kept_ids": self.api_edits_kept_ids,
+            "api_edits_overwritten_ids": self.api_edits_overwritten_ids,
             "products_indexed": self.products_indexed,
             "images_embedded": self.images_embedded,
             "images_cached": self.images_cached,
             "image_failures": dict(self.image_failures),
+            "failed_images": self.failed_images,
             "texts_embedded": self.texts_embedded,
             "texts_cached": self.texts_cached,
             "images_supplied": self.images_supplied,
@@ -117,7 +137,24 @@ class IndexSummary:
         }
 
 
-def product_text(p: ProductRecord) -> str:
+DEFAULT_MODEL_SPEC = "ViT-B-32:laion2b_s34b_b79k"  # what an empty home embeds with, unless told
+
+
+def index_model_spec(store: Store, requested: str | None) -> str:
+    """The model spec `prism index` embeds with: the one asked for; else the model that built the
+    home's active index version, so a re-index keeps the home's vector space (and a promoted
+    fine-tuned model) instead of falling back to a global default; else DEFAULT_MODEL_SPEC."""
+    if requested:
+        return requested
+    active = store.active_index_version()
+    if active is not None:
+        model = store.get_model_version(active.model_version)
+        if model is not None:
+            return model.spec
+    return DEFAULT_MODEL_SPEC
+
+
+def product_text(p: ProductRecord | ProductInput) -> str:
     """The text a product is embedded (and text-searched) by: its title, then its description."""
     return f"{p.title}. {p.description}" if p.description else p.title
 
@@ -130,10 +167,12 @@ class CatalogIndexer:
         *,
         home: Path,
         store: Store,
-        embedder: Embedder,
+        embedder: Embedder | ModelIdentity,
         options: IndexOptions = IndexOptions(),
         progress: Progress | None = None,
     ):
+        """`embedder`: the model that embeds, or, for a run that only takes vectors made elsewhere
+        (`run(..., vectors=...)`), just its identity (name, spec, width: no weights loaded)."""
         self.home = Path(home)
         self.store = store
         self.embedder = embedder
@@ -147,7 +186,12 @@ class CatalogIndexer:
     # ---- stage 1+2: read and write products
 
     def load_catalog(self, catalog: Path, summary: IndexSummary) -> None:
-        """Rows go to SQL a chunk at a time: the catalog is never held whole."""
+        """Rows go to SQL a chunk at a time: the catalog is never held whole.
+
+        The file's modification time is when its rows were written: a product edited over the
+        API after it keeps the edit unless `options.prefer` says otherwise (docs/architecture.md,
+        "Catalog source of truth")."""
+        feed_time = datetime.fromtimestamp(Path(catalog).stat().st_mtime, timezone.utc)
         chunk: list[ProductInput] = []
         self.progress.start("read catalog", None)
         for item in read_catalog(catalog, self.options.image_policy):
@@ -157,16 +201,29 @@ class CatalogIndexer:
             else:
                 chunk.append(item.product)
             if len(chunk) >= self.options.chunk_rows:
-                self._upsert(chunk, summary)
+                self._upsert(chunk, summary, feed_time)
             self.progress.advance("read catalog")
-        self._upsert(chunk, summary)
+        self._upsert(chunk, summary, feed_time)
         self.progress.finish("read catalog")
+        if summary.api_edits_kept:
+            log.warning("%d products edited over the API after %s was written kept their edits (--prefer file "
+                        "overwrites them)", summary.api_edits_kept, Path(catalog).name)
 
-    def _upsert(self, chunk: list[ProductInput], summary: IndexSummary) -> None:
-        if chunk:
-            self.store.upsert_products(chunk)
-            summary.products_upserted += len(chunk)
-            chunk.clear()
+    def _upsert(self, chunk: list[ProductInput], summary: IndexSummary, feed_time: datetime) -> None:
+        if not chunk:
+            return
+        written = self.store.upsert_products(
+            chunk, text_hashes={it.product_id: content_hash(product_text(it)) for it in chunk},
+            feed_time=feed_time, prefer=self.options.prefer,
+        )
+        summary.products_upserted += written.created + written.content_changed + written.metadata_changed
+        summary.products_unchanged += written.unchanged
+        summary.api_edits_kept += len(written.api_edits_kept)
+        summary.api_edits_overwritten += len(written.api_edits_overwritten)
+        for listed, ids in ((summary.api_edits_kept_ids, written.api_edits_kept),
+                            (summary.api_edits_overwritten_ids, written.api_edits_overwritten)):
+            listed += ids[: MAX_LISTED_IDS - len(listed)]
+        chunk.clear()
 
     # ---- stage 3 (bring your own vectors): vectors made elsewhere, straight into the cache
 
@@ -251,6 +308,7 @@ class CatalogIndexer:
             with_image = [p for p in products if p.image_uri]
             self.progress.advance("embed images", len(products) - len(with_image))
             seen = {p.row_id: (p.image_uri, p.image_hash) for p in with_image}
+            product_ids = {p.row_id: p.product_id for p in with_image}
             batches = self.embedder.embed_images(
                 ((p.row_id, self._image_source(p)) for p in with_image), batch_size=self.options.batch_size, cache=cache
             )
@@ -259,7 +317,7 @@ class CatalogIndexer:
                 summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
                 states = [ImageState(row, image_hash=h, image_status="ok") for row, h in zip(batch.keys, batch.hashes)]
                 for row, reason, message in batch.failures:
-                    summary.image_failures[reason] += 1
+                    summary.image_failed(product_ids[row], reason, message)
                     states.append(ImageState(row, image_hash=None, image_status=reason[:32], image_error=message[:2000]))
                 self.store.record_image_states(states, seen=seen)
                 self.progress.advance("embed images", batch.attempted)
@@ -270,7 +328,7 @@ class CatalogIndexer:
         without = [p for p in products if not p.image_uri and p.image_status not in ("none", "supplied")]
         for p in products:
             if "_image_rejected" in p.attributes:
-                summary.image_failures["rejected"] += 1
+                summary.image_failed(p.product_id, "rejected", p.attributes["_image_rejected"])
         if without:
             self.store.record_image_states(
                 [
@@ -285,8 +343,8 @@ class CatalogIndexer:
     def _cache_journal_vectors(self, cache: VectorCache, *, after: int) -> None:
         """Put vectors that API upserts journaled for this model into the cache (no re-embedding)."""
         added = 0
-        for change in self.store.catalog_changes(after):
-            if change.op != "upsert" or change.model_version != self.embedder.name:
+        for change in self.store.catalog_changes(after, ops=("upsert",)):
+            if change.model_version != self.embedder.name:
                 continue
             if change.text_vector is not None and change.text_hash:
                 cache.put(f"text:{change.text_hash}", change.text_vector, modality="text", ref=change.product_id)
@@ -404,6 +462,8 @@ class CatalogIndexer:
         with journal_hold(self.home / "indexes", self.store.catalog_seq()), \
                 embedding_writer(self.home, compact=self.cache_dir):
             catalog_seq = self.store.catalog_seq()
+            if vectors is None and isinstance(self.embedder, ModelIdentity):
+                raise TypeError("embedding needs a loaded model, not only its identity")
             cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
             self.build(cache, summary, catalog_seq=catalog_seq)
         summary.seconds = time.perf_counter() - started

@@ -15,9 +15,9 @@ A query takes the narrowest base candidate list (the union of its categories' or
 postings, or its price range), drops the rows the delta overrides, tests the rest on the base
 columns and adds the delta rows that match now. A row outside the delta is as it was at the
 load, so a match is always among the candidates: the answer equals `Store.filter_row_ids`
-(the reference, see tests/test_filters.py) for every change that went through the journal. A
-catalog file loaded by `prism index` changes products without journal entries; filters see it
-when its version activates, as searches do.
+(the reference, see tests/test_query_costs.py) for every change that went through the journal,
+catalog-file loads included. Categories and brands match by `store.filter_key`, whatever their
+case.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from indexer import IdSet
-from store import ProductFacts, ProductFilter
+from store import ProductFacts, ProductFilter, filter_key
 
 _NONE = -1  # the code of "no category" / "no brand"
 _ALLOWED_CACHED = 64  # distinct filters whose row ids a snapshot keeps
@@ -76,7 +76,7 @@ class FilterIndex:
     """An immutable snapshot; `patched` returns the next one."""
 
     def __init__(self, categories: dict[str, int], brands: dict[str, int], base: _Base, delta: _Delta = _EMPTY_DELTA):
-        self._categories = categories  # value -> code; copied, never changed, when a patch adds one
+        self._categories = categories  # filter_key(value) -> code; copied, never changed, when a patch adds one
         self._brands = brands
         self._base = base
         self._delta = delta
@@ -136,9 +136,9 @@ class FilterIndex:
         if not len(facts.rows):
             return self
         categories, brands = self._categories, self._brands
-        if any(v is not None and v not in categories for v in facts.categories):
+        if any(v is not None and filter_key(v) not in categories for v in facts.categories):
             categories = dict(categories)
-        if any(v is not None and v not in brands for v in facts.brands):
+        if any(v is not None and filter_key(v) not in brands for v in facts.brands):
             brands = dict(brands)
         values = dict(self._delta.values)
         for row, category, brand, price, live in zip(facts.rows, facts.categories, facts.brands, facts.prices, facts.live):
@@ -197,15 +197,17 @@ class FilterIndex:
 def _code(vocabulary: dict[str, int], value: str | None) -> int:
     if value is None:
         return _NONE
-    code = vocabulary.get(value)
+    key = filter_key(value)
+    code = vocabulary.get(key)
     if code is None:
-        code = vocabulary[value] = len(vocabulary)
+        code = vocabulary[key] = len(vocabulary)
     return code
 
 
 def _codes(vocabulary: dict[str, int], values: tuple[str, ...]) -> np.ndarray:
     # Values no product has ever had match nothing (and get no code).
-    return np.asarray([vocabulary[v] for v in values if v in vocabulary], dtype=np.int32)
+    keys = [filter_key(v) for v in values]
+    return np.asarray([vocabulary[k] for k in keys if k in vocabulary], dtype=np.int32)
 
 
 def _postings(ids: np.ndarray, codes: np.ndarray) -> dict[int, np.ndarray]:

@@ -27,9 +27,9 @@ MODALITIES = ("image", "text")
 
 @dataclass(frozen=True)
 class ChangeVectors:
-    """The vectors an upsert means for the serving model: None = modality absent, KEEP = unchanged."""
+    """The vectors a change means for the serving model: None = modality absent, KEEP = unchanged."""
 
-    text: np.ndarray | None
+    text: np.ndarray | None | str
     image: np.ndarray | None | str
 
 

@@ -1,8 +1,17 @@
 """store: SQL persistence for products, model and index versions, search log, events, training runs."""
 
-from store.db import ConflictError, Store, StoreError, UnknownVersionError, migrate
+from store.db import (
+    ConflictError,
+    EventIdReusedError,
+    Store,
+    StoreError,
+    UnknownSearchError,
+    UnknownVersionError,
+    migrate,
+)
 from store.records import (
     CatalogChangeRecord,
+    CatalogWrite,
     EventInput,
     ImageState,
     IndexVersionRecord,
@@ -14,13 +23,17 @@ from store.records import (
     ProductRecord,
     ProductVectors,
     SearchContext,
+    SourcePreference,
     TrainingRunRecord,
+    filter_key,
 )
 
 __all__ = [
     "CatalogChangeRecord",
+    "CatalogWrite",
     "EventInput",
     "ConflictError",
+    "EventIdReusedError",
     "ImageState",
     "IndexVersionRecord",
     "LoggedEvent",
@@ -31,9 +44,12 @@ __all__ = [
     "ProductRecord",
     "ProductVectors",
     "SearchContext",
+    "SourcePreference",
     "Store",
     "StoreError",
     "TrainingRunRecord",
+    "UnknownSearchError",
     "UnknownVersionError",
+    "filter_key",
     "migrate",
 ]

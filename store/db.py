@@ -6,7 +6,7 @@ import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from store.models import CatalogChange, Event, IndexVersion, ModelVersion, Product, SearchLog, TrainingRun, utcnow
 from store.records import (
     CatalogChangeRecord,
+    CatalogWrite,
     EventInput,
     ImageState,
     IndexVersionRecord,
@@ -30,7 +31,9 @@ from store.records import (
     ProductRecord,
     ProductVectors,
     SearchContext,
+    SourcePreference,
     TrainingRunRecord,
+    filter_key,
 )
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,24 @@ class UnknownVersionError(StoreError):
 
 class ConflictError(StoreError):
     """A compare-and-set write found the row changed since it was read; nothing was written."""
+
+
+class EventIdReusedError(ConflictError):
+    """A batch reuses event_ids for events with other content; nothing of the batch was written.
+
+    `conflicts` holds (index in the batch, event_id, what differs) per offending event."""
+
+    def __init__(self, conflicts: list[tuple[int, str, str]]):
+        self.conflicts = conflicts
+        super().__init__(f"{len(conflicts)} event(s) reuse an event_id with other content")
+
+
+class UnknownSearchError(StoreError):
+    """Events name query_ids the search log no longer holds (pruned while the batch was checked)."""
+
+    def __init__(self, query_ids: set[str]):
+        self.query_ids = query_ids
+        super().__init__(f"unknown query_id(s): {', '.join(sorted(query_ids))}")
 
 
 def _as_utc(value: datetime | None) -> datetime | None:
@@ -197,17 +218,33 @@ class Store:
 
     # ---------------------------------------------------------------- products
 
-    def upsert_products(self, items: Sequence[ProductInput]) -> dict[str, int]:
-        """Insert or update products by product_id; returns product_id -> row_id.
+    def upsert_products(
+        self,
+        items: Sequence[ProductInput],
+        *,
+        text_hashes: dict[str, str] | None = None,
+        feed_time: datetime | None = None,
+        prefer: SourcePreference = SourcePreference.NEWER,
+    ) -> CatalogWrite:
+        """Write catalog-file rows: insert new products, update changed ones, skip identical ones.
+
+        A product edited over the API since the last file load (`changed_by == "api"`) is
+        overwritten only if `prefer` allows it: NEWER compares `feed_time` (when the file was
+        written; None = now) with the edit's time. Every row that changes enters the change
+        journal in the same transaction ("file" when the embedded content changed, "meta" when
+        only metadata did), so servers and older index versions replay it like an API change. A
+        "file" entry names what to embed: `text_hash` (from `text_hashes`, product_id -> hash of
+        the text it is embedded by) when the text changed, `image_action` set/clear/keep.
 
         A re-upserted product is un-deleted. When its image changes, its image state is reset so
         the next indexing run embeds it again. Core SQL in executemany batches, not ORM objects:
         a catalog load is millions of rows, and per-row ORM work made it the slowest stage.
         """
         now = utcnow()
+        feed_time = _as_utc(feed_time) or now
         table = Product.__table__
         c = table.c
-        out: dict[str, int] = {}
+        out = CatalogWrite()
         same_image = c.image_uri.is_not_distinct_from(bindparam("b_new_uri"))
         update_stmt = (
             update(table)
@@ -217,6 +254,7 @@ class Store:
                 brand=bindparam("brand"), price=bindparam("price"), currency=bindparam("currency"),
                 image_ref=bindparam("image_ref"), image_uri=bindparam("image_uri"),
                 attributes=bindparam("attributes"), updated_at=bindparam("updated_at"), deleted_at=None,
+                changed_by="file",
                 # A changed image resets its state; an unchanged one keeps the state as it is at
                 # the write, not as read above (another run may have recorded it meanwhile).
                 image_status=case((same_image, c.image_status), else_="pending"),
@@ -224,26 +262,68 @@ class Store:
                 image_error=case((same_image, c.image_error), else_=None),
             )
         )
+        current_columns = (c.product_id, c.row_id, c.title, c.description, c.image_uri, c.image_ref, c.category,
+                           c.brand, c.price, c.currency, c.attributes, c.deleted_at, c.updated_at, c.changed_by)
         with self.session() as s, s.begin():
+            _serialise_journal(s)
+            # Before the first index version nothing replays the journal (a first load of 10M
+            # products would otherwise write 10M entries that no server ever reads).
+            journaling = s.scalar(select(IndexVersion.index_version).limit(1)) is not None
             for chunk in _chunks(list({it.product_id: it for it in items}.values())):
                 ids = [it.product_id for it in chunk]
-                existing = {r.product_id: r for r in s.execute(select(c.product_id, c.row_id).where(c.product_id.in_(ids)))}
-                inserts, updates = [], []
+                existing = {r.product_id: r for r in s.execute(select(*current_columns).where(c.product_id.in_(ids)))}
+                inserts, updates, journal = [], [], []
                 for it in chunk:
                     fields_ = _catalog_fields(it, now)
                     row = existing.get(it.product_id)
                     if row is None:
                         inserts.append({**fields_, "product_id": it.product_id, "created_at": now,
-                                        "image_status": "pending", "deleted_at": None})
+                                        "image_status": "pending", "deleted_at": None, "changed_by": "file"})
+                        out.created += 1
                         continue
+                    content = row.deleted_at is not None or \
+                        (row.title, row.description, row.image_uri) != (it.title, it.description, it.image_uri)
+                    metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {})) \
+                        != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes))
+                    if not (content or metadata):
+                        out.unchanged += 1
+                        out.row_ids[it.product_id] = row.row_id
+                        continue
+                    if row.changed_by == "api":
+                        file_wins = prefer == SourcePreference.FILE or (
+                            prefer == SourcePreference.NEWER and feed_time > _as_utc(row.updated_at))
+                        if not file_wins:
+                            out.api_edits_kept.append(it.product_id)
+                            continue
+                        out.api_edits_overwritten.append(it.product_id)
                     updates.append({**fields_, "b_new_uri": it.image_uri, "b_row": row.row_id})
-                    out[it.product_id] = row.row_id
+                    entry = {"row_id": row.row_id, "product_id": it.product_id, "op": "meta", "ts": now,
+                             "text_hash": None, "image_action": None}
+                    if content:
+                        restored = row.deleted_at is not None
+                        text_changed = restored or (row.title, row.description) != (it.title, it.description)
+                        image_changed = restored or row.image_uri != it.image_uri
+                        entry.update(op="file", text_hash=(text_hashes or {}).get(it.product_id) if text_changed else None,
+                                     image_action=("set" if it.image_uri else "clear") if image_changed else "keep")
+                    journal.append(entry)
+                    out.row_ids[it.product_id] = row.row_id
+                    if content:
+                        out.content_changed += 1
+                    else:
+                        out.metadata_changed += 1
                 if updates:
                     s.execute(update_stmt, updates)
                 if inserts:
                     s.execute(table.insert(), inserts)
-                    out.update(s.execute(select(c.product_id, c.row_id).where(
+                    created = dict(s.execute(select(c.product_id, c.row_id).where(
                         c.product_id.in_([r["product_id"] for r in inserts]))).tuples().all())
+                    out.row_ids.update(created)
+                    journal += [{"row_id": created[r["product_id"]], "product_id": r["product_id"], "op": "file",
+                                 "text_hash": (text_hashes or {}).get(r["product_id"]),
+                                 "image_action": "set" if r["image_uri"] else "clear", "ts": now}
+                                for r in inserts]
+                if journal and journaling:
+                    s.execute(CatalogChange.__table__.insert(), journal)
         return out
 
     def record_text_hashes(self, hashes: dict[int, str], *, seen: dict[int, str | None]) -> None:
@@ -351,6 +431,24 @@ class Store:
             yield np.asarray(row_ids, dtype=np.int64), list(image_hashes), list(text_hashes)
             after = int(row_ids[-1])
 
+    def iter_image_failures(self, chunk_size: int = 5_000) -> Iterator[tuple[str, str, str | None]]:
+        """(product_id, image_status, image_error) of every live product whose image could not be
+        embedded, in row order, a keyset page at a time."""
+        c = Product.__table__.c
+        ok = ("ok", "none", "pending", "supplied")
+        after = 0
+        while True:
+            with self.session() as s:
+                rows = s.execute(
+                    select(c.row_id, c.product_id, c.image_status, c.image_error)
+                    .where(c.row_id > after, c.deleted_at.is_(None), c.image_status.not_in(ok))
+                    .order_by(c.row_id).limit(chunk_size)
+                ).all()
+            if not rows:
+                return
+            yield from ((r.product_id, r.image_status, r.image_error) for r in rows)
+            after = rows[-1].row_id
+
     def live_row_ids(self, product_ids: Sequence[str]) -> dict[str, int]:
         """product_id -> row_id of those that are live products."""
         c = Product.__table__.c
@@ -416,6 +514,7 @@ class Store:
                 p = Product(product_id=item.product_id, created_at=now, image_status="pending")
                 s.add(p)
             _apply_input(p, item, now)
+            p.changed_by = "api"
             p.text_hash = vectors.text_hash
             if vectors.image_action == "set":
                 p.image_hash, p.image_status, p.image_error = vectors.image_hash, "ok", None
@@ -455,6 +554,7 @@ class Store:
             p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
             p.attributes = dict(item.attributes)
             p.updated_at = now
+            p.changed_by = "api"
             change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
             s.add(change)
             s.flush()
@@ -469,6 +569,7 @@ class Store:
                 return None
             p.deleted_at = utcnow()
             p.updated_at = p.deleted_at
+            p.changed_by = "api"
             s.add(CatalogChange(row_id=p.row_id, product_id=p.product_id, op="delete", ts=p.deleted_at))
             s.flush()
             return _to_record(ProductRecord, p)
@@ -503,10 +604,13 @@ class Store:
         with self.session() as s:
             return int(s.scalar(select(func.max(CatalogChange.seq))) or 0)
 
-    def catalog_changes(self, after: int) -> list[CatalogChangeRecord]:
-        """Journal entries with seq > `after`, oldest first."""
+    def catalog_changes(self, after: int, *, ops: Sequence[str] | None = None) -> list[CatalogChangeRecord]:
+        """Journal entries with seq > `after` (of the kinds in `ops`, or all), oldest first."""
         with self.session() as s:
-            rows = s.scalars(select(CatalogChange).where(CatalogChange.seq > after).order_by(CatalogChange.seq))
+            q = select(CatalogChange).where(CatalogChange.seq > after)
+            if ops is not None:
+                q = q.where(CatalogChange.op.in_(list(ops)))
+            rows = s.scalars(q.order_by(CatalogChange.seq))
             return [
                 CatalogChangeRecord(
                     seq=int(c.seq),
@@ -533,18 +637,21 @@ class Store:
             return version, int(seq or 0)
 
     def filter_row_ids(self, flt: ProductFilter) -> np.ndarray:
-        """Row ids of live products matching the filter, as sorted int64."""
-        q = select(Product.row_id).where(Product.deleted_at.is_(None))
-        if flt.categories:
-            q = q.where(Product.category.in_(flt.categories))
-        if flt.brands:
-            q = q.where(Product.brand.in_(flt.brands))
+        """Row ids of live products matching the filter, as sorted int64: the reference that the
+        servers' in-memory `FilterIndex` is tested against. Categories and brands compare by
+        `filter_key` in Python, since SQL's lower() folds only ASCII on SQLite."""
+        q = select(Product.row_id, Product.category, Product.brand).where(Product.deleted_at.is_(None))
         if flt.price_min is not None:
             q = q.where(Product.price >= flt.price_min)
         if flt.price_max is not None:
             q = q.where(Product.price <= flt.price_max)
+        categories = {filter_key(v) for v in flt.categories}
+        brands = {filter_key(v) for v in flt.brands}
         with self.session() as s:
-            ids = s.scalars(q.order_by(Product.row_id)).all()
+            rows = s.execute(q.order_by(Product.row_id)).all()
+        ids = [r.row_id for r in rows
+               if (not categories or (r.category is not None and filter_key(r.category) in categories))
+               and (not brands or (r.brand is not None and filter_key(r.brand) in brands))]
         return np.asarray(ids, dtype=np.int64)
 
     def iter_filter_facts(self, *, chunk: int = 50_000) -> Iterator[ProductFacts]:
@@ -599,14 +706,19 @@ class Store:
         out: dict = {}
         with self.session() as s:
             for name, column in (("categories", Product.category), ("brands", Product.brand)):
+                # Spellings that differ in case are one value (filters match them alike), shown as
+                # the oldest product writes it.
+                key = func.lower(func.trim(column))
                 rows = s.execute(
-                    select(column, func.count())
+                    select(func.min(Product.row_id), func.count())
                     .where(live, column.is_not(None))
-                    .group_by(column)
-                    .order_by(func.count().desc(), column)
+                    .group_by(key)
+                    .order_by(func.count().desc(), key)
                     .limit(limit)
-                )
-                out[name] = [(value, int(count)) for value, count in rows]
+                ).all()
+                spelled = dict(s.execute(select(Product.row_id, column).where(
+                    Product.row_id.in_([r[0] for r in rows]))).tuples().all()) if rows else {}
+                out[name] = [(spelled[first], int(count)) for first, count in rows]
             low, high, count = s.execute(select(func.min(Product.price), func.max(Product.price), func.count()).where(live)).one()
         out.update(price_min=low, price_max=high, products=int(count))
         return out
@@ -740,32 +852,88 @@ class Store:
                     out[r.query_id] = _search_context(r)
         return out
 
+    def prune_search_log(self, before: datetime, *, batch: int = 1_000) -> tuple[int, int]:
+        """Delete the searches logged before `before` and the events that refer to them, `batch`
+        searches to a transaction (oldest first); returns (searches, events) deleted.
+
+        An event goes with its search: it references the search, and mining selects events by
+        their search's time. Short transactions, because servers keep logging searches and
+        storing events meanwhile (and SQLite has one writer at a time).
+        """
+        if batch < 1:
+            raise ValueError("prune at least one search per transaction")
+        before = _as_utc(before).astimezone(timezone.utc)
+        searches = events = 0
+        while True:
+            with self._hot_writes, self.session() as s, s.begin():
+                # FOR UPDATE (PostgreSQL; SQLite has one writer anyway): an event for one of these
+                # searches waits for this transaction, then fails its foreign key instead of
+                # landing between the two deletes.
+                ids = list(s.scalars(
+                    select(SearchLog.query_id).where(SearchLog.ts < before)
+                    .order_by(SearchLog.ts, SearchLog.query_id).limit(batch).with_for_update()
+                ))
+                for chunk in _chunks(ids):
+                    events += s.execute(delete(Event).where(Event.query_id.in_(chunk))).rowcount or 0
+                    searches += s.execute(delete(SearchLog).where(SearchLog.query_id.in_(chunk))).rowcount or 0
+            if len(ids) < batch:
+                return searches, events
+
     # ---------------------------------------------------------------- events
 
     def add_events(self, events: Sequence[EventInput]) -> tuple[int, int]:
         """Store a batch in one transaction; an event_id already stored is skipped, not doubled.
 
-        Returns (stored, duplicates). When this returns, the batch is committed.
+        An event whose event_id is stored (or earlier in the batch) with the same content (type,
+        query_id, product_id, position, ts as an instant) is a retry and counts as a duplicate; with
+        other content it is a conflict: `EventIdReusedError`, and nothing of the batch is written,
+        so the client can fix it and send the batch again. Returns (stored, duplicates). When this
+        returns, the batch is committed.
         """
+        # SQLite keeps a datetime's wall clock and drops its offset: store the instant, in UTC.
+        batch = [replace(e, ts=_as_utc(e.ts).astimezone(timezone.utc)) for e in events]
         for attempt in range(3):
             try:
                 with self._hot_writes, self.session() as s, s.begin():
-                    seen = self._stored_event_ids(s, [e.event_id for e in events])
+                    known = {event_id: (content, None) for event_id, content in
+                             self._stored_events(s, [e.event_id for e in batch]).items()}
+                    new, conflicts = [], []
+                    for index, e in enumerate(batch):
+                        content = _event_content(e)
+                        if e.event_id not in known:
+                            known[e.event_id] = (content, index)
+                            new.append(e)
+                        elif known[e.event_id][0] != content:
+                            conflicts.append((index, e.event_id, _event_difference(*known[e.event_id], content)))
+                    if conflicts:
+                        raise EventIdReusedError(conflicts)
+                    if attempt:
+                        # The insert failed: a concurrent retry stored some ids (seen above now),
+                        # or a search was pruned after the batch was checked against the log.
+                        wanted = list({e.query_id for e in new})
+                        present: set[str] = set()
+                        for chunk in _chunks(wanted):
+                            present.update(s.scalars(select(SearchLog.query_id).where(SearchLog.query_id.in_(chunk))))
+                        if set(wanted) - present:
+                            raise UnknownSearchError(set(wanted) - present)
                     now = utcnow()
-                    stored = 0
-                    for e in events:
-                        if e.event_id in seen:
-                            continue
-                        seen.add(e.event_id)
+                    for e in new:
                         s.add(Event(event_id=e.event_id, type=e.type, query_id=e.query_id, product_id=e.product_id,
                                     position=e.position, ts=e.ts, received_at=now))
-                        stored += 1
-                return stored, len(events) - stored
+                return len(new), len(batch) - len(new)
             except IntegrityError:
-                # a concurrent retry of the same batch committed first: the next pass sees its ids
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _stored_events(s: Session, event_ids: Sequence[str]) -> dict[str, tuple]:
+        """The content of the stored events among these ids, as `_event_content` makes it."""
+        found: dict[str, tuple] = {}
+        for chunk in _chunks(list(dict.fromkeys(event_ids))):
+            for e in s.scalars(select(Event).where(Event.event_id.in_(chunk))):
+                found[e.event_id] = _event_content(e)
+        return found
 
     def stored_event_ids(self, event_ids: Iterable[str]) -> set[str]:
         """Which of these event_ids are stored: how a client (or an audit) checks what was kept."""
@@ -847,6 +1015,27 @@ def _facts(rows, *, live: bool | None) -> ProductFacts:
         live=np.full(len(rows), live, dtype=bool) if live is not None
         else np.asarray([r.deleted_at is None for r in rows], dtype=bool),
     )
+
+
+# What a client sent of an event: a resend with the same event_id must match it to be a retry.
+_EVENT_CONTENT = ("type", "query_id", "product_id", "position", "ts")
+
+
+def _event_content(e) -> tuple:
+    return (e.type, e.query_id, e.product_id, e.position, _as_utc(e.ts).astimezone(timezone.utc))
+
+
+def _event_difference(known: tuple, source: int | None, sent: tuple) -> str:
+    """Which fields of a reused event_id differ, for the client to see what it got wrong."""
+    other, mine = ("stored", "sent") if source is None else (f"in [{source}]", "here")
+    changed = "; ".join(f"{name}: {_shown(old)} {other}, {_shown(new)} {mine}"
+                        for name, old, new in zip(_EVENT_CONTENT, known, sent) if old != new)
+    by = "a stored event" if source is None else f"event [{source}] of this batch"
+    return f"event_id already used by {by} with other content ({changed})"
+
+
+def _shown(value) -> str:
+    return value.isoformat() if isinstance(value, datetime) else repr(value)
 
 
 def _search_context(r: SearchLog) -> SearchContext:

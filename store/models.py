@@ -56,6 +56,9 @@ class Product(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who wrote the row's current content: "file" (`prism index`) or "api" (PUT, PATCH, DELETE).
+    # A file load overwrites an API edit only when it is newer (or `--prefer file`).
+    changed_by: Mapped[str] = mapped_column(String(8), nullable=False, default="file", server_default="file")
 
     __table_args__ = (
         Index("ix_products_category", "category"),
@@ -124,7 +127,9 @@ class CatalogChange(Base):
     seq: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
     row_id: Mapped[int] = mapped_column(RowId, ForeignKey("products.row_id"), nullable=False)
     product_id: Mapped[str] = mapped_column(String(256), nullable=False)
-    op: Mapped[str] = mapped_column(String(16), nullable=False)  # upsert | meta (no vectors) | delete
+    # upsert (API, with vectors) | file (a catalog file changed the embedded content: no vectors;
+    # replays take them from the model's vector cache) | meta (metadata only) | delete
+    op: Mapped[str] = mapped_column(String(16), nullable=False)
     model_version: Mapped[str | None] = mapped_column(String(200))
     text_hash: Mapped[str | None] = mapped_column(String(64))
     text_vector: Mapped[bytes | None] = mapped_column(LargeBinary)

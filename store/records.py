@@ -4,8 +4,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 
 import numpy as np
+
+
+class SourcePreference(str, Enum):
+    """Which change wins when a catalog file row meets a product edited over the API since the
+    last file load: the newer one (file modification time against the edit's time), or always
+    the file, or always the API edit."""
+
+    NEWER = "newer"
+    FILE = "file"
+    API = "api"
+
+
+@dataclass
+class CatalogWrite:
+    """What one chunk (or a whole load) of catalog-file rows did to the products table."""
+
+    row_ids: dict[str, int] = field(default_factory=dict)  # product_id -> row_id, of rows written
+    created: int = 0
+    content_changed: int = 0  # title, description or image: the product needs new vectors
+    metadata_changed: int = 0  # only price, category, brand, currency or attributes
+    unchanged: int = 0
+    api_edits_kept: list[str] = field(default_factory=list)  # product ids the file did not overwrite
+    api_edits_overwritten: list[str] = field(default_factory=list)
+
+    def add(self, other: "CatalogWrite") -> None:
+        self.row_ids.update(other.row_ids)
+        self.created += other.created
+        self.content_changed += other.content_changed
+        self.metadata_changed += other.metadata_changed
+        self.unchanged += other.unchanged
+        self.api_edits_kept += other.api_edits_kept
+        self.api_edits_overwritten += other.api_edits_overwritten
 
 
 @dataclass(frozen=True)
@@ -44,6 +77,7 @@ class ProductRecord:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    changed_by: str = "file"  # who wrote the current content: "file" or "api"
 
 
 @dataclass(frozen=True)
@@ -75,6 +109,13 @@ class IndexVersionRecord:
     is_active: bool
     created_at: datetime
     activated_at: datetime | None
+
+
+def filter_key(value: str) -> str:
+    """What a category or brand filter compares: "Shoes", "shoes" and " SHOES " are one value
+    (shops and feeds spell them inconsistently; a filter that silently matched nothing for a
+    different case was the worse failure)."""
+    return value.strip().casefold()
 
 
 @dataclass(frozen=True)
@@ -125,7 +166,7 @@ class CatalogChangeRecord:
     seq: int
     row_id: int
     product_id: str
-    op: str  # upsert | meta (metadata only: no vectors) | delete
+    op: str  # upsert | file (content from a catalog file: no vectors) | meta (metadata only) | delete
     model_version: str | None
     text_hash: str | None
     text_vector: np.ndarray | None

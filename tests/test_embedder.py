@@ -177,3 +177,22 @@ def test_streaming_reports_broken_images_without_raising(tmp_path, tiny_embedder
     assert keys == ["g"] and failures == {"b": "broken", "m": "missing"}
     again = list(tiny_embedder.embed_images(items[:1], cache=cache))
     assert again[0].encoded == 0 and np.allclose(again[0].vectors, batches[0].vectors)  # served from the cache
+
+
+def test_describe_model_names_a_model_as_loading_it_does_without_its_weights(tmp_path):
+    """`prism index --vectors` only needs the model's name, spec and width: they must be exactly
+    what loading it gives, or the served version would name another model than the vectors'."""
+    import open_clip
+    import torch
+
+    from embedder import describe_model, register_prism_configs
+
+    register_prism_configs()
+    path = tmp_path / "finetuned.pt"
+    torch.save(open_clip.create_model("prism-tiny-vit", pretrained=None, pretrained_text=False).state_dict(), path)
+    for spec in ("prism-tiny-vit:random", f"prism-tiny-vit:{path}"):
+        loaded = load_embedder(spec, device="cpu")
+        assert describe_model(spec) == (describe_model(spec).__class__)(loaded.name, loaded.spec, loaded.dim)
+    assert describe_model("ViT-B-32:laion2b_s34b_b79k").dim == 512  # no weights on this machine: none needed
+    with pytest.raises(ModelSpecError):
+        describe_model("NoSuchArch:random")

@@ -131,6 +131,102 @@ def test_events_are_checked_against_the_log_stored_once_and_durable(home, databa
     reopened.close()
 
 
+def test_a_reused_event_id_with_other_content_refuses_the_whole_batch(home, databases):
+    with TestClient(create_app(_settings(home, databases))) as client:
+        store = client.app.state.services.store
+        body = client.get("/v1/search", params={"q": "red apple", "k": 5}).json()
+        qid, hits = body["query_id"], body["results"]
+        shown, opened = _event("impression", qid, hits[0]), _event("click", qid, hits[1])
+        assert client.post("/v1/events", json=[shown, opened]).json() == {"stored": 2, "duplicates": 0}
+
+        later = (datetime.now(timezone.utc) + timedelta(seconds=30)).isoformat()
+        fresh = _event("click", qid, hits[2], event_id="fresh-1")
+        batch = [fresh, {**shown, "type": "click"}, {**opened, "ts": later}, opened]
+        r = client.post("/v1/events", json=batch)
+        assert r.status_code == 409, r.text
+        answer = r.json()
+        assert shown["event_id"] in answer["detail"] and opened["event_id"] in answer["detail"]
+        assert "nothing of this batch was stored" in answer["detail"]
+        problems = {p["index"]: p for p in answer["problems"]}
+        assert set(problems) == {1, 2}  # [3] is an identical resend: a duplicate, not a conflict
+        assert "type: 'impression' stored, 'click' sent" in problems[1]["error"]
+        assert "ts:" in problems[2]["error"] and problems[2]["event_id"] == opened["event_id"]
+        # atomic: the valid event of the refused batch is not stored, the stored ones are unchanged
+        assert store.stored_event_ids(["fresh-1"]) == set()
+        assert store.count_events() == {"impression": 1, "click": 1}
+        assert client.post("/v1/events", json=[fresh, opened]).json() == {"stored": 1, "duplicates": 1}
+
+        # inside one batch: the second use of an id with other content is the conflict
+        twice = [_event("impression", qid, hits[3], event_id="twice"), _event("click", qid, hits[3], event_id="twice")]
+        r = client.post("/v1/events", json=twice)
+        assert r.status_code == 409 and [p["index"] for p in r.json()["problems"]] == [1]
+        assert "event [0] of this batch" in r.json()["problems"][0]["error"]
+        assert store.stored_event_ids(["twice"]) == set()
+        r = client.post("/v1/events", json=[twice[0], twice[0]])
+        assert r.json() == {"stored": 1, "duplicates": 1}
+        assert 'prism_events_total{outcome="conflict"} 3.0' in client.get("/metrics").text
+
+
+def test_concurrent_sends_of_one_event_id_store_one_and_refuse_the_others(store):
+    """Sends racing on one new event_id: the first commit wins; each other one is a retry if the
+    same, a conflict if not, never a unique-constraint error (a 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from store import EventInput
+    from store import EventIdReusedError
+
+    store.log_search(query_id="q", query_text="x", image_hash=None, query_product_id=None, target="image",
+                     filters={}, k=8, offset=0, model_version="m", index_version="i",
+                     result_ids=list("ABCDEFGH"), took_ms=1.0)
+    start = Barrier(8)
+
+    def send(position: int):
+        start.wait()
+        try:
+            product = "ABCDEFGH"[position // 2]
+            return store.add_events([EventInput("raced", "click", "q", product, position // 2 + 1, T0)])
+        except EventIdReusedError as exc:
+            return exc
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(8)))  # two senders per content
+    assert sum(a == (1, 0) for a in answers) == 1
+    assert sum(a == (0, 1) for a in answers) == 1  # the winner's twin: a retry
+    assert sum(isinstance(a, EventIdReusedError) for a in answers) == 6
+    assert store.count_events() == {"click": 1}
+
+
+def test_an_event_time_with_an_offset_is_stored_as_its_instant(home, databases):
+    """SQLite keeps a datetime's wall clock and drops its offset: 12:00+02:00 read back as 12:00 UTC,
+    two hours late, and the same event resent in UTC looked like another event."""
+    with TestClient(create_app(_settings(home, databases))) as client:
+        store = client.app.state.services.store
+        body = client.get("/v1/search", params={"q": "dog", "k": 3}).json()
+        now = datetime.now(timezone.utc).replace(microsecond=0)
+        local = now.astimezone(timezone(timedelta(hours=2)))
+        event = _event("click", body["query_id"], body["results"][0], ts=local.isoformat())
+        assert client.post("/v1/events", json=[event]).json() == {"stored": 1, "duplicates": 0}
+        [stored] = [e for e in store.events_between(None, None) if e.event_id == event["event_id"]]
+        assert stored.ts == now
+        resent = {**event, "ts": now.isoformat().replace("+00:00", "Z")}
+        assert client.post("/v1/events", json=[resent]).json() == {"stored": 0, "duplicates": 1}
+
+
+def test_a_corrupted_model_checkpoint_is_a_503_that_names_it_not_garbage(home, databases):
+    checkpoint = home / "models" / "demo" / "checkpoint.pt"
+    data = bytearray(checkpoint.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 256] = bytes(b ^ 0xFF for b in data[middle:middle + 256])
+    checkpoint.write_bytes(bytes(data))
+    with TestClient(create_app(_settings(home, databases))) as client:
+        assert client.get("/readyz").status_code == 503
+        r = client.get("/v1/search", params={"q": "dog", "k": 3})
+        assert r.status_code == 503 and "checkpoint.pt" in r.json()["detail"] and "sha256" in r.json()["detail"]
+    proc = run_prism(["search", "dog", "-k", "3"], databases.env(home), check=False)
+    assert proc.returncode != 0 and "sha256" in proc.stderr and "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------- mining
 
 

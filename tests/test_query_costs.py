@@ -209,9 +209,11 @@ def _random_filter(rng: random.Random) -> ProductFilter:
     high = rng.choice([None, 10.0, 60.0, 150.0, 1000.0])
     if low is not None and high is not None and low > high:
         low, high = high, low
+    # Shoppers and feeds spell values in any case: filters match them all alike.
+    spell = lambda v: rng.choice([v, v.upper(), v.title(), f" {v} "])  # noqa: E731
     flt = ProductFilter(
-        categories=tuple(rng.sample(categories, rng.choice([0, 0, 1, 2]))),
-        brands=tuple(rng.sample(brands, rng.choice([0, 0, 1, 2]))),
+        categories=tuple(spell(v) for v in rng.sample(categories, rng.choice([0, 0, 1, 2]))),
+        brands=tuple(spell(v) for v in rng.sample(brands, rng.choice([0, 0, 1, 2]))),
         price_min=low,
         price_max=high,
     )
@@ -245,7 +247,8 @@ def test_in_memory_filters_equal_sql_after_puts_and_deletes(build_serving_home, 
                     price=rng.choice([None, 0.0, 59.99, 60.0, 150.0, 999.0]),
                 ), tiny_embedder)
             elif roll < 0.75:  # a new product, new values
-                updater.upsert(ProductInput(product_id=f"NEW-{step}", title=f"new thing {step}", category="lamps",
+                updater.upsert(ProductInput(product_id=f"NEW-{step}", title=f"new thing {step}",
+                                            category=("lamps", "Lamps", "LAMPS")[step % 3],
                                             brand="newbrand", price=float(step)), tiny_embedder)
             else:  # text and metadata
                 updater.upsert(_item(current, title=f"retitled {step}", price=float(rng.randrange(300))), tiny_embedder)
@@ -260,8 +263,9 @@ def test_in_memory_filters_equal_sql_after_puts_and_deletes(build_serving_home, 
             fresh_store.close()
         # And a filtered search asks SQL nothing for its filter.
         monkeypatch.setattr(store, "filter_row_ids", lambda flt: pytest.fail("a filtered query scanned SQL"))
-        result = engine.search(text="thing", k=50, filters=ProductFilter(categories=("lamps",), price_max=20))
-        assert result.hits and all(h.product.category == "lamps" and h.product.price <= 20 for h in result.hits)
+        # Text target: the lamps added above have no image.
+        result = engine.search(text="thing", target="text", k=50, filters=ProductFilter(categories=("lamps",), price_max=20))
+        assert result.hits and all(h.product.category.lower() == "lamps" and h.product.price <= 20 for h in result.hits)
     finally:
         store.close()
 

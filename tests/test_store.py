@@ -85,7 +85,7 @@ def test_workers_upgrading_one_database_at_once_all_start(tmp_path, databases):
 
 
 def test_upsert_update_delete_and_undelete(store):
-    ids = store.upsert_products([ProductInput("a", "Apple", price=1.5, image_uri="/x/a.png"), ProductInput("b", "Bag")])
+    ids = store.upsert_products([ProductInput("a", "Apple", price=1.5, image_uri="/x/a.png"), ProductInput("b", "Bag")]).row_ids
     assert set(ids) == {"a", "b"} and ids["a"] != ids["b"]
     store.upsert_products([ProductInput("a", "Green apple", price=2.0, image_uri="/x/a.png")])
     a = store.get_product("a")
@@ -161,7 +161,7 @@ def test_a_live_upsert_on_a_stale_read_is_refused(store):
 
 
 def test_indexer_state_writes_do_not_overwrite_a_newer_change(store):
-    ids = store.upsert_products([ProductInput("a", "A", image_uri="/i/a.png"), ProductInput("b", "B", image_uri="/i/b.png")])
+    ids = store.upsert_products([ProductInput("a", "A", image_uri="/i/a.png"), ProductInput("b", "B", image_uri="/i/b.png")]).row_ids
     snapshot = {p.row_id: p for p in store.live_products()}
     # An API change lands between the indexer's read and its write.
     a = store.get_product("a")
@@ -172,3 +172,78 @@ def test_indexer_state_writes_do_not_overwrite_a_newer_change(store):
     a, b = store.get_product("a"), store.get_product("b")
     assert (a.image_hash, a.image_uri, a.text_hash) == ("fresh", "/i/new.png", "t1")
     assert (b.image_hash, b.image_status, b.text_hash) == ("hb", "ok", "tb")
+
+
+def _edited_over_the_api(store, product_id, title):
+    current = store.get_product(product_id)
+    return store.upsert_product_live(ProductInput(product_id, title), _vectors(action="clear"),
+                                     expect_updated_at=current.updated_at)[0]
+
+
+def test_a_file_load_keeps_api_edits_newer_than_the_file_unless_told_otherwise(store):
+    from datetime import timedelta
+
+    from store import SourcePreference
+
+    store.upsert_products([ProductInput("a", "A"), ProductInput("b", "B"), ProductInput("c", "C")])
+    edit = _edited_over_the_api(store, "a", "A from the API")
+    assert store.get_product("a").changed_by == "api"
+    store.soft_delete_product("b")
+    older_file = edit.updated_at - timedelta(minutes=5)
+    rows = [ProductInput("a", "A"), ProductInput("b", "B"), ProductInput("c", "C2")]
+
+    kept = store.upsert_products(rows, feed_time=older_file)
+    assert sorted(kept.api_edits_kept) == ["a", "b"] and kept.api_edits_overwritten == []
+    assert store.get_product("a").title == "A from the API" and store.get_product("b") is None
+    assert store.get_product("c").title == "C2" and kept.content_changed == 1
+
+    # The same old file, told to win: both edits are overwritten and the rows are the file's again.
+    forced = store.upsert_products(rows, feed_time=older_file, prefer=SourcePreference.FILE)
+    assert sorted(forced.api_edits_overwritten) == ["a", "b"] and forced.unchanged == 1
+    assert store.get_product("a").title == "A" and store.get_product("b").title == "B"
+    assert store.get_product("a").changed_by == "file"
+
+    # A file written after an edit wins by default; prefer=API keeps an edit even then.
+    _edited_over_the_api(store, "a", "A again from the API")
+    _edited_over_the_api(store, "c", "C from the API")
+    later_file = store.get_product("c").updated_at + timedelta(minutes=5)
+    api_first = store.upsert_products([ProductInput("c", "C3")], feed_time=later_file, prefer=SourcePreference.API)
+    assert api_first.api_edits_kept == ["c"] and store.get_product("c").title == "C from the API"
+    newer = store.upsert_products([ProductInput("a", "A4"), ProductInput("c", "C3")], feed_time=later_file)
+    assert sorted(newer.api_edits_overwritten) == ["a", "c"] and store.get_product("a").title == "A4"
+
+
+def test_file_changes_enter_the_journal_once_an_index_version_exists(store):
+    store.upsert_products([ProductInput("a", "A", price=1.0), ProductInput("b", "B", image_uri="/i/b.png")])
+    assert store.catalog_changes(0) == []  # nothing replays a journal before the first version
+    store.register_model_version("m", spec="m", dim=4)
+    store.record_index_version("v1", model_version="m", path="v1", manifest={"catalog_seq": 0}, activate=True)
+    written = store.upsert_products(
+        [ProductInput("a", "A", price=2.0), ProductInput("b", "B2", image_uri="/i/b.png"),
+         ProductInput("c", "C", image_uri="/i/c.png")],
+        text_hashes={"b": "hash-of-B2", "c": "hash-of-C"},
+    )
+    assert (written.created, written.content_changed, written.metadata_changed) == (1, 1, 1)
+    by_product = {c.product_id: c for c in store.catalog_changes(0)}
+    assert by_product["a"].op == "meta"
+    assert (by_product["b"].op, by_product["b"].text_hash, by_product["b"].image_action) == ("file", "hash-of-B2", "keep")
+    assert (by_product["c"].op, by_product["c"].text_hash, by_product["c"].image_action) == ("file", "hash-of-C", "set")
+    # An identical row is neither written nor journaled.
+    again = store.upsert_products([ProductInput("a", "A", price=2.0)])
+    assert again.unchanged == 1 and len(store.catalog_changes(0)) == 3
+
+
+def test_category_and_brand_filters_and_facets_ignore_case(store):
+    store.upsert_products([
+        ProductInput("s1", "shoe", category="Shoes", brand="ACME"),
+        ProductInput("s2", "shoe", category="shoes", brand="acme"),
+        ProductInput("s3", "shoe", category=" SHOES", brand="Globex"),
+        ProductInput("h1", "hat", category="hats", brand="acme"),
+    ])
+    rows = {k: v.row_id for k, v in store.products_by_ids(["s1", "s2", "s3", "h1"]).items()}
+    assert set(store.filter_row_ids(ProductFilter(categories=("shoes",)))) == {rows["s1"], rows["s2"], rows["s3"]}
+    assert set(store.filter_row_ids(ProductFilter(brands=("Acme",)))) == {rows["s1"], rows["s2"], rows["h1"]}
+    facets = store.facets()
+    # One entry per value, spelled as the oldest product writes it.
+    assert facets["categories"] == [("Shoes", 3), ("hats", 1)]
+    assert facets["brands"] == [("ACME", 3), ("Globex", 1)]

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from api.routes.common import ERRORS
 from api.schemas import EventBatch, EventsRejected, EventsStored
 from api.services import ServicesDep
-from feedback import EventBatchError, record_events
+from feedback import EventBatchError, EventConflictError, record_events
 from store import EventInput
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -18,6 +18,8 @@ router = APIRouter(prefix="/v1", tags=["feedback"])
     "/events",
     response_model=EventsStored,
     responses={422: {"model": EventsRejected, "description": "invalid events, each named; nothing was stored"},
+               409: {"model": EventsRejected, "description": "event_ids reused with other content, each named in "
+                     "`detail` and `problems`; nothing of the batch was stored"},
                413: ERRORS[413]},
     summary="Report impressions and clicks",
 )
@@ -26,7 +28,9 @@ def post_events(events: EventBatch, services: ServicesDep):
 
     Each event names the `query_id` of a search, a product that search returned and the position
     it was served at. A batch with any invalid event is refused whole, with every problem listed.
-    Sending the same `event_id` again (a retry) is safe: it is counted once.
+    Sending the same `event_id` again (a retry) is safe: it is counted once. The same `event_id`
+    with other content (type, query_id, product_id, position or ts) is a conflict: 409, and
+    nothing of the batch is stored, so the client can fix it and send the whole batch again.
     """
     batch = [EventInput(e.event_id, e.type, e.query_id, e.product_id, e.position, e.ts) for e in events]
     try:
@@ -35,6 +39,11 @@ def post_events(events: EventBatch, services: ServicesDep):
         body = EventsRejected(detail=f"{exc}: " + "; ".join(f"[{p['index']}] {p['error']}" for p in exc.problems[:5]),
                               problems=exc.problems)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=422)
+    except EventConflictError as exc:
+        services.metrics.events.labels("conflict").inc(len(exc.conflicts))
+        body = EventsRejected(detail=f"{exc}: " + "; ".join(f"[{p['index']}] {p['error']}" for p in exc.conflicts[:3]),
+                              problems=exc.conflicts)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=409)
     services.metrics.events.labels("stored").inc(outcome.stored)
     services.metrics.events.labels("duplicate").inc(outcome.duplicates)
     return EventsStored(stored=outcome.stored, duplicates=outcome.duplicates)

@@ -18,7 +18,9 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 
 ProductIdPath = Annotated[str, PathParam(min_length=1, max_length=MAX_ID_CHARS, description="the catalog's product id")]
 
-_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+# Every format in embedder.ACCEPTED_IMAGE_FORMATS (Pillow's names, upper case).
+_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp",
+                "TIFF": "image/tiff"}
 
 
 # Registered before the product route: `{product_id:path}` lets ids contain "/" (e.g. "AB/123").

@@ -15,7 +15,8 @@ from api.schemas import K_DESCRIPTION, OFFSET_DESCRIPTION, Filters, SearchParams
 from api.services import Services, ServicesDep
 from embedder import ImageDecodeError
 from feedback import record_search
-from search import MAX_K, MAX_OFFSET, Target
+from search import MAX_K, MAX_OFFSET, SearchResult, Target
+from store import Store
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
@@ -56,12 +57,19 @@ async def _known_form_fields(request: Request) -> None:
 
 
 def run_search(services: Services, *, filters: Filters, **query) -> SearchResponse:
-    """Search, write the search_log row (the query_id is valid for events once we answer), respond."""
+    """Search, write the search_log row, respond."""
     result = services.engine.search(filters=to_filter(filters), **query)
-    started = time.perf_counter()
-    record_search(services.store, result)
-    result.timings_ms["log"] = round((time.perf_counter() - started) * 1000.0, 3)
+    response = logged_response(services.store, result)
     services.metrics.observe_search(result.query.kind, result.query.target.value, result.timings_ms)
+    return response
+
+
+def logged_response(store: Store, result: SearchResult) -> SearchResponse:
+    """The answer to a search, after its search_log row is written (its query_id is valid for
+    events once we answer). `prism search --json` prints this too, so both carry the same fields."""
+    started = time.perf_counter()
+    record_search(store, result)
+    result.timings_ms["log"] = round((time.perf_counter() - started) * 1000.0, 3)
     return SearchResponse(
         query_id=result.query_id,
         model_version=result.model_version,
