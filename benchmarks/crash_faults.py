@@ -86,7 +86,7 @@ BUILD_POINTS = [
     ("embed-images", {"kind": "stage", "stage": "embed images", "at": 0.5}),
     ("faiss-build-start", {"kind": "stage", "stage": "build indexes", "at": 0.0}),
     ("model-registered", {"kind": "call", "target": "store.db:Store.register_model_version", "when": "after"}),
-    ("index-files-half-written", {"kind": "call", "target": "indexer.versions:_sha256", "when": "after"}),
+    ("index-files-half-written", {"kind": "call", "target": "indexer.versions:file_sha256", "when": "after"}),
     ("version-write", {"kind": "rename", "pattern": ".tmp-*", "when": "before"}),
     ("before-activate", {"kind": "call", "target": "store.db:Store.record_index_version", "when": "before"}),
 ]

@@ -29,6 +29,7 @@ from embedder.images import (
     ImageSource,
     content_hash,
     decode_image,
+    file_sha256,
     read_image_bytes,
 )
 from embedder.model_thread import ModelThread, ThreadBoundEmbedder
@@ -59,6 +60,7 @@ __all__ = [
     "describe_model",
     "decode_image",
     "file_digest",
+    "file_sha256",
     "verify_model_files",
     "load_embedder",
     "load_trainable",

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from embedder.base import Embedder
-from embedder.images import ImageLimits
+from embedder.images import ImageLimits, file_sha256
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
 log = logging.getLogger(__name__)
@@ -338,19 +338,11 @@ def verify_model_files(version: str, root: Path, meta: dict) -> None:
             raise ModelIntegrityError(
                 f"model version {version!r}: {path} is missing; restore the version from a backup"
             )
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise ModelIntegrityError(
                 f"model version {version!r}: {path} does not match its sha256 in model.json (truncated or "
                 "corrupted); restore the version from a backup, or activate another version"
             )
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def create_base_model(arch: str, *, device: str = "cpu", seed: int = 0):

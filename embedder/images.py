@@ -87,6 +87,16 @@ def content_hash(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read afresh in 1 MiB blocks (published artifacts are checked with
+    it: a file corrupted in place can keep its size and mtime, so no cache may answer)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def decode_image(data: bytes | Image.Image, limits: ImageLimits) -> Image.Image:
     """Decode to an RGB image, refusing decompression bombs before any pixel is decoded."""
     if isinstance(data, Image.Image):

@@ -10,7 +10,6 @@ garbage. Once written a version is never changed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from embedder import ModelIntegrityError, model_output_dim
+from embedder import ModelIntegrityError, file_sha256, model_output_dim
 from indexer import fsync_dir, mark_pending, mark_recorded, remove_unrecorded
 from store import Store
 
@@ -80,7 +79,7 @@ def write_model_version(
             "created_at": datetime.now(timezone.utc).isoformat(),
             **info,
             # after `info`: nothing a caller passes may replace what the loader checks
-            "files": {name: _sha256(tmp / name) for name in (CHECKPOINT_FILE, config_name)},
+            "files": {name: file_sha256(tmp / name) for name in (CHECKPOINT_FILE, config_name)},
         }
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         for name in (CHECKPOINT_FILE, config_name, MODEL_JSON):
@@ -98,14 +97,6 @@ def write_model_version(
         store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
         mark_recorded(models_dir, version)
     return target
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from embedder import file_sha256
 from indexer.ann import AnnIndex
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,6 @@ class LoadedIndexVersion:
     path: Path
     manifest: dict
     indexes: dict[str, AnnIndex]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -131,7 +123,7 @@ def write_index_version(
         files: dict[str, str] = {}
         for modality, ann in indexes.items():
             for name in ann.save(tmp, modality):
-                files[name] = _sha256(tmp / name)
+                files[name] = file_sha256(tmp / name)
         manifest = {
             "format": 1,
             "index_version": version,
@@ -177,7 +169,7 @@ def load_index_version(path: str | Path, *, verify: bool = True) -> LoadedIndexV
             file = path / name
             if not file.is_file():
                 raise IndexVersionError(f"{file} is missing")
-            if _sha256(file) != digest:
+            if file_sha256(file) != digest:
                 raise IndexVersionError(f"{file} does not match its sha256 in the manifest")
     indexes = {m: AnnIndex.load(path, m, info) for m, info in manifest["indexes"].items()}
     return LoadedIndexVersion(manifest["index_version"], manifest["model_version"], path, manifest, indexes)
