@@ -26,21 +26,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder import (
-    Embedder,
-    ImageLimits,
-    ImageSource,
-    ModelThread,
-    VectorCache,
-    content_hash,
-    load_embedder,
-    read_image_bytes,
-)
-from indexer import LoadedIndexVersion, index_version_path, load_index_version, product_text
+from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
+from indexer import LoadedIndexVersion, index_version_path, load_index_version
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
-from search.overlay import KEEP, MODALITIES, ChangeVectors, Overlay
-from store import CatalogChangeRecord, ProductFilter, ProductRecord, Store
+from search.journal import replay_changes
+from search.overlay import MODALITIES, Overlay
+from store import ProductFilter, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -282,99 +274,15 @@ class SearchEngine:
                     self._serving = self._replay(current)
 
     def _replay(self, serving: _Serving) -> _Serving:
-        """`serving` with the journal entries after its overlay's seq applied to its overlay and filters."""
+        """`serving` with the journal entries after its overlay's seq applied (search/journal.py)."""
         changes = self.store.catalog_changes(serving.overlay.seq)
         if not changes:
             return serving
-        foreign = [c for c in changes if c.op == "upsert" and c.model_version != serving.embedder.name]
-        reembedded = self._reembed(serving.embedder, foreign) if foreign else {}
-        from_files = [c for c in changes if c.op == "file"]
-        reembedded.update(self._file_vectors(serving.embedder, from_files) if from_files else {})
-
-        def vectors_for(change: CatalogChangeRecord) -> ChangeVectors:
-            if change.seq in reembedded:
-                return reembedded[change.seq]
-            image = KEEP if change.image_action == "keep" else change.image_vector
-            return ChangeVectors(text=change.text_vector, image=image)
-
-        # Filters take every change, metadata-only ones included, as the row is now.
-        filters = serving.filters.patched(self.store.filter_facts({c.row_id for c in changes}))
-        return replace(serving, overlay=serving.overlay.applied(changes, vectors_for), filters=filters)
-
-    def _reembed(self, embedder: Embedder, changes: list[CatalogChangeRecord]) -> dict[int, ChangeVectors]:
-        """Vectors for changes journaled by another model (made during a model swap): embed the
-        product as it is now. Later changes to the same product are replayed after it anyway."""
-        products = self.store.products_by_row_ids({c.row_id for c in changes})
-        out: dict[int, ChangeVectors] = {}
-        for change in changes:
-            product = products.get(change.row_id)
-            if product is None:
-                continue
-            text = embedder.encode_texts([product_text(product)])[0]
-            image = None
-            if change.image_action == "keep":
-                image = KEEP
-            elif product.image_status == "ok" and product.image_uri:
-                try:
-                    image = embedder.encode_images([product.image_uri])[0]
-                except Exception as exc:  # the product stays searchable by text
-                    log.warning("cannot re-embed the image of %s: %s", product.product_id, exc)
-            out[change.seq] = ChangeVectors(text=text, image=image)
-        log.info("re-embedded %d journaled changes made with another model", len(out))
-        return out
-
-    def _file_vectors(self, embedder: Embedder, changes: list[CatalogChangeRecord]) -> dict[int, ChangeVectors]:
-        """Vectors for content a catalog file changed after the serving version was built.
-
-        A file load journals what changed, not vectors: the text's hash when the text changed,
-        and whether the image did. The indexing run that loaded the file embeds the new content
-        into its model's vector cache, so a version activated later (a rollback) finds it there,
-        or embeds it now when another model's build embedded it (a rollback across models). While
-        that run is still embedding, a product keeps the vectors it had; the run's own version
-        then serves the new ones.
-        """
-        products = self.store.products_by_row_ids({c.row_id for c in changes})
-        # Only content some build has embedded (its hash recorded on the product) is looked up.
-        texts = [c for c in changes if c.text_hash and c.row_id in products
-                 and products[c.row_id].text_hash == c.text_hash]
-        images = [c for c in changes if c.image_action == "set" and c.row_id in products
-                  and products[c.row_id].image_status in ("ok", "supplied") and products[c.row_id].image_hash]
-        found: dict[tuple[str, int], np.ndarray | None] = {}
-        if texts or images:
-            cache = VectorCache(self.indexes_dir.parent / "embeddings" / embedder.name, embedder.dim)
-            text_vectors, text_hit = cache.get_many([f"text:{c.text_hash}" for c in texts])
-            image_vectors, image_hit = cache.get_many([f"image:{products[c.row_id].image_hash}" for c in images])
-            misses = [c for c, hit in zip(texts, text_hit) if not hit]
-            fresh = embedder.encode_texts([product_text(products[c.row_id]) for c in misses]) if misses else []
-            found.update({("text", c.seq): v for c, v, hit in zip(texts, text_vectors, text_hit) if hit})
-            found.update({("text", c.seq): v for c, v in zip(misses, fresh)})
-            for c, vector, hit in zip(images, image_vectors, image_hit):
-                found[("image", c.seq)] = vector if hit else self._embed_image(embedder, products[c.row_id])
-            if misses or not image_hit.all():
-                log.info("embedded %d texts and %d images a catalog file changed: %s's vector cache lacked them",
-                         len(misses), int((~image_hit).sum()), embedder.name)
-        out: dict[int, ChangeVectors] = {}
-        for c in changes:
-            product = products.get(c.row_id)
-            if product is None:
-                continue
-            text = found.get(("text", c.seq), KEEP)
-            if c.image_action == "clear" or product.image_status not in ("ok", "supplied", "pending"):
-                image = None  # no image now, or one that failed to embed: never the old one's vector
-            else:
-                image = found.get(("image", c.seq), KEEP)
-            out[c.seq] = ChangeVectors(text=text, image=image)
-        return out
-
-    @staticmethod
-    def _embed_image(embedder: Embedder, product: ProductRecord) -> np.ndarray | None:
-        if product.image_status != "ok" or not product.image_uri:
-            return None  # a supplied vector (`--vectors`) that this model has not got
-        try:
-            return embedder.encode_images([product.image_uri])[0]
-        except Exception as exc:  # the product stays searchable by text
-            log.warning("cannot re-embed the image of %s: %s", product.product_id, exc)
-            return None
+        overlay, filters = replay_changes(
+            self.store, changes, serving.embedder, serving.overlay, serving.filters,
+            embeddings_dir=self.indexes_dir.parent / "embeddings",
+        )
+        return replace(serving, overlay=overlay, filters=filters)
 
     # ---------------------------------------------------------------- search
 

@@ -1,7 +1,8 @@
 """Catalog changes newer than the serving index version, held in memory on top of it.
 
-An index version is immutable; API upserts and deletes land in the change journal (SQL) and every
-server replays the entries newer than its version's `catalog_seq` into an `Overlay`:
+An index version is immutable; catalog changes land in the change journal (SQL; the protocol is
+described in search/journal.py) and every server replays the entries newer than its version's
+`catalog_seq` into an `Overlay`:
 
 - `masked[modality]`: row ids whose vector in the base index is stale or deleted (excluded from
   base searches with an id selector);
