@@ -272,10 +272,16 @@ def main() -> None:
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    sizes = set(args.n or [1_000_000])
+    # Sizes not run this time keep their last figures (a 1M rerun must not erase the 10M row),
+    # each with the machine it was measured on.
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {"sizes": []}
+    kept = [{**r, "machine": r.get("machine", earlier.get("machine"))} for r in earlier["sizes"] if r["n"] not in sizes]
 
     def report(row: dict) -> None:
         done = [r for r in rows if r is not row] + [row]
-        args.out.write_text(json.dumps({"machine": machine_info(), "sizes": done}, indent=2))
+        ordered = sorted(kept + [{**r, "machine": machine_info()} for r in done], key=lambda r: -r["n"])
+        args.out.write_text(json.dumps({"machine": machine_info(), "sizes": ordered}, indent=2))
 
     for n in args.n or [1_000_000]:
         rows.append(one_size(args.work, n, report, rerun=args.rerun_up_to is None or n <= args.rerun_up_to))
