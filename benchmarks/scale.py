@@ -66,7 +66,10 @@ def generate(work: Path, n: int, *, changed_fraction: float = 0.01) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     done = work / "generated.json"
-    if done.is_file():
+    inputs = [work / name for name in ("catalog.parquet", "vectors.parquet", "vectors-changed.parquet", "truth.npy",
+                                       "queries.npy")]
+    # A file removed since (10 GB each at 10M, deleted to free a disk) means generating again.
+    if done.is_file() and all(p.is_file() for p in inputs):
         return json.loads(done.read_text())
     world = ClipLikeWorld(DIM, clusters=max(1, min(n // 100, 100_000)))
     queries = world.draw(QUERIES, seed=2)
