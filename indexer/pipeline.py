@@ -213,7 +213,7 @@ class CatalogIndexer:
         if not chunk:
             return
         written = self.store.upsert_products(
-            chunk, text_hashes={it.product_id: content_hash(product_text(it)) for it in chunk},
+            chunk, text_hash=lambda it: content_hash(product_text(it)),
             feed_time=feed_time, prefer=self.options.prefer,
         )
         summary.products_upserted += written.created + written.content_changed + written.metadata_changed

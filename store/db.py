@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import fields, replace
 from datetime import datetime, timezone
@@ -119,6 +119,18 @@ def _catalog_fields(it: ProductInput, now: datetime) -> dict:
     }
 
 
+def _file_change(
+    row_id: int, it: ProductInput, now: datetime, text_hash: Callable[[ProductInput], str] | None, *, text: bool, image: bool
+) -> dict:
+    """The journal row of a catalog-file change to embedded content: the hash of the text to embed
+    when the text changed (`text_hash(it)`, computed only here), and what became of the image."""
+    return {
+        "row_id": row_id, "product_id": it.product_id, "op": "file", "ts": now,
+        "text_hash": text_hash(it) if text and text_hash is not None else None,
+        "image_action": ("set" if it.image_uri else "clear") if image else "keep",
+    }
+
+
 def _serialise_journal(s: Session) -> None:
     # SQLite serialises writers already. On PostgreSQL, sequence values can commit out of order,
     # and a reader that saw seq 11 before seq 10 committed would skip 10 forever: hold a
@@ -222,7 +234,7 @@ class Store:
         self,
         items: Sequence[ProductInput],
         *,
-        text_hashes: dict[str, str] | None = None,
+        text_hash: Callable[[ProductInput], str] | None = None,
         feed_time: datetime | None = None,
         prefer: SourcePreference = SourcePreference.NEWER,
     ) -> CatalogWrite:
@@ -233,8 +245,8 @@ class Store:
         written; None = now) with the edit's time. Every row that changes enters the change
         journal in the same transaction ("file" when the embedded content changed, "meta" when
         only metadata did), so servers and older index versions replay it like an API change. A
-        "file" entry names what to embed: `text_hash` (from `text_hashes`, product_id -> hash of
-        the text it is embedded by) when the text changed, `image_action` set/clear/keep.
+        "file" entry names what to embed: `text_hash(item)` (the hash of the text it is embedded
+        by, computed only for entries written) when the text changed, `image_action` set/clear/keep.
 
         A re-upserted product is un-deleted. When its image changes, its image state is reset so
         the next indexing run embeds it again. Core SQL in executemany batches, not ORM objects:
@@ -272,17 +284,20 @@ class Store:
             for chunk in _chunks(list({it.product_id: it for it in items}.values())):
                 ids = [it.product_id for it in chunk]
                 existing = {r.product_id: r for r in s.execute(select(*current_columns).where(c.product_id.in_(ids)))}
-                inserts, updates, journal = [], [], []
+                inserts, updates, journal, new_items = [], [], [], []
                 for it in chunk:
                     fields_ = _catalog_fields(it, now)
                     row = existing.get(it.product_id)
                     if row is None:
                         inserts.append({**fields_, "product_id": it.product_id, "created_at": now,
                                         "image_status": "pending", "deleted_at": None, "changed_by": "file"})
+                        new_items.append(it)
                         out.created += 1
                         continue
-                    content = row.deleted_at is not None or \
-                        (row.title, row.description, row.image_uri) != (it.title, it.description, it.image_uri)
+                    restored = row.deleted_at is not None
+                    text_changed = restored or (row.title, row.description) != (it.title, it.description)
+                    image_changed = restored or row.image_uri != it.image_uri
+                    content = text_changed or image_changed
                     metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {})) \
                         != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes))
                     if not (content or metadata):
@@ -297,15 +312,11 @@ class Store:
                             continue
                         out.api_edits_overwritten.append(it.product_id)
                     updates.append({**fields_, "b_new_uri": it.image_uri, "b_row": row.row_id})
-                    entry = {"row_id": row.row_id, "product_id": it.product_id, "op": "meta", "ts": now,
-                             "text_hash": None, "image_action": None}
-                    if content:
-                        restored = row.deleted_at is not None
-                        text_changed = restored or (row.title, row.description) != (it.title, it.description)
-                        image_changed = restored or row.image_uri != it.image_uri
-                        entry.update(op="file", text_hash=(text_hashes or {}).get(it.product_id) if text_changed else None,
-                                     image_action=("set" if it.image_uri else "clear") if image_changed else "keep")
-                    journal.append(entry)
+                    if journaling and content:
+                        journal.append(_file_change(row.row_id, it, now, text_hash, text=text_changed, image=image_changed))
+                    elif journaling:
+                        journal.append({"row_id": row.row_id, "product_id": it.product_id, "op": "meta", "ts": now,
+                                        "text_hash": None, "image_action": None})
                     out.row_ids[it.product_id] = row.row_id
                     if content:
                         out.content_changed += 1
@@ -318,11 +329,10 @@ class Store:
                     created = dict(s.execute(select(c.product_id, c.row_id).where(
                         c.product_id.in_([r["product_id"] for r in inserts]))).tuples().all())
                     out.row_ids.update(created)
-                    journal += [{"row_id": created[r["product_id"]], "product_id": r["product_id"], "op": "file",
-                                 "text_hash": (text_hashes or {}).get(r["product_id"]),
-                                 "image_action": "set" if r["image_uri"] else "clear", "ts": now}
-                                for r in inserts]
-                if journal and journaling:
+                    if journaling:
+                        journal += [_file_change(created[it.product_id], it, now, text_hash, text=True, image=True)
+                                    for it in new_items]
+                if journal:
                     s.execute(CatalogChange.__table__.insert(), journal)
         return out
 

@@ -221,7 +221,7 @@ def test_file_changes_enter_the_journal_once_an_index_version_exists(store):
     written = store.upsert_products(
         [ProductInput("a", "A", price=2.0), ProductInput("b", "B2", image_uri="/i/b.png"),
          ProductInput("c", "C", image_uri="/i/c.png")],
-        text_hashes={"b": "hash-of-B2", "c": "hash-of-C"},
+        text_hash=lambda it: f"hash-of-{it.title}",
     )
     assert (written.created, written.content_changed, written.metadata_changed) == (1, 1, 1)
     by_product = {c.product_id: c for c in store.catalog_changes(0)}
