@@ -179,7 +179,7 @@ def describe_model(spec: str | ModelSpec, *, models_dir: str | Path | None = Non
         version = "demo" if parsed.kind is SpecKind.DEMO else parsed.source
         meta_path = Path(models_dir) / version / "model.json"
         if meta_path.is_file():
-            meta = _read_model_json(version, meta_path)
+            meta = read_model_meta(version, meta_path)
             if "embed_dim" in meta:
                 return ModelIdentity(version, parsed.raw, int(meta["embed_dim"]))
     loaded = load_embedder(parsed, device="cpu", models_dir=models_dir)
@@ -303,7 +303,7 @@ def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str
             f"unknown model {spec.raw!r}: not ARCH:TAG, ARCH:PATH, ARCH:random, hf:DIR, demo, "
             f"nor a model version in {models_dir}"
         )
-    meta = _read_model_json(spec.source, meta_path)
+    meta = read_model_meta(spec.source, meta_path)
     verify_model_files(spec.source, root, meta)
     if meta.get("open_clip_config"):
         add_model_config(root / meta["open_clip_config"], meta["arch"])
@@ -313,7 +313,8 @@ def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str
     return embedder
 
 
-def _read_model_json(version: str, path: Path) -> dict:
+def read_model_meta(version: str, path: Path) -> dict:
+    """A model version's model.json; unreadable, or without arch and checkpoint: ModelIntegrityError."""
     try:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:

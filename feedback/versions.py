@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from embedder import ModelIntegrityError, file_sha256, model_output_dim
-from indexer import fsync_dir, mark_pending, mark_recorded, remove_unrecorded
+from embedder import file_sha256, model_output_dim, read_model_meta
+from indexer import fsync_dir, fsync_files, mark_pending, mark_recorded, remove_unrecorded
 from store import Store
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -82,10 +82,7 @@ def write_model_version(
             "files": {name: file_sha256(tmp / name) for name in (CHECKPOINT_FILE, config_name)},
         }
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-        for name in (CHECKPOINT_FILE, config_name, MODEL_JSON):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_files(tmp, (CHECKPOINT_FILE, config_name, MODEL_JSON))
         if store is not None:
             mark_pending(models_dir, version)
         os.rename(tmp, target)
@@ -127,13 +124,7 @@ def remove_unrecorded_candidates(models_dir: Path, store: Store) -> list[str]:
 
 def read_model_json(models_dir: Path, version: str) -> dict | None:
     path = Path(models_dir) / version / MODEL_JSON
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelIntegrityError(f"model version {version!r}: {path} is unreadable ({exc}); restore the version "
-                                  "from a backup") from exc
+    return read_model_meta(version, path) if path.is_file() else None
 
 
 def activate_version(store: Store, version: str):

@@ -48,6 +48,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_files(directory: Path, names) -> None:
+    """Make `names` in `directory` durable, then the directory's entries: what a published
+    version (index or model) needs before it is renamed into place."""
+    for name in names:
+        with open(Path(directory) / name, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(directory)
+
+
 def new_index_version() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -134,10 +143,7 @@ def write_index_version(
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        for name in [*files, "manifest.json"]:
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_files(tmp, [*files, "manifest.json"])
         mark_pending(indexes_dir, version)
         os.rename(tmp, final)
         fsync_dir(indexes_dir)
