@@ -17,7 +17,7 @@ from api.middleware import BodyLimit, RequestMetrics
 from api.routes import events, models, products, search, system
 from api.services import Services
 from api.settings import PrismSettings
-from embedder import ImageLimits, ModelThread
+from embedder import ModelThread
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -36,7 +36,7 @@ products, 503 while no index version is serving).
 def create_app(settings: PrismSettings | None = None) -> FastAPI:
     settings = settings or PrismSettings()
     store = Store.open(settings.db_url)
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    limits = settings.image_limits()
     model_thread = ModelThread()
     engine = SearchEngine(
         store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,

@@ -174,7 +174,7 @@ def _write_report(path: Path, summary, store) -> None:
 def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool):
     from dataclasses import replace
 
-    from embedder import ImageLimits, describe_model, load_embedder
+    from embedder import describe_model, load_embedder
     from indexer import CatalogIndexer, index_model_spec, read_catalog, read_vectors_file
 
     from store import SourcePreference, Store
@@ -196,7 +196,7 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
             device=settings.device,
             models_dir=settings.models_dir,
             workers=settings.decode_workers,
-            image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            image_limits=settings.image_limits(),
         )
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
@@ -273,7 +273,6 @@ def search(
     )
     from api.routes.common import to_filter
     from api.routes.search import logged_response
-    from embedder import ImageLimits
     from search import SearchEngine
     from store import Store
 
@@ -281,7 +280,7 @@ def search(
         store = Store.open(settings.db_url)
         engine = SearchEngine(
             store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
-            image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            image_limits=settings.image_limits(),
         )
         settings.apply_threads()
         # No engine.refresh() first: search() checks the query (offset + k within the result
@@ -349,9 +348,9 @@ def _search_request(*, text: str | None, image: bytes | None, filters: dict, **f
 def _read_query_image(settings, path: Path) -> bytes:
     """The query image's bytes, read within the upload limits and decoded once to prove it is an
     image: a missing, oversized or broken file is refused before the model loads."""
-    from embedder import ImageDecodeError, ImageLimits, decode_image, read_image_bytes
+    from embedder import ImageDecodeError, decode_image, read_image_bytes
 
-    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels)
+    limits = settings.image_limits()
     try:
         data = read_image_bytes(path, limits)
         decode_image(data, limits)
@@ -507,7 +506,7 @@ def eval_models(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
 ) -> None:
     """Recall@1/5/10 and MRR, text->image and image->text, on the demo catalog's held-out test split and in full."""
-    from embedder import ImageLimits, load_embedder
+    from embedder import load_embedder
     from feedback import evaluate_demo
     from indexer import load_demo_catalog
     from store import Store
@@ -526,7 +525,7 @@ def eval_models(
         reports = {}
         for version in versions:
             embedder = load_embedder(version, device=settings.device, models_dir=settings.models_dir,
-                                     image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels))
+                                     image_limits=settings.image_limits())
             reports[version] = evaluate_demo(embedder, catalog)
     except _known_errors() as exc:
         _fail(str(exc))
@@ -734,7 +733,6 @@ def products_delete(product_id: ProductIdArg) -> None:
     """Delete one product as DELETE /v1/products/{id} does: the deletion is journaled, so running
     servers stop returning it on their next query (exit 1 when there is none by that id)."""
     product_id = _product_id(product_id)
-    from embedder import ImageLimits
     from indexer import CatalogUpdater
     from store import Store
 
@@ -744,7 +742,7 @@ def products_delete(product_id: ProductIdArg) -> None:
         # The route's own service: it soft-deletes the row and writes the journal entry that
         # serving engines replay, in one transaction.
         updater = CatalogUpdater(
-            home=settings.home, store=store, image_limits=ImageLimits(settings.max_image_bytes, settings.max_image_pixels),
+            home=settings.home, store=store, image_limits=settings.image_limits(),
         )
         deleted = updater.delete(product_id)
     except _known_errors() as exc:

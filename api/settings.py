@@ -78,6 +78,11 @@ class PrismSettings(BaseSettings):
     def indexes_dir(self) -> Path:
         return self.home / "indexes"
 
+    def image_limits(self):
+        from embedder import ImageLimits
+
+        return ImageLimits(self.max_image_bytes, self.max_image_pixels)
+
     def index_options(self):
         from indexer import AnnConfig, ImagePolicy, IndexOptions
 
