@@ -36,7 +36,8 @@ class PrismSettings(BaseSettings):
     keep_versions: int = Field(
         3, ge=1,
         description="index versions kept after a build (the newest by creation, plus the active one); older "
-        "ones lose their files and row, and the change journal entries every kept version holds are deleted",
+        "ones lose their files and row, and the change journal entries every kept version holds are deleted; "
+        "model versions Prism trained that no kept index uses, beyond the newest this many, go with their files",
     )
     query_batching: bool = Field(True, description="encode concurrent text queries as one batch")
     query_batch_window_ms: float = Field(2.0, ge=0, le=100, description="longest a batch waits for queries in flight")

@@ -59,6 +59,37 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _rss_split_mb() -> dict:
+    """Resident memory split into private (anonymous) and file-backed pages: the memory-mapped
+    re-rank codes are file-backed (page cache any process shares, dropped under pressure)."""
+    fields = {}
+    with open("/proc/self/smaps_rollup") as fh:
+        for line in fh:
+            name, _, rest = line.partition(":")
+            if name in ("Rss", "Anonymous"):
+                fields[name] = int(rest.split()[0]) / 1024
+    return {"anonymous": round(fields.get("Anonymous", 0.0), 1),
+            "file_backed": round(fields.get("Rss", 0.0) - fields.get("Anonymous", 0.0), 1)}
+
+
+def index_parts_mb(ann) -> dict:
+    """What each array of an IVF-PQ AnnIndex holds, from its sizes: where the serving memory goes."""
+    import faiss
+
+    n = ann.ntotal
+    ivf = faiss.extract_index_ivf(ann.index)
+    mb = 1 / 2**20
+    return {
+        "ivf_codes": round(ivf.code_size * n * mb, 1),
+        "ivf_list_ids": round(8 * n * mb, 1),
+        "direct_map": round(8 * n * mb, 1),
+        "idmap_row_ids": round(8 * n * mb, 1),
+        "sorted_ids_and_order": round(16 * n * mb, 1) if ann._ids is not None else 0.0,
+        "centroids": round(ivf.nlist * ivf.d * 4 * mb, 1),
+        "rerank_codes": round(ann.refine.code_size * n * mb, 1),
+    }
+
+
 def generate(work: Path, n: int, *, changed_fraction: float = 0.01) -> dict:
     """Catalog, vectors, vectors with `changed_fraction` changed, and the exact top-10 (by position)."""
     import pyarrow as pa
@@ -161,7 +192,7 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
                           verify_files=False)
     # The model first, so that what the load adds is the index (and the filter columns).
     engine.embedder_for(store.active_index_version().model_version)
-    before = _rss_mb()
+    before, split_before = _rss_mb(), _rss_split_mb()
     engine.refresh()
     loaded = _rss_mb()
     ann = engine.serving.version.indexes["image"]
@@ -172,7 +203,9 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
     qps = len(queries) / (time.perf_counter() - started)
     truth_rows = row_of_position[truth]
     recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth_rows)]))
-    served = _rss_mb()
+    served, split_served = _rss_mb(), _rss_split_mb()
+    breakdown = {"index_arrays_mb": index_parts_mb(ann),
+                 "rss_added_mb": {k: round(split_served[k] - split_before[k], 1) for k in split_served}}
 
     product_ids = [f"S{i:09d}" for i in np.random.default_rng(3).choice(n, size=300, replace=False)]
 
@@ -206,6 +239,7 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
         "serving_rss_mb": round(served - before, 1),
         "rss_after_load_mb": round(loaded - before, 1),
         "index_bytes_on_disk": disk,
+        "memory_breakdown": breakdown,
         "float32_bytes": n * DIM * 4,
         "p50_ms_unfiltered": unfiltered,
         "p50_ms_category_10pct": filtered,

@@ -16,7 +16,7 @@ from indexer.pipeline import (
     index_model_spec,
     product_text,
 )
-from indexer.retention import RetentionOutcome, apply_retention, journal_hold
+from indexer.retention import RetentionOutcome, apply_retention, build_hold
 from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_file
 from indexer.versions import (
     IndexVersionError,
@@ -33,7 +33,7 @@ from indexer.versions import (
 __all__ = [
     "ATTRIBUTION",
     "apply_retention",
-    "journal_hold",
+    "build_hold",
     "DemoCatalog",
     "DemoCatalogError",
     "EmojiProduct",

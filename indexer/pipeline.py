@@ -28,7 +28,7 @@ from embedder import Embedder, ImageDecodeError, ModelIdentity, VectorCache, con
 from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
-from indexer.retention import apply_retention, journal_hold
+from indexer.retention import apply_retention, build_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
 from store import ImageState, ProductInput, ProductRecord, SourcePreference, Store
@@ -419,7 +419,7 @@ class CatalogIndexer:
                 activate=self.options.activate,
             )
             mark_recorded(self.home / "indexes", version)
-            apply_retention(self.store, self.home / "indexes", self.options.keep_versions)
+            apply_retention(self.store, self.home, self.options.keep_versions)
         summary.index_version = version
         summary.model_version = self.embedder.name
         summary.indexes = {m: manifest["indexes"][m] for m in MODALITIES}
@@ -459,7 +459,7 @@ class CatalogIndexer:
             self.load_catalog(Path(catalog), summary)
         # The hold is taken before the position is read: a retention in between could otherwise
         # prune entries after it.
-        with journal_hold(self.home / "indexes", self.store.catalog_seq()), \
+        with build_hold(self.home / "indexes", self.store.catalog_seq(), self.embedder.name), \
                 embedding_writer(self.home, compact=self.cache_dir):
             catalog_seq = self.store.catalog_seq()
             if vectors is None and isinstance(self.embedder, ModelIdentity):

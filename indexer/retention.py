@@ -1,10 +1,12 @@
-"""Index-version retention: old versions' files and rows go, and the change journal they needed.
+"""Retention: old versions' files and rows go, and the change journal they needed.
 
 After a build publishes, `apply_retention` keeps the newest `keep_versions` index versions (by
 creation) and the active one; every other version's row is deleted (it can no longer be
 activated: the journal it would replay is pruned) and so is its directory under `indexes/`.
 Journal entries every remaining version already holds are deleted in the same transaction as
-the rows (`Store.prune_index_versions`).
+the rows (`Store.prune_index_versions`). Then model versions go that no remaining index version
+uses, older than the newest `keep_versions` models, that no running retrain or live build needs
+(a nightly candidate that lost its gate is ~600 MB of weights, plus its vector cache).
 
 Crash safety reuses the build's pending markers: each version about to be dropped is marked
 pending first. Killed after its row is deleted but before its directory is, the marker and the
@@ -15,6 +17,7 @@ killed before, the row still exists and only the marker is cleared.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -33,35 +36,45 @@ log = logging.getLogger(__name__)
 class RetentionOutcome:
     dropped: list[str]  # index versions whose row (and local directory) were removed
     journal_entries_deleted: int
+    model_versions_dropped: list[str]  # with their weights under models/ and their vector cache
 
 
-_HOLD_PREFIX = ".journal-hold-"
+_HOLD_PREFIX = ".build-hold-"
+
+
+@dataclass(frozen=True)
+class LiveBuilds:
+    journal_floor: int | None  # the lowest journal position a live build started from (None: no build)
+    # The models live builds embed with; None when a hold could not be read yet (being written):
+    # then no model is pruned this time.
+    model_versions: frozenset[str] | None
 
 
 @contextmanager
-def journal_hold(indexes_dir: Path, seq: int):
-    """Keep journal entries after `seq` from being pruned while a build that started there runs.
+def build_hold(indexes_dir: Path, seq: int, model_version: str):
+    """Keep what a running build needs from retention: the journal entries after `seq` and the
+    files of `model_version` (its weights, its vector cache).
 
     A build reads the journal position before it embeds (minutes to hours) and replays what came
-    after it when it publishes; retention run by another build meanwhile must not prune those
-    entries. The hold is a file naming `seq`, flocked while the build lives, so the hold of a
-    build that died is seen as such and removed."""
+    after it when it publishes; retention run by another build meanwhile must neither prune those
+    entries nor the model it embeds with. The hold is a file naming both, flocked while the build
+    lives, so the hold of a build that died is seen as such and removed."""
     indexes_dir = Path(indexes_dir)
     indexes_dir.mkdir(parents=True, exist_ok=True)
     path = indexes_dir / f"{_HOLD_PREFIX}{uuid.uuid4().hex}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, str(int(seq)).encode())
+        os.write(fd, json.dumps({"seq": int(seq), "model_version": model_version}).encode())
         yield
     finally:
         path.unlink(missing_ok=True)
         os.close(fd)
 
 
-def held_journal_floor(indexes_dir: Path) -> int | None:
-    """The lowest journal position a live build holds (None: no build holds any)."""
-    floor = None
+def live_builds(indexes_dir: Path) -> LiveBuilds:
+    """What the builds alive now hold (see `build_hold`)."""
+    floor, models, readable = None, set(), True
     for path in Path(indexes_dir).glob(f"{_HOLD_PREFIX}*"):
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -71,23 +84,29 @@ def held_journal_floor(indexes_dir: Path) -> int | None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:  # held: its build is alive
-                text = path.read_text().strip()
-                if text.isdigit():
-                    floor = int(text) if floor is None else min(floor, int(text))
-                else:
-                    floor = 0  # being written: hold everything, to be safe
+                try:
+                    hold = json.loads(path.read_text())
+                    seq, model = int(hold["seq"]), str(hold["model_version"])
+                except (ValueError, KeyError, TypeError):
+                    floor, readable = 0, False  # being written: hold everything, to be safe
+                    continue
+                floor = seq if floor is None else min(floor, seq)
+                models.add(model)
                 continue
             path.unlink(missing_ok=True)  # its build died
         finally:
             os.close(fd)
-    return floor
+    return LiveBuilds(floor, frozenset(models) if readable else None)
 
 
-def apply_retention(store: Store, indexes_dir: Path, keep_versions: int) -> RetentionOutcome:
+def apply_retention(store: Store, home: Path, keep_versions: int) -> RetentionOutcome:
     """Drop index versions beyond the newest `keep_versions` and the active one, with the journal
-    entries all remaining versions hold. Call under `build_lock` (no build may be recording a
-    version meanwhile): `CatalogIndexer.build` holds it right after publishing."""
-    indexes_dir = Path(indexes_dir)
+    entries all remaining versions hold; then the model versions nothing needs any more. Call
+    under `build_lock` (no build may be recording a version meanwhile): `CatalogIndexer.build`
+    holds it right after publishing."""
+    home = Path(home)
+    indexes_dir = home / "indexes"
+    live = live_builds(indexes_dir)
     candidates = store.retention_candidates(keep_versions)
     local = {}
     for version in candidates:
@@ -99,7 +118,7 @@ def apply_retention(store: Store, indexes_dir: Path, keep_versions: int) -> Rete
             mark_pending(indexes_dir, version.index_version)
     try:
         dropped, pruned = store.prune_index_versions(
-            [v.index_version for v in candidates], keep_after=held_journal_floor(indexes_dir)
+            [v.index_version for v in candidates], keep_after=live.journal_floor
         )
         for name in dropped:
             if name in local:
@@ -107,6 +126,33 @@ def apply_retention(store: Store, indexes_dir: Path, keep_versions: int) -> Rete
     finally:
         for name in local:
             mark_recorded(indexes_dir, name)
-    if dropped or pruned:
-        log.info("retention: dropped index versions %s, %d journal entries", ", ".join(dropped) or "none", pruned)
-    return RetentionOutcome(dropped, pruned)
+    models = [] if live.model_versions is None else _prune_models(store, home, keep_versions, live.model_versions)
+    if dropped or pruned or models:
+        log.info("retention: dropped index versions %s, %d journal entries, model versions %s",
+                 ", ".join(dropped) or "none", pruned, ", ".join(models) or "none")
+    return RetentionOutcome(dropped, pruned, models)
+
+
+def _prune_models(store: Store, home: Path, keep_versions: int, held: frozenset[str]) -> list[str]:
+    """Model versions Prism trained (a directory under models/) that no index version uses, older
+    than the newest `keep_versions`, not named by a running retrain nor embedded with by a live
+    build: their row, weights and vector cache go. A pretrained model (no directory: its weights
+    are not ours) keeps its row and cache."""
+    models_dir = home / "models"
+    chosen = [
+        name for name in store.model_retention_candidates(keep_versions)
+        if name not in held and (models_dir / name / "model.json").is_file()
+    ]
+    # Marked pending first, like index versions: killed between the row and the files, the next
+    # retrain's `remove_unrecorded_candidates` deletes what is left.
+    for name in chosen:
+        mark_pending(models_dir, name)
+    try:
+        dropped = store.prune_model_versions(chosen)
+        for name in dropped:
+            shutil.rmtree(models_dir / name, ignore_errors=True)
+            shutil.rmtree(home / "embeddings" / name, ignore_errors=True)
+    finally:
+        for name in chosen:
+            mark_recorded(models_dir, name)
+    return dropped

@@ -23,7 +23,7 @@ top of it, entries at or before it are in it.
 
 Pruning (`indexer/retention.py`). After a build publishes, entries at or below the lowest
 `catalog_seq` of the versions still kept are deleted; a build still embedding holds the journal
-from the position it started at (`indexes/.journal-hold-<id>`), so its version can replay what
+from the position it started at (`indexes/.build-hold-<id>`), so its version can replay what
 came after.
 
 Replay (here, called by `SearchEngine` when it loads a version and before every query that sees a

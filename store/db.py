@@ -840,6 +840,41 @@ class Store:
             pruned = s.execute(delete(CatalogChange).where(CatalogChange.seq <= through)).rowcount or 0
             return dropped, int(pruned)
 
+    def model_retention_candidates(self, keep: int) -> list[str]:
+        """Model versions beyond the newest `keep` by creation that no index version uses: what
+        `prune_model_versions` may drop (a candidate that lost its gate, a model replaced since)."""
+        if keep < 1:
+            raise ValueError("keep at least the newest model version")
+        with self.session() as s:
+            newest_first = s.scalars(
+                select(ModelVersion.model_version).order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
+            ).all()
+            used = set(s.scalars(select(IndexVersion.model_version).distinct()))
+            return [name for name in newest_first[keep:] if name not in used]
+
+    def prune_model_versions(self, model_versions: Iterable[str]) -> list[str]:
+        """Forget these model versions, except one an index version uses or a running training run
+        names (as its serving model or its candidate): checked in the same statement, so a version
+        that an index or a run took up since it was chosen is kept. Returns the versions dropped."""
+        names = list(dict.fromkeys(model_versions))
+        with self.session() as s, s.begin():
+            running = TrainingRun.status == "running"
+            by_index = select(IndexVersion.model_version)
+            by_run_serving = select(TrainingRun.serving_model_version).where(
+                running, TrainingRun.serving_model_version.is_not(None))
+            by_run_candidate = select(TrainingRun.candidate_model_version).where(
+                running, TrainingRun.candidate_model_version.is_not(None))
+            version = ModelVersion.model_version
+            for part in _chunks(names):
+                s.execute(
+                    delete(ModelVersion)
+                    .where(version.in_(part), version.not_in(by_index), version.not_in(by_run_serving),
+                           version.not_in(by_run_candidate))
+                    .execution_options(synchronize_session=False)
+                )
+            left = set(s.scalars(select(ModelVersion.model_version).where(ModelVersion.model_version.in_(names)))) if names else set()
+            return [name for name in names if name not in left]
+
     # ---------------------------------------------------------------- search log
 
     def log_search(self, **row) -> None:
