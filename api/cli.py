@@ -120,6 +120,11 @@ class _RichProgress:
 @app.command()
 def index(
     catalog: Annotated[Path, typer.Argument(help="catalog file: .csv, .parquet or .jsonl")],
+    # Typer has no option with an optional value: `--ray [ADDRESS]` is a flag and an optional argument.
+    ray_address: Annotated[Optional[str], typer.Argument(
+        metavar="ADDRESS", show_default=False,
+        help="with --ray: the cluster, HOST:PORT or ray://HOST:PORT (default auto: RAY_ADDRESS, or the cluster "
+             "`ray start` made on this host)")] = None,
     model: Annotated[Optional[str], typer.Option(help="model spec, e.g. ViT-B-32:laion2b_s34b_b79k")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, max=4096, help="images per forward pass")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
@@ -135,20 +140,44 @@ def index(
         help="write the whole summary as JSON here, with every rejected row and every product whose "
              "image failed")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    ray: Annotated[bool, typer.Option(
+        "--ray", help="embed on a Ray cluster (`--ray [ADDRESS]`). Every node needs Prism installed and the "
+                      "home's models/ and the images at the same paths (a shared filesystem)")] = False,
+    ray_actors: Annotated[Optional[int], typer.Option(
+        min=1, help="with --ray: model replicas (default: one per GPU; without GPUs, the cluster's CPUs divided "
+                    "by --ray-cpus-per-actor)")] = None,
+    ray_cpus_per_actor: Annotated[float, typer.Option(
+        min=0.01, help="with --ray on a cluster without GPUs: CPUs (and torch threads) per model replica")] = 1.0,
 ) -> None:
     """Ingest CATALOG, embed what changed (or take --vectors), build and activate a new index version.
 
-    Without --model, a home keeps embedding with the model of its active index version."""
+    Without --model, a home keeps embedding with the model of its active index version. With --ray the
+    embedding runs on a Ray cluster; this process still reads the catalog, writes the vectors and builds."""
+    from indexer.ray_embed import RayEmbedError, RayOptions
+
     settings = _settings(
         model=model, batch_size=batch_size, device=device, image_root=image_root,
         allow_url_images=allow_url_images or None,
     )
+    ray_options = None
+    if ray_address is not None and not ray:
+        _fail(f"unexpected argument {ray_address!r} (a cluster address goes with --ray: --ray {ray_address})")
+    if ray:
+        if vectors is not None:
+            _fail("--vectors embeds nothing, --ray says where to embed: give one of them")
+        try:
+            ray_options = RayOptions(address=ray_address or "auto", actors=ray_actors, cpus_per_actor=ray_cpus_per_actor,
+                                     models_dir=settings.models_dir)
+        except ValueError as exc:
+            _fail(str(exc))
     try:
-        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json)
+        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json, ray=ray_options)
         if report is not None:
             _write_report(report, summary, store)
     except KeyboardInterrupt:
         _fail("interrupted; finished batches are kept: run the same command again to resume", 130)
+    except RayEmbedError as exc:
+        _fail(str(exc))
     except _known_errors() as exc:
         _fail(str(exc))
     except OSError as exc:
@@ -171,7 +200,7 @@ def _write_report(path: Path, summary, store) -> None:
     tmp.replace(path)
 
 
-def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool):
+def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool, ray=None):
     from dataclasses import replace
 
     from embedder import describe_model, load_embedder
@@ -185,6 +214,10 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
     next(iter(read_catalog(catalog, options.image_policy)), None)
     if vectors is not None:
         read_vectors_file(vectors, dim=None)
+    if ray is not None:
+        from indexer.ray_embed import check_reachable
+
+        check_reachable(ray.address)
     settings.apply_threads()
     store = Store.open(settings.db_url)
     spec = index_model_spec(store, settings.model)
@@ -200,9 +233,9 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
         )
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
-            home=settings.home, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
+            home=settings.artifacts, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
         )
-        return indexer.run(catalog, vectors=vectors), store
+        return indexer.run(catalog, vectors=vectors, ray=ray), store
 
 
 def _print_summary(summary, report: Path | None = None) -> None:
@@ -646,6 +679,70 @@ def retrain(
         _fail("stopped", 130)
 
 
+@app.command()
+def worker(
+    nightly_at: Annotated[Optional[str], typer.Option(
+        "--nightly-at", help="also queue a run every day at this local time, HH:MM (once over all workers)")] = None,
+    poll: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds between looks at the queue")] = 2.0,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+) -> None:
+    """Run queued retrain runs (POST /v1/retrain, --nightly-at) until SIGTERM or Ctrl-C.
+
+    Any number of workers, on any hosts sharing the database: each run is claimed by one. On
+    SIGTERM a run still training is abandoned (recorded as failed), one past training finishes;
+    then the worker exits 0. Distributed training (`--ray`) is not part of this command."""
+    import signal
+    import threading
+
+    # First, before the slow imports: a SIGTERM while starting up is a stop request too.
+    stopping = threading.Event()
+
+    def stop(signum, _frame) -> None:
+        if not stopping.is_set():
+            typer.echo(f"{signal.Signals(signum).name}: stopping (a run still training is abandoned)", err=True)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    from datetime import datetime
+
+    from embedder import resolve_device
+    from feedback import RetrainWorker
+    from store import Store
+
+    at_time = None
+    if nightly_at is not None:
+        try:
+            at_time = datetime.strptime(nightly_at, "%H:%M").time()
+        except ValueError:
+            _fail(f"--nightly-at takes a time of day as HH:MM (24-hour), not {nightly_at!r}")
+    settings = _settings(device=device)
+    settings.apply_threads()
+    # The worker's log is its report: runs claimed, outcomes, the nightly schedule.
+    for name in ("feedback", "indexer"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        store = Store.open(settings.db_url)
+    except _known_errors() as exc:
+        _fail(str(exc))
+
+    def report(outcome) -> None:
+        typer.echo(f"run {outcome.run_id}: {outcome.status}, {outcome.decision}"
+                   + (f" ({outcome.reason})" if outcome.reason else ""))
+
+    runner = RetrainWorker(
+        store, home=settings.home, config=settings.retrain_config(), index_options=settings.index_options(),
+        device=resolve_device(settings.device), poll_s=poll, nightly_at=at_time, on_outcome=report, stopping=stopping,
+    )
+    typer.echo(f"worker {runner.name} on {settings.home.resolve()}: waiting for queued retrain runs"
+               + (f"; nightly at {at_time:%H:%M} (local time)" if at_time else ""), err=True)
+    try:
+        runner.run()
+    finally:
+        store.close()
+    typer.echo("worker stopped", err=True)
+
+
 def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> None:
     from embedder import resolve_device
     from feedback import RetrainBusyError, RetrainError, run_retrain
@@ -742,7 +839,7 @@ def products_delete(product_id: ProductIdArg) -> None:
         # The route's own service: it soft-deletes the row and writes the journal entry that
         # serving engines replay, in one transaction.
         updater = CatalogUpdater(
-            home=settings.home, store=store, image_limits=settings.image_limits(),
+            home=settings.artifacts, store=store, image_limits=settings.image_limits(),
         )
         deleted = updater.delete(product_id)
     except _known_errors() as exc:

@@ -257,7 +257,7 @@ class ModelVersionOut(BaseModel):
     dim: int
     parent: str | None
     created_at: datetime
-    serving: bool
+    serving: bool = Field(description="this replica serves this model version")
 
 
 class IndexVersionOut(BaseModel):
@@ -268,11 +268,14 @@ class IndexVersionOut(BaseModel):
     activated_at: datetime | None
     counts: dict[str, int]
     catalog_seq: int
+    serving: bool = Field(False, description="this replica serves this index version (the active one, once loaded)")
 
 
 class ModelsResponse(BaseModel):
     models: list[ModelVersionOut]
     indexes: list[IndexVersionOut]
+    loading_index_version: str | None = Field(
+        None, description="a newly activated version this replica is loading in the background")
 
 
 class FacetValue(BaseModel):
@@ -295,8 +298,10 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    index_version: str | None = None
+    index_version: str | None = Field(None, description="the index version this replica serves")
     model_version: str | None = None
+    loading_index_version: str | None = Field(
+        None, description="a newly activated version this replica is loading; it switches once loaded")
     vectors: dict[str, int] = Field(default_factory=dict)
     overlay_vectors: dict[str, int] = Field(default_factory=dict)
     catalog_seq: int | None = None
@@ -356,23 +361,30 @@ class ActivatedOut(BaseModel):
 
 class TrainingRunOut(BaseModel):
     id: int
-    status: str = Field(description="running | succeeded | skipped | failed")
-    decision: str | None = Field(description="promoted | rejected | none")
+    status: str = Field(description="queued | running | succeeded | skipped | failed")
+    decision: str | None = Field(
+        description="promoted | rejected | superseded (another version was activated during the run) | none")
     serving_model_version: str | None
+    serving_index_version: str | None = Field(None, description="the index version the run started from")
     candidate_model_version: str | None
-    started_at: datetime
+    requested_at: datetime | None = None
+    requested_by: str | None = Field(None, description="http | nightly | cli")
+    worker: str | None = Field(None, description="host:pid of the process that ran it")
+    started_at: datetime | None = Field(description="when a worker took it; null while queued")
     finished_at: datetime | None
     data_window: dict[str, Any]
     metrics: dict[str, Any]
 
 
 class RetrainStatus(BaseModel):
-    running: bool
+    running: bool = Field(description="a run is under way (on any worker sharing the database)")
+    queued: int = Field(0, description="runs waiting for a `prism worker`")
     runs: list[TrainingRunOut] = Field(description="the latest runs, newest first")
 
 
-class RetrainStarted(BaseModel):
-    status: Literal["started"] = "started"
+class RetrainQueued(BaseModel):
+    status: Literal["queued"] = "queued"
+    run_id: int = Field(description="the queued run: follow it with GET /v1/retrain")
     detail: str
 
 

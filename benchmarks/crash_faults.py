@@ -375,11 +375,21 @@ def _json_out(run: dict) -> dict | None:
 # ---------------------------------------------------------------- what a home looks like
 
 
-def held_locks(home: Path) -> list[str]:
-    """The lock files some live process holds (flock), relative to home."""
+def held_locks(home: Path, store=None) -> list[str]:
+    """The locks some live process holds: lock files (flock), relative to home, and on PostgreSQL
+    (with `store`) the cluster-wide advisory locks, as `advisory:NAME`."""
     import fcntl
 
     held = []
+    if store is not None and store.engine.dialect.name == "postgresql":
+        from store import LockBusyError
+
+        for name in ("index-build", "retrain-job"):
+            try:
+                with store.cluster_lock(name, wait=False):
+                    pass
+            except LockBusyError:
+                held.append(f"advisory:{name}")
     for path in (Path(home) / "indexes" / ".build.lock", Path(home) / "retrain.lock",
                  Path(home) / "embeddings" / ".writers.lock"):
         if not path.exists():
@@ -489,13 +499,17 @@ class HomeInspector:
             "activated_broken": activated_broken,
             "broken_model_versions": broken_models,
             "leftovers": find_leftovers(self.home, self.store),
-            "locks_held": held_locks(self.home),
+            "locks_held": held_locks(self.home, self.store),
             "running_training_runs": sum(1 for r in self.store.list_training_runs() if r.status == "running"),
         }
         served = {}
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if out["active"] is not None:
+                    # A server running across the kill loads a newly active version in the
+                    # background and swaps it in once loaded: wait for that (or give up on it).
+                    self.engine.wait_until_serving(out["active"], timeout_s=180)
                 for target in ("image", "text"):
                     result = self.engine.search(text=self.query, target=target, k=5)
                     served[target] = (len(result.hits), result.index_version)

@@ -15,9 +15,10 @@ from feedback.retrain import (
     click_queries,
     gate_candidate,
     prune_logs,
+    run_queued_retrain,
     run_retrain,
 )
-from feedback.schedule import RetrainBusyError, is_running, job_lock, next_run, run_nightly
+from feedback.schedule import RetrainBusyError, is_running, job_lock, next_run, run_nightly, this_process
 from feedback.versions import (
     ModelVersionExistsError,
     activate_version,
@@ -25,6 +26,7 @@ from feedback.versions import (
     training_workdir,
     write_model_version,
 )
+from feedback.worker import RetrainWorker, WorkerStopped, nightly_key
 
 __all__ = [
     "ClickPair",
@@ -47,12 +49,14 @@ __all__ = [
     "RetrainConfig",
     "RetrainError",
     "RetrainOutcome",
+    "RetrainWorker",
     "RetrievalScores",
     "TextQuery",
     "TrainConfig",
     "TrainProgress",
     "TrainResult",
     "TrainingError",
+    "WorkerStopped",
     "activate_version",
     "ensure_demo_model",
     "click_queries",
@@ -63,6 +67,7 @@ __all__ = [
     "job_lock",
     "mine_pairs",
     "next_run",
+    "nightly_key",
     "normalise_query",
     "prune_logs",
     "rank_metrics",
@@ -70,9 +75,11 @@ __all__ = [
     "record_events",
     "record_search",
     "run_nightly",
+    "run_queued_retrain",
     "run_retrain",
     "split_by_time",
     "summarise",
+    "this_process",
     "train_contrastive",
     "training_workdir",
     "write_model_version",

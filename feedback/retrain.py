@@ -2,7 +2,9 @@
 
 One run, start to end:
 
-1. take the job lock (two runs never overlap), mark runs that died half-way as failed and remove
+1. take the job lock (two runs never overlap, on any host: `Store.cluster_lock`); a `prism worker`
+   then claims the oldest queued run (`run_queued_retrain`), `prism retrain` starts one at once;
+   mark runs that died half-way as failed and remove
    what they left: training checkpoints, and candidates written but never registered; delete the
    searches (query text is personal data) and their events older than `log_retention_days`,
    never younger than the `window_days` the job reads;
@@ -16,8 +18,10 @@ One run, start to end:
    (title -> image recall@10). Promote only if the candidate's MRR wins by `min_mrr_gain` and
    its catalog recall@10 drops by at most `max_catalog_recall_drop`;
 6. promote: write the model version, re-embed the catalog with it, build an index version and
-   activate it in one transaction. Servers swap to it on their next query; the old version
-   stays on disk and in SQL for `prism models activate` (rollback).
+   activate it in one transaction, compare-and-set: only while the index version the run
+   started from is still active. Another version activated meanwhile (an operator's rollback)
+   stands, and the run's decision is "superseded". Servers swap to it on their next query; the
+   old version stays on disk and in SQL for `prism models activate` (rollback).
 
 Every run, whatever its outcome, is a `training_runs` row. Nothing the serving version needs is
 touched before the final activation, so a run killed at any point leaves serving as it was.
@@ -37,11 +41,11 @@ import numpy as np
 from embedder import ModelSpecError, load_embedder, load_trainable, wrap_open_clip
 from feedback.evaluate import embed_images, first_relevant_ranks, ndcg_at, rank_metrics
 from feedback.pairs import ClickPair, MiningConfig, mine_pairs, normalise_query, split_by_time
-from feedback.schedule import job_lock
+from feedback.schedule import job_lock, this_process
 from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
 from feedback.versions import pending_candidate, remove_unrecorded_candidates, training_workdir, write_model_version
 from indexer import CatalogIndexer, IndexOptions, product_text
-from store import ProductRecord, Store
+from store import ActiveVersionChangedError, IndexVersionRecord, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ class RetrainError(RuntimeError):
 class RetrainOutcome:
     run_id: int
     status: str  # succeeded | skipped | failed
-    decision: str  # promoted | rejected | none
+    decision: str  # promoted | rejected | superseded | none
     serving_model_version: str | None
     candidate_model_version: str | None = None
     index_version: str | None = None
@@ -128,39 +132,84 @@ def run_retrain(
     now: datetime | None = None,
     progress: TrainProgress | None = None,
 ) -> RetrainOutcome:
-    """Run the job once. Raises `RetrainBusyError` (from feedback.schedule) if a run is under way."""
+    """Run the job once, now (`prism retrain`). Raises `RetrainBusyError` (from feedback.schedule)
+    if a run is under way on any process that shares the database."""
     home = Path(home)
-    with job_lock(home):
-        abandoned = store.abandon_running_training_runs("the run stopped before finishing (killed or crashed)")
-        if abandoned:
-            log.warning("marked %d unfinished training run(s) as failed", abandoned)
-        # Their half-trained checkpoints cannot be resumed: the next run mines another window.
-        for stale in (home / "models" / ".training").glob("ft-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        remove_unrecorded_candidates(home / "models", store)
+    with job_lock(store, home):
+        _remove_dead_runs(store, home)
         active = store.active_index_version()
         if active is None:
             raise RetrainError("no index version is serving: index a catalog first")
-        now = now or datetime.now(timezone.utc)
-        window = {"start": (now - timedelta(days=config.window_days)).isoformat(), "end": now.isoformat()}
-        run = store.start_training_run(serving_model_version=active.model_version, data_window=window)
-        retention: dict = {}
-        try:
-            retention = prune_logs(store, config, now)
-            outcome = _run(store, home, run.id, active.model_version, config, index_options, device, now, window,
-                           progress or SilentProgress())
-        except BaseException as exc:
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            store.finish_training_run(run.id, status="failed", decision="none",
-                                      metrics={"error": reason, **({"retention": retention} if retention else {})})
-            raise
-        outcome.metrics["retention"] = retention
-        store.finish_training_run(
-            run.id, status=outcome.status, decision=outcome.decision,
-            metrics={**outcome.metrics, **({"reason": outcome.reason} if outcome.reason else {})},
-            candidate_model_version=outcome.candidate_model_version, data_window=outcome.metrics.get("data_window"),
-        )
-        return outcome
+        run = store.start_training_run(serving_model_version=active.model_version, data_window={},
+                                       serving_index_version=active.index_version, requested_by="cli",
+                                       worker=this_process())
+        return _execute(store, home, run.id, active, config, index_options, device, now, progress)
+
+
+def run_queued_retrain(
+    store: Store,
+    *,
+    home: Path,
+    worker: str | None = None,
+    config: RetrainConfig = RetrainConfig(),
+    index_options: IndexOptions = IndexOptions(),
+    device: str = "cpu",
+    now: datetime | None = None,
+    progress: TrainProgress | None = None,
+) -> RetrainOutcome | None:
+    """Claim the oldest queued run (`POST /v1/retrain`, the nightly schedule) and run it; None
+    when none is queued. What `prism worker` does. Raises `RetrainBusyError` while another run
+    holds the job lock: the queued run stays queued for the next try."""
+    home = Path(home)
+    with job_lock(store, home):
+        _remove_dead_runs(store, home)
+        run = store.claim_training_run(worker=worker or this_process())
+        if run is None:
+            return None
+        active = store.active_index_version()
+        if active is None:
+            reason = "no index version is serving: index a catalog first"
+            store.finish_training_run(run.id, status="failed", decision="none", metrics={"error": reason})
+            return RetrainOutcome(run.id, "failed", "none", None, reason=reason)
+        return _execute(store, home, run.id, active, config, index_options, device, now, progress)
+
+
+def _remove_dead_runs(store: Store, home: Path) -> None:
+    """Under the job lock no run is live: runs still marked running died half-way."""
+    abandoned = store.abandon_running_training_runs("the run stopped before finishing (killed or crashed)")
+    if abandoned:
+        log.warning("marked %d unfinished training run(s) as failed", abandoned)
+    # Their half-trained checkpoints cannot be resumed: the next run mines another window.
+    for stale in (home / "models" / ".training").glob("ft-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    remove_unrecorded_candidates(home / "models", store)
+
+
+def _execute(store: Store, home: Path, run_id: int, active: IndexVersionRecord, config: RetrainConfig,
+             index_options: IndexOptions, device: str, now: datetime | None,
+             progress: TrainProgress | None) -> RetrainOutcome:
+    """Run `run_id` (already marked running) from the `active` index version, and record its outcome."""
+    now = now or datetime.now(timezone.utc)
+    window = {"start": (now - timedelta(days=config.window_days)).isoformat(), "end": now.isoformat()}
+    store.record_training_run_start(run_id, serving_model_version=active.model_version,
+                                    serving_index_version=active.index_version, data_window=window)
+    retention: dict = {}
+    try:
+        retention = prune_logs(store, config, now)
+        outcome = _run(store, home, run_id, active, config, index_options, device, now, window,
+                       progress or SilentProgress())
+    except BaseException as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        store.finish_training_run(run_id, status="failed", decision="none",
+                                  metrics={"error": reason, **({"retention": retention} if retention else {})})
+        raise
+    outcome.metrics["retention"] = retention
+    store.finish_training_run(
+        run_id, status=outcome.status, decision=outcome.decision,
+        metrics={**outcome.metrics, **({"reason": outcome.reason} if outcome.reason else {})},
+        candidate_model_version=outcome.candidate_model_version, data_window=outcome.metrics.get("data_window"),
+    )
+    return outcome
 
 
 def prune_logs(store: Store, config: RetrainConfig, now: datetime) -> dict:
@@ -186,8 +235,9 @@ def prune_logs(store: Store, config: RetrainConfig, now: datetime) -> dict:
             "searches_pruned": searches, "events_pruned": events}
 
 
-def _run(store, home, run_id, serving, config, index_options, device, now, window, progress) -> RetrainOutcome:
+def _run(store, home, run_id, active, config, index_options, device, now, window, progress) -> RetrainOutcome:
     models_dir = home / "models"
+    serving = active.model_version
     events = store.events_between(now - timedelta(days=config.window_days), now)
     train_events, later_events, cut = split_by_time(events, config.gate.holdout_fraction)
     data_window = {**window, "split": cut.isoformat() if cut else None}
@@ -217,7 +267,8 @@ def _run(store, home, run_id, serving, config, index_options, device, now, windo
     products = {p.product_id: p for p in store.live_products() if p.image_status == "ok" and p.image_uri}
     data, mix = _training_data(mined.pairs, products, config)
     metrics["training_items"] = mix
-    candidate = f"ft-{now:%Y%m%d-%H%M%S}"
+    # The run id makes the name unique however many hosts run the job (ids come from one database).
+    candidate = f"ft-{now:%Y%m%d-%H%M%S}-{run_id}"
     workdir = training_workdir(models_dir, candidate)
     train_config = replace(config.train, lock_text=_text_locked(base))
     result = train_contrastive(base.model, base.tokenizer, data, train_config, workdir=workdir, device=device,
@@ -231,6 +282,13 @@ def _run(store, home, run_id, serving, config, index_options, device, now, windo
     if not gate["promote"]:
         shutil.rmtree(workdir, ignore_errors=True)
         return RetrainOutcome(run_id, "succeeded", "rejected", serving, candidate, metrics=metrics, reason=gate["why"])
+    current = store.active_index_version()
+    if current is None or current.index_version != active.index_version:
+        # Activated while this run trained, by an operator (a rollback) or another run: theirs
+        # stands, and the candidate, judged against a version no longer served, is not written.
+        shutil.rmtree(workdir, ignore_errors=True)
+        return RetrainOutcome(run_id, "succeeded", "superseded", serving, candidate, metrics=metrics,
+                              reason=_superseded(active, current))
 
     info = {
         "base": {"parent": serving, "arch": base.arch},
@@ -248,9 +306,24 @@ def _run(store, home, run_id, serving, config, index_options, device, now, windo
     embedder = load_embedder(candidate, device=device, models_dir=models_dir)
     summary = CatalogIndexer(home=home, store=store, embedder=embedder,
                              options=replace(index_options, activate=False)).run(None)
-    store.activate_index_version(summary.index_version)
+    try:
+        store.activate_index_version(summary.index_version, expected_active=active.index_version)
+    except ActiveVersionChangedError:
+        # Activated while the candidate's index was built: that activation stands. The
+        # candidate's model and index versions stay, for `prism models activate` to serve.
+        reason = (_superseded(active, store.active_index_version())
+                  + f"; the candidate is kept: `prism models activate {summary.index_version}` serves it")
+        log.warning("not promoting %s: %s", candidate, reason)
+        return RetrainOutcome(run_id, "succeeded", "superseded", serving, candidate, summary.index_version, metrics,
+                              reason=reason)
     log.info("promoted %s (index version %s)", candidate, summary.index_version)
     return RetrainOutcome(run_id, "succeeded", "promoted", serving, candidate, summary.index_version, metrics)
+
+
+def _superseded(started_from: IndexVersionRecord, active_now: IndexVersionRecord | None) -> str:
+    now = f"index version {active_now.index_version}" if active_now is not None else "no index version"
+    return (f"{now} was activated while the run worked from {started_from.index_version}; "
+            "that activation stands and the candidate is not promoted")
 
 
 def _text_locked(base) -> bool:

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from datetime import time as clock_time
 from pathlib import Path
 
+from store import LockBusyError, Store
+
 log = logging.getLogger(__name__)
 
 LOCK_FILE = "retrain.lock"
+JOB_LOCK = "retrain-job"
+
+
+def this_process() -> str:
+    """How runs and locks name the process that holds them: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class RetrainBusyError(RuntimeError):
@@ -22,35 +30,25 @@ class RetrainBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def job_lock(home: Path) -> Iterator[None]:
-    """An exclusive, non-blocking lock on PRISM_HOME/retrain.lock for the length of a run.
+def job_lock(store: Store, home: Path) -> Iterator[None]:
+    """An exclusive, non-blocking lock for the length of a run, over every process that uses the
+    home's database: CLI runs, cron and `prism worker`s on any host.
 
-    The kernel drops an flock when its holder dies, so a killed run never leaves a stale lock.
-    It covers every process on this host that shares PRISM_HOME (CLI, cron, servers).
+    `Store.cluster_lock`: a PostgreSQL advisory lock (ends with its holder's session), or on
+    SQLite an flock on PRISM_HOME/retrain.lock (the kernel drops it when its holder dies), so a
+    killed run never leaves a stale lock.
     """
-    home = Path(home)
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    with contextlib.ExitStack() as held:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
-            raise RetrainBusyError(f"a retrain run is already under way (pid {holder}); try again when it ends") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+            held.enter_context(store.cluster_lock(JOB_LOCK, wait=False, path=Path(home) / LOCK_FILE))
+        except LockBusyError as exc:
+            raise RetrainBusyError(f"a retrain run is already under way ({exc.holder}); try again when it ends") from None
+        yield
 
 
-def is_running(home: Path) -> bool:
+def is_running(store: Store, home: Path) -> bool:
     try:
-        with job_lock(home):
+        with job_lock(store, home):
             return False
     except RetrainBusyError:
         return True

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from itertools import compress
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from indexer.retention import apply_retention, build_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
 from store import ImageState, ProductInput, ProductRecord, SourcePreference, Store
+
+if TYPE_CHECKING:
+    from indexer.ray_embed import RayOptions
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +276,8 @@ class CatalogIndexer:
 
     # ---- stage 3: embed every live product not yet in this model's cache
 
-    def embed(self, summary: IndexSummary) -> VectorCache:
+    def embed(self, summary: IndexSummary, ray: RayOptions | None = None) -> VectorCache:
+        """`ray`: embed on that Ray cluster instead of in this process (`indexer.ray_embed`)."""
         cache = VectorCache(self.cache_dir, self.embedder.dim)
         # Products added through the API since this model's last build were embedded then.
         built = [v.manifest.get("catalog_seq", 0) for v in self.store.list_index_versions()
@@ -281,8 +285,13 @@ class CatalogIndexer:
         self._cache_journal_vectors(cache, after=max(built, default=0))
         total = self.store.count_products()
         try:
-            self._embed_texts(total, cache, summary)
-            self._embed_images(total, cache, summary)
+            if ray is not None:
+                from indexer.ray_embed import embed_on_ray  # imports Ray: only when asked for
+
+                embed_on_ray(self, total, cache, summary, ray)
+            else:
+                self._embed_texts(total, cache, summary)
+                self._embed_images(total, cache, summary)
         finally:
             cache.flush()  # keep every finished batch, also when interrupted
         return cache
@@ -378,8 +387,10 @@ class CatalogIndexer:
 
     # ---- stage 4+5: build and publish an index version
 
-    def build(self, cache: VectorCache, summary: IndexSummary, *, catalog_seq: int | None = None) -> None:
-        """Build and publish from the products' current hashes.
+    def build(self, cache: VectorCache, summary: IndexSummary, *, catalog_seq: int | None = None,
+              ray: RayOptions | None = None) -> None:
+        """Build and publish from the products' current hashes; with `ray` (inside its
+        `ray_session`), each index's vectors are added in parallel Ray tasks (`indexer.ray_build`).
 
         `catalog_seq`: the change-journal position the embed stage started from. Every journaled
         API change after it is replayed by servers on top of this version, so it must be read
@@ -393,15 +404,20 @@ class CatalogIndexer:
         sources, products = self._sources(cache)
         summary.products_indexed = products
         recorded = lambda version: self.store.get_index_version(version) is not None  # noqa: E731
-        with build_lock(self.home / "indexes", is_recorded=recorded):
+        with build_lock(self.home / "indexes", is_recorded=recorded, store=self.store):
             self.progress.start("build indexes", 2)
             indexes = {}
             # Each index is tuned with the other modality's vectors as queries: that is the
             # cross-modal traffic it will serve.
             for modality, other in (("image", "text"), ("text", "image")):
-                indexes[modality] = AnnIndex.build_from(
-                    sources[modality], self.options.ann, tuning_queries=sources[other].sample(self.options.ann.tuning_queries)
-                )
+                queries = sources[other].sample(self.options.ann.tuning_queries)
+                if ray is None:
+                    indexes[modality] = AnnIndex.build_from(sources[modality], self.options.ann, tuning_queries=queries)
+                else:
+                    from indexer.ray_build import CachedShardSource, build_ann_on_ray
+
+                    indexes[modality] = build_ann_on_ray(CachedShardSource.of(sources[modality]), self.options.ann,
+                                                         tuning_queries=queries)
                 self.progress.advance("build indexes")
             self.progress.finish("build indexes")
             self.store.register_model_version(self.embedder.name, spec=self.embedder.spec, dim=self.embedder.dim)
@@ -450,9 +466,10 @@ class CatalogIndexer:
         }
         return sources, products
 
-    def run(self, catalog: Path | None, *, vectors: Path | None = None) -> IndexSummary:
-        """Load `catalog` (if given), then embed what is missing with the model, or, with
-        `vectors`, take the vectors made elsewhere instead (nothing is embedded); build, publish."""
+    def run(self, catalog: Path | None, *, vectors: Path | None = None, ray: RayOptions | None = None) -> IndexSummary:
+        """Load `catalog` (if given), then embed what is missing with the model (on the Ray
+        cluster `ray` says, if given), or, with `vectors`, take the vectors made elsewhere
+        instead (nothing is embedded); build, publish."""
         started = time.perf_counter()
         summary = IndexSummary()
         if catalog is not None:
@@ -464,8 +481,15 @@ class CatalogIndexer:
             catalog_seq = self.store.catalog_seq()
             if vectors is None and isinstance(self.embedder, ModelIdentity):
                 raise TypeError("embedding needs a loaded model, not only its identity")
-            cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
-            self.build(cache, summary, catalog_seq=catalog_seq)
+            if ray is None:
+                cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
+                self.build(cache, summary, catalog_seq=catalog_seq)
+            else:
+                from indexer.ray_embed import ray_session
+
+                with ray_session(ray):
+                    cache = self.embed(summary, ray)
+                    self.build(cache, summary, catalog_seq=catalog_seq, ray=ray)
         summary.seconds = time.perf_counter() - started
         return summary
 

@@ -62,8 +62,12 @@ def new_index_version() -> str:
 
 
 @contextmanager
-def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None = None):
-    """One index build at a time per PRISM_HOME (an flock: the kernel drops it when its holder dies).
+def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None = None, store=None):
+    """One index build at a time per database (with `store`) or per PRISM_HOME (without).
+
+    With `store`, `Store.cluster_lock`: on PostgreSQL an advisory lock that excludes builds on
+    every host sharing the database and ends with its holder's session; on SQLite an flock on
+    indexes/.build.lock, as without one. The kernel drops an flock when its holder dies.
 
     While it is held no build is under way, so what a build leaves only while it runs is a dead
     build's: temp dirs, and versions renamed into place whose SQL row never came (a `.pending-`
@@ -71,13 +75,20 @@ def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None =
     that did get its row only loses its stale marker.
     """
     indexes_dir.mkdir(parents=True, exist_ok=True)
-    with open(indexes_dir / ".build.lock", "w") as lock:
+    with (store.cluster_lock("index-build", wait=True, path=indexes_dir / ".build.lock") if store is not None
+          else _flock(indexes_dir / ".build.lock")):
+        for leftover in indexes_dir.glob(f"{_TMP_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if is_recorded is not None:
+            remove_unrecorded(indexes_dir, is_recorded, what="index version")
+        yield
+
+
+@contextmanager
+def _flock(path: Path):
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            for leftover in indexes_dir.glob(f"{_TMP_PREFIX}*"):
-                shutil.rmtree(leftover, ignore_errors=True)
-            if is_recorded is not None:
-                remove_unrecorded(indexes_dir, is_recorded, what="index version")
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
@@ -179,3 +190,32 @@ def load_index_version(path: str | Path, *, verify: bool = True) -> LoadedIndexV
                 raise IndexVersionError(f"{file} does not match its sha256 in the manifest")
     indexes = {m: AnnIndex.load(path, m, info) for m, info in manifest["indexes"].items()}
     return LoadedIndexVersion(manifest["index_version"], manifest["model_version"], path, manifest, indexes)
+
+
+def copy_version(published: Path, local: Path) -> Path:
+    """A replica's own copy of a published (immutable) index or model version directory.
+
+    Copied into a temporary sibling, fsynced and renamed, so `local` is either absent or whole;
+    an existing copy is reused (versions never change once published). The loader checks the
+    copy against the version's sha256 digests. Copies a dead process left half-made are removed."""
+    published, local = Path(published), Path(local)
+    if local.is_dir():
+        return local
+    if not published.is_dir():
+        raise IndexVersionError(f"{published} is not published (is PRISM_SHARED_DIR the same path on every host?)")
+    local.parent.mkdir(parents=True, exist_ok=True)
+    for stale in local.parent.glob(f".{local.name}.copy-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = local.parent / f".{local.name}.copy-{uuid.uuid4().hex}"
+    try:
+        shutil.copytree(published, tmp)
+        fsync_files(tmp, [p.name for p in tmp.iterdir() if p.is_file()])
+        try:
+            os.rename(tmp, local)
+        except OSError:
+            if not local.is_dir():  # not another process of this replica copying it first
+                raise
+        fsync_dir(local.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return local

@@ -1,8 +1,10 @@
 """store: SQL persistence for products, model and index versions, search log, events, training runs."""
 
 from store.db import (
+    ActiveVersionChangedError,
     ConflictError,
     EventIdReusedError,
+    LockBusyError,
     Store,
     StoreError,
     UnknownSearchError,
@@ -29,12 +31,14 @@ from store.records import (
 )
 
 __all__ = [
+    "ActiveVersionChangedError",
     "CatalogChangeRecord",
     "CatalogWrite",
     "EventInput",
     "ConflictError",
     "EventIdReusedError",
     "ImageState",
+    "LockBusyError",
     "IndexVersionRecord",
     "LoggedEvent",
     "ModelVersionRecord",

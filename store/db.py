@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -44,6 +47,12 @@ _IN_CHUNK = 900
 # Any constant: the PostgreSQL advisory lock that makes journal sequence numbers commit in order.
 _JOURNAL_LOCK = 0x505249534D
 _MIGRATION_LOCK = 0x505249534E
+# Activations take this transaction-scoped lock on PostgreSQL: two activations at once, each
+# deactivating what its statement's snapshot saw active, could otherwise leave two active rows.
+_ACTIVATION_LOCK = 0x505249534F
+# SQLite databases that are no file (":memory:"): their cluster locks are this process's own.
+_PROCESS_LOCKS: dict[str, threading.Lock] = {}
+_PROCESS_LOCKS_GUARD = threading.Lock()
 
 
 class StoreError(RuntimeError):
@@ -54,8 +63,24 @@ class UnknownVersionError(StoreError):
     pass
 
 
+class LockBusyError(StoreError):
+    """`Store.cluster_lock(name, wait=False)` found the lock held; `holder` says by whom, if known."""
+
+    def __init__(self, name: str, holder: str):
+        self.name, self.holder = name, holder
+        super().__init__(f"the {name} lock is held by {holder}")
+
+
 class ConflictError(StoreError):
     """A compare-and-set write found the row changed since it was read; nothing was written."""
+
+
+class ActiveVersionChangedError(ConflictError):
+    """A compare-and-set activation found another index version active than the one expected."""
+
+    def __init__(self, expected: str | None, active: str | None):
+        self.expected, self.active = expected, active
+        super().__init__(f"index version {active!r} is active, not {expected!r} as expected; nothing was activated")
 
 
 class EventIdReusedError(ConflictError):
@@ -139,6 +164,23 @@ def _serialise_journal(s: Session) -> None:
         s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _JOURNAL_LOCK})
 
 
+def _serialise_activation(s: Session) -> None:
+    # First statement of every activating transaction (see _ACTIVATION_LOCK). SQLite has one
+    # writer at a time, and each activation's first write reads the rows it changes afresh.
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ACTIVATION_LOCK})
+
+
+def lock_key(name: str) -> int:
+    """The PostgreSQL advisory lock key of a named cluster lock: a stable signed 64-bit hash (the
+    same on every host and Python version, unlike `hash()`)."""
+    return int.from_bytes(hashlib.sha256(f"prism:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+def _holder_name(name: str) -> str:
+    return f"prism {socket.gethostname()}:{os.getpid()} {name}"[:63]  # application_name's limit
+
+
 def _to_blob(vector: np.ndarray | None) -> bytes | None:
     return None if vector is None else np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
@@ -166,6 +208,30 @@ def _make_engine(url: str) -> Engine:
         # SQLAlchemy's default PostgreSQL driver is psycopg2; Prism's `postgres` extra installs psycopg 3.
         parsed = parsed.set(drivername="postgresql+psycopg")
     return create_engine(parsed, pool_pre_ping=True)
+
+
+@contextmanager
+def _file_lock(path: Path, name: str, *, wait: bool) -> Iterator[None]:
+    """An flock on `path`, with its holder ("pid N on HOST") written in the file for the busy message."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise LockBusyError(name, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -224,6 +290,99 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    # ---------------------------------------------------------------- cluster locks
+
+    @contextmanager
+    def cluster_lock(self, name: str, *, wait: bool, path: Path | str | None = None) -> Iterator[None]:
+        """An exclusive lock called `name` over every process that uses this database, for the block.
+
+        PostgreSQL (replicas on many hosts): a session advisory lock keyed by `lock_key(name)`,
+        taken on a connection of its own that is held, idle, for the block. It ends with its
+        session, so a holder that crashes never leaves it stale: at once when its process dies,
+        within about a minute when its host does (the session's TCP keepalives are set short).
+        SQLite (one host): an flock on `path` (default: beside the database file), which the
+        kernel drops when its holder dies. Either way a second `cluster_lock` of the same name is
+        excluded, in this process too. `wait=False`: `LockBusyError` at once while another holds it.
+        """
+        if self.engine.dialect.name == "postgresql":
+            with self._advisory_lock(name, wait=wait):
+                yield
+            return
+        database = self.engine.url.database
+        if path is None and (not database or database == ":memory:" or database.startswith("file:")):
+            with self._process_lock(name, wait=wait):
+                yield
+            return
+        with _file_lock(Path(path) if path is not None else Path(f"{database}.{name}.lock"), name, wait=wait):
+            yield
+
+    @contextmanager
+    def _advisory_lock(self, name: str, *, wait: bool) -> Iterator[None]:
+        key = lock_key(name)
+        # Autocommit: the lock is session-scoped, and an idle open transaction would hold back
+        # vacuum for as long as the lock is held (a retrain run: tens of minutes).
+        connection = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            # Keepalives every 10 s after 30 s idle, 3 misses: the server ends the session of a
+            # host that vanished (and so frees its lock) in about a minute, not the OS's 2 hours.
+            for setting, value in (("application_name", _holder_name(name)), ("tcp_keepalives_idle", "30"),
+                                   ("tcp_keepalives_interval", "10"), ("tcp_keepalives_count", "3")):
+                connection.execute(text("SELECT set_config(:setting, :value, false)"), {"setting": setting, "value": value})
+            if wait:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                busy = None
+            elif connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}):
+                busy = None
+            else:
+                busy = LockBusyError(name, self._advisory_holder(connection, key))
+        except BaseException:
+            connection.invalidate()  # its session, and anything it may have taken, ends with it
+            connection.close()
+            raise
+        if busy is not None:
+            connection.exec_driver_sql("RESET ALL")
+            connection.close()  # it took nothing: back to the pool
+            raise busy
+        try:
+            yield
+        finally:
+            try:
+                released = connection.scalar(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                connection.exec_driver_sql("RESET ALL")  # the pool's next user gets a plain session
+            except Exception as exc:  # the session is gone, and the lock with it
+                log.warning("the %s lock's connection failed before it was released: %s", name, exc)
+                released = False
+            if not released:
+                connection.invalidate()  # never hand a session that may still hold it back to the pool
+            connection.close()
+
+    @staticmethod
+    def _advisory_holder(connection, key: int) -> str:
+        """Who holds an advisory lock: the holding session's application_name, address and pid."""
+        row = connection.execute(
+            text(
+                "SELECT a.application_name, host(a.client_addr), a.pid FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.classid::bigint = :hi AND l.objid::bigint = :lo AND l.objsubid = 1 LIMIT 1"
+            ),
+            {"hi": (key >> 32) & 0xFFFFFFFF, "lo": key & 0xFFFFFFFF},
+        ).first()
+        if row is None:
+            return "another session (it may just have released it)"
+        application, address, pid = row
+        return f"{application or 'a session'} (database backend pid {pid}{f', from {address}' if address else ''})"
+
+    @contextmanager
+    def _process_lock(self, name: str, *, wait: bool) -> Iterator[None]:
+        with _PROCESS_LOCKS_GUARD:
+            lock = _PROCESS_LOCKS.setdefault(f"{self.engine.url}:{name}", threading.Lock())
+        if not lock.acquire(blocking=wait):
+            raise LockBusyError(name, "another thread of this process")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def session(self) -> Session:
         return self._sessions()
@@ -762,6 +921,8 @@ class Store:
     ) -> IndexVersionRecord:
         """Record a built (already renamed into place) index version; optionally activate it, atomically."""
         with self.session() as s, s.begin():
+            if activate:
+                _serialise_activation(s)
             v = IndexVersion(
                 index_version=index_version, model_version=model_version, path=path, manifest=manifest
             )
@@ -771,8 +932,26 @@ class Store:
                 self._activate(s, v)
             return _to_record(IndexVersionRecord, v)
 
-    def activate_index_version(self, index_version: str) -> IndexVersionRecord:
+    def activate_index_version(self, index_version: str, *, expected_active: str | None = None) -> IndexVersionRecord:
+        """Activate `index_version` (deactivating the active one) in one transaction.
+
+        With `expected_active`, a compare-and-set: only while `expected_active` is still the
+        active version (the one a retrain run started from); otherwise `ActiveVersionChangedError`
+        names the version active now and nothing changes, so an activation made meanwhile (an
+        operator's rollback) stands."""
         with self.session() as s, s.begin():
+            _serialise_activation(s)
+            if expected_active is not None:
+                # A write first: on SQLite it begins the transaction, so no other writer can
+                # activate between this check and the switch.
+                taken = s.execute(
+                    update(IndexVersion)
+                    .where(IndexVersion.index_version == expected_active, IndexVersion.is_active.is_(True))
+                    .values(is_active=False)
+                ).rowcount
+                if not taken:
+                    active = s.scalar(select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)))
+                    raise ActiveVersionChangedError(expected_active, active)
             v = s.get(IndexVersion, index_version)
             if v is None:
                 raise UnknownVersionError(f"no index version {index_version!r}")
@@ -1013,13 +1192,94 @@ class Store:
 
     # ---------------------------------------------------------------- training runs
 
-    def start_training_run(self, *, serving_model_version: str | None, data_window: dict) -> TrainingRunRecord:
+    def start_training_run(
+        self, *, serving_model_version: str | None, data_window: dict, serving_index_version: str | None = None,
+        requested_by: str | None = None, worker: str | None = None,
+    ) -> TrainingRunRecord:
+        """A run that starts now, not through the queue (`prism retrain`)."""
         with self.session() as s, s.begin():
-            run = TrainingRun(status="running", serving_model_version=serving_model_version, data_window=data_window,
-                              metrics={})
+            now = utcnow()
+            run = TrainingRun(status="running", started_at=now, requested_at=now, serving_model_version=serving_model_version,
+                              data_window=data_window, metrics={}, serving_index_version=serving_index_version,
+                              requested_by=requested_by, worker=worker)
             s.add(run)
             s.flush()
             return _to_record(TrainingRunRecord, run)
+
+    def enqueue_training_run(self, *, requested_by: str, request_key: str | None = None) -> tuple[TrainingRunRecord, bool]:
+        """Queue a retrain run for a `prism worker`; returns (the run, whether this call queued it).
+
+        A run already queued answers this request too: it has not read the events yet, so it will
+        train on everything a second one would. With `request_key` (a nightly run's time), a run
+        queued under that key before, by another scheduler, is returned, and a queued run taking
+        this request over gets the key. Under the queue's cluster lock: requests on every host agree.
+        """
+        with self.cluster_lock("retrain-queue", wait=True):
+            for attempt in range(2):
+                try:
+                    with self.session() as s, s.begin():
+                        if request_key is not None:
+                            known = s.scalar(select(TrainingRun).where(TrainingRun.request_key == request_key))
+                            if known is not None:
+                                return _to_record(TrainingRunRecord, known), False
+                        queued = s.scalar(
+                            select(TrainingRun).where(TrainingRun.status == "queued").order_by(TrainingRun.id).limit(1)
+                        )
+                        if queued is not None:
+                            if request_key is not None and queued.request_key is None:
+                                queued.request_key = request_key
+                            return _to_record(TrainingRunRecord, queued), False
+                        run = TrainingRun(status="queued", started_at=None, requested_at=utcnow(),
+                                          requested_by=requested_by, request_key=request_key, data_window={}, metrics={})
+                        s.add(run)
+                        s.flush()
+                        return _to_record(TrainingRunRecord, run), True
+                except IntegrityError:
+                    # request_key is unique: a scheduler outside this lock (an older release) won.
+                    if attempt:
+                        raise
+        raise AssertionError("unreachable")
+
+    def claim_training_run(self, *, worker: str) -> TrainingRunRecord | None:
+        """Take the oldest queued run for `worker` (None when none is queued).
+
+        A compare-and-set, queued -> running: of two workers that read the same run, one update
+        matches it and the other matches nothing and tries the next queued run."""
+        while True:
+            with self.session() as s, s.begin():
+                run_id = s.scalar(
+                    select(TrainingRun.id).where(TrainingRun.status == "queued").order_by(TrainingRun.id).limit(1)
+                )
+                if run_id is None:
+                    return None
+                claimed = s.execute(
+                    update(TrainingRun).where(TrainingRun.id == run_id, TrainingRun.status == "queued")
+                    .values(status="running", started_at=utcnow(), worker=worker)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if claimed:
+                    return _to_record(TrainingRunRecord, s.get(TrainingRun, run_id))
+
+    def record_training_run_start(
+        self, run_id: int, *, serving_model_version: str, serving_index_version: str, data_window: dict
+    ) -> TrainingRunRecord:
+        """What a claimed run starts from: the serving versions and the window of events it reads."""
+        with self.session() as s, s.begin():
+            run = s.get(TrainingRun, run_id)
+            if run is None:
+                raise StoreError(f"no training run {run_id}")
+            run.serving_model_version, run.serving_index_version = serving_model_version, serving_index_version
+            run.data_window = data_window
+            return _to_record(TrainingRunRecord, run)
+
+    def count_training_runs(self, status: str) -> int:
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(TrainingRun).where(TrainingRun.status == status)) or 0)
+
+    def get_training_run(self, run_id: int) -> TrainingRunRecord | None:
+        with self.session() as s:
+            run = s.get(TrainingRun, run_id)
+            return None if run is None else _to_record(TrainingRunRecord, run)
 
     def finish_training_run(
         self, run_id: int, *, status: str, decision: str | None, metrics: dict,

@@ -16,6 +16,7 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -157,14 +158,34 @@ class Event(Base):
 
 
 class TrainingRun(Base):
+    """One retrain run: queued (by `POST /v1/retrain` or the nightly schedule), then claimed by a
+    `prism worker` (compare-and-set queued -> running), then succeeded | skipped | failed."""
+
     __tablename__ = "training_runs"
 
     id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # None while queued: a run starts when a worker claims it.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # queued | running | succeeded | skipped | failed
     status: Mapped[str] = mapped_column(String(32), nullable=False, default="running")
     serving_model_version: Mapped[str | None] = mapped_column(String(200))
     candidate_model_version: Mapped[str | None] = mapped_column(String(200))
     data_window: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
     metrics: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    # promoted | rejected | superseded (another version was activated during the run) | none
     decision: Mapped[str | None] = mapped_column(String(32))
+    requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow)
+    requested_by: Mapped[str | None] = mapped_column(String(32))  # http | nightly | cli
+    # Names what a run was enqueued for ("nightly:<UTC time>"): two schedulers firing the same
+    # nightly run insert one row.
+    request_key: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))  # host:pid of the process that ran it
+    # The index version active when the run started: promotion activates its candidate only while
+    # this one is still active (an operator's rollback during the run is never undone).
+    serving_index_version: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (
+        Index("ix_training_runs_status", "status"),
+        UniqueConstraint("request_key", name="uq_training_runs_request_key"),
+    )

@@ -219,11 +219,16 @@ class LoggedEvent:
 @dataclass(frozen=True)
 class TrainingRunRecord:
     id: int
-    started_at: datetime
+    started_at: datetime | None  # None while queued
     finished_at: datetime | None
-    status: str
+    status: str  # queued | running | succeeded | skipped | failed
     serving_model_version: str | None
     candidate_model_version: str | None
     data_window: dict
     metrics: dict
     decision: str | None
+    requested_at: datetime | None = None
+    requested_by: str | None = None
+    request_key: str | None = None
+    worker: str | None = None
+    serving_index_version: str | None = None

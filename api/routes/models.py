@@ -1,28 +1,21 @@
-"""Model routes: activate a version (rollback or roll forward) and run the retrain job."""
+"""Model routes: activate a version (rollback or roll forward) and queue the retrain job."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path as PathParam
-from fastapi.responses import JSONResponse
 
 from api.routes.common import ADMIN_ERRORS
-from api.schemas import ActivatedOut, ErrorOut, RetrainStarted, RetrainStatus, TrainingRunOut
+from api.schemas import ActivatedOut, ErrorOut, RetrainQueued, RetrainStatus, TrainingRunOut
 from api.services import AdminDep, ServicesDep
-from embedder import resolve_device
-from feedback import RetrainBusyError, activate_version, is_running, run_retrain
+from feedback import activate_version, is_running
 from store import UnknownVersionError
 
 log = logging.getLogger("prism.api")
 router = APIRouter(prefix="/v1", tags=["versions"])
-
-# The job lock covers other processes; this covers two requests racing inside this one.
-_job_guard = threading.Lock()
-_job: threading.Thread | None = None
 
 VersionPath = Annotated[str, PathParam(min_length=1, max_length=200, description="a model or index version")]
 
@@ -55,37 +48,32 @@ def activate(version: VersionPath, services: ServicesDep) -> ActivatedOut:
 
 @router.get("/retrain", response_model=RetrainStatus, tags=["feedback"], summary="Retrain runs")
 def retrain_status(services: ServicesDep) -> RetrainStatus:
-    runs = [TrainingRunOut(**asdict(r)) for r in services.store.list_training_runs(limit=20)]
-    return RetrainStatus(running=is_running(services.settings.home), runs=runs)
+    """Queued, running and finished runs, newest first; `running` says whether a worker (on any
+    host sharing the database) holds the job lock now."""
+    store = services.store
+    runs = [TrainingRunOut(**asdict(r)) for r in store.list_training_runs(limit=20)]
+    return RetrainStatus(running=is_running(store, services.settings.home), queued=store.count_training_runs("queued"),
+                         runs=runs)
 
 
 @router.post(
     "/retrain",
     status_code=202,
-    response_model=RetrainStarted,
+    response_model=RetrainQueued,
     dependencies=[AdminDep],
     tags=["feedback"],
-    responses={**ADMIN_ERRORS, 409: {"model": ErrorOut, "description": "a run is already under way"}},
-    summary="Run the retrain job now",
+    responses=ADMIN_ERRORS,
+    summary="Queue a retrain run",
 )
-def retrain(services: ServicesDep):
-    """Start one run of the nightly job in the background; follow it with `GET /v1/retrain`."""
-    global _job
-    settings = services.settings
+def retrain(services: ServicesDep) -> RetrainQueued:
+    """Queue one run of the retrain job for a `prism worker`; follow it with `GET /v1/retrain`.
 
-    def job() -> None:
-        try:
-            outcome = run_retrain(services.store, home=settings.home, config=settings.retrain_config(),
-                                  index_options=settings.index_options(), device=resolve_device(settings.device))
-            log.info("retrain run %d: %s (%s)", outcome.run_id, outcome.decision, outcome.reason or "")
-        except RetrainBusyError as exc:
-            log.warning("%s", exc)
-        except Exception:
-            log.exception("retrain run failed; the serving version is unchanged")
-
-    with _job_guard:
-        if (_job is not None and _job.is_alive()) or is_running(settings.home):
-            return JSONResponse({"detail": "a retrain run is already under way; see GET /v1/retrain"}, status_code=409)
-        _job = threading.Thread(target=job, name="prism-retrain", daemon=True)
-        _job.start()
-    return RetrainStarted(detail="retrain run started; follow it with GET /v1/retrain")
+    Servers never train (it would take a serving worker's CPU and memory for many minutes). A run
+    already queued, not yet started, serves this request too: its id is answered, and nothing
+    more is queued."""
+    run, queued = services.store.enqueue_training_run(requested_by="http")
+    if queued:
+        detail = f"retrain run {run.id} queued; a `prism worker` runs it (follow it with GET /v1/retrain)"
+    else:
+        detail = f"retrain run {run.id} was already queued and serves this request; follow it with GET /v1/retrain"
+    return RetrainQueued(run_id=run.id, detail=detail)
