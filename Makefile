@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT  := DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends
 
-.PHONY: install unicode browser test test-postgres reliability demo serve bench bench-full bench-env bench-feedback bench-scale clean
+.PHONY: install unicode browser test test-postgres reliability demo serve bench bench-full bench-env bench-feedback bench-scale bench-ray clean
 
 install: $(STAMP) unicode
 
@@ -83,6 +83,11 @@ bench-full: bench-env
 # /tmp/prism-scale (1M and 10M: ~25 GB of disk, ~1.5 hours here), then serving figures.
 bench-scale: install
 	$(PY) benchmarks/scale.py --n 1000000 --n 10000000
+
+# `prism index --ray` on a local Ray cluster (1 and 2 worker nodes of 1 CPU) against the local run,
+# and a worker killed mid-job: 400 products, ~6 minutes here. Ray comes with the dev extra.
+bench-ray: install
+	$(PY) benchmarks/ray_scale.py
 
 bench-feedback: install
 	$(PY) benchmarks/feedback_lift.py --home prism-data-lift

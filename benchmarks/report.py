@@ -264,6 +264,43 @@ def scale_section(result: dict) -> list[str]:
     return out
 
 
+def ray_section(result: dict) -> list[str]:
+    out = ["## Embedding on a Ray cluster (`benchmarks/ray_scale.py`, `make bench-ray`)", ""]
+    out.append(f"`prism index CATALOG --model {result['model']} --json` on {result['products']:,} products (one image and "
+               "one text each), a fresh home each run: locally with `PRISM_THREADS=2`, and with `--ray` on a "
+               "`ray.cluster_utils.Cluster` on this machine (a head node of 0 CPUs, worker nodes of 1 CPU: one model "
+               "replica each; a fresh cluster per run). images/s: images embedded / wall seconds of the whole command; "
+               "embed stage: `CatalogIndexer.embed` alone (on Ray with the actors' start and model loads). "
+               f"{machine_line(result)}")
+    out.append("")
+    if result.get("note"):
+        out.append(f"Note: {result['note']}.")
+        out.append("")
+    labels = {"local": "local, `PRISM_THREADS=2`", "ray_1_node": "Ray, 1 worker node", "ray_2_nodes": "Ray, 2 worker nodes"}
+    rows = [[labels.get(name, name), c["wall_s"], c["images_per_s"], c["embed_s"], c["embed_images_per_s"],
+             c.get("own_cpu_cores", "-"), c.get("images_per_cpu_s", "-"), c["other_processes_cpu_cores"]]
+            for name, c in result["configs"].items()]
+    out.append(table(["run", "wall s", "images/s", "embed stage s", "embed-stage images/s", "CPU cores it got",
+                      "images per CPU-second", "other processes' CPU cores"], rows))
+    out.append("")
+    out.append(table(["ratio", "whole command", "embed stage", "per CPU-second", "target (whole command)"], [
+        ["Ray 2 nodes / 1 node", result["ratio_2_nodes_over_1_node"], result["ratio_2_nodes_over_1_node_embed_stage"],
+         result.get("ratio_2_nodes_over_1_node_per_cpu_s", "-"), f">= {result['target_ratio_2_nodes_over_1_node']}"],
+        ["Ray 2 nodes / local", result["ratio_ray_2_nodes_over_local"], result["ratio_ray_2_nodes_over_local_embed_stage"],
+         result.get("ratio_ray_2_nodes_over_local_per_cpu_s", "-"), f">= {result['target_ratio_ray_2_nodes_over_local']}"],
+    ]))
+    out.append("")
+    kill = result.get("kill")
+    if kill:
+        when = f"at {kill['killed']['after_s']} s" if kill.get("killed") else "(no busy actor was seen: not killed)"
+        out.append(f"Kill run (2 worker nodes, an embed actor SIGKILLed while it held a batch, {when}): "
+                   f"{kill['vectors_lost']} vectors lost, {kill['duplicated_keys']} duplicated "
+                   f"({kill['cache_keys']} cache keys for {kill['expected_keys']} expected; must be 0 and 0), "
+                   f"{kill['wall_s']} s.")
+        out.append("")
+    return out
+
+
 def feedback_section(result: dict) -> list[str]:
     out = ["## Learning from clicks (`benchmarks/feedback_lift.py`, `make bench-feedback`)", ""]
     out.append("Simulated shoppers, then `prism retrain`; see docs/feedback.md for the click model. "
@@ -297,6 +334,8 @@ def main() -> None:
             parts += ann_section(r, name)
     if (r := load("scale")) is not None:
         parts += scale_section(r)
+    if (r := load("ray_scale")) is not None:
+        parts += ray_section(r)
     if (r := load("query_batching")) is not None:
         parts += batching_section(r)
     if (r := load("serve_latency")) is not None:

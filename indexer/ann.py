@@ -12,6 +12,8 @@
   on held-out queries reaches `recall_target`.
 - builds read their vectors from a `VectorSource` a chunk at a time (`build_from`): memory grows
   with the codes, not with the float vectors.
+  The same steps (`train_ivfpq`, `add_positions`, `AnnIndex.from_training`) run the adds as
+  parallel tasks on a Ray cluster in `indexer.ray_build`.
 
 FAISS ids are the products' stable row ids (an IndexIDMap over the IVF); inside, the IVF and the
 re-rank codes share one position per vector, kept in the same index version.
@@ -238,79 +240,54 @@ class AnnIndex:
         """Build from a source read a chunk at a time: memory grows with the codes, not the vectors.
 
         One pass trains on a sample, a second adds the vectors in chunks (codes, re-rank codes and
-        the exact top-10 of the tuning queries, all per chunk), then the tuner picks nprobe."""
+        the exact top-10 of the tuning queries, all per chunk), then the tuner picks nprobe.
+        `indexer.ray_build` runs the same steps with the adds spread over a Ray cluster."""
         faiss = import_faiss()
-        started = time.perf_counter()
-        ids = np.ascontiguousarray(source.ids, dtype=np.int64)
+        laps = BuildLaps()
+        ids = source_ids(source)
         n, d = len(ids), source.dim
-        if len(np.unique(ids)) != n:
-            raise ValueError("ids must be unique")
         plan = plan_factory(n, d, config)
         if plan.kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
             for start, stop in _chunk_bounds(n, config.add_chunk):
                 index.add_with_ids(_normalised_copy(source.read(np.arange(start, stop))), ids[start:stop])
             info = AnnInfo(kind="flat", factory="IDMap2,Flat", count=n, dim=d)
-            info.build_seconds = round(time.perf_counter() - started, 3)
+            info.build_seconds = laps.total()
             return cls(index, None, info)
 
-        stages: dict[str, float] = {}
-        mark = time.perf_counter()
+        training = train_ivfpq(source, plan, config, tuning_queries, laps)
+        truth = ExactTopK(training.queries, 10)
+        training.ivf.make_direct_map(True)  # position -> (list, offset): each chunk's residuals, then re-ranking
+        add_positions(training.ivf, training.refine, truth, source, 0, n, config.add_chunk)
+        laps("add")
+        return cls.from_training(training, ids, truth.ids(), config, laps)
 
-        def lap(stage: str) -> None:
-            nonlocal mark
-            stages[stage] = round(time.perf_counter() - mark, 3)
-            mark = time.perf_counter()
-
-        rng = np.random.default_rng(config.seed)
-        sample_size = min(n, max(config.train_points_per_list * plan.nlist, 30_000), config.max_train_points)
-        sample_positions = np.sort(rng.choice(n, size=sample_size, replace=False)) if sample_size < n else np.arange(n)
-        sample = _normalised_copy(source.read(sample_positions))
-        lap("read_sample")
-        # L2 on unit vectors ranks as inner product does (|q - x|^2 = 2 - 2 q.x), and lets the PQ
-        # encode each vector's residual from its list centroid ("fsr"), which IP fast-scan cannot.
-        ivf = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
-        if hasattr(ivf, "do_polysemous_training"):
-            # Polysemous training (Hamming-ordered codes) costs ~100x the k-means; Prism never uses it.
-            ivf.do_polysemous_training = False
-        # k-means costs sample x nlist per iteration: with thousands of lists, 10 iterations (which
-        # move the centroids little after the first few) instead of 20 keep a 10M build in minutes.
-        ivf.cp.niter = config.kmeans_iterations if plan.nlist < 4096 else min(config.kmeans_iterations, 10)
-        ivf, on_gpu = _train(ivf, sample, config)
-        quantizer = faiss.downcast_index(ivf.quantizer)
-        if isinstance(quantizer, faiss.IndexHNSW):
-            quantizer.hnsw.efSearch = 64  # adds: each vector's nearest list, found reliably
-        refine = faiss.index_factory(d, plan.refine_codec, faiss.METRIC_INNER_PRODUCT)
-        if plan.refine_codec != "SQ8":
-            # Each dimension's range from its 0.1% quantiles rather than its extremes: a few
-            # outliers otherwise spread the 64 levels of 6 bits (recall@10 0.951 -> 0.961 at 1M).
-            refine.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
-            refine.sq.rangestat_arg = 0.001
-        refine.train(sample - ivf.sa_decode(ivf.sa_encode(sample)))
-        lap("train")
-
-        queries, source_name = _tuning_queries(tuning_queries, sample, config, rng)
-        del sample  # up to 200k x d float32 (~0.4 GB at d=512), not needed while the codes grow
-        truth = ExactTopK(queries, 10)
-        index = faiss.IndexIDMap(ivf)  # the IVF holds positions 0..n-1; the IDMap maps them to row ids
-        ivf.make_direct_map(True)  # position -> (list, offset): re-ranking reconstructs by position
-        for start, stop in _chunk_bounds(n, config.add_chunk):
-            x = _normalised_copy(source.read(np.arange(start, stop)))
-            index.add_with_ids(x, ids[start:stop])
-            # What the IVF code misses, kept compactly for the re-rank (see the module docstring).
-            refine.add(x - ivf.reconstruct_batch(np.arange(start, stop, dtype=np.int64)))
-            truth.add(x, ids[start:stop])
-        lap("add")
-
+    @classmethod
+    def from_training(
+        cls, training: "IvfPqTraining", ids: np.ndarray, truth: np.ndarray, config: AnnConfig, laps: "BuildLaps"
+    ) -> "AnnIndex":
+        """The index once `training.ivf` and `training.refine` hold positions 0..len(ids)-1:
+        row ids attached, direct map made, nprobe and re-rank depth tuned against `truth` (the
+        tuning queries' exact top-10 row ids)."""
+        faiss = import_faiss()
+        ivf, index = training.ivf, training.index
+        if ivf.ntotal != len(ids) or training.refine.ntotal != len(ids):
+            raise ValueError(f"{len(ids)} ids but {ivf.ntotal} IVF codes and {training.refine.ntotal} re-rank codes")
+        # The IVF holds positions; the IDMap (made over it while empty) maps them to row ids.
+        faiss.copy_array_to_vector(np.ascontiguousarray(ids, dtype=np.int64), index.id_map)
+        index.ntotal = ivf.ntotal
+        if ivf.direct_map.no():
+            ivf.make_direct_map(True)
+        plan = training.plan
         info = AnnInfo(
-            kind="ivfpq", factory=f"IDMap,{plan.factory}", count=n, dim=d, nlist=plan.nlist,
-            rerank_store=f"residual-{plan.refine_codec}", trained_on_gpu=on_gpu,
+            kind="ivfpq", factory=f"IDMap,{plan.factory}", count=len(ids), dim=int(ivf.d), nlist=plan.nlist,
+            rerank_store=f"residual-{plan.refine_codec}", trained_on_gpu=training.trained_on_gpu,
         )
-        ann = cls(index, refine, info)
-        ann._tune(queries, truth.ids(), config, source_name)
-        lap("tune")
-        info.tuning["stage_seconds"] = stages
-        info.build_seconds = round(time.perf_counter() - started, 3)
+        ann = cls(index, training.refine, info)
+        ann._tune(training.queries, truth, config, training.query_source)
+        laps("tune")
+        info.tuning["stage_seconds"] = laps.seconds
+        info.build_seconds = laps.total()
         return ann
 
     def _tune(self, queries: np.ndarray, truth: np.ndarray, config: AnnConfig, source: str) -> None:
@@ -571,6 +548,95 @@ class AnnIndex:
         return cls(index, refine, parsed)
 
 
+class BuildLaps:
+    """Seconds per build stage (`info.tuning["stage_seconds"]`) and since the build started."""
+
+    def __init__(self):
+        self.started = self._mark = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._mark, 3)
+        self._mark = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
+
+
+def source_ids(source: "VectorSource") -> np.ndarray:
+    ids = np.ascontiguousarray(source.ids, dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    return ids
+
+
+@dataclass
+class IvfPqTraining:
+    """What an IVF-PQ build trains once, before any vector is added: the adds then run here
+    (`AnnIndex.build_from`) or in parallel tasks that each get the empty indexes serialized
+    (`indexer.ray_build`), and `AnnIndex.from_training` finishes either."""
+
+    plan: AnnPlan
+    ivf: object  # the fast-scan IVF-PQ, trained and empty; it will hold positions as ids
+    index: object  # IDMap over `ivf`, made while it was empty (an IDMap refuses a filled index)
+    refine: object  # the residual scalar quantizer, trained and empty
+    queries: np.ndarray  # the tuner's queries, unit length
+    query_source: str  # provided | perturbed-catalog
+    trained_on_gpu: bool
+
+
+def train_ivfpq(
+    source: "VectorSource", plan: AnnPlan, config: AnnConfig, tuning_queries: np.ndarray | None, laps: BuildLaps
+) -> IvfPqTraining:
+    """Coarse quantizer, PQ and residual quantizer trained on a sample of `source`, and the
+    tuning queries (given, or perturbed sample vectors)."""
+    faiss = import_faiss()
+    n, d = len(source.ids), source.dim
+    rng = np.random.default_rng(config.seed)
+    sample_size = min(n, max(config.train_points_per_list * plan.nlist, 30_000), config.max_train_points)
+    sample_positions = np.sort(rng.choice(n, size=sample_size, replace=False)) if sample_size < n else np.arange(n)
+    sample = _normalised_copy(source.read(sample_positions))
+    laps("read_sample")
+    # L2 on unit vectors ranks as inner product does (|q - x|^2 = 2 - 2 q.x), and lets the PQ
+    # encode each vector's residual from its list centroid ("fsr"), which IP fast-scan cannot.
+    ivf = faiss.index_factory(d, plan.factory, faiss.METRIC_L2)
+    if hasattr(ivf, "do_polysemous_training"):
+        # Polysemous training (Hamming-ordered codes) costs ~100x the k-means; Prism never uses it.
+        ivf.do_polysemous_training = False
+    # k-means costs sample x nlist per iteration: with thousands of lists, 10 iterations (which
+    # move the centroids little after the first few) instead of 20 keep a 10M build in minutes.
+    ivf.cp.niter = config.kmeans_iterations if plan.nlist < 4096 else min(config.kmeans_iterations, 10)
+    ivf, on_gpu = _train(ivf, sample, config)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW):
+        quantizer.hnsw.efSearch = 64  # adds: each vector's nearest list, found reliably
+    refine = faiss.index_factory(d, plan.refine_codec, faiss.METRIC_INNER_PRODUCT)
+    if plan.refine_codec != "SQ8":
+        # Each dimension's range from its 0.1% quantiles rather than its extremes: a few
+        # outliers otherwise spread the 64 levels of 6 bits (recall@10 0.951 -> 0.961 at 1M).
+        refine.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
+        refine.sq.rangestat_arg = 0.001
+    refine.train(sample - ivf.sa_decode(ivf.sa_encode(sample)))
+    laps("train")
+    queries, query_source = _tuning_queries(tuning_queries, sample, config, rng)
+    return IvfPqTraining(plan, ivf, faiss.IndexIDMap(ivf), refine, queries, query_source, on_gpu)
+
+
+def add_positions(ivf, refine, truth: "ExactTopK", source: "VectorSource", start: int, stop: int, chunk: int) -> None:
+    """Add `source`'s positions [start, stop) a chunk at a time: IVF-PQ codes (at the IVF's next
+    positions: it must have an array direct map), residual codes at the same positions, and the
+    tuning queries' exact top-k over them (by row id)."""
+    for lo, hi in _chunk_bounds(stop - start, chunk):
+        lo, hi = start + lo, start + hi
+        x = _normalised_copy(source.read(np.arange(lo, hi)))
+        first = ivf.ntotal
+        ivf.add(x)
+        # What the IVF code misses, kept compactly for the re-rank (see the module docstring).
+        refine.add(x - ivf.reconstruct_batch(np.arange(first, first + hi - lo, dtype=np.int64)))
+        truth.add(x, source.ids[lo:hi])
+
+
 def _chunk_bounds(n: int, chunk: int):
     for start in range(0, n, chunk):
         yield start, min(n, start + chunk)
@@ -585,16 +651,26 @@ class ExactTopK:
         self._ids = np.zeros((len(queries), 0), np.int64)
 
     def add(self, x: np.ndarray, ids: np.ndarray) -> None:
-        scores = np.concatenate([self._scores, self.queries @ x.T], axis=1)
-        both = np.concatenate([self._ids, np.broadcast_to(ids, (len(self.queries), len(ids)))], axis=1)
+        self.add_scored(self.queries @ x.T, np.broadcast_to(ids, (len(self.queries), len(ids))))
+
+    def add_scored(self, scores: np.ndarray, ids: np.ndarray) -> None:
+        """Candidates already scored, per query: another ExactTopK's `top()` merges in here."""
+        scores = np.concatenate([self._scores, scores], axis=1)
+        both = np.concatenate([self._ids, ids], axis=1)
         keep = min(self.k, scores.shape[1])
+        if keep == 0:
+            return
         top = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
         self._scores = np.take_along_axis(scores, top, axis=1)
         self._ids = np.take_along_axis(both, top, axis=1)
 
-    def ids(self) -> np.ndarray:
+    def top(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) per query, best first."""
         order = np.argsort(-self._scores, axis=1, kind="stable")
-        return np.take_along_axis(self._ids, order, axis=1)
+        return np.take_along_axis(self._scores, order, axis=1), np.take_along_axis(self._ids, order, axis=1)
+
+    def ids(self) -> np.ndarray:
+        return self.top()[1]
 
 
 def _tuning_queries(provided: np.ndarray | None, sample: np.ndarray, config: AnnConfig, rng) -> tuple[np.ndarray, str]:
