@@ -41,14 +41,14 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
     engine = SearchEngine(
         store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
         image_limits=limits, model_thread=model_thread,
-        batching=settings.batch_config(),
+        batching=settings.batch_config(), local_copies=settings.local_copies,
     )
     services = Services(
         settings=settings,
         store=store,
         engine=engine,
         updater=CatalogUpdater(
-            home=settings.home, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
+            home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
         metrics=Metrics(engine.stats),
     )

@@ -15,6 +15,10 @@ class PrismSettings(BaseSettings):
 
     home: Path = Field(Path("prism-data"), description="PRISM_HOME: database, models, embeddings, indexes")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///$PRISM_HOME/prism.db")
+    shared_dir: Path | None = Field(
+        None, description="PRISM_SHARED_DIR: where replicas sharing one PostgreSQL keep index and model versions, "
+        "vector caches and uploaded images (a shared filesystem path, the same on every host); unset: PRISM_HOME",
+    )
     model: str | None = Field(
         None, description="model spec `prism index` embeds with; unset: the model of the home's active index "
         "version, or ViT-B-32:laion2b_s34b_b79k in an empty home",
@@ -72,12 +76,24 @@ class PrismSettings(BaseSettings):
         return self.database_url or f"sqlite:///{self.home.resolve() / 'prism.db'}"
 
     @property
+    def artifacts(self) -> Path:
+        """Where index and model versions, vector caches and uploaded images are published: the
+        shared directory of a replica set, else the home. (The database, locks of a single host
+        and a replica's local copies stay in the home.)"""
+        return self.shared_dir if self.shared_dir is not None else self.home
+
+    @property
     def models_dir(self) -> Path:
-        return self.home / "models"
+        return self.artifacts / "models"
 
     @property
     def indexes_dir(self) -> Path:
-        return self.home / "indexes"
+        return self.artifacts / "indexes"
+
+    @property
+    def local_copies(self) -> Path | None:
+        """A replica's verified copies of the versions it serves (None: no shared directory)."""
+        return self.home / "replica" if self.shared_dir is not None else None
 
     def image_limits(self):
         from embedder import ImageLimits

@@ -267,26 +267,50 @@ def hot_swap(
     workers: int = 1,
     image: bytes,
     log: Path | None = None,
+    replica_homes: list[Path] | None = None,
 ) -> dict:
-    """Stream searches from `clients` clients while activating `versions` in turn, `swaps` times."""
+    """Stream searches from `clients` clients while activating `versions` in turn, `swaps` times.
+
+    `replica_homes`: run one server per home instead of one, as replicas: each its own PRISM_HOME,
+    all sharing the database and, as PRISM_SHARED_DIR, the home in `env` that holds the versions.
+    Clients are spread over the replicas and activations sent to each in turn; every replica
+    copies, loads and swaps in each version in the background while it keeps answering."""
+    import contextlib
+
     import httpx
 
     out: dict = {"queries": 0, "failed": [], "latencies_ms": [], "versions": {}}
     activations: list[dict] = []
-    with PrismServer({**env, "PRISM_ADMIN_TOKEN": ADMIN_TOKEN}, workers=workers, log=log) as server:
+    base_env = {**env, "PRISM_ADMIN_TOKEN": ADMIN_TOKEN}
+    if replica_homes:
+        shared = Path(env["PRISM_HOME"]).resolve()
+        url = env.get("PRISM_DATABASE_URL") or f"sqlite:///{shared / 'prism.db'}"
+        server_envs = [{**base_env, "PRISM_HOME": str(h), "PRISM_SHARED_DIR": str(shared), "PRISM_DATABASE_URL": url}
+                       for h in replica_homes]
+    else:
+        server_envs = [base_env]
+    n = len(server_envs)
+    if log is None or n == 1:
+        logs = [log] * n
+    else:
+        logs = [log.with_name(f"{log.stem}-replica{i}{log.suffix}") for i in range(n)]
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(PrismServer(e, workers=workers, log=log_file))
+                   for e, log_file in zip(server_envs, logs)]
 
         async def run() -> None:
             stop = asyncio.Event()
-            streams = [asyncio.create_task(_search_stream(server.url, stop, c, image, out)) for c in range(clients)]
+            streams = [asyncio.create_task(_search_stream(servers[c % len(servers)].url, stop, c, image, out))
+                       for c in range(clients)]
             await asyncio.sleep(interval_s)
-            async with httpx.AsyncClient(base_url=server.url, timeout=120) as admin:
-                for n in range(swaps):
-                    target = versions[(n + 1) % len(versions)]
-                    started = time.perf_counter()
+            for n in range(swaps):
+                target = versions[(n + 1) % len(versions)]
+                started = time.perf_counter()
+                async with httpx.AsyncClient(base_url=servers[n % len(servers)].url, timeout=120) as admin:
                     r = await admin.post(f"/v1/models/{target}/activate", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-                    activations.append({"version": target, "status": r.status_code,
-                                        "ms": round((time.perf_counter() - started) * 1000.0, 1)})
-                    await asyncio.sleep(interval_s)
+                activations.append({"version": target, "status": r.status_code,
+                                    "ms": round((time.perf_counter() - started) * 1000.0, 1)})
+                await asyncio.sleep(interval_s)
             stop.set()
             await asyncio.gather(*streams)
 
@@ -297,6 +321,7 @@ def hot_swap(
     return {
         "clients": clients,
         "workers": workers,
+        "replicas": len(server_envs),
         "swaps": swaps,
         "activations_ok": sum(a["status"] == 200 for a in activations),
         "activation_ms_max": max((a["ms"] for a in activations), default=None),

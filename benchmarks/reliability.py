@@ -109,6 +109,11 @@ def run_load(root: Path, server_url: str | None, args) -> dict:
     out["hot_swap"] = hot_swap(env, versions, swaps=args.swaps, interval_s=1.0, clients=args.clients, workers=2,
                                image=_png(4242), log=root / "hot_swap.log")
     print(json.dumps(out["hot_swap"]), flush=True)
+    print(f"[{out['database']}] hot swap on two replicas sharing the database and PRISM_SHARED_DIR ...", flush=True)
+    out["hot_swap_replicas"] = hot_swap(env, versions, swaps=args.swaps, interval_s=1.0, clients=args.clients, workers=1,
+                                        image=_png(4242), log=root / "hot_swap_replicas.log",
+                                        replica_homes=[root / "replica-0", root / "replica-1"])
+    print(json.dumps(out["hot_swap_replicas"]), flush=True)
     return out
 
 
@@ -182,13 +187,15 @@ def render(results: dict) -> str:
                 f"**{r['lost']}**", r["duplicate_answers"], f"{r['retries_after_ack']} ({r['retries_answered_all_duplicates']})",
                 kills, r["failed_posts"], r["events_per_s"], f"{r['post_p50_ms']} / {r['post_p99_ms']}",
             ]))
-        h = load.get("hot_swap")
-        if h:
+        swap_runs = [(label, load[key]) for key, label in (("hot_swap", "one server"),
+                                                           ("hot_swap_replicas", "two replicas")) if key in load]
+        if swap_runs:
             lines += ["", _row(["hot swap", "clients", "swaps (ok)", "queries", "failed", "served by version",
-                                "p50 / p99 / max ms"]), _row(["---"] * 7),
-                      _row(["", h["clients"], f"{h['swaps']} ({h['activations_ok']})", h["queries"], f"**{h['failed']}**",
-                            ", ".join(f"{v}: {n}" for v, n in h["versions_served"].items()),
-                            f"{h['p50_ms']} / {h['p99_ms']} / {h['max_ms']}"])]
+                                "p50 / p99 / max ms"]), _row(["---"] * 7)]
+            for label, h in swap_runs:
+                lines.append(_row([label, h["clients"], f"{h['swaps']} ({h['activations_ok']})", h["queries"],
+                                   f"**{h['failed']}**", ", ".join(f"{v}: {n}" for v, n in h["versions_served"].items()),
+                                   f"{h['p50_ms']} / {h['p99_ms']} / {h['max_ms']}"]))
         lines.append("")
     crash = results.get("crash")
     if crash:
@@ -227,7 +234,7 @@ def _headline(results: dict) -> list[str]:
             f"{sum(r['duplicate_answers'] for r in runs)} events committed just before a kill (answer lost) were "
             "absorbed as duplicates when the client retried."
         )
-    swaps = [load["hot_swap"] for load in loads if "hot_swap" in load]
+    swaps = [load[key] for load in loads for key in ("hot_swap", "hot_swap_replicas") if key in load]
     if swaps:
         out.append(
             f"- **Hot swap**: {sum(h['swaps'] for h in swaps)} activations under {swaps[0]['clients']} streaming clients, "

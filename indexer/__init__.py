@@ -21,6 +21,7 @@ from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_fil
 from indexer.versions import (
     IndexVersionError,
     LoadedIndexVersion,
+    copy_version,
     fsync_dir,
     fsync_files,
     index_version_path,
@@ -33,6 +34,7 @@ from indexer.versions import (
 __all__ = [
     "ATTRIBUTION",
     "apply_retention",
+    "copy_version",
     "build_hold",
     "DemoCatalog",
     "DemoCatalogError",

@@ -16,6 +16,7 @@ matches; the per-index cosines are returned alongside in `scores`.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
-from indexer import LoadedIndexVersion, index_version_path, load_index_version
+from indexer import IndexVersionError, LoadedIndexVersion, copy_version, index_version_path, load_index_version
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
 from search.journal import replay_changes
@@ -131,10 +132,15 @@ class SearchEngine:
         verify_files: bool = True,
         model_thread: ModelThread | None = None,
         batching: BatchConfig | None = None,
+        local_copies: Path | None = None,
     ):
         """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
         `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
-        `batching`: micro-batch concurrent text queries (servers; needs a model thread)."""
+        `batching`: micro-batch concurrent text queries (servers; needs a model thread).
+        `local_copies`: a replica's own disk. Index and model versions published to a shared
+        location (`indexes_dir`, `models_dir` under PRISM_SHARED_DIR) are copied there and served
+        from there: memory-mapping index files over a network filesystem would make every query's
+        page faults network round trips, and a copy is checked against its sha256 digests once."""
         self.store = store
         self.model_thread = model_thread
         self.indexes_dir = indexes_dir
@@ -144,9 +150,15 @@ class SearchEngine:
         self.rrf_k = rrf_k
         self.exact_subset_max = exact_subset_max
         self.verify_files = verify_files
+        self.local_copies = local_copies
         self._serving: _Serving | None = None
         self._embedders: dict[str, Embedder] = {}
+        # `_lock` guards the swap (and journal replays); `_loading` serialises version loads, which
+        # take seconds to minutes and must not hold up queries or replays meanwhile.
         self._lock = threading.Lock()
+        self._loading = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._loading_version: str | None = None
         # An active version that failed to load is not retried on every query (loading verifies
         # every file's sha256); the version serving before it keeps serving.
         self._failed: tuple[str, Exception, float] | None = None
@@ -179,8 +191,9 @@ class SearchEngine:
             record = self.store.get_model_version(model_version)
             if record is None:
                 raise NotReadyError(f"model version {model_version!r} is not registered")
+            models_dir = self._models_dir_for(model_version)
             load = lambda: load_embedder(  # noqa: E731
-                record.spec, device=self.device, models_dir=self.models_dir, image_limits=self.image_limits
+                record.spec, device=self.device, models_dir=models_dir, image_limits=self.image_limits
             )
             if self.model_thread is None:
                 embedder = load()
@@ -195,17 +208,29 @@ class SearchEngine:
             self._embedders[model_version] = embedder
         return embedder
 
+    def _models_dir_for(self, model_version: str) -> Path | None:
+        """Where to load a model version from: the replica's verified copy of a version published
+        to the shared location, else `models_dir` itself (pretrained specs ignore it)."""
+        if self.local_copies is None or self.models_dir is None:
+            return self.models_dir
+        published = Path(self.models_dir) / model_version
+        if not (published / "model.json").is_file():
+            return self.models_dir
+        copy_version(published, self.local_copies / "models" / model_version)
+        return self.local_copies / "models"
+
     def refresh(self) -> bool:
         """Load the active index version if it differs from the one serving; True when swapped.
 
         The new version is fully loaded (its model ready, the change journal since its build
         replayed) before one reference assignment swaps it in, so a search in flight finishes on
-        the version it started with.
+        the version it started with. Synchronous: start-up, the activate route and the CLI call
+        it; a serving replica's queries never do (see `sync`).
         """
-        with self._lock:
-            return self._refresh_locked()
+        with self._loading:
+            return self._load_active()
 
-    def _refresh_locked(self) -> bool:
+    def _load_active(self) -> bool:
         active = self.store.active_index_version()
         if active is None:
             return False
@@ -217,8 +242,9 @@ class SearchEngine:
                 if current is None:
                     raise self._failed[1]
                 return False
+        self._loading_version = active.index_version
         try:
-            version = load_index_version(index_version_path(self.indexes_dir, active.path), verify=self.verify_files)
+            version = self._load_version_files(active)
             embedder = self.embedder_for(version.model_version)
         except Exception as exc:
             self._failed = (active.index_version, exc, time.monotonic())
@@ -227,6 +253,8 @@ class SearchEngine:
                 f"still serving {current.version.index_version}" if current else "nothing is serving",
             )
             raise
+        finally:
+            self._loading_version = None
         filters = FilterIndex.load(self.store.iter_filter_facts())
         # Products deleted after the build outside the journal (or before it existed) stay hidden;
         # only those the indexes hold need a mask, not every product ever deleted.
@@ -235,23 +263,66 @@ class SearchEngine:
         overlay = Overlay.start(
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
-        serving = self._replay(_Serving(version, embedder, overlay, filters))
-        self._serving = serving
+        loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        with self._lock:
+            # Changes journaled while the version loaded: a short replay, then the swap.
+            self._serving = self._replay(loaded)
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion.
         self._embedders = {name: e for name, e in self._embedders.items() if name == version.model_version}
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
-            version.index_version, version.model_version, serving.overlay.seq - overlay.seq,
+            version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
+
+    def _load_version_files(self, active) -> LoadedIndexVersion:
+        path = index_version_path(self.indexes_dir, active.path)
+        if self.local_copies is None:
+            return load_index_version(path, verify=self.verify_files)
+        local = self.local_copies / "indexes" / active.index_version
+        copy_version(path, local)
+        try:
+            return load_index_version(local, verify=True)  # a copy is always checked
+        except IndexVersionError:
+            # A damaged copy (a full disk, a crash mid-copy on a filesystem without atomic
+            # renames) is dropped, so the retry copies it again instead of failing forever.
+            shutil.rmtree(local, ignore_errors=True)
+            raise
+
+    def _load_in_background(self) -> None:
+        """Start loading the active version on a thread of its own, unless one is loading already."""
+        if self._loader is not None and self._loader.is_alive():
+            return
+
+        def load() -> None:
+            try:
+                self.refresh()
+            except Exception:
+                pass  # logged by _load_active; the serving version carries on
+
+        self._loader = threading.Thread(target=load, name="prism-version-loader", daemon=True)
+        self._loader.start()
+
+    def wait_until_serving(self, index_version: str, timeout_s: float = 120.0) -> bool:
+        """Sync until `index_version` serves (True) or `timeout_s` passes (False): for callers that
+        activated a version and must not answer before it serves (tests, benchmarks)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.sync()
+            serving = self._serving
+            if serving is not None and serving.version.index_version == index_version:
+                return True
+            time.sleep(0.05)
+        return False
 
     def sync(self) -> None:
         """Catch up with the store: a newly activated version, and catalog changes since the last query.
 
         One small SQL round trip. Journal changes are applied before this returns (a PUT is
-        searchable on the next query, in every worker); a version swap is done by the first
-        query that sees it while concurrent queries carry on with the old version.
+        searchable on the next query, in every worker). A newly activated version is loaded in
+        the background (copied first on a replica) and swapped in when it is ready; queries carry
+        on with the version serving until then. Only a process serving nothing loads it here.
         """
         active, seq = self.store.serving_marks()
         serving = self._serving
@@ -260,13 +331,8 @@ class SearchEngine:
         if serving is None:
             self.refresh()
             return
-        if active != serving.version.index_version and self._lock.acquire(blocking=False):
-            try:
-                self._refresh_locked()
-            except Exception:
-                pass  # logged; the current version keeps serving, with the journal applied below
-            finally:
-                self._lock.release()
+        if active != serving.version.index_version:
+            self._load_in_background()
         if seq > self.serving.overlay.seq:
             with self._lock:
                 current = self._serving
@@ -466,6 +532,7 @@ class SearchEngine:
         return {
             "index_version": serving.version.index_version,
             "model_version": serving.version.model_version,
+            "loading_index_version": self._loading_version,
             "catalog_seq": serving.overlay.seq,
             "vectors": {m: serving.version.indexes[m].ntotal for m in MODALITIES},
             "overlay_vectors": {m: serving.overlay.count(m) for m in MODALITIES},

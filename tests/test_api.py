@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from indexer import CatalogIndexer, IndexOptions
 from sample_catalog import draw_product_image
+from waiting import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 
@@ -181,8 +182,9 @@ def test_changes_survive_a_restart_and_go_into_the_next_build(build_serving_home
         store = c.app.state.services.store
         summary = CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder, options=IndexOptions()).run(None)
         assert summary.images_embedded == 0 and summary.texts_embedded == 0  # journal vectors were reused
-        ready = c.get("/readyz").json()  # hot swap to the new version, nothing left to replay
-        assert ready["index_version"] == summary.index_version and ready["overlay_vectors"] == {"image": 0, "text": 0}
+        # Loaded in the background, then swapped: nothing left to replay.
+        ready = eventually(lambda: (r := c.get("/readyz").json())["index_version"] == summary.index_version and r)
+        assert ready and ready["overlay_vectors"] == {"image": 0, "text": 0}
         assert ready["vectors"]["image"] == 120  # 120 catalog products + R-1 - P00030
         assert _ids(c.post("/v1/search/image", **query)) == ["R-1"]
         assert "P00030" not in _ids(c.get("/v1/search", params={"q": "x", "k": 120}))

@@ -293,9 +293,10 @@ def test_only_indexed_deleted_products_are_masked(build_serving_home, tiny_embed
                 }
                 assert "P00001" not in _ids(worker.search(image=draw_product_image(1), k=10))
             # A version built after the deletes holds none of them: no tombstone at all.
-            CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder, options=IndexOptions()).run(None)
+            rebuilt = CatalogIndexer(home=settings.home, store=store, embedder=tiny_embedder,
+                                     options=IndexOptions()).run(None).index_version
             for worker in (engine, fresh):
-                worker.sync()
+                assert worker.wait_until_serving(rebuilt)  # loaded in the background, then swapped
                 assert worker.stats()["masked"] == {"image": 0, "text": 0}
                 assert len(worker.search(text="x", k=200).hits) == 118
         finally:

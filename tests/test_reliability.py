@@ -75,3 +75,19 @@ def test_swapping_versions_under_query_load_fails_no_query(two_version_home, dat
     assert result["failed"] == 0, result["failures"]
     assert set(result["versions_served"]) == set(versions)  # both versions really served
     assert result["queries"] > 50
+
+
+def test_two_replicas_swap_versions_under_query_load_and_fail_no_query(two_version_home, databases, tmp_path):
+    """Two `prism serve` replicas, each its own home, sharing the database and the versions'
+    directory (PRISM_SHARED_DIR): activations sent to either reach both, with no failed query."""
+    settings, versions = two_version_home
+    result = hot_swap(
+        databases.env(settings.home, PRISM_DEVICE="cpu", PRISM_THREADS="1"), versions,
+        swaps=4, interval_s=1.5, clients=8, workers=1, image=_png(4242), log=tmp_path / "serve.log",
+        replica_homes=[tmp_path / "replica-0", tmp_path / "replica-1"],
+    )
+    assert result["replicas"] == 2 and result["activations_ok"] == 4
+    assert result["failed"] == 0, result["failures"]
+    assert set(result["versions_served"]) == set(versions)
+    for replica in ("replica-0", "replica-1"):  # each served from its own verified copies
+        assert {p.name for p in (tmp_path / replica / "replica" / "indexes").iterdir()} == set(versions)

@@ -46,7 +46,7 @@ def product_image(product_id: ProductIdPath, services: ServicesDep, request: Req
         return Response(status_code=304, headers=cache)
     uri = product.image_uri
     if uri.lower().startswith(("http://", "https://")):
-        local = services.settings.home / "downloads" / content_hash(uri)
+        local = services.settings.artifacts / "downloads" / content_hash(uri)
         if not local.is_file():
             return RedirectResponse(uri, status_code=307)
         uri = str(local)

@@ -44,7 +44,12 @@ def readyz(services: ServicesDep) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelsResponse, tags=["versions"], summary="Model and index versions")
 def models(services: ServicesDep) -> ModelsResponse:
-    serving = services.engine.stats().get("model_version")
+    try:
+        services.engine.sync()  # a replica that has not served a query since an activation notices it here
+    except Exception:
+        pass  # a broken active version: reported by /readyz and the search routes
+    stats = services.engine.stats()
+    serving = stats.get("model_version")
     return ModelsResponse(
         models=[
             ModelVersionOut(
@@ -59,9 +64,11 @@ def models(services: ServicesDep) -> ModelsResponse:
                 created_at=v.created_at, activated_at=v.activated_at,
                 counts={k: int(n) for k, n in v.manifest.get("counts", {}).items()},
                 catalog_seq=int(v.manifest.get("catalog_seq", 0)),
+                serving=v.index_version == stats.get("index_version"),
             )
             for v in services.store.list_index_versions()
         ],
+        loading_index_version=stats.get("loading_index_version"),
     )
 
 
