@@ -12,6 +12,15 @@ import pytest  # noqa: E402
 TINY = "prism-tiny-vit:random"
 
 
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--database") != "postgresql":
+        return
+    skip = pytest.mark.skip(reason="touches no database: the SQLite run of the suite covers it")
+    for item in items:
+        if item.get_closest_marker("no_database"):
+            item.add_marker(skip)
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--database",

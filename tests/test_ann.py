@@ -4,6 +4,9 @@ import pytest
 from indexer import AnnConfig, AnnIndex
 from indexer.ann import _recall
 
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 
 def clustered(n, d=64, clusters=200, seed=0):
     """Unit vectors around random centres on the sphere, like catalog embeddings."""

@@ -15,6 +15,9 @@ from indexer.openmoji import (
     variant_group_of,
 )
 
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 
 @pytest.fixture(scope="module")
 def all_products():

@@ -4,6 +4,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,9 @@ from embedder import (
     parse_model_spec,
 )
 
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 
 def test_spec_grammar():
     s = parse_model_spec("ViT-B-32:laion2b_s34b_b79k")

@@ -9,6 +9,9 @@ from PIL import Image
 
 from embedder import ACCEPTED_IMAGE_FORMATS, ACCEPTED_IMAGE_FORMATS_TEXT, ImageDecodeError, ImageLimits, decode_image
 
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

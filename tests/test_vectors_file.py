@@ -12,6 +12,9 @@ import pytest
 from indexer.catalog import RowError
 from indexer.vectors_file import VECTOR_COLUMNS, VectorChunk, VectorsFileError, read_vectors_file
 
+# Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
+pytestmark = pytest.mark.no_database
+
 DIM = 8
 
 
