@@ -270,11 +270,30 @@ class SearchEngine:
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion.
         self._embedders = {name: e for name, e in self._embedders.items() if name == version.model_version}
+        self._prune_local_copies(version)
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
             version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
+
+    def _prune_local_copies(self, serving: LoadedIndexVersion) -> None:
+        """A replica's copies of versions no longer recorded (retention dropped them) go: they can
+        never be activated again. A process still mapping one keeps its pages (unlinked files stay
+        readable while mapped)."""
+        if self.local_copies is None:
+            return
+        recorded = {
+            "indexes": {v.index_version for v in self.store.list_index_versions()} | {serving.index_version},
+            "models": {m.model_version for m in self.store.list_model_versions()} | {serving.model_version},
+        }
+        for kind, keep in recorded.items():
+            folder = self.local_copies / kind
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.is_dir() and not path.name.startswith(".") and path.name not in keep:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _load_version_files(self, active) -> LoadedIndexVersion:
         path = index_version_path(self.indexes_dir, active.path)

@@ -91,13 +91,17 @@ def test_replicas_share_catalog_changes_images_and_activations(tmp_path, small_c
         assert (b_settings.home / "replica" / "models" / "ft-replica" / "model.json").is_file()
         assert _ids(b.post("/v1/search/image", files={"file": ("q.png", image, "image/png")}, data={"k": "1"})) == ["REP-1"]
 
-        # Rolled back on B's side of the database: A follows.
+        # Rolled back on B's side of the database: A follows, and drops its copy of a version
+        # retention removed (no row any more: it can never be activated again).
+        dropped = a_settings.home / "replica" / "indexes" / "20000101-000000-000000"
+        dropped.mkdir()
         store = Store.open(url)
         try:
             store.activate_index_version(first)
         finally:
             store.close()
         assert eventually(lambda: _serving(a) == first), "replica A never followed the rollback"
+        assert not dropped.exists() and (a_settings.home / "replica" / "indexes" / second).is_dir()
 
     # A replica started on an empty home serves the active version, copied from the shared directory.
     fresh = replica("replica-fresh")
