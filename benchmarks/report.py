@@ -254,6 +254,16 @@ def scale_section(result: dict) -> list[str]:
                       "p50 ms after deletes", "re-run, 1% changed"], rows))
     out.append("")
     for r in result["sizes"]:
+        if r.get("note"):
+            out += [f"{r['n']:,} products: {r['note']}", ""]
+        memory = r.get("serve", {}).get("memory_breakdown")
+        if memory:
+            arrays = ", ".join(f"{name.replace('_', ' ')} {mb / 1024:.2f}" for name, mb in memory["index_arrays_mb"].items())
+            added = memory["rss_added_mb"]
+            out += [f"{r['n']:,} products, where the serving memory goes (GB): {arrays}; resident after the queries: "
+                    f"{added['anonymous'] / 1024:.2f} private + {added['file_backed'] / 1024:.2f} memory-mapped re-rank "
+                    "pages (page cache: shared between versions and processes, dropped under pressure).", ""]
+    for r in result["sizes"]:
         sweep = r.get("serve", {}).get("sweep_same_index")
         if sweep:
             out.append(f"{r['n']:,} products, nprobe x re-rank depth on the same index ({sweep['note']}):")

@@ -252,21 +252,25 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
     return out
 
 
-def one_size(work_root: Path, n: int, report, *, rerun: bool = True) -> dict:
+def one_size(work_root: Path, n: int, report, *, rerun: bool = True, earlier: dict | None = None) -> dict:
     """Each phase's figures are reported as soon as they exist (`report` writes the JSON), so a
-    run stopped part-way still leaves what it measured."""
+    run stopped part-way still leaves what it measured. `earlier`: this size's row from a run
+    whose index is still in its home: serving is measured again over it, nothing is re-indexed."""
     work = work_root / f"n{n}"
-    row: dict = {"n": n, "generate": generate(work, n)}
-    report(row)
     home = work / "home"
-    if home.exists():
-        import shutil
+    if earlier is not None:
+        row = {k: earlier[k] for k in ("n", "generate", "index") if k in earlier}
+    else:
+        row = {"n": n, "generate": generate(work, n)}
+        report(row)
+        if home.exists():
+            import shutil
 
-        shutil.rmtree(home)
-    first = run_index(home, work / "catalog.parquet", work / "vectors.parquet")
-    row["index"] = {k: first[k] for k in ("seconds", "peak_rss_mb")}
-    row["index"]["summary_seconds"] = first["summary"]["seconds"]
-    report(row)
+            shutil.rmtree(home)
+        first = run_index(home, work / "catalog.parquet", work / "vectors.parquet")
+        row["index"] = {k: first[k] for k in ("seconds", "peak_rss_mb")}
+        row["index"]["summary_seconds"] = first["summary"]["seconds"]
+        report(row)
     row["serve"] = serve_measurements(home, work, n)
     report(row)
     if not rerun:
@@ -306,6 +310,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     parser.add_argument("--rerun-up-to", type=int, default=None,
                         help="re-index with 1%% changed vectors only for sizes up to this (default: every size)")
+    parser.add_argument("--serve-only", action="store_true",
+                        help="measure serving (and the rerun, unless --rerun-up-to excludes it) over the index an "
+                        "earlier run left in --work, keeping that run's index figures")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -321,7 +328,13 @@ def main() -> None:
         args.out.write_text(json.dumps({"machine": machine_info(), "sizes": ordered}, indent=2))
 
     for n in args.n or [1_000_000]:
-        rows.append(one_size(args.work, n, report, rerun=args.rerun_up_to is None or n <= args.rerun_up_to))
+        reuse = None
+        if args.serve_only:
+            reuse = next((r for r in earlier["sizes"] if r["n"] == n and "index" in r), None)
+            if reuse is None or not (args.work / f"n{n}" / "home" / "prism.db").is_file():
+                raise SystemExit(f"--serve-only: no earlier index of {n:,} products in {args.out} and {args.work}")
+        rows.append(one_size(args.work, n, report, rerun=args.rerun_up_to is None or n <= args.rerun_up_to,
+                             earlier=reuse))
     print_table(rows)
     print(f"wrote {args.out}")
 
