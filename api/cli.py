@@ -659,12 +659,7 @@ def retrain(
     as_json: Annotated[bool, typer.Option("--json", help="print the outcome as JSON")] = False,
 ) -> None:
     """Mine clicks, fine-tune the serving model, and promote it only if it wins on later clicks."""
-    from datetime import datetime
-
-    try:
-        at_time = datetime.strptime(at, "%H:%M").time()
-    except ValueError:
-        _fail(f"--at takes a time of day as HH:MM (24-hour), not {at!r}")
+    at_time = _time_of_day("--at", at)
     settings = _settings(device=device)
     settings.apply_threads()
     if not nightly:
@@ -677,6 +672,15 @@ def retrain(
         run_nightly(lambda: _retrain_once(settings, as_json=as_json, exit_on_error=False), at_time)
     except KeyboardInterrupt:
         _fail("stopped", 130)
+
+
+def _time_of_day(flag: str, value: str):
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(value, "%H:%M").time()
+    except ValueError:
+        _fail(f"{flag} takes a time of day as HH:MM (24-hour), not {value!r}")
 
 
 @app.command()
@@ -704,18 +708,11 @@ def worker(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    from datetime import datetime
-
     from embedder import resolve_device
     from feedback import RetrainWorker
     from store import Store
 
-    at_time = None
-    if nightly_at is not None:
-        try:
-            at_time = datetime.strptime(nightly_at, "%H:%M").time()
-        except ValueError:
-            _fail(f"--nightly-at takes a time of day as HH:MM (24-hour), not {nightly_at!r}")
+    at_time = None if nightly_at is None else _time_of_day("--nightly-at", nightly_at)
     settings = _settings(device=device)
     settings.apply_threads()
     # The worker's log is its report: runs claimed, outcomes, the nightly schedule.
