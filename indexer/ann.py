@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from indexer.faiss_import import gpu_count, import_faiss
+from indexer.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,7 @@ class AnnIndex:
             return cls(index, None, info)
 
         training = train_ivfpq(source, plan, config, tuning_queries, laps)
+        release_freed_memory()  # the training sample and k-means buffers, before the codes grow
         truth = ExactTopK(training.queries, 10)
         training.ivf.make_direct_map(True)  # position -> (list, offset): each chunk's residuals, then re-ranking
         add_positions(training.ivf, training.refine, truth, source, 0, n, config.add_chunk)
@@ -285,6 +287,7 @@ class AnnIndex:
         )
         ann = cls(index, training.refine, info)
         ann._tune(training.queries, truth, config, training.query_source)
+        release_freed_memory()  # the tuner's candidate buffers
         laps("tune")
         info.tuning["stage_seconds"] = laps.seconds
         info.build_seconds = laps.total()
@@ -299,7 +302,10 @@ class AnnIndex:
             self.info.rerank_factor = factor
             nprobe, previous = 1, -1.0
             while True:
-                _, found = self.search(queries, k, nprobe=nprobe)
+                # A hundred queries at a time: the re-rank reconstructs every candidate of a batch
+                # at once (1,000 queries x 32 x 10 candidates x 512 floats was 1.3 GB at 1M).
+                found = np.vstack([self.search(queries[i:i + 100], k, nprobe=nprobe)[1]
+                                   for i in range(0, len(queries), 100)])
                 recall = _recall(found, truth)
                 curve.append({"rerank_factor": factor, "nprobe": nprobe, "recall_at_10": round(recall, 4)})
                 if best is None or recall > best[2]:

@@ -28,6 +28,7 @@ from embedder import Embedder, ImageDecodeError, ModelIdentity, VectorCache, con
 from indexer.ann import AnnConfig, AnnIndex
 from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
+from indexer.memory import release_freed_memory
 from indexer.retention import apply_retention, build_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
@@ -269,8 +270,10 @@ class CatalogIndexer:
             ]
             if pending.size() >= cache.shard_rows:
                 pending.write(cache, self.store, summary)
+                release_freed_memory()  # each shard's Arrow batches and float copies
             self.progress.advance("read vectors", len(item.product_ids))
         pending.write(cache, self.store, summary)
+        release_freed_memory()
         self.progress.finish("read vectors")
         return cache
 
@@ -401,6 +404,7 @@ class CatalogIndexer:
         # API changes that landed while this build embedded: their vectors are in the journal.
         self._cache_journal_vectors(cache, after=catalog_seq)
         cache.flush()
+        release_freed_memory()  # what embedding or reading the vectors freed: the build's codes grow next
         sources, products = self._sources(cache)
         summary.products_indexed = products
         recorded = lambda version: self.store.get_index_version(version) is not None  # noqa: E731
