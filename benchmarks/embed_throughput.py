@@ -46,9 +46,12 @@ sys.path.insert(0, str(HERE))
 
 PRISM_PYTHON = Path(sys.executable)
 
-# Runs the real `prism` entry point (api.cli:main) with timers around the indexer's stages.
-# The timings go to $PRISM_BENCH_TIMINGS as JSON when the process exits.
-PRISM_INDEX_SHIM = r"""
+def prism_index_shim(timers: str) -> str:
+    """Python source (for `python -c`) that runs the real `prism` entry point (api.cli:main) with
+    timers around the indexer's stages; `timers` are lines of `_timed(owner, "attr", "key")`, and
+    may import what they name. The timings go to $PRISM_BENCH_TIMINGS as JSON when the process
+    exits."""
+    return r"""
 import atexit, json, os, sys, time
 _t0 = time.perf_counter()
 timings = {}
@@ -63,11 +66,7 @@ def _timed(owner, attr, key):
     setattr(owner, attr, wrapper)
 import embedder
 from indexer.pipeline import CatalogIndexer
-_timed(embedder, "load_embedder", "load_model_s")
-_timed(CatalogIndexer, "load_catalog", "load_catalog_s")
-_timed(CatalogIndexer, "_embed_texts", "embed_texts_s")
-_timed(CatalogIndexer, "_embed_images", "embed_images_s")
-_timed(CatalogIndexer, "build", "build_s")
+""" + timers + r"""
 timings["imports_s"] = time.perf_counter() - _t0
 def _dump():
     timings["process_s"] = time.perf_counter() - _t0
@@ -78,6 +77,13 @@ from api.cli import main
 sys.argv = ["prism", *sys.argv[1:]]
 sys.exit(main())
 """
+
+
+PRISM_INDEX_SHIM = prism_index_shim("""_timed(embedder, "load_embedder", "load_model_s")
+_timed(CatalogIndexer, "load_catalog", "load_catalog_s")
+_timed(CatalogIndexer, "_embed_texts", "embed_texts_s")
+_timed(CatalogIndexer, "_embed_images", "embed_images_s")
+_timed(CatalogIndexer, "build", "build_s")""")
 
 
 def machine_info() -> dict:

@@ -53,45 +53,21 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
+from embed_throughput import prism_index_shim  # noqa: E402
+
 CONFIGS = ("local", "ray_1_node", "ray_2_nodes")
 WORKERS = {"ray_1_node": 1, "ray_2_nodes": 2}
 # Ray's own process title of an embed actor while it runs a batch (tests/test_ray_index.py).
 BUSY_EMBED_ACTOR = "ray::MapWorker(MapBatches(_EmbedActor)).submit"
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # per node; Ray's default (30% of RAM each) is a lot for 3 nodes on a small host
 
-# The real `prism` entry point (api.cli:main) with timers around the indexer's stages; the
-# timings go to $PRISM_BENCH_TIMINGS as JSON when the process exits.
-PRISM_INDEX_SHIM = r"""
-import atexit, json, os, sys, time
-_t0 = time.perf_counter()
-timings = {}
-def _timed(owner, attr, key):
-    fn = getattr(owner, attr)
-    def wrapper(*a, **k):
-        started = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - started
-    setattr(owner, attr, wrapper)
-import embedder
-import indexer.ray_embed  # no Ray import at module level
-from indexer.pipeline import CatalogIndexer
+# `prism` with timers around the indexer's stages (embed_throughput.prism_index_shim).
+PRISM_INDEX_SHIM = prism_index_shim("""import indexer.ray_embed  # no Ray import at module level
 _timed(embedder, "load_embedder", "load_model_s")
 _timed(indexer.ray_embed, "_connect", "ray_connect_s")
 _timed(CatalogIndexer, "load_catalog", "load_catalog_s")
 _timed(CatalogIndexer, "embed", "embed_s")
-_timed(CatalogIndexer, "build", "build_s")
-timings["imports_s"] = time.perf_counter() - _t0
-def _dump():
-    timings["process_s"] = time.perf_counter() - _t0
-    with open(os.environ["PRISM_BENCH_TIMINGS"], "w") as fh:
-        json.dump(timings, fh)
-atexit.register(_dump)
-from api.cli import main
-sys.argv = ["prism", *sys.argv[1:]]
-sys.exit(main())
-"""
+_timed(CatalogIndexer, "build", "build_s")""")
 
 
 # ---------------------------------------------------------------- machine and noise
