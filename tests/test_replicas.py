@@ -38,15 +38,21 @@ def _serving(client) -> str | None:
     return client.get("/readyz").json().get("index_version")
 
 
-def test_replicas_share_catalog_changes_images_and_activations(tmp_path, small_catalog, tiny_embedder, databases):
+def _shared_catalog(tmp_path, small_catalog, tiny_embedder, databases) -> tuple:
+    """The small catalog indexed into a shared directory: (shared dir, database URL, index version)."""
     shared = tmp_path / "shared"
     url = databases.url(shared)
     store = Store.open(url)
     try:
-        first = CatalogIndexer(home=shared, store=store, embedder=tiny_embedder,
-                               options=IndexOptions(batch_size=32)).run(small_catalog).index_version
+        version = CatalogIndexer(home=shared, store=store, embedder=tiny_embedder,
+                                 options=IndexOptions(batch_size=32)).run(small_catalog).index_version
     finally:
         store.close()
+    return shared, url, version
+
+
+def test_replicas_share_catalog_changes_images_and_activations(tmp_path, small_catalog, tiny_embedder, databases):
+    shared, url, first = _shared_catalog(tmp_path, small_catalog, tiny_embedder, databases)
 
     def replica(name: str) -> PrismSettings:
         return PrismSettings(home=tmp_path / name, shared_dir=shared, database_url=url, model=TINY, device="cpu",
@@ -111,14 +117,7 @@ def test_replicas_share_catalog_changes_images_and_activations(tmp_path, small_c
 
 
 def test_a_damaged_local_copy_is_refused_and_copied_again(tmp_path, small_catalog, tiny_embedder, databases):
-    shared = tmp_path / "shared"
-    url = databases.url(shared)
-    store = Store.open(url)
-    try:
-        version = CatalogIndexer(home=shared, store=store, embedder=tiny_embedder,
-                                 options=IndexOptions(batch_size=32)).run(small_catalog).index_version
-    finally:
-        store.close()
+    shared, url, version = _shared_catalog(tmp_path, small_catalog, tiny_embedder, databases)
     settings = PrismSettings(home=tmp_path / "replica", shared_dir=shared, database_url=url, model=TINY, device="cpu")
     local = settings.home / "replica" / "indexes" / version
     with TestClient(create_app(settings)) as c:
