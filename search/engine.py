@@ -264,28 +264,30 @@ class SearchEngine:
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
         loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
+        self._prune_local_copies(version, current.version if current else None)
         with self._lock:
             # Changes journaled while the version loaded: a short replay, then the swap.
             self._serving = self._replay(loaded)
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion.
         self._embedders = {name: e for name, e in self._embedders.items() if name == version.model_version}
-        self._prune_local_copies(version)
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
             version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
 
-    def _prune_local_copies(self, serving: LoadedIndexVersion) -> None:
+    def _prune_local_copies(self, *in_use: LoadedIndexVersion | None) -> None:
         """A replica's copies of versions no longer recorded (retention dropped them) go: they can
-        never be activated again. A process still mapping one keeps its pages (unlinked files stay
-        readable while mapped)."""
+        never be activated again. The versions in use (the one about to serve, the one serving
+        until the swap) stay whatever the store says."""
         if self.local_copies is None:
             return
+        using = [v for v in in_use if v is not None]
         recorded = {
-            "indexes": {v.index_version for v in self.store.list_index_versions()} | {serving.index_version},
-            "models": {m.model_version for m in self.store.list_model_versions()} | {serving.model_version},
+            "indexes": {v.index_version for v in self.store.list_index_versions()} | {v.index_version for v in using},
+            "models": {m.model_version for m in self.store.list_model_versions()} | {v.model_version for v in using},
         }
         for kind, keep in recorded.items():
             folder = self.local_copies / kind
