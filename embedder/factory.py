@@ -278,7 +278,10 @@ def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
         raise ModelUnavailableError(f"model directory not found: {local}")
     only_local = local.is_dir() or _offline()
     try:
-        model = AutoModel.from_pretrained(where, local_files_only=only_local).to(device)
+        # float32 whatever dtype the checkpoint was saved in: transformers 5 would keep a float16
+        # or bfloat16 checkpoint as it is (slow on CPU, and vectors that differ by transformers
+        # version); on CUDA, autocast runs the forward in float16 as for open_clip models.
+        model = AutoModel.from_pretrained(where, local_files_only=only_local).float().to(device)
         tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=only_local)
         image_processor = AutoImageProcessor.from_pretrained(where, local_files_only=only_local)
     except OSError as exc:
@@ -287,8 +290,20 @@ def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
             f"`huggingface-cli download {source} --local-dir /models/{_slug(source)}` and use "
             f"`hf:/models/{_slug(source)}`. ({exc})"
         ) from exc
+    except (ValueError, ImportError) as exc:
+        # An unknown model_type, or a tokenizer whose backend is missing (SigLIP's spiece.model
+        # needs sentencepiece): transformers says which in its message.
+        raise ModelUnavailableError(f"{spec.raw}: transformers cannot load {where}: {exc}") from exc
     if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
         raise ModelSpecError(f"{spec.raw} is a {type(model).__name__}, not a CLIP-style dual encoder")
+    extra_inputs = [n for n in getattr(image_processor, "model_input_names", ["pixel_values"]) if n != "pixel_values"]
+    if extra_inputs:
+        # SigLIP 2's NaFlex processor: variable patch grids whose masks and shapes must travel with
+        # each image; images here are fixed-size tensors stacked into one batch.
+        raise ModelSpecError(
+            f"{spec.raw} is a {type(model).__name__} whose images need {', '.join(extra_inputs)} beside "
+            f"pixel_values; the hf: backend embeds fixed-size images only (CLIP, SigLIP, ChineseCLIP)"
+        )
     return HFClipEmbedder(
         model, tokenizer, image_processor, name=model_version_name(spec), spec=spec.raw, device=device, **kwargs
     )

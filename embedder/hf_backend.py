@@ -18,7 +18,7 @@ class HFClipEmbedder(Embedder):
         model_type = getattr(model.config, "model_type", "")
         # SigLIP was trained on max-length padded text and has no padding mask: trimming would change it.
         self._padding = "max_length" if model_type.startswith("siglip") else "longest"
-        self._max_length = _text_max_length(model.config)
+        self._max_length = _text_max_length(model.config, tokenizer)
         self.dim = int(getattr(model.config, "projection_dim", 0) or self._probe_dim())
 
     def _probe_dim(self) -> int:
@@ -59,6 +59,15 @@ def _features(out) -> np.ndarray:
     return tensor.float().cpu().numpy()
 
 
-def _text_max_length(config) -> int:
+def _text_max_length(config, tokenizer=None) -> int:
+    """Tokens per text: the text tower's positions, or fewer where the tokenizer declares a lower
+    limit (a BERT-style tower such as Chinese-CLIP's has 512 positions but was trained on far
+    shorter texts; its tokenizer config is where a checkpoint can say so). SigLIP pads every text
+    to this length, so it must be the length the model was trained with."""
     text_cfg = getattr(config, "text_config", None)
-    return int(getattr(text_cfg, "max_position_embeddings", 77) or 77)
+    positions = int(getattr(text_cfg, "max_position_embeddings", 77) or 77)
+    declared = getattr(tokenizer, "model_max_length", None)
+    # transformers writes a huge sentinel (int(1e30)) when a tokenizer declares no limit.
+    if isinstance(declared, int) and 0 < declared < 1_000_000:
+        return min(positions, declared)
+    return positions
