@@ -524,8 +524,7 @@ class SearchEngine:
             exact_subset_max=self.exact_subset_max,
         )
         found = [(int(i), float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0 and i not in exclude]
-        members = None if allowed is None else allowed.ids
-        found += overlay.search(modality, query, want, allowed=members, excluded=exclude)
+        found += overlay.search(modality, query, want, allowed=allowed, excluded=exclude)
         found.sort(key=lambda pair: (-pair[1], pair[0]))
         return found[:want]
 

@@ -126,15 +126,16 @@ class Overlay:
         return len(self._ids[modality])
 
     def search(
-        self, modality: str, query: np.ndarray, k: int, *, allowed: np.ndarray | None, excluded: np.ndarray | None
+        self, modality: str, query: np.ndarray, k: int, *, allowed: IdSet | None, excluded: np.ndarray | None
     ) -> list[tuple[int, float]]:
-        """Exact top-k (row id, cosine) among this modality's changed products."""
+        """Exact top-k (row id, cosine) among this modality's changed products. `allowed` is
+        tested through its bitmap: a broad filter holds millions of ids at 10M products."""
         ids, matrix = self._ids[modality], self._matrix[modality]
         if not len(ids) or k <= 0:
             return []
         keep = np.ones(len(ids), dtype=bool)
         if allowed is not None:
-            keep &= np.isin(ids, allowed)
+            keep &= allowed.contains(ids)
         if excluded is not None and len(excluded):
             keep &= ~np.isin(ids, excluded)
         if not keep.any():

@@ -123,12 +123,29 @@ def test_hnsw_coarse_quantizer_builds_tunes_saves_and_loads(tmp_path, data, flat
 
 
 def test_masked_rows_are_dropped_after_the_scan_or_selected_and_never_returned(data, ivf):
-    """A small share of deleted rows is fetched past and dropped; a large share goes through a selector."""
+    """Deleted rows are fetched past and dropped after the scan, whatever their share."""
     from indexer import IdSet
 
     _, ids, q = data
     _, first = ivf.search(q[:20], 10)
-    for masked in (np.unique(first[:, :5]), ids[::3]):  # ~100 rows: post-filter; a third: selector
+    for masked in (np.unique(first[:, :5]), ids[::3], ids[np.arange(len(ids)) % 50 != 0]):  # ~100 rows, a third, 98%
         scores, again = ivf.search(q[:20], 10, excluded=IdSet(np.sort(masked)))
         assert not np.isin(again, masked).any() and (again >= 0).all()
         assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_broad_filters_dropped_after_the_scan_rank_as_a_selector_does(data, ivf, flat, monkeypatch):
+    """A filter leaving a few percent or more is applied after the scan (cheaper than a selector on
+    fast-scan codes): the same members come back as through the selector, near the exact ones."""
+    import indexer.ann as ann_module
+
+    _, ids, q = data
+    for allowed in (ids[::3], ids[::40]):  # a third, 2.5%: both above POST_FILTER_MIN_KEPT_SHARE
+        _, after_scan = ivf.search(q[:100], 10, allowed=allowed)
+        with monkeypatch.context() as forced:
+            forced.setattr(ann_module, "POST_FILTER_MIN_KEPT_SHARE", 2.0)  # never: always a selector
+            _, selected = ivf.search(q[:100], 10, allowed=allowed)
+        _, exact = flat.search(q[:100], 10, allowed=allowed)
+        assert np.isin(after_scan, allowed).all() and (after_scan >= 0).all()
+        assert _recall(after_scan, selected) >= 0.97
+        assert _recall(after_scan, exact) >= _recall(selected, exact) - 0.01
