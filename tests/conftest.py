@@ -100,7 +100,8 @@ def small_demo_home(tmp_path_factory, databases):
 
     home = tmp_path_factory.mktemp("demo-home")
     env = databases.env(home, PRISM_THREADS="2")
-    first = run_prism(["demo", "--no-serve", "--limit", "150", "--epochs", "60"], env)
+    # ~2 minutes alone; the timeout only guards against a hang (a host shared with other jobs took 7).
+    first = run_prism(["demo", "--no-serve", "--limit", "150", "--epochs", "60"], env, timeout=1500)
     return home, env, first
 
 

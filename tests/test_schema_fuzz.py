@@ -33,6 +33,12 @@ schemathesis = pytest.importorskip("schemathesis")
 import hypothesis  # noqa: E402
 from hypothesis import HealthCheck  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
+# Imported at collection, not lazily by the first test: pytest rewrites a plugin's modules as they
+# import, and CPython 3.11's compile() can raise "AST constructor recursion depth mismatch" when it
+# runs while other threads (apps and loaders of earlier tests) are alive (python/cpython#106905).
+import schemathesis.specs.openapi.schemas  # noqa: E402,F401
+from schemathesis.generation.feedback import FeedbackSources  # noqa: E402,F401
+from schemathesis.pytest import _test_builder  # noqa: E402,F401
 from schemathesis.specs.openapi.checks import (  # noqa: E402
     content_type_conformance,
     negative_data_rejection,
