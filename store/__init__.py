@@ -12,6 +12,7 @@ from store.db import (
     migrate,
 )
 from store.records import (
+    AttributeCondition,
     CatalogChangeRecord,
     CatalogWrite,
     EventInput,
@@ -27,10 +28,17 @@ from store.records import (
     SearchContext,
     SourcePreference,
     TrainingRunRecord,
+    attribute_key,
+    attribute_keys,
+    attribute_number,
     filter_key,
 )
 
 __all__ = [
+    "AttributeCondition",
+    "attribute_key",
+    "attribute_keys",
+    "attribute_number",
     "ActiveVersionChangedError",
     "CatalogChangeRecord",
     "CatalogWrite",
