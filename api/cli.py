@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prism: cross
 models_app = typer.Typer(no_args_is_help=True, help="Model and index versions.")
 app.add_typer(models_app, name="models")
 products_app = typer.Typer(
-    no_args_is_help=True, help="One catalog product: show or delete it (works on PRISM_HOME directly; no server needed)."
+    no_args_is_help=True,
+    help="One catalog product: show, change or delete it (works on PRISM_HOME directly; no server needed)."
 )
 app.add_typer(products_app, name="products")
 
@@ -844,6 +845,89 @@ def products_delete(product_id: ProductIdArg) -> None:
     if deleted is None:
         _fail(f"no product {product_id!r}", 1)
     typer.echo(f"deleted product {product_id!r}; servers drop it from results on their next query")
+
+
+@products_app.command("patch")
+def products_patch(
+    product_id: ProductIdArg,
+    title: Annotated[Optional[str], typer.Option(help="new title (re-embeds the product's text)")] = None,
+    description: Annotated[Optional[str], typer.Option(help="new description (re-embeds the product's text)")] = None,
+    category: Annotated[Optional[str], typer.Option(help="new category")] = None,
+    brand: Annotated[Optional[str], typer.Option(help="new brand")] = None,
+    price: Annotated[Optional[float], typer.Option(help="new price")] = None,
+    currency: Annotated[Optional[str], typer.Option(help="new currency, a 3-letter code")] = None,
+    stock: Annotated[Optional[int], typer.Option(help="units on hand")] = None,
+    attributes: Annotated[Optional[str], typer.Option(help="new attributes, a JSON object (replaces them all)")] = None,
+    clear: Annotated[Optional[list[str]], typer.Option(
+        help="clear this field (repeatable): description, category, brand, price, currency or stock")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the product as PATCH /v1/products/{id} answers")] = False,
+) -> None:
+    """Change some fields of one product as PATCH /v1/products/{id} does: price, currency, stock,
+    category, brand and attributes embed nothing; a new title or description is embedded with the
+    serving model. Journaled: running servers serve it on their next query (exit 1 when there is no
+    product by that id)."""
+    product_id = _product_id(product_id)
+    from pydantic import ValidationError
+
+    from api.schemas import ProductPatch
+
+    body: dict = {name: value for name, value in (
+        ("title", title), ("description", description), ("category", category), ("brand", brand), ("price", price),
+        ("currency", currency), ("stock", stock)) if value is not None}
+    if attributes is not None:
+        try:
+            body["attributes"] = json.loads(attributes)
+        except ValueError as exc:
+            _fail(f"--attributes: not JSON ({exc})")
+    for name in clear or []:
+        if name in body:
+            _fail(f"--clear {name} and --{name}: give one of them")
+        body[name] = None
+    try:
+        patch = ProductPatch.model_validate(body)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'--' + '.'.join(str(x) for x in e['loc']) + ': ' if e['loc'] else ''}{e['msg']}"
+                        for e in exc.errors()))
+    changes = patch.changes()
+    from api.routes.common import product_out
+    from api.schemas import ProductUpserted
+    from indexer import CatalogUpdater, UpdateError
+    from store import Store
+
+    settings = _settings()
+    try:
+        store = Store.open(settings.db_url)
+        embedder = None
+        if {"title", "description"} & set(changes):
+            embedder = _serving_embedder(settings, store)
+        updater = CatalogUpdater(home=settings.artifacts, store=store, image_limits=settings.image_limits())
+        outcome = updater.patch(product_id, changes, embedder)
+    except (*_known_errors(), UpdateError) as exc:
+        _fail(str(exc))
+    if outcome is None:
+        _fail(f"no product {product_id!r}", 1)
+    if as_json:
+        body = ProductUpserted(**product_out(outcome.product), created=False, image_action=outcome.image_action,
+                               catalog_seq=outcome.seq).model_dump(mode="json")
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    how = "nothing re-embedded" if outcome.metadata_only else "re-embedded"
+    typer.echo(f"patched product {product_id!r} ({', '.join(sorted(changes))}; {how}); servers serve it on their "
+               "next query")
+
+
+def _serving_embedder(settings, store):
+    """The model of the active index version, as a server would embed with it."""
+    from embedder import load_embedder
+    from search import NotReadyError
+
+    active = store.active_index_version()
+    model = store.get_model_version(active.model_version) if active is not None else None
+    if model is None:
+        raise NotReadyError("no index version is active yet: run `prism index CATALOG` first")
+    settings.apply_threads()
+    return load_embedder(model.spec, device=settings.device, models_dir=settings.models_dir,
+                         image_limits=settings.image_limits())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
