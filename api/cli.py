@@ -141,6 +141,12 @@ def index(
         help="write the whole summary as JSON here, with every rejected row and every product whose "
              "image failed")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    sync: Annotated[bool, typer.Option(
+        "--sync", help="after indexing, delete the live products CATALOG does not list (journaled, as `prism "
+                       "products delete`); rows rejected for a bad field still keep their product")] = False,
+    max_delete_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="with --sync: if more than this share of the live catalog would be deleted, "
+                               "delete nothing and exit 1")] = 0.2,
     ray: Annotated[bool, typer.Option(
         "--ray", help="embed on a Ray cluster (`--ray [ADDRESS]`). Every node needs Prism installed and the "
                       "home's models/ and the images at the same paths (a shared filesystem)")] = False,
@@ -171,8 +177,11 @@ def index(
                                      models_dir=settings.models_dir)
         except ValueError as exc:
             _fail(str(exc))
+    if max_delete_fraction != 0.2 and not sync:
+        _fail("--max-delete-fraction goes with --sync")
     try:
-        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json, ray=ray_options)
+        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json, ray=ray_options,
+                                    sync=sync, max_delete_fraction=max_delete_fraction)
         if report is not None:
             _write_report(report, summary, store)
     except KeyboardInterrupt:
@@ -187,6 +196,8 @@ def index(
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
     else:
         _print_summary(summary, report)
+    if summary.sync is not None and summary.sync["refused"]:
+        _fail(f"--sync deleted nothing: {summary.sync['reason']}", 1)
 
 
 def _write_report(path: Path, summary, store) -> None:
@@ -201,7 +212,8 @@ def _write_report(path: Path, summary, store) -> None:
     tmp.replace(path)
 
 
-def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool, ray=None):
+def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool, ray=None,
+               sync: bool = False, max_delete_fraction: float = 0.2):
     from dataclasses import replace
 
     from embedder import describe_model, load_embedder
@@ -209,7 +221,8 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
 
     from store import SourcePreference, Store
 
-    options = replace(settings.index_options(), prefer=SourcePreference(prefer))
+    options = replace(settings.index_options(), prefer=SourcePreference(prefer), sync=sync,
+                      max_delete_fraction=max_delete_fraction)
     # An unreadable catalog (missing, unknown format, no required columns) or vectors file fails
     # before the model load, which takes seconds to minutes.
     next(iter(read_catalog(catalog, options.image_policy)), None)
@@ -257,6 +270,11 @@ def _print_summary(summary, report: Path | None = None) -> None:
             f"{modality} index",
             f"{info['factory']}  n={info['count']}  nprobe={info['nprobe']}  recall@10={info['recall_at_10']:.3f}",
         )
+    if summary.sync is not None:
+        sync = summary.sync
+        share = f"{sync['absent']} of {sync['live_before']} live products ({sync['fraction']:.1%})"
+        table.add_row("sync", f"refused: {share} absent from the feed; deleted 0" if sync["refused"]
+                      else f"deleted {sync['deleted']}: {share} absent from the feed")
     table.add_row("model version", str(summary.model_version))
     table.add_row("index version", str(summary.index_version))
     table.add_row("seconds", f"{summary.seconds:.1f}")

@@ -9,6 +9,7 @@ from indexer.incremental import PATCH_FIELDS, PATCH_METADATA_FIELDS, CatalogUpda
 from indexer.pipeline import (
     DEFAULT_MODEL_SPEC,
     CatalogIndexer,
+    FeedSync,
     IndexOptions,
     IndexSummary,
     NoProgress,
@@ -48,6 +49,7 @@ __all__ = [
     "AnnInfo",
     "CatalogError",
     "CatalogIndexer",
+    "FeedSync",
     "CatalogUpdater",
     "CatalogRow",
     "FetchError",
