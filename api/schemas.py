@@ -495,6 +495,8 @@ class FacetsResponse(BaseModel):
     price_min: float | None
     price_max: float | None
     products: int
+    attributes: list[str] = Field(default_factory=list, description=(
+        "filterable attribute names, most common first (what `attributes.NAME` facets and filters take)"))
     credits: str | None = Field(None, description="licence attribution the catalog's images require (the demo: OpenMoji, CC BY-SA 4.0)")
 
 

@@ -9,9 +9,11 @@
    FilterIndex snapshot, so both pay for resolving each (distinct) filter once.
    Target: p50 with facets <= 2x p50 without.
 2. patch: PATCH /v1/products/{id} of a price over the real app (in process: no sockets), on a
-   home of generated products indexed by the tiny test model. The time is the ASGI round trip, an
-   upper bound on the server-side time. Each PATCH is followed by a search that must find the new
-   price; the model's encode calls are counted. Target: p50 <= 5 ms, embeddings computed 0.
+   home of generated products indexed by the tiny test model. Server-side time: from the request
+   entering the app to its last response byte, taken by an ASGI wrapper around the app (the test
+   client's own thread hops are left out; its round trip is reported beside). Each PATCH is
+   followed by a search that must find the new price; the model's encode calls during the PATCHes
+   are counted. Target: server-side p50 <= 5 ms, embeddings computed 0.
 
     python benchmarks/commerce_facets.py [--products 100000] [--queries 300] [--patches 200]
                                          [--database-url URL] [--out benchmarks/results/commerce_facets.json]
@@ -166,9 +168,22 @@ def bench_patch(patches: int, database_url: str | None, products: int = 300) -> 
     settings = PrismSettings(home=home, device="cpu", model="prism-tiny-vit:random", database_url=url,
                              admin_token="bench-token")
     headers = {"Authorization": "Bearer bench-token"}
-    times, visible = [], 0
-    with TestClient(create_app(settings), headers=headers) as client:
-        serving = client.app.state.services.engine.serving.embedder
+    times, round_trips, visible = [], [], 0
+    server: list[float] = []
+    app = create_app(settings)
+
+    async def timed(scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "PATCH":
+            return await app(scope, receive, send)
+        started = time.perf_counter()
+        try:
+            await app(scope, receive, send)
+        finally:
+            server.append((time.perf_counter() - started) * 1000)
+
+    timed.state = app.state
+    with TestClient(timed, headers=headers) as client:
+        serving = app.state.services.engine.serving.embedder
         calls = {"encode_texts": 0, "encode_images": 0}
         for name in calls:
             real = getattr(serving, name)
@@ -190,12 +205,14 @@ def bench_patch(patches: int, database_url: str | None, products: int = 300) -> 
             if r.status_code != 200:
                 raise SystemExit(f"PATCH failed: {r.status_code} {r.text}")
             if i >= 20:  # the first ones warm up connection pools and caches
-                times.append(elapsed)
+                round_trips.append(elapsed)
+                times.append(server[-1])
             found = client.get("/v1/search", params={"q": "x", "price_min": price, "price_max": price, "k": 5}).json()
             visible += [h["product_id"] for h in found["results"]] == [pid]
     return {
         "database": url.split(":", 1)[0], "products": products, "patches": len(times),
         "p50_ms": round(percentile(times, 50), 3), "p95_ms": round(percentile(times, 95), 3),
+        "client_round_trip_p50_ms": round(percentile(round_trips, 50), 3),
         "visible_in_next_search": f"{visible}/{patches + 20}", "embeddings_computed": embedded,
         "target_p50_ms": 5.0, "met": percentile(times, 50) <= 5.0 and visible == patches + 20
         and embedded == 0,
@@ -224,7 +241,8 @@ def main() -> None:
     if args.skip != "patch":
         result["patch"] = bench_patch(args.patches, args.database_url)
         p = result["patch"]
-        print(f"PATCH price ({p['database']}): p50 {p['p50_ms']:.2f} ms, p95 {p['p95_ms']:.2f} ms over {p['patches']}; "
+        print(f"PATCH price ({p['database']}): server-side p50 {p['p50_ms']:.2f} ms, p95 {p['p95_ms']:.2f} ms over "
+              f"{p['patches']} (test-client round trip p50 {p['client_round_trip_p50_ms']:.2f} ms); "
               f"visible in the next search {p['visible_in_next_search']}; embeddings computed {p['embeddings_computed']} "
               f"(target p50 <= 5 ms, 0 embeddings: {'met' if p['met'] else 'NOT met'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -287,7 +287,9 @@ class FilterIndex:
 
     @property
     def attribute_names(self) -> list[str]:
-        return list(self._attributes)
+        """Indexed attribute names, those most products had at the load first."""
+        held = {name: int(attr.totals.sum()) for name, attr in self._base.attributes.items()}
+        return sorted(self._attributes, key=lambda name: (-held.get(name, 0), name))
 
     def patched(self, facts: ProductFacts) -> "FilterIndex":
         """A new snapshot in which these rows have these (current) facts."""
