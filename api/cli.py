@@ -310,6 +310,13 @@ def search(
     brand: Annotated[Optional[list[str]], typer.Option(help="only this brand (repeatable)")] = None,
     price_min: Annotated[Optional[float], typer.Option(help="minimum price")] = None,
     price_max: Annotated[Optional[float], typer.Option(help="maximum price")] = None,
+    attr: Annotated[Optional[list[str]], typer.Option(
+        help="only products whose attribute NAME is VALUE: NAME=VALUE (repeatable; one name given twice: either "
+             "value), or NAME=MIN..MAX for a numeric range (either end may be left out)")] = None,
+    in_stock: Annotated[Optional[bool], typer.Option(
+        "--in-stock/--out-of-stock", help="leave out products known to be out of stock / only those", show_default=False)] = None,
+    facets: Annotated[Optional[str], typer.Option(
+        help="count values over every match: comma-separated category, brand, in_stock, attributes.NAME")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON, as POST /v1/search answers it")] = False,
 ) -> None:
     """Search the active index by TEXT or by --image."""
@@ -321,7 +328,9 @@ def search(
     data = _read_query_image(settings, image) if image is not None else None
     request = _search_request(
         text=text, image=data, target=target, k=k, offset=offset,
-        filters={"category": category or [], "brand": brand or [], "price_min": price_min, "price_max": price_max},
+        filters={"category": category or [], "brand": brand or [], "price_min": price_min, "price_max": price_max,
+                 "attributes": _attr_options(attr or []), "in_stock": in_stock},
+        facets=[part.strip() for part in facets.split(",") if part.strip()] if facets is not None else [],
     )
     from api.routes.common import to_filter
     from api.routes.search import logged_response
@@ -339,7 +348,7 @@ def search(
         # window, as for HTTP) before it loads the active version and its model.
         result = engine.search(
             text=request.text, image=request.image_b64, target=request.target, k=request.k, offset=request.offset,
-            filters=to_filter(request.filters),
+            filters=to_filter(request.filters), facets=tuple(request.facets),
         )
         response = logged_response(store, result)
     except _known_errors() as exc:
@@ -359,16 +368,38 @@ def search(
     # A line of its own, not the table's title, which rich wraps to the table's width.
     console.print(f"{response.query_kind} -> {response.target.value}  ({took}; query {response.query_id})")
     console.print(table)
+    for name, counts in (response.facets or {}).items():
+        shown = ", ".join(f"{value} ({count})" for value, count in counts.items()) or "none"
+        console.print(f"{name}: {shown}", markup=False)
+
+
+def _attr_options(options: list[str]) -> dict:
+    """`--attr NAME=VALUE` / `NAME=MIN..MAX` as the `attributes` of POST /v1/search filters."""
+    out: dict = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            _fail(f"--attr {option!r}: give NAME=VALUE or NAME=MIN..MAX")
+        low, dots, high = value.partition("..")
+        if dots:
+            try:
+                out[name] = {key: float(v) for key, v in (("min", low), ("max", high)) if v.strip()}
+            except ValueError:
+                _fail(f"--attr {option!r}: a range is MIN..MAX, numbers")
+            continue
+        out.setdefault(name, []).append(value)
+    return out
 
 
 # The request model's field names as the CLI spells them, for its validation messages.
 _SEARCH_ARGS = {
     "text": "TEXT", "image_b64": "--image", "target": "--target", "k": "-k", "offset": "--offset",
     "category": "--category", "brand": "--brand", "price_min": "--price-min", "price_max": "--price-max",
+    "attributes": "--attr", "in_stock": "--in-stock", "facets": "--facets",
 }
 
 
-def _search_request(*, text: str | None, image: bytes | None, filters: dict, **fields):
+def _search_request(*, text: str | None, image: bytes | None, filters: dict, facets: list[str] | None = None, **fields):
     """The CLI's arguments as the SearchRequest of POST /v1/search: the same validators, so the CLI
     refuses exactly what HTTP answers with a 422. Its messages use the CLI's names."""
     import base64
@@ -378,7 +409,7 @@ def _search_request(*, text: str | None, image: bytes | None, filters: dict, **f
 
     from api.schemas import SearchRequest
 
-    body = {"text": text, "filters": filters, **fields}
+    body = {"text": text, "filters": filters, "facets": facets or [], **fields}
     if image is not None:
         body["image_b64"] = base64.b64encode(image).decode("ascii")
     try:

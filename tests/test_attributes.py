@@ -325,3 +325,25 @@ def test_catalog_stock_column_is_checked_per_row(tmp_path):
     bad = {r.product_id: r.reason for r in rows if isinstance(r, RowError)}
     assert good == {"A": 3, "B": None}
     assert set(bad) == {"C", "D", "E"} and all("stock" in reason for reason in bad.values())
+
+
+def test_cli_search_takes_attribute_filters_in_stock_and_facets(home, client, databases):
+    from prism_cli import run_prism
+
+    env = databases.env(home.home)
+    args = ["search", "item", "--target", "text", "-k", "50", "--attr", "color=red", "--attr", "size=39..42",
+            "--in-stock", "--facets", "attributes.color,in_stock"]
+    done = run_prism([*args, "--json"], env, check=False)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    http = client.post("/v1/search", json={
+        "text": "item", "target": "text", "k": 50, "facets": ["attributes.color", "in_stock"],
+        "filters": {"attributes": {"color": ["red"], "size": {"min": 39, "max": 42}}, "in_stock": True}}).json()
+    assert [h["product_id"] for h in answer["results"]] == [h["product_id"] for h in http["results"]]
+    assert answer["facets"] == http["facets"] and answer["facets"]["attributes.color"]
+    table = run_prism(args, env, check=False)
+    assert table.returncode == 0 and "attributes.color: red (" in table.stdout, table.stdout
+    for bad, words in ((["--facets", "nope"], "--facets: unknown facet"), (["--attr", "color"], "NAME=VALUE"),
+                       (["--attr", "size=a..b"], "MIN..MAX"), (["--attr", "_x=1"], "--attr")):
+        failed = run_prism(["search", "item", *bad], env, check=False)
+        assert failed.returncode == 2 and words in failed.stderr, (bad, failed.stderr)
