@@ -347,3 +347,16 @@ def test_cli_search_takes_attribute_filters_in_stock_and_facets(home, client, da
                        (["--attr", "size=a..b"], "MIN..MAX"), (["--attr", "_x=1"], "--attr")):
         failed = run_prism(["search", "item", *bad], env, check=False)
         assert failed.returncode == 2 and words in failed.stderr, (bad, failed.stderr)
+
+
+def test_the_search_log_records_attribute_filters_and_in_stock(client, home):
+    r = client.post("/v1/search", json={"text": "item", "filters": {
+        "attributes": {"color": ["Red", "blue"], "size": {"min": 40}}, "in_stock": False}})
+    assert r.status_code == 200, r.text
+    store = Store.open(home.db_url)
+    try:
+        logged = store.get_search(r.json()["query_id"])
+    finally:
+        store.close()
+    assert logged["filters"] == {"attributes": {"color": ["blue", "red"], "size": {"min": 40.0, "max": None}},
+                                 "in_stock": False}
