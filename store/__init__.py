@@ -1,6 +1,7 @@
 """store: SQL persistence for products, model and index versions, search log, events, training runs."""
 
 from store.db import (
+    METADATA_COLUMNS,
     ActiveVersionChangedError,
     ConflictError,
     EventIdReusedError,
@@ -35,6 +36,7 @@ from store.records import (
 )
 
 __all__ = [
+    "METADATA_COLUMNS",
     "AttributeCondition",
     "attribute_key",
     "attribute_keys",

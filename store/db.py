@@ -44,6 +44,9 @@ from store.records import (
 
 log = logging.getLogger(__name__)
 
+# The product columns a metadata-only change may set: none of them is embedded.
+METADATA_COLUMNS = ("category", "brand", "price", "currency", "stock", "attributes")
+
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # SQLite caps bound parameters per statement (32766 on modern builds); stay well below.
 _IN_CHUNK = 900
@@ -746,6 +749,32 @@ class Store:
             p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
             p.attributes = dict(item.attributes)
             p.stock = item.stock
+            p.updated_at = now
+            p.changed_by = "api"
+            change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
+            s.add(change)
+            s.flush()
+            return _to_record(ProductRecord, p), int(change.seq)
+
+    def patch_product_metadata(self, product_id: str, fields: dict) -> tuple[ProductRecord, int] | None:
+        """Set some metadata columns (category, brand, price, currency, stock, attributes) of a
+        live product and journal a "meta" change, in one transaction: the read, the write and the
+        journal entry see the same row (its lock held on PostgreSQL), so no compare-and-set retry
+        is needed and a concurrent change is never overwritten by stale fields. `attributes`
+        replaces the object but keeps Prism's own "_" keys. None: no live product by that id."""
+        unknown = set(fields) - set(METADATA_COLUMNS)
+        if unknown:
+            raise ValueError(f"not metadata columns: {', '.join(sorted(unknown))}")
+        now = utcnow()
+        with self.session() as s, s.begin():
+            _serialise_journal(s)
+            p = s.scalar(select(Product).where(Product.product_id == product_id).with_for_update())
+            if p is None or p.deleted_at is not None:
+                return None
+            for column, value in fields.items():
+                if column == "attributes":
+                    value = {**{k: v for k, v in (p.attributes or {}).items() if k.startswith("_")}, **(value or {})}
+                setattr(p, column, value)
             p.updated_at = now
             p.changed_by = "api"
             change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
