@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -102,8 +103,9 @@ class AttributeRange(BaseModel):
 
 
 def _attribute_value(name: str, value: Any) -> Any:
-    if isinstance(value, bool) or isinstance(value, (int, float)) and not isinstance(value, bool):
-        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+    if isinstance(value, (bool, int, float)):
+        # Python's JSON parser reads NaN and Infinity, which no attribute can equal.
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{name}: values must be finite numbers")
         return value
     if isinstance(value, str):

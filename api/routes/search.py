@@ -138,11 +138,10 @@ def search_upload(
 ) -> SearchResponse:
     """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes.
     Attribute filters are fields `attr.NAME` (repeatable), as in GET /v1/search."""
+    # The form as `_known_form_fields` parsed it: `attr.NAME` fields are not declared parameters.
     form = request.scope.get("prism.form")
-    attributes = {}
-    if form is not None:
-        attributes = attribute_params({k: form.getlist(k) for k in form.keys() if k.startswith(ATTRIBUTE_PARAM)})
-        attributes = attributes.get("attributes", {})
+    fields = {k: form.getlist(k) for k in form.keys() if k.startswith(ATTRIBUTE_PARAM)} if form is not None else {}
+    attributes = attribute_params(fields).get("attributes", {})
     try:
         filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max,
                           attributes=attributes, in_stock=in_stock)
