@@ -17,7 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Prism: cross
 models_app = typer.Typer(no_args_is_help=True, help="Model and index versions.")
 app.add_typer(models_app, name="models")
 products_app = typer.Typer(
-    no_args_is_help=True, help="One catalog product: show or delete it (works on PRISM_HOME directly; no server needed)."
+    no_args_is_help=True,
+    help="One catalog product: show, change or delete it (works on PRISM_HOME directly; no server needed)."
 )
 app.add_typer(products_app, name="products")
 
@@ -140,6 +141,12 @@ def index(
         help="write the whole summary as JSON here, with every rejected row and every product whose "
              "image failed")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+    sync: Annotated[bool, typer.Option(
+        "--sync", help="after indexing, delete the live products CATALOG does not list (journaled, as `prism "
+                       "products delete`); rows rejected for a bad field still keep their product")] = False,
+    max_delete_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="with --sync: if more than this share of the live catalog would be deleted, "
+                               "delete nothing and exit 1")] = 0.2,
     ray: Annotated[bool, typer.Option(
         "--ray", help="embed on a Ray cluster (`--ray [ADDRESS]`). Every node needs Prism installed and the "
                       "home's models/ and the images at the same paths (a shared filesystem)")] = False,
@@ -170,8 +177,11 @@ def index(
                                      models_dir=settings.models_dir)
         except ValueError as exc:
             _fail(str(exc))
+    if max_delete_fraction != 0.2 and not sync:
+        _fail("--max-delete-fraction goes with --sync")
     try:
-        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json, ray=ray_options)
+        summary, store = _run_index(settings, catalog, vectors=vectors, prefer=prefer, quiet=as_json, ray=ray_options,
+                                    sync=sync, max_delete_fraction=max_delete_fraction)
         if report is not None:
             _write_report(report, summary, store)
     except KeyboardInterrupt:
@@ -186,6 +196,8 @@ def index(
         typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
     else:
         _print_summary(summary, report)
+    if summary.sync is not None and summary.sync["refused"]:
+        _fail(f"--sync deleted nothing: {summary.sync['reason']}", 1)
 
 
 def _write_report(path: Path, summary, store) -> None:
@@ -200,7 +212,8 @@ def _write_report(path: Path, summary, store) -> None:
     tmp.replace(path)
 
 
-def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool, ray=None):
+def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: str = "newer", quiet: bool, ray=None,
+               sync: bool = False, max_delete_fraction: float = 0.2):
     from dataclasses import replace
 
     from embedder import describe_model, load_embedder
@@ -208,7 +221,8 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
 
     from store import SourcePreference, Store
 
-    options = replace(settings.index_options(), prefer=SourcePreference(prefer))
+    options = replace(settings.index_options(), prefer=SourcePreference(prefer), sync=sync,
+                      max_delete_fraction=max_delete_fraction)
     # An unreadable catalog (missing, unknown format, no required columns) or vectors file fails
     # before the model load, which takes seconds to minutes.
     next(iter(read_catalog(catalog, options.image_policy)), None)
@@ -256,6 +270,11 @@ def _print_summary(summary, report: Path | None = None) -> None:
             f"{modality} index",
             f"{info['factory']}  n={info['count']}  nprobe={info['nprobe']}  recall@10={info['recall_at_10']:.3f}",
         )
+    if summary.sync is not None:
+        sync = summary.sync
+        share = f"{sync['absent']} of {sync['live_before']} live products ({sync['fraction']:.1%})"
+        table.add_row("sync", f"refused: {share} absent from the feed; deleted 0" if sync["refused"]
+                      else f"deleted {sync['deleted']}: {share} absent from the feed")
     table.add_row("model version", str(summary.model_version))
     table.add_row("index version", str(summary.index_version))
     table.add_row("seconds", f"{summary.seconds:.1f}")
@@ -291,6 +310,13 @@ def search(
     brand: Annotated[Optional[list[str]], typer.Option(help="only this brand (repeatable)")] = None,
     price_min: Annotated[Optional[float], typer.Option(help="minimum price")] = None,
     price_max: Annotated[Optional[float], typer.Option(help="maximum price")] = None,
+    attr: Annotated[Optional[list[str]], typer.Option(
+        help="only products whose attribute NAME is VALUE: NAME=VALUE (repeatable; one name given twice: either "
+             "value), or NAME=MIN..MAX for a numeric range (either end may be left out)")] = None,
+    in_stock: Annotated[Optional[bool], typer.Option(
+        "--in-stock/--out-of-stock", help="leave out products known to be out of stock / only those", show_default=False)] = None,
+    facets: Annotated[Optional[str], typer.Option(
+        help="count values over every match: comma-separated category, brand, in_stock, attributes.NAME")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the answer as JSON, as POST /v1/search answers it")] = False,
 ) -> None:
     """Search the active index by TEXT or by --image."""
@@ -302,7 +328,9 @@ def search(
     data = _read_query_image(settings, image) if image is not None else None
     request = _search_request(
         text=text, image=data, target=target, k=k, offset=offset,
-        filters={"category": category or [], "brand": brand or [], "price_min": price_min, "price_max": price_max},
+        filters={"category": category or [], "brand": brand or [], "price_min": price_min, "price_max": price_max,
+                 "attributes": _attr_options(attr or []), "in_stock": in_stock},
+        facets=[part.strip() for part in facets.split(",") if part.strip()] if facets is not None else [],
     )
     from api.routes.common import to_filter
     from api.routes.search import logged_response
@@ -320,7 +348,7 @@ def search(
         # window, as for HTTP) before it loads the active version and its model.
         result = engine.search(
             text=request.text, image=request.image_b64, target=request.target, k=request.k, offset=request.offset,
-            filters=to_filter(request.filters),
+            filters=to_filter(request.filters), facets=tuple(request.facets),
         )
         response = logged_response(store, result)
     except _known_errors() as exc:
@@ -340,16 +368,38 @@ def search(
     # A line of its own, not the table's title, which rich wraps to the table's width.
     console.print(f"{response.query_kind} -> {response.target.value}  ({took}; query {response.query_id})")
     console.print(table)
+    for name, counts in (response.facets or {}).items():
+        shown = ", ".join(f"{value} ({count})" for value, count in counts.items()) or "none"
+        console.print(f"{name}: {shown}", markup=False)
+
+
+def _attr_options(options: list[str]) -> dict:
+    """`--attr NAME=VALUE` / `NAME=MIN..MAX` as the `attributes` of POST /v1/search filters."""
+    out: dict = {}
+    for option in options:
+        name, sep, value = option.partition("=")
+        if not sep or not name:
+            _fail(f"--attr {option!r}: give NAME=VALUE or NAME=MIN..MAX")
+        low, dots, high = value.partition("..")
+        if dots:
+            try:
+                out[name] = {key: float(v) for key, v in (("min", low), ("max", high)) if v.strip()}
+            except ValueError:
+                _fail(f"--attr {option!r}: a range is MIN..MAX, numbers")
+            continue
+        out.setdefault(name, []).append(value)
+    return out
 
 
 # The request model's field names as the CLI spells them, for its validation messages.
 _SEARCH_ARGS = {
     "text": "TEXT", "image_b64": "--image", "target": "--target", "k": "-k", "offset": "--offset",
     "category": "--category", "brand": "--brand", "price_min": "--price-min", "price_max": "--price-max",
+    "attributes": "--attr", "in_stock": "--in-stock", "facets": "--facets",
 }
 
 
-def _search_request(*, text: str | None, image: bytes | None, filters: dict, **fields):
+def _search_request(*, text: str | None, image: bytes | None, filters: dict, facets: list[str] | None = None, **fields):
     """The CLI's arguments as the SearchRequest of POST /v1/search: the same validators, so the CLI
     refuses exactly what HTTP answers with a 422. Its messages use the CLI's names."""
     import base64
@@ -359,7 +409,7 @@ def _search_request(*, text: str | None, image: bytes | None, filters: dict, **f
 
     from api.schemas import SearchRequest
 
-    body = {"text": text, "filters": filters, **fields}
+    body = {"text": text, "filters": filters, "facets": facets or [], **fields}
     if image is not None:
         body["image_b64"] = base64.b64encode(image).decode("ascii")
     try:
@@ -844,6 +894,89 @@ def products_delete(product_id: ProductIdArg) -> None:
     if deleted is None:
         _fail(f"no product {product_id!r}", 1)
     typer.echo(f"deleted product {product_id!r}; servers drop it from results on their next query")
+
+
+@products_app.command("patch")
+def products_patch(
+    product_id: ProductIdArg,
+    title: Annotated[Optional[str], typer.Option(help="new title (re-embeds the product's text)")] = None,
+    description: Annotated[Optional[str], typer.Option(help="new description (re-embeds the product's text)")] = None,
+    category: Annotated[Optional[str], typer.Option(help="new category")] = None,
+    brand: Annotated[Optional[str], typer.Option(help="new brand")] = None,
+    price: Annotated[Optional[float], typer.Option(help="new price")] = None,
+    currency: Annotated[Optional[str], typer.Option(help="new currency, a 3-letter code")] = None,
+    stock: Annotated[Optional[int], typer.Option(help="units on hand")] = None,
+    attributes: Annotated[Optional[str], typer.Option(help="new attributes, a JSON object (replaces them all)")] = None,
+    clear: Annotated[Optional[list[str]], typer.Option(
+        help="clear this field (repeatable): description, category, brand, price, currency or stock")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the product as PATCH /v1/products/{id} answers")] = False,
+) -> None:
+    """Change some fields of one product as PATCH /v1/products/{id} does: price, currency, stock,
+    category, brand and attributes embed nothing; a new title or description is embedded with the
+    serving model. Journaled: running servers serve it on their next query (exit 1 when there is no
+    product by that id)."""
+    product_id = _product_id(product_id)
+    from pydantic import ValidationError
+
+    from api.schemas import ProductPatch
+
+    body: dict = {name: value for name, value in (
+        ("title", title), ("description", description), ("category", category), ("brand", brand), ("price", price),
+        ("currency", currency), ("stock", stock)) if value is not None}
+    if attributes is not None:
+        try:
+            body["attributes"] = json.loads(attributes)
+        except ValueError as exc:
+            _fail(f"--attributes: not JSON ({exc})")
+    for name in clear or []:
+        if name in body:
+            _fail(f"--clear {name} and --{name}: give one of them")
+        body[name] = None
+    try:
+        patch = ProductPatch.model_validate(body)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'--' + '.'.join(str(x) for x in e['loc']) + ': ' if e['loc'] else ''}{e['msg']}"
+                        for e in exc.errors()))
+    changes = patch.changes()
+    from api.routes.common import product_out
+    from api.schemas import ProductUpserted
+    from indexer import CatalogUpdater, UpdateError
+    from store import Store
+
+    settings = _settings()
+    try:
+        store = Store.open(settings.db_url)
+        embedder = None
+        if {"title", "description"} & set(changes):
+            embedder = _serving_embedder(settings, store)
+        updater = CatalogUpdater(home=settings.artifacts, store=store, image_limits=settings.image_limits())
+        outcome = updater.patch(product_id, changes, embedder)
+    except (*_known_errors(), UpdateError) as exc:
+        _fail(str(exc))
+    if outcome is None:
+        _fail(f"no product {product_id!r}", 1)
+    if as_json:
+        body = ProductUpserted(**product_out(outcome.product), created=False, image_action=outcome.image_action,
+                               catalog_seq=outcome.seq).model_dump(mode="json")
+        typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        return
+    how = "nothing re-embedded" if outcome.metadata_only else "re-embedded"
+    typer.echo(f"patched product {product_id!r} ({', '.join(sorted(changes))}; {how}); servers serve it on their "
+               "next query")
+
+
+def _serving_embedder(settings, store):
+    """The model of the active index version, as a server would embed with it."""
+    from embedder import load_embedder
+    from search import NotReadyError
+
+    active = store.active_index_version()
+    model = store.get_model_version(active.model_version) if active is not None else None
+    if model is None:
+        raise NotReadyError("no index version is active yet: run `prism index CATALOG` first")
+    settings.apply_threads()
+    return load_embedder(model.spec, device=settings.device, models_dir=settings.models_dir,
+                         image_limits=settings.image_limits())
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

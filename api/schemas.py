@@ -5,17 +5,20 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from embedder import ACCEPTED_IMAGE_FORMATS_TEXT
-from search import MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_RESULT_WINDOW, Target
+from search import FACET_NAMES, MAX_FACET_VALUES, MAX_FACETS, MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_RESULT_WINDOW, Target
 
 MAX_ID_CHARS = 256
 MAX_FILTER_VALUES = 100
 MAX_ATTRIBUTES_BYTES = 16_384
+MAX_ATTRIBUTE_FILTERS = 16  # attribute names one filter may test
+MAX_STOCK = 2**31 - 1
 
 
 def _no_nul(value: str) -> str:
@@ -65,6 +68,7 @@ def _not_bool(value: Any) -> Any:
 NotBool = BeforeValidator(_not_bool)
 Int = Annotated[int, NotBool]
 Price = Annotated[float, NotBool, Field(ge=0, allow_inf_nan=False)]
+Stock = Annotated[int, NotBool, Field(ge=0, le=MAX_STOCK, description="units on hand (null or absent: unknown)")]
 
 
 def _decode_b64(data: str) -> bytes:
@@ -86,15 +90,128 @@ QueryText = _text(1, MAX_QUERY_CHARS, AfterValidator(_not_blank))
 ProductId = _text(1, MAX_ID_CHARS)
 
 
+AttributeScalar = str | int | float | bool
+
+
+class AttributeRange(BaseModel):
+    """A numeric attribute within [min, max] (either may be left out)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: Annotated[float, NotBool, Field(allow_inf_nan=False)] | None = None
+    max: Annotated[float, NotBool, Field(allow_inf_nan=False)] | None = None
+
+
+def _attribute_value(name: str, value: Any) -> Any:
+    if isinstance(value, (bool, int, float)):
+        # Python's JSON parser reads NaN and Infinity, which no attribute can equal.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}: values must be finite numbers")
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"{name}: values must not be empty")
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(f"{name}: values are at most {MAX_ID_CHARS} characters")
+        _no_nul(value)
+        return value
+    raise ValueError(f"{name}: values must be strings, numbers or booleans, not {type(value).__name__} "
+                     "(nested objects and lists are not filterable)")
+
+
+def _attribute_filters(value: Any) -> Any:
+    """`{name: [values]}` or `{name: {"min": x, "max": y}}`, checked here so that every mistake
+    names the attribute (a union's own errors would list each alternative)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("must be an object: attribute name -> list of values, or {\"min\": x, \"max\": y}")
+    if len(value) > MAX_ATTRIBUTE_FILTERS:
+        raise ValueError(f"{len(value)} attributes; a filter may test at most {MAX_ATTRIBUTE_FILTERS}")
+    out: dict[str, Any] = {}
+    for name, wanted in value.items():
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_ID_CHARS:
+            raise ValueError(f"attribute names are 1 to {MAX_ID_CHARS} characters")
+        _no_nul(name)
+        if name.startswith("_"):
+            raise ValueError(f"{name}: names starting with '_' are Prism's own, not filterable")
+        if isinstance(wanted, dict):
+            unknown = sorted(set(wanted) - {"min", "max"})
+            if unknown or not wanted:
+                raise ValueError(f"{name}: an object filter is a range, {{\"min\": x, \"max\": y}}"
+                                 + (f"; unknown key(s) {', '.join(map(repr, unknown))} (nested attributes are not filterable)"
+                                    if unknown else ""))
+            try:
+                bounds = AttributeRange.model_validate(wanted)
+            except ValueError as exc:
+                raise ValueError(f"{name}: min and max must be finite numbers ({exc.errors()[0]['msg']})") from None
+            if bounds.min is not None and bounds.max is not None and bounds.min > bounds.max:
+                raise ValueError(f"{name}: min ({bounds.min}) is above max ({bounds.max})")
+            out[name] = bounds
+            continue
+        values = wanted if isinstance(wanted, list) else [wanted]
+        if not values:
+            raise ValueError(f"{name}: give at least one value")
+        if len(values) > MAX_FILTER_VALUES:
+            raise ValueError(f"{name}: {len(values)} values; the limit is {MAX_FILTER_VALUES}")
+        out[name] = [_attribute_value(name, v) for v in values]
+    return out
+
+
+AttributeFilters = Annotated[
+    dict[str, list[AttributeScalar] | AttributeRange],
+    BeforeValidator(_attribute_filters),
+]
+
+
+def split_facets(value: Any) -> Any:
+    """GET and upload-form spelling: one comma-separated value."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _known_facets(names: list[str]) -> list[str]:
+    for name in names:
+        if name not in FACET_NAMES and not (name.startswith("attributes.") and len(name) > len("attributes.")):
+            raise ValueError(f"unknown facet {name!r}: use {', '.join(FACET_NAMES)} or attributes.NAME")
+    return list(dict.fromkeys(names))
+
+
+FacetNames = Annotated[
+    list[_text(1, MAX_ID_CHARS + len("attributes."))],
+    Field(max_length=MAX_FACETS),
+    AfterValidator(_known_facets),
+]
+FACETS_DESCRIPTION = (
+    f"count the values of these fields over every product the filters match (not just this page): "
+    f"{', '.join(FACET_NAMES)} or attributes.NAME; at most {MAX_FACETS} names, and the {MAX_FACET_VALUES} "
+    "most frequent values of each"
+)
+
+
 class Filters(BaseModel):
     """Metadata filters; values within a field are OR-ed, fields are AND-ed."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"category": ["shoes"], "price_max": 100}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"category": ["shoes"], "price_max": 100},
+        {"attributes": {"color": ["red", "blue"], "size": {"min": 40, "max": 44}}, "in_stock": True},
+    ]})
 
     category: FilterValues = Field(default_factory=list, description="only these categories (one or a list)")
     brand: FilterValues = Field(default_factory=list, description="only these brands (one or a list)")
     price_min: Price | None = None
     price_max: Price | None = None
+    attributes: AttributeFilters = Field(default_factory=dict, description=(
+        "attribute name -> accepted values (a product's value, or any value of a list, is one of them; text "
+        "compares case-insensitively, numbers by value) or {\"min\": x, \"max\": y} for numbers. "
+        f"At most {MAX_ATTRIBUTE_FILTERS} names; a name no product has matches nothing. In GET and the "
+        "upload form: attr.NAME=VALUE, repeatable"))
+    in_stock: bool | None = Field(None, description=(
+        "true: leave out products known to be out of stock (stock 0); unknown stock is kept. "
+        "false: only products known to be out of stock"))
 
     @model_validator(mode="after")
     def _price_range(self) -> "Filters":
@@ -103,10 +220,38 @@ class Filters(BaseModel):
         return self
 
 
+ATTRIBUTE_PARAM = "attr."  # GET and upload-form spelling of an attribute filter: attr.NAME=VALUE
+
+
+def attribute_params(data: dict) -> dict:
+    """`attr.NAME=VALUE` fields (repeatable) folded into `attributes`, as POST spells them."""
+    found = {k: v for k, v in data.items() if isinstance(k, str) and k.startswith(ATTRIBUTE_PARAM)}
+    if not found:
+        return data
+    rest = {k: v for k, v in data.items() if k not in found}
+    attributes: dict[str, list] = {}
+    for key, value in found.items():
+        attributes.setdefault(key[len(ATTRIBUTE_PARAM):], []).extend(value if isinstance(value, list) else [value])
+    return {**rest, "attributes": attributes}
+
+
 class SearchParams(Filters):
     """`GET /v1/search` query parameters. Unknown parameters are refused, not ignored."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _attr_params(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "attributes" in data:
+                raise ValueError("attributes: spell attribute filters attr.NAME=VALUE in a query string")
+            data = attribute_params(data)
+            if "facets" in data:
+                data = {**data, "facets": split_facets(data["facets"])}
+        return data
+
+    facets: FacetNames | None = Field(None, description=FACETS_DESCRIPTION + " (comma-separated)")
 
     q: QueryText = Field(description="the text query")
     target: Target = Field(Target.IMAGE, description="which index to search: image, text or hybrid")
@@ -124,6 +269,8 @@ class SearchRequest(BaseModel):
                 {"text": "red running shoes", "target": "image", "k": 10, "filters": {"price_max": 120}},
                 {"image_b64": "iVBORw0KGgo...", "target": "text", "k": 5},
                 {"similar_to": "P00042", "target": "image", "k": 12},
+                {"text": "sneaker", "filters": {"attributes": {"color": ["red"]}, "in_stock": True},
+                 "facets": ["category", "brand", "attributes.color", "in_stock"]},
             ]
         },
     )
@@ -135,6 +282,7 @@ class SearchRequest(BaseModel):
     k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
     filters: Filters = Field(default_factory=Filters)
+    facets: FacetNames = Field(default_factory=list, description=FACETS_DESCRIPTION)
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -155,6 +303,7 @@ class SearchHitOut(BaseModel):
     brand: str | None = None
     price: float | None = None
     currency: str | None = None
+    stock: int | None = Field(None, description="units on hand; null: unknown")
     attributes: dict[str, Any] = Field(default_factory=dict)
     scores: dict[str, float] = Field(default_factory=dict, description="per-index cosine (hybrid shows both)")
 
@@ -170,6 +319,10 @@ class SearchResponse(BaseModel):
     offset: int
     results: list[SearchHitOut]
     timings_ms: dict[str, float] = Field(default_factory=dict)
+    facets: dict[str, dict[str, int]] | None = Field(None, description=(
+        "when asked for: {facet: {value: count}} over every product the filters match, most frequent first "
+        f"(at most {MAX_FACET_VALUES} values a facet)"),
+        examples=[{"category": {"shoes": 120, "bags": 14}, "attributes.color": {"red": 40}, "in_stock": {"true": 98}}])
 
 
 class ProductIn(BaseModel):
@@ -187,6 +340,7 @@ class ProductIn(BaseModel):
                     "brand": "Acme",
                     "price": 89.9,
                     "currency": "EUR",
+                    "stock": 12,
                     "attributes": {"colour": "red"},
                     "image_b64": "iVBORw0KGgo...",
                 }
@@ -202,6 +356,7 @@ class ProductIn(BaseModel):
     currency: Annotated[
         str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
     ] | None = None
+    stock: Stock | None = None
     attributes: dict[str, Any] = Field(default_factory=dict, description="free-form JSON object (<= 16 KiB)")
     image_b64: Base64Image | None = Field(None, description="the product image, base64-encoded")
     image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
@@ -212,22 +367,74 @@ class ProductIn(BaseModel):
     def _check(self) -> "ProductIn":
         if self.image_b64 is not None and self.image_url is not None:
             raise ValueError("give image_b64 or image_url, not both")
-        try:
-            encoded = json.dumps(self.attributes, allow_nan=False)
-        except ValueError:
-            raise ValueError("attributes must not hold NaN or infinite numbers") from None
-        except RecursionError:
-            raise ValueError("attributes are nested too deeply") from None
-        try:
-            json.dumps(self.attributes, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            # JSON allows "\ud800"; no database can store a lone surrogate.
-            raise ValueError("attributes must be valid Unicode text (no lone surrogates such as \\ud800)") from None
-        if len(encoded.encode()) > MAX_ATTRIBUTES_BYTES:
-            raise ValueError(f"attributes are {len(encoded)} bytes as JSON; the limit is {MAX_ATTRIBUTES_BYTES}")
-        if "\x00" in encoded or "\\u0000" in encoded:
-            raise ValueError("attributes must not contain NUL characters")
+        _check_attributes(self.attributes)
         return self
+
+
+def _check_attributes(attributes: dict) -> None:
+    try:
+        encoded = json.dumps(attributes, allow_nan=False)
+    except ValueError:
+        raise ValueError("attributes must not hold NaN or infinite numbers") from None
+    except RecursionError:
+        raise ValueError("attributes are nested too deeply") from None
+    try:
+        json.dumps(attributes, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON allows "\ud800"; no database can store a lone surrogate.
+        raise ValueError("attributes must be valid Unicode text (no lone surrogates such as \\ud800)") from None
+    if len(encoded.encode()) > MAX_ATTRIBUTES_BYTES:
+        raise ValueError(f"attributes are {len(encoded)} bytes as JSON; the limit is {MAX_ATTRIBUTES_BYTES}")
+    if "\x00" in encoded or "\\u0000" in encoded:
+        raise ValueError("attributes must not contain NUL characters")
+
+
+PATCH_METADATA = ("category", "brand", "price", "currency", "stock", "attributes")
+PATCH_CONTENT = ("title", "description", "image_b64", "image_url")
+
+
+class ProductPatch(BaseModel):
+    """`PATCH /v1/products/{product_id}`: only the fields given change; `null` clears an optional
+    one. Price, currency, stock, category, brand and attributes change without re-embedding;
+    title, description or an image re-embed the product like PUT. `attributes` replaces the whole
+    object (send the product's attributes with the change)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"price": 79.5}, {"stock": 0}, {"attributes": {"colour": "blue"}, "price": 12}]},
+    )
+
+    title: _text(1, 1000, AfterValidator(_not_blank)) | None = None
+    description: _text(0, 20_000) | None = None
+    category: _text(1, MAX_ID_CHARS) | None = None
+    brand: _text(1, MAX_ID_CHARS) | None = None
+    price: Price | None = None
+    currency: Annotated[
+        str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
+    ] | None = None
+    stock: Stock | None = None
+    attributes: dict[str, Any] | None = Field(None, description="replaces the attributes (<= 16 KiB as JSON)")
+    image_b64: Base64Image | None = Field(None, description="a new product image, base64-encoded (re-embeds)")
+    image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
+        None, description="a new http(s) image URL (only when the server allows URL images; re-embeds)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ProductPatch":
+        given = self.model_fields_set
+        if not given:
+            raise ValueError(f"give at least one field to change: {', '.join((*PATCH_METADATA, *PATCH_CONTENT))}")
+        for name in ("title", "attributes", "image_b64", "image_url"):
+            if name in given and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null" + (" (send {} to clear attributes)" if name == "attributes" else ""))
+        if self.image_b64 is not None and self.image_url is not None:
+            raise ValueError("give image_b64 or image_url, not both")
+        if self.attributes is not None:
+            _check_attributes(self.attributes)
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields given, by name."""
+        return {name: getattr(self, name) for name in self.model_fields_set}
 
 
 class ProductOut(BaseModel):
@@ -238,6 +445,7 @@ class ProductOut(BaseModel):
     brand: str | None
     price: float | None
     currency: str | None
+    stock: int | None = Field(None, description="units on hand; null: unknown")
     attributes: dict[str, Any]
     image_url: str | None
     image_status: str = Field(description="ok, none, pending (not embedded yet), or why the image is unusable")
@@ -289,6 +497,8 @@ class FacetsResponse(BaseModel):
     price_min: float | None
     price_max: float | None
     products: int
+    attributes: list[str] = Field(default_factory=list, description=(
+        "filterable attribute names, most common first (what `attributes.NAME` facets and filters take)"))
     credits: str | None = Field(None, description="licence attribution the catalog's images require (the demo: OpenMoji, CC BY-SA 4.0)")
 
 

@@ -62,8 +62,11 @@ def record_search(store: Store, result: SearchResult) -> None:
             ("brand", list(q.filters.brands)),
             ("price_min", q.filters.price_min),
             ("price_max", q.filters.price_max),
+            ("attributes", {c.name: {"min": c.low, "max": c.high} if c.numeric else list(c.values)
+                            for c in q.filters.attributes}),
+            ("in_stock", q.filters.in_stock),
         )
-        if value not in (None, [])
+        if value not in (None, [], {})
     }
     store.log_search(
         query_id=result.query_id,

@@ -5,10 +5,11 @@ from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, rea
 from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
-from indexer.incremental import CatalogUpdater, UpdateError, UpsertOutcome
+from indexer.incremental import PATCH_FIELDS, PATCH_METADATA_FIELDS, CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import (
     DEFAULT_MODEL_SPEC,
     CatalogIndexer,
+    FeedSync,
     IndexOptions,
     IndexSummary,
     NoProgress,
@@ -32,6 +33,8 @@ from indexer.versions import (
 )
 
 __all__ = [
+    "PATCH_FIELDS",
+    "PATCH_METADATA_FIELDS",
     "ATTRIBUTION",
     "apply_retention",
     "copy_version",
@@ -46,6 +49,7 @@ __all__ = [
     "AnnInfo",
     "CatalogError",
     "CatalogIndexer",
+    "FeedSync",
     "CatalogUpdater",
     "CatalogRow",
     "FetchError",

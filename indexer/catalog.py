@@ -9,6 +9,7 @@ Schema (one product per row; column names are case-sensitive):
     brand        optional  string
     price        optional  number >= 0
     currency     optional  3-letter code (e.g. EUR)
+    stock        optional  integer >= 0, units on hand (absent: unknown, never filtered out by in_stock)
     image        optional  path relative to the catalog file, an absolute path, or an http(s) URL
                            (URLs only when URL images are enabled)
     attributes   optional  JSON object; any other column is folded into it as well
@@ -28,7 +29,9 @@ from pathlib import Path
 
 from store import ProductInput
 
-KNOWN_COLUMNS = ("product_id", "title", "description", "category", "brand", "price", "currency", "image", "attributes")
+KNOWN_COLUMNS = ("product_id", "title", "description", "category", "brand", "price", "currency", "stock", "image",
+                 "attributes")
+MAX_STOCK = 2**31 - 1
 REQUIRED_COLUMNS = ("product_id", "title")
 MAX_ID_LENGTH = 256
 MAX_TEXT_LENGTH = 20_000
@@ -208,6 +211,20 @@ def _price(value) -> float | None:
     return price
 
 
+def _stock(value) -> int | None:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, bool):
+        raise ValueError("stock must be a whole number")
+    try:
+        number = float(str(value).strip()) if not isinstance(value, (int, float)) else float(value)
+    except ValueError:
+        raise ValueError(f"stock {value!r} is not a number") from None
+    if not number.is_integer() or not 0 <= number <= MAX_STOCK:
+        raise ValueError(f"stock {value!r} must be a whole number from 0 to {MAX_STOCK}")
+    return int(number)
+
+
 def _attributes(record: dict) -> dict:
     raw = record.get("attributes")
     attrs: dict = {}
@@ -283,6 +300,7 @@ def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy)
             brand=_clean_text(record.get("brand"), "brand", max_length=256),
             price=_price(record.get("price")),
             currency=currency,
+            stock=_stock(record.get("stock")),
             image_ref=image_ref,
             image_uri=image_uri,
             attributes=_attributes(record) | ({"_image_rejected": image_error} if image_error else {}),

@@ -20,9 +20,22 @@ from pathlib import Path
 from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.pipeline import product_text
-from store import ConflictError, ProductInput, ProductRecord, ProductVectors, Store
+from store import METADATA_COLUMNS, ConflictError, ProductInput, ProductRecord, ProductVectors, Store
 
 _ATTEMPTS = 5
+
+
+# Fields a partial update may change: the metadata ones embed nothing.
+PATCH_METADATA_FIELDS = METADATA_COLUMNS
+PATCH_FIELDS = ("title", "description", *PATCH_METADATA_FIELDS)
+
+
+def _as_input(p: ProductRecord) -> ProductInput:
+    return ProductInput(
+        product_id=p.product_id, title=p.title, description=p.description, category=p.category, brand=p.brand,
+        price=p.price, currency=p.currency, image_ref=p.image_ref, image_uri=p.image_uri,
+        attributes=dict(p.attributes), stock=p.stock,
+    )
 
 
 class UpdateError(ValueError):
@@ -133,6 +146,41 @@ class CatalogUpdater:
                 continue
             return UpsertOutcome(record, False, seq, "keep", metadata_only=True)
         return None
+
+    def patch(
+        self,
+        product_id: str,
+        changes: dict,
+        embedder: Embedder | None,
+        *,
+        image: bytes | None = None,
+        image_url: str | None = None,
+    ) -> UpsertOutcome | None:
+        """Change some fields of a live product (None: there is none by that id). `changes` holds
+        catalog fields by name (None clears one). Metadata alone (price, currency, stock,
+        category, brand, attributes) is written as a "meta" change, embedding nothing; a new
+        title, description or image goes the way of `upsert` and is embedded with `embedder`."""
+        unknown = set(changes) - set(PATCH_FIELDS)
+        if unknown:
+            raise UpdateError("unknown_field", f"cannot patch {', '.join(sorted(unknown))}")
+        content = image is not None or image_url is not None or bool(set(changes) & {"title", "description"})
+        if not content:
+            # One transaction reads and writes the row: one round trip fewer than read-then-write.
+            written = self.store.patch_product_metadata(product_id, changes)
+            if written is None:
+                return None
+            return UpsertOutcome(written[0], False, written[1], "keep", metadata_only=True)
+        if embedder is None:
+            raise UpdateError("no_model", "a change of title, description or image needs the serving model")
+        current = self.store.get_product(product_id)
+        if current is None:
+            return None
+        fields = dict(changes)
+        if "attributes" in fields:  # Prism's own bookkeeping ("_" keys) is not the client's to drop
+            fields["attributes"] = {**{k: v for k, v in current.attributes.items() if k.startswith("_")},
+                                    **(fields["attributes"] or {})}
+        # `upsert` re-reads the row and writes only if it has not changed since (compare-and-set).
+        return self.upsert(replace(_as_input(current), **fields), embedder, image=image, image_url=image_url)
 
     def delete(self, product_id: str) -> ProductRecord | None:
         return self.store.soft_delete_product(product_id)

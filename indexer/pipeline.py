@@ -73,6 +73,8 @@ class IndexOptions:
     vector_batch_rows: int = 8_192  # rows of a --vectors file read at a time
     keep_versions: int = 3  # index versions kept for rollback besides the active one (PRISM_KEEP_VERSIONS)
     prefer: SourcePreference = SourcePreference.NEWER  # a file row against a newer API edit: who wins
+    sync: bool = False  # after indexing, delete the live products the catalog file does not list
+    max_delete_fraction: float = 0.2  # a sync deleting more of the live catalog than this deletes nothing
 
 
 MAX_ROW_ERRORS = 10_000  # kept in a summary; the rest are counted (a wrong file can be all bad rows)
@@ -103,6 +105,7 @@ class IndexSummary:
     model_version: str | None = None
     indexes: dict = field(default_factory=dict)
     seconds: float = 0.0
+    sync: dict | None = None  # `prism index --sync`: what the feed sync found and did (FeedSync.report)
 
     def reject(self, error: RowError) -> None:
         self.rows_rejected += 1
@@ -138,6 +141,7 @@ class IndexSummary:
             "model_version": self.model_version,
             "indexes": self.indexes,
             "seconds": round(self.seconds, 2),
+            **({"sync": self.sync} if self.sync is not None else {}),
         }
 
 
@@ -182,6 +186,7 @@ class CatalogIndexer:
         self.embedder = embedder
         self.options = options
         self.progress = progress or NoProgress()
+        self.feed: FeedSync | None = None  # set while a `sync` run loads its catalog file
 
     @property
     def cache_dir(self) -> Path:
@@ -202,12 +207,16 @@ class CatalogIndexer:
             summary.rows_read += 1
             if isinstance(item, RowError):
                 summary.reject(item)
+                if self.feed is not None:
+                    self.feed.named(item.product_id)
             else:
                 chunk.append(item.product)
             if len(chunk) >= self.options.chunk_rows:
                 self._upsert(chunk, summary, feed_time)
             self.progress.advance("read catalog")
         self._upsert(chunk, summary, feed_time)
+        if self.feed is not None:
+            self.feed.flush(self.store)
         self.progress.finish("read catalog")
         if summary.api_edits_kept:
             log.warning("%d products edited over the API after %s was written kept their edits (--prefer file "
@@ -220,6 +229,11 @@ class CatalogIndexer:
             chunk, text_hash=lambda it: content_hash(product_text(it)),
             feed_time=feed_time, prefer=self.options.prefer,
         )
+        if self.feed is not None:
+            self.feed.listed(written.row_ids.values())
+            for pid in written.api_edits_kept:  # in the feed, though its row stays as the API left it
+                self.feed.named(pid)
+            self.feed.flush(self.store)
         summary.products_upserted += written.created + written.content_changed + written.metadata_changed
         summary.products_unchanged += written.unchanged
         summary.api_edits_kept += len(written.api_edits_kept)
@@ -476,6 +490,10 @@ class CatalogIndexer:
         instead (nothing is embedded); build, publish."""
         started = time.perf_counter()
         summary = IndexSummary()
+        if self.options.sync and catalog is None:
+            raise ValueError("a sync needs a catalog file: it deletes what the file does not list")
+        if self.options.sync:
+            self.feed = FeedSync(self.options.max_delete_fraction, chunk_rows=self.options.chunk_rows)
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
         # The hold is taken before the position is read: a retention in between could otherwise
@@ -494,6 +512,10 @@ class CatalogIndexer:
                 with ray_session(ray):
                     cache = self.embed(summary, ray)
                     self.build(cache, summary, catalog_seq=catalog_seq, ray=ray)
+        if self.feed is not None:
+            # After the build is published: a failed run deletes nothing.
+            summary.sync = self.feed.apply(self.store)
+            self.feed = None
         summary.seconds = time.perf_counter() - started
         return summary
 
@@ -589,11 +611,88 @@ class _SuppliedVectors:
         self.__init__()
 
 
+class FeedSync:
+    """`prism index FEED --sync`: which live products FEED does not list, and their deletion.
+
+    While the feed loads, the row of every product it names is marked in a bitmap (one byte per
+    row id): rows written or unchanged, API edits the file did not overwrite, and rows rejected
+    for a bad field, which still name their product_id (a bad price must not delete a product).
+    Afterwards the live catalog is walked in row-id pages (`Store.iter_live_ids`), twice: once to
+    count the unmarked products, and, when they are at most `max_delete_fraction` of the live
+    catalog, once to delete them a page at a time through `Store.soft_delete_products`, which
+    journals each deletion as `prism products delete` does. Neither the feed nor the catalog is
+    held whole. A product changed after the sync started (an API edit during the run) is newer
+    than the feed and stays. A rejected row that names no product_id (unreadable JSON) could be
+    any product: then nothing is deleted."""
+
+    def __init__(self, max_delete_fraction: float, *, chunk_rows: int = 5_000):
+        if not 0.0 <= max_delete_fraction <= 1.0:
+            raise ValueError(f"max_delete_fraction must be between 0 and 1, got {max_delete_fraction}")
+        self.max_delete_fraction = max_delete_fraction
+        self.chunk_rows = chunk_rows
+        self.started = datetime.now(timezone.utc)
+        self.rows = _RowSet()
+        self.pending: list[str] = []
+        self.unnamed = 0
+        self.rejected_named = 0
+
+    def listed(self, rows) -> None:
+        for row in rows:
+            self.rows.add(int(row))
+
+    def named(self, product_id: str | None) -> None:
+        if product_id is None or not str(product_id).strip():
+            self.unnamed += 1
+            return
+        self.pending += list(dict.fromkeys([str(product_id), str(product_id).strip()]))
+
+    def flush(self, store: Store) -> None:
+        if self.pending:
+            self.listed(store.live_row_ids(self.pending).values())
+            self.pending = []
+
+    def _absent(self, page: list[tuple[int, str, datetime]]) -> list[str]:
+        return [pid for row, pid, updated in page if row not in self.rows and updated < self.started]
+
+    def apply(self, store: Store) -> dict:
+        """Count, then delete unless refused; the report either way."""
+        live = absent = 0
+        for page in store.iter_live_ids(self.chunk_rows):
+            live += len(page)
+            absent += len(self._absent(page))
+        fraction = absent / live if live else 0.0
+        report = {"live_before": live, "absent": absent, "deleted": 0, "fraction": round(fraction, 6),
+                  "max_delete_fraction": self.max_delete_fraction, "refused": False, "reason": None,
+                  "unnamed_rejected_rows": self.unnamed}
+        if self.unnamed:
+            report.update(refused=True, reason=(
+                f"{self.unnamed} rejected row(s) name no product_id: the products they stand for cannot be told "
+                "apart from the absent ones; fix the feed"))
+        elif fraction > self.max_delete_fraction:
+            report.update(refused=True, reason=(
+                f"{absent} of {live} live products ({fraction:.1%}) are absent from the feed, above the "
+                f"{self.max_delete_fraction:.0%} allowed; --max-delete-fraction {min(1.0, round(fraction + 0.005, 2))} "
+                "allows it"))
+        if report["refused"]:
+            log.warning("feed sync refused: %s", report["reason"])
+            return report
+        deleted = 0
+        for page in store.iter_live_ids(self.chunk_rows):
+            gone = self._absent(page)
+            if gone:
+                deleted += store.soft_delete_products(gone)
+        report["deleted"] = deleted
+        return report
+
+
 class _RowSet:
     """Row ids seen so far, as a growable bitmap (a set of 10M ints would take ~0.5 GB)."""
 
     def __init__(self):
         self._bits = np.zeros(1 << 16, dtype=bool)
+
+    def __contains__(self, row: int) -> bool:
+        return 0 <= row < len(self._bits) and bool(self._bits[row])
 
     def add(self, row: int) -> bool:
         """False when `row` was already in the set."""

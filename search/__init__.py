@@ -2,6 +2,9 @@
 
 from search.batcher import BatchConfig
 from search.engine import (
+    FACET_NAMES,
+    MAX_FACET_VALUES,
+    MAX_FACETS,
     MAX_K,
     MAX_OFFSET,
     MAX_QUERY_CHARS,
@@ -17,6 +20,9 @@ from search.engine import (
 )
 
 __all__ = [
+    "FACET_NAMES",
+    "MAX_FACET_VALUES",
+    "MAX_FACETS",
     "BatchConfig",
     "MAX_K",
     "MAX_OFFSET",

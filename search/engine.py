@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -47,6 +48,11 @@ MAX_OFFSET = MAX_RESULT_WINDOW - 1
 # first page, which then costs one search of its own depth (candidates grow with the depth).
 RANKING_DEPTHS = (10, 50, 100, 200, 400, 800, MAX_RESULT_WINDOW)
 MAX_QUERY_CHARS = 2000
+# Facet counts one query may ask for, and values returned per facet (the most frequent): a filter
+# panel shows a handful of facets, and a facet of a per-product attribute (a SKU) would otherwise
+# answer with one entry per product.
+MAX_FACETS = 8
+MAX_FACET_VALUES = 50
 # A version that failed to load is tried again after this long (its files may have been repaired).
 FAILED_VERSION_RETRY_S = 60.0
 
@@ -100,6 +106,7 @@ class SearchResult:
     hits: list[SearchHit]
     timings_ms: dict[str, float]
     query: SearchQuery
+    facets: dict[str, dict[str, int]] | None = None  # asked-for facet counts over the filter's matches
 
     @property
     def query_kind(self) -> str:
@@ -383,17 +390,21 @@ class SearchEngine:
         k: int = 10,
         offset: int = 0,
         filters: ProductFilter | None = None,
+        facets: Sequence[str] = (),
     ) -> SearchResult:
-        """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this")."""
+        """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this").
+        `facets`: names to count values of over every product the filters match (see
+        `FilterIndex.facets`), at most MAX_FACETS names and MAX_FACET_VALUES values each."""
         started = time.perf_counter()
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
+        _validate_facets(facets)
         if text is not None and self._batcher is not None:
             with self._batcher.expecting() as submit:
-                return self._search(started, text, image, similar_to, target, k, offset, filters, submit)
-        return self._search(started, text, image, similar_to, target, k, offset, filters, None)
+                return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets)
+        return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets)
 
-    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit) -> SearchResult:
+    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit, facets=()) -> SearchResult:
         filters = filters or ProductFilter()
         timings: dict[str, float] = {}
 
@@ -405,6 +416,11 @@ class SearchEngine:
         t0 = time.perf_counter()
         allowed = None if filters.is_empty() else serving.filters.allowed(filters)
         timings["filter"] = _ms(t0)
+        counted = None
+        if facets:
+            t0 = time.perf_counter()
+            counted = serving.filters.facets(filters, list(dict.fromkeys(facets)), limit=MAX_FACET_VALUES)
+            timings["facets"] = _ms(t0)
 
         exclude = np.zeros(0, dtype=np.int64)
         if text is not None:
@@ -466,6 +482,7 @@ class SearchEngine:
             hits=hits,
             timings_ms=timings,
             query=query,
+            facets=counted,
         )
 
     def _product_vector(self, serving: _Serving, product_id: str) -> tuple[ProductRecord, np.ndarray, str]:
@@ -587,6 +604,17 @@ def _validate(text, image, similar_to, k, offset) -> None:
             f"offset + k is {offset + k}; results are served to a depth of {MAX_RESULT_WINDOW}: "
             "narrow the query or its filters instead of paging further"
         )
+
+
+def _validate_facets(facets: Sequence[str]) -> None:
+    if len(facets) > MAX_FACETS:
+        raise QueryError(f"{len(facets)} facets asked for; the limit is {MAX_FACETS}")
+    for name in facets:
+        if name not in FACET_NAMES and not (name.startswith("attributes.") and len(name) > len("attributes.")):
+            raise QueryError(f"unknown facet {name!r}: use {', '.join(FACET_NAMES)} or attributes.NAME")
+
+
+FACET_NAMES = ("category", "brand", "in_stock")
 
 
 def _ms(since: float) -> float:

@@ -1,6 +1,7 @@
 """store: SQL persistence for products, model and index versions, search log, events, training runs."""
 
 from store.db import (
+    METADATA_COLUMNS,
     ActiveVersionChangedError,
     ConflictError,
     EventIdReusedError,
@@ -12,6 +13,7 @@ from store.db import (
     migrate,
 )
 from store.records import (
+    AttributeCondition,
     CatalogChangeRecord,
     CatalogWrite,
     EventInput,
@@ -27,10 +29,18 @@ from store.records import (
     SearchContext,
     SourcePreference,
     TrainingRunRecord,
+    attribute_key,
+    attribute_keys,
+    attribute_number,
     filter_key,
 )
 
 __all__ = [
+    "METADATA_COLUMNS",
+    "AttributeCondition",
+    "attribute_key",
+    "attribute_keys",
+    "attribute_number",
     "ActiveVersionChangedError",
     "CatalogChangeRecord",
     "CatalogWrite",

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import CatalogChange, Event, IndexVersion, ModelVersion, Product, SearchLog, TrainingRun, utcnow
 from store.records import (
+    AttributeCondition,
     CatalogChangeRecord,
     CatalogWrite,
     EventInput,
@@ -36,10 +37,15 @@ from store.records import (
     SearchContext,
     SourcePreference,
     TrainingRunRecord,
+    attribute_keys,
+    attribute_number,
     filter_key,
 )
 
 log = logging.getLogger(__name__)
+
+# The product columns a metadata-only change may set: none of them is embedded.
+METADATA_COLUMNS = ("category", "brand", "price", "currency", "stock", "attributes")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # SQLite caps bound parameters per statement (32766 on modern builds); stay well below.
@@ -140,7 +146,7 @@ def _catalog_fields(it: ProductInput, now: datetime) -> dict:
     return {
         "title": it.title, "description": it.description, "category": it.category, "brand": it.brand,
         "price": it.price, "currency": it.currency, "image_ref": it.image_ref, "image_uri": it.image_uri,
-        "attributes": dict(it.attributes), "updated_at": now,
+        "attributes": dict(it.attributes), "stock": it.stock, "updated_at": now,
     }
 
 
@@ -424,7 +430,8 @@ class Store:
                 title=bindparam("title"), description=bindparam("description"), category=bindparam("category"),
                 brand=bindparam("brand"), price=bindparam("price"), currency=bindparam("currency"),
                 image_ref=bindparam("image_ref"), image_uri=bindparam("image_uri"),
-                attributes=bindparam("attributes"), updated_at=bindparam("updated_at"), deleted_at=None,
+                attributes=bindparam("attributes"), stock=bindparam("stock"), updated_at=bindparam("updated_at"),
+                deleted_at=None,
                 changed_by="file",
                 # A changed image resets its state; an unchanged one keeps the state as it is at
                 # the write, not as read above (another run may have recorded it meanwhile).
@@ -434,7 +441,8 @@ class Store:
             )
         )
         current_columns = (c.product_id, c.row_id, c.title, c.description, c.image_uri, c.image_ref, c.category,
-                           c.brand, c.price, c.currency, c.attributes, c.deleted_at, c.updated_at, c.changed_by)
+                           c.brand, c.price, c.currency, c.attributes, c.deleted_at, c.updated_at, c.changed_by,
+                           c.stock)
         with self.session() as s, s.begin():
             _serialise_journal(s)
             # Before the first index version nothing replays the journal (a first load of 10M
@@ -457,8 +465,9 @@ class Store:
                     text_changed = restored or (row.title, row.description) != (it.title, it.description)
                     image_changed = restored or row.image_uri != it.image_uri
                     content = text_changed or image_changed
-                    metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {})) \
-                        != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes))
+                    metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {}),
+                                row.stock) \
+                        != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes), it.stock)
                     if not (content or metadata):
                         out.unchanged += 1
                         out.row_ids[it.product_id] = row.row_id
@@ -618,6 +627,23 @@ class Store:
             yield from ((r.product_id, r.image_status, r.image_error) for r in rows)
             after = rows[-1].row_id
 
+    def iter_live_ids(self, chunk_size: int = 10_000) -> Iterator[list[tuple[int, str, datetime]]]:
+        """(row_id, product_id, updated_at) of live products in row-id order, a keyset page at a
+        time: what a feed sync compares with the feed, without product rows."""
+        c = Product.__table__.c
+        after = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(
+                    select(c.row_id, c.product_id, c.updated_at, c.deleted_at)
+                    .where(c.row_id > after).order_by(c.row_id).limit(chunk_size)
+                ).all()
+            if not rows:
+                return
+            # Liveness tested here, as in live_row_ids: the deleted_at index would lead the plan.
+            yield [(int(r.row_id), r.product_id, _as_utc(r.updated_at)) for r in rows if r.deleted_at is None]
+            after = int(rows[-1].row_id)
+
     def live_row_ids(self, product_ids: Sequence[str]) -> dict[str, int]:
         """product_id -> row_id of those that are live products."""
         c = Product.__table__.c
@@ -707,7 +733,7 @@ class Store:
             return _to_record(ProductRecord, p), created, int(change.seq)
 
     def update_product_metadata(self, item: ProductInput, *, expect_updated_at: datetime) -> tuple[ProductRecord, int]:
-        """Change a live product's metadata (category, brand, price, currency, attributes) and
+        """Change a live product's metadata (category, brand, price, currency, stock, attributes) and
         journal it as a "meta" change, which carries no vectors: its title, description and image
         stay as they are, so do its vectors in every index and overlay.
 
@@ -722,6 +748,33 @@ class Store:
                 raise ConflictError(f"product {item.product_id!r} changed concurrently")
             p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
             p.attributes = dict(item.attributes)
+            p.stock = item.stock
+            p.updated_at = now
+            p.changed_by = "api"
+            change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
+            s.add(change)
+            s.flush()
+            return _to_record(ProductRecord, p), int(change.seq)
+
+    def patch_product_metadata(self, product_id: str, fields: dict) -> tuple[ProductRecord, int] | None:
+        """Set some metadata columns (category, brand, price, currency, stock, attributes) of a
+        live product and journal a "meta" change, in one transaction: the read, the write and the
+        journal entry see the same row (its lock held on PostgreSQL), so no compare-and-set retry
+        is needed and a concurrent change is never overwritten by stale fields. `attributes`
+        replaces the object but keeps Prism's own "_" keys. None: no live product by that id."""
+        unknown = set(fields) - set(METADATA_COLUMNS)
+        if unknown:
+            raise ValueError(f"not metadata columns: {', '.join(sorted(unknown))}")
+        now = utcnow()
+        with self.session() as s, s.begin():
+            _serialise_journal(s)
+            p = s.scalar(select(Product).where(Product.product_id == product_id).with_for_update())
+            if p is None or p.deleted_at is not None:
+                return None
+            for column, value in fields.items():
+                if column == "attributes":
+                    value = {**{k: v for k, v in (p.attributes or {}).items() if k.startswith("_")}, **(value or {})}
+                setattr(p, column, value)
             p.updated_at = now
             p.changed_by = "api"
             change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
@@ -809,7 +862,8 @@ class Store:
         """Row ids of live products matching the filter, as sorted int64: the reference that the
         servers' in-memory `FilterIndex` is tested against. Categories and brands compare by
         `filter_key` in Python, since SQL's lower() folds only ASCII on SQLite."""
-        q = select(Product.row_id, Product.category, Product.brand).where(Product.deleted_at.is_(None))
+        q = select(Product.row_id, Product.category, Product.brand, Product.stock, Product.attributes).where(
+            Product.deleted_at.is_(None))
         if flt.price_min is not None:
             q = q.where(Product.price >= flt.price_min)
         if flt.price_max is not None:
@@ -820,7 +874,9 @@ class Store:
             rows = s.execute(q.order_by(Product.row_id)).all()
         ids = [r.row_id for r in rows
                if (not categories or (r.category is not None and filter_key(r.category) in categories))
-               and (not brands or (r.brand is not None and filter_key(r.brand) in brands))]
+               and (not brands or (r.brand is not None and filter_key(r.brand) in brands))
+               and _stock_matches(r.stock, flt.in_stock)
+               and all(_attribute_matches(r.attributes or {}, cond) for cond in flt.attributes)]
         return np.asarray(ids, dtype=np.int64)
 
     def iter_filter_facts(self, *, chunk: int = 50_000) -> Iterator[ProductFacts]:
@@ -832,7 +888,7 @@ class Store:
         last = 0
         while True:
             q = (
-                select(Product.row_id, Product.category, Product.brand, Product.price)
+                select(Product.row_id, Product.category, Product.brand, Product.price, Product.stock, Product.attributes)
                 .where(Product.deleted_at.is_(None), Product.row_id > last)
                 .order_by(Product.row_id)
                 .limit(chunk)
@@ -853,7 +909,8 @@ class Store:
         with self.session() as s:
             for part in _chunks(ids):
                 found += s.execute(
-                    select(Product.row_id, Product.category, Product.brand, Product.price, Product.deleted_at)
+                    select(Product.row_id, Product.category, Product.brand, Product.price, Product.stock,
+                           Product.attributes, Product.deleted_at)
                     .where(Product.row_id.in_(part))
                 ).all()
         by_row = {int(r.row_id): r for r in found}
@@ -867,6 +924,8 @@ class Store:
             brands=facts.brands + [None] * len(missing),
             prices=np.concatenate([facts.prices, np.full(len(missing), np.nan)]),
             live=np.concatenate([facts.live, np.zeros(len(missing), dtype=bool)]),
+            stocks=np.concatenate([facts.stocks, np.full(len(missing), np.nan)]),
+            attributes=facts.attributes + [{}] * len(missing),
         )
 
     def facets(self, *, limit: int = 200) -> dict:
@@ -1310,6 +1369,22 @@ class Store:
             ).rowcount or 0
 
 
+def _stock_matches(stock: int | None, in_stock: bool | None) -> bool:
+    if in_stock is None:
+        return True
+    if in_stock:
+        return stock is None or stock > 0  # unknown stock is never filtered out
+    return stock is not None and stock <= 0
+
+
+def _attribute_matches(attributes: dict, cond: AttributeCondition) -> bool:
+    value = attributes.get(cond.name) if not cond.name.startswith("_") else None
+    if cond.numeric:
+        number = attribute_number(value)
+        return number is not None and (cond.low is None or number >= cond.low) and (cond.high is None or number <= cond.high)
+    return any(key in cond.values for key in attribute_keys(value))
+
+
 def _facts(rows, *, live: bool | None) -> ProductFacts:
     """ProductFacts of result rows; `live` None: from each row's `deleted_at`."""
     return ProductFacts(
@@ -1319,6 +1394,8 @@ def _facts(rows, *, live: bool | None) -> ProductFacts:
         prices=np.asarray([np.nan if r.price is None else r.price for r in rows], dtype=np.float64),
         live=np.full(len(rows), live, dtype=bool) if live is not None
         else np.asarray([r.deleted_at is None for r in rows], dtype=bool),
+        stocks=np.asarray([np.nan if r.stock is None else r.stock for r in rows], dtype=np.float64),
+        attributes=[r.attributes if isinstance(r.attributes, dict) else {} for r in rows],
     )
 
 

@@ -44,6 +44,8 @@ class Product(Base):
     brand: Mapped[str | None] = mapped_column(String(256))
     price: Mapped[float | None] = mapped_column(Float)
     currency: Mapped[str | None] = mapped_column(String(8))
+    # Units on hand; NULL = unknown (never filtered out by `in_stock`).
+    stock: Mapped[int | None] = mapped_column(Integer)
     # As written in the catalog, and the resolved absolute path or URL it points to.
     image_ref: Mapped[str | None] = mapped_column(Text)
     image_uri: Mapped[str | None] = mapped_column(Text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -55,6 +56,7 @@ class ProductInput:
     image_ref: str | None = None
     image_uri: str | None = None
     attributes: dict = field(default_factory=dict)
+    stock: int | None = None  # units on hand; None = unknown
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class ProductRecord:
     updated_at: datetime
     deleted_at: datetime | None
     changed_by: str = "file"  # who wrote the current content: "file" or "api"
+    stock: int | None = None  # units on hand; None = unknown
 
 
 @dataclass(frozen=True)
@@ -118,17 +121,80 @@ def filter_key(value: str) -> str:
     return value.strip().casefold()
 
 
+def attribute_key(value) -> str | None:
+    """What an attribute filter compares for one scalar attribute value (None: not filterable).
+    Strings as `filter_key`; numbers by value, so 42, 42.0 and "42" are one value (CSV catalogs
+    carry every extra column as text); booleans as "true"/"false"."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+    if isinstance(value, str):
+        number = attribute_number(value)
+        return filter_key(value) if number is None else attribute_key(number)
+    return None
+
+
+def attribute_number(value) -> float | None:
+    """The number an attribute range filter compares: a JSON number, or text that is one."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def attribute_keys(value) -> list[str]:
+    """The filter keys of one attribute value: a scalar's, or each scalar's of a list (sizes
+    ["S", "M"] match either); nested objects and lists are not filterable."""
+    if isinstance(value, list):
+        return list(dict.fromkeys(k for k in map(attribute_key, value[:_MAX_LIST_VALUES]) if k is not None))
+    key = attribute_key(value)
+    return [] if key is None else [key]
+
+
+_MAX_LIST_VALUES = 100  # values of one list attribute that filters see
+
+
+@dataclass(frozen=True)
+class AttributeCondition:
+    """One attribute filter: the attribute holds one of `values` (keys as `attribute_key`), or,
+    when `numeric`, a number within [low, high] (either end open when None)."""
+
+    name: str
+    values: tuple[str, ...] = ()
+    numeric: bool = False
+    low: float | None = None
+    high: float | None = None
+
+
 @dataclass(frozen=True)
 class ProductFilter:
-    """Metadata filters on live products: values within a field OR-ed, fields AND-ed."""
+    """Metadata filters on live products: values within a field OR-ed, fields AND-ed.
+    `in_stock`: True keeps products whose stock is above 0 or unknown; False keeps those known
+    to have none."""
 
     categories: tuple[str, ...] = ()
     brands: tuple[str, ...] = ()
     price_min: float | None = None
     price_max: float | None = None
+    attributes: tuple[AttributeCondition, ...] = ()
+    in_stock: bool | None = None
 
     def is_empty(self) -> bool:
-        return not (self.categories or self.brands or self.price_min is not None or self.price_max is not None)
+        return not (self.categories or self.brands or self.price_min is not None or self.price_max is not None
+                    or self.attributes or self.in_stock is not None)
 
 
 @dataclass(frozen=True)
@@ -141,6 +207,8 @@ class ProductFacts:
     brands: list[str | None]
     prices: np.ndarray  # float64
     live: np.ndarray  # bool
+    stocks: np.ndarray | None = None  # float64, NaN = unknown (None: all unknown)
+    attributes: list[dict] | None = None  # each row's attributes (None: none)
 
 
 @dataclass(frozen=True)

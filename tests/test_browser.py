@@ -38,6 +38,7 @@ def server(build_serving_home):
     from api.app import create_app
 
     settings = build_serving_home("browser-home")
+    _give_attributes(settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -51,6 +52,31 @@ def server(build_serving_home):
     yield f"http://127.0.0.1:{port}"
     srv.should_exit = True
     thread.join(timeout=10)
+
+
+COLOURS = ("red", "blue", "green")
+
+
+def _colour(i: int) -> str:
+    return COLOURS[i % 3]
+
+
+def _give_attributes(settings) -> None:
+    """A colour on every product and stock on most (every fourth has none left), as a shop's feed
+    carries them: what the panel's attribute filter and "in stock" box work on."""
+    from store import ProductInput, Store
+
+    store = Store.open(settings.db_url)
+    try:
+        for chunk in store.iter_live_products():
+            for p in chunk:
+                i = int(p.product_id[1:])
+                item = ProductInput(p.product_id, p.title, p.description, p.category, p.brand, p.price, p.currency,
+                                    p.image_ref, p.image_uri, {**p.attributes, "colour": _colour(i)},
+                                    stock=0 if i % 4 == 0 else 5)
+                store.update_product_metadata(item, expect_updated_at=p.updated_at)
+    finally:
+        store.close()
 
 
 PHONE = {"width": 390, "height": 844}
@@ -467,3 +493,34 @@ def test_desktop_width_filters_open_and_a_wide_grid(page):
     assert columns >= 5
     boxes = [cards.nth(i).bounding_box() for i in range(columns)]
     assert len({box["y"] for box in boxes}) == 1 and boxes[-1]["x"] + boxes[-1]["width"] <= 1280
+
+
+def test_attribute_filter_and_in_stock_from_the_panel(page, server):
+    """The panel offers the catalog's attributes with counts over every match of the query (the
+    search's facets); choosing a value and "in stock" filters the results, and the address keeps both."""
+    from playwright.sync_api import expect
+
+    page.fill("#q", "item")
+    page.press("#q", "Enter")
+    expect(page.locator("#results > li")).to_have_count(24)
+    select = page.locator('select[data-attr="attr.colour"]')
+    expect(select.locator("option")).to_have_count(4)  # any, red, blue, green
+    counts = select.locator("option").evaluate_all("options => options.map(o => o.textContent)")
+    assert sorted(counts[1:]) == ["blue (40)", "green (40)", "red (40)"], counts
+    select.select_option("red")
+    expect(page.locator("#filters-count")).to_contain_text("1 active")
+    page.wait_for_function("() => new URL(location.href).searchParams.get('attr.colour') === 'red'")
+    expected = _api_ids(server, q="item", **{"attr.colour": "red"})
+    _expect_ids(page, expected)
+    assert len(expected) == 24 and all(_colour(int(pid[1:])) == "red" for pid in expected)
+    page.check("#in-stock")
+    expected = _api_ids(server, q="item", in_stock="true", **{"attr.colour": "red"})
+    _expect_ids(page, expected)
+    assert expected and all(_colour(int(pid[1:])) == "red" and int(pid[1:]) % 4 for pid in expected)
+    assert _url_params(page)["in_stock"] == ["true"] and _url_params(page)["attr.colour"] == ["red"]
+    # The select's counts follow the query: 30 of the 40 red products are in stock.
+    expect(select.locator("option:checked")).to_have_text("red (30)")
+    page.reload()
+    _expect_ids(page, expected)
+    expect(page.locator("#in-stock")).to_be_checked()
+    expect(select).to_have_value("red")

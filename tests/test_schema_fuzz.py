@@ -68,7 +68,8 @@ HYPOTHESIS = hypothesis.settings(
 OPERATIONS = {
     "GET /healthz", "GET /readyz", "GET /metrics", "GET /v1/models", "GET /v1/facets",
     "GET /v1/search", "POST /v1/search", "POST /v1/search/image",
-    "GET /v1/products/{product_id}", "PUT /v1/products/{product_id}", "DELETE /v1/products/{product_id}",
+    "GET /v1/products/{product_id}", "PUT /v1/products/{product_id}", "PATCH /v1/products/{product_id}",
+    "DELETE /v1/products/{product_id}",
     "GET /v1/products/{product_id}/image",
     "POST /v1/events", "POST /v1/models/{version}/activate", "GET /v1/retrain", "POST /v1/retrain",
 }

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from api.schemas import ErrorOut, Filters, ValidationErrorOut
-from store import ProductFilter, ProductRecord
+from api.schemas import AttributeRange, ErrorOut, Filters, ValidationErrorOut
+from store import AttributeCondition, ProductFilter, ProductRecord, attribute_key
 
 ERRORS = {
     404: {"model": ErrorOut, "description": "unknown product"},
@@ -46,6 +46,7 @@ def catalog_fields(product: ProductRecord) -> dict:
         "brand": product.brand,
         "price": product.price,
         "currency": product.currency,
+        "stock": product.stock,
         "attributes": public_attributes(product.attributes),
         "image_url": image_url(product),
     }
@@ -66,5 +67,14 @@ def to_filter(filters: Filters) -> ProductFilter:
         brands=tuple(filters.brand),
         price_min=filters.price_min,
         price_max=filters.price_max,
+        attributes=tuple(_condition(name, wanted) for name, wanted in sorted(filters.attributes.items())),
+        in_stock=filters.in_stock,
     )
+
+
+def _condition(name: str, wanted) -> AttributeCondition:
+    if isinstance(wanted, AttributeRange):
+        return AttributeCondition(name, numeric=True, low=wanted.min, high=wanted.max)
+    # Sorted keys: one filter, however its values are ordered, is one cache entry in FilterIndex.
+    return AttributeCondition(name, values=tuple(sorted({k for k in map(attribute_key, wanted) if k is not None})))
 

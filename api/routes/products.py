@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Respon
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from api.routes.common import ADMIN_ERRORS, ERRORS, product_out
-from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductUpserted
+from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductPatch, ProductUpserted
 from api.services import AdminDep, ServicesDep
 from embedder import ImageDecodeError, ImageLimits, content_hash, read_image_bytes
 from store import ProductInput
@@ -121,6 +121,7 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         price=body.price,
         currency=body.currency,
         attributes=body.attributes,
+        stock=body.stock,
     )
     outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url)
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
@@ -132,6 +133,35 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         catalog_seq=outcome.seq,
     )
     return JSONResponse(payload.model_dump(mode="json"), status_code=201 if outcome.created else 200)
+
+
+@router.patch(
+    "/products/{product_id:path}",
+    response_model=ProductUpserted,
+    responses={**ERRORS, **ADMIN_ERRORS},
+    dependencies=[AdminDep],
+    summary="Change some fields of one product",
+)
+def patch_product(product_id: ProductIdPath, body: ProductPatch, services: ServicesDep) -> ProductUpserted:
+    """Only the fields given change (`null` clears an optional one). Price, currency, stock,
+    category, brand and attributes change without re-embedding; a new title, description or
+    image is embedded with the serving model, as PUT does. Visible on the next query in every
+    worker. 404 for an unknown (or deleted) product: PATCH creates nothing. Needs the admin token."""
+    changes = body.changes()
+    image, image_url = changes.pop("image_b64", None), changes.pop("image_url", None)
+    content = image is not None or image_url is not None or bool(set(changes) & {"title", "description"})
+    embedder = None
+    if content:
+        services.engine.sync()
+        embedder = services.engine.serving.embedder
+    outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url)
+    if outcome is None:
+        raise HTTPException(404, f"no product {product_id!r}")
+    services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
+    services.engine.sync()
+    return ProductUpserted(
+        **product_out(outcome.product), created=False, image_action=outcome.image_action, catalog_seq=outcome.seq,
+    )
 
 
 @router.delete(

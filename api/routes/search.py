@@ -8,10 +8,21 @@ from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from api.routes.common import ERRORS, catalog_fields, to_filter
-from api.schemas import K_DESCRIPTION, OFFSET_DESCRIPTION, Filters, SearchParams, SearchRequest, SearchResponse
+from api.schemas import (
+    ATTRIBUTE_PARAM,
+    K_DESCRIPTION,
+    OFFSET_DESCRIPTION,
+    FacetNames,
+    Filters,
+    SearchParams,
+    SearchRequest,
+    SearchResponse,
+    attribute_params,
+    split_facets,
+)
 from api.services import Services, ServicesDep
 from embedder import ImageDecodeError
 from feedback import record_search
@@ -20,8 +31,8 @@ from store import Store
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
-SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max")
-UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max"}
+SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max", "in_stock", "facets")
+UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max", "in_stock", "facets"}
 SINGLE_FORM_FIELDS = UPLOAD_FIELDS - {"category", "brand"}
 
 
@@ -46,7 +57,8 @@ async def _known_form_fields(request: Request) -> None:
     # Multipart forms are not pydantic models here, so unknown fields would pass silently,
     # unlike everywhere else in the API. The form is already parsed and cached by then.
     form = await request.form()
-    unknown = sorted(set(form.keys()) - UPLOAD_FIELDS)
+    request.scope["prism.form"] = form
+    unknown = sorted(k for k in set(form.keys()) - UPLOAD_FIELDS if not k.startswith(ATTRIBUTE_PARAM))
     if unknown:
         raise HTTPException(422, "; ".join(f"body.{name}: unknown field" for name in unknown))
     # Two files, or `k=1` and `k=5`: which one was meant? Refused, as in the query string.
@@ -56,9 +68,9 @@ async def _known_form_fields(request: Request) -> None:
             raise HTTPException(422, f"body.{name}: give it once, not {count} times")
 
 
-def run_search(services: Services, *, filters: Filters, **query) -> SearchResponse:
+def run_search(services: Services, *, filters: Filters, facets: list[str] | None = None, **query) -> SearchResponse:
     """Search, write the search_log row, respond."""
-    result = services.engine.search(filters=to_filter(filters), **query)
+    result = services.engine.search(filters=to_filter(filters), facets=tuple(facets or ()), **query)
     response = logged_response(services.store, result)
     services.metrics.observe_search(result.query.kind, result.query.target.value, result.timings_ms)
     return response
@@ -84,6 +96,7 @@ def logged_response(store: Store, result: SearchResult) -> SearchResponse:
             {**catalog_fields(hit.product), "score": hit.score, "rank": hit.rank, "scores": hit.scores}
             for hit in result.hits
         ],
+        facets=result.facets,
     )
 
 
@@ -92,15 +105,16 @@ def logged_response(store: Store, result: SearchResult) -> SearchResponse:
 )
 def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
     """Search by text: `target=image` (the default) finds products whose *images* match the words."""
-    return run_search(services, filters=params, text=params.q, target=params.target, k=params.k, offset=params.offset)
+    return run_search(services, filters=params, facets=params.facets, text=params.q, target=params.target, k=params.k,
+                      offset=params.offset)
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Any query")
 def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     """Search by `text`, by a base64 image (`image_b64`) or by a product (`similar_to`)."""
     return run_search(
-        services, filters=body.filters, text=body.text, image=body.image_b64, similar_to=body.similar_to,
-        target=body.target, k=body.k, offset=body.offset,
+        services, filters=body.filters, facets=body.facets, text=body.text, image=body.image_b64,
+        similar_to=body.similar_to, target=body.target, k=body.k, offset=body.offset,
     )
 
 
@@ -109,6 +123,7 @@ def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     dependencies=[Depends(_known_form_fields)],
 )
 def search_upload(
+    request: Request,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="the query image")],
     target: Annotated[Target, Form()] = Target.IMAGE,
@@ -118,14 +133,26 @@ def search_upload(
     brand: Annotated[list[str] | None, Form()] = None,
     price_min: Annotated[float | None, Form()] = None,
     price_max: Annotated[float | None, Form()] = None,
+    in_stock: Annotated[bool | None, Form(description="as in GET /v1/search")] = None,
+    facets: Annotated[str | None, Form(description="comma-separated facet names, as in GET /v1/search")] = None,
 ) -> SearchResponse:
-    """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes."""
+    """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes.
+    Attribute filters are fields `attr.NAME` (repeatable), as in GET /v1/search."""
+    # The form as `_known_form_fields` parsed it: `attr.NAME` fields are not declared parameters.
+    form = request.scope.get("prism.form")
+    fields = {k: form.getlist(k) for k in form.keys() if k.startswith(ATTRIBUTE_PARAM)} if form is not None else {}
+    attributes = attribute_params(fields).get("attributes", {})
     try:
-        filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max)
+        filters = Filters(category=category or [], brand=brand or [], price_min=price_min, price_max=price_max,
+                          attributes=attributes, in_stock=in_stock)
     except ValidationError as exc:  # reported like every other invalid form field: body.<name>
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    try:
+        names = TypeAdapter(FacetNames).validate_python(split_facets(facets or []))
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", "facets", *e["loc"])} for e in exc.errors()]) from None
     limit = services.settings.max_image_bytes
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise ImageDecodeError("too_large", f"image is over the {limit}-byte limit")
-    return run_search(services, filters=filters, image=data, target=target, k=k, offset=offset)
+    return run_search(services, filters=filters, facets=names, image=data, target=target, k=k, offset=offset)

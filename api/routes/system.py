@@ -81,6 +81,7 @@ def facets(services: ServicesDep) -> FacetsResponse:
         price_min=f["price_min"],
         price_max=f["price_max"],
         products=f["products"],
+        attributes=services.engine.serving.filters.attribute_names if services.engine.ready else [],
         credits=_catalog_credits(services.settings.home),
     )
 

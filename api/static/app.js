@@ -6,6 +6,12 @@ const PAGE_SIZE = 24;
 const RESULT_WINDOW = 1000;
 const LAST_PAGE = Math.ceil(RESULT_WINDOW / PAGE_SIZE);
 const TARGETS = ["image", "text", "hybrid"];
+// Attribute filters the panel offers (the catalog's most common attribute names, from
+// /v1/facets), each a select whose values and counts come from the last search's facets: the
+// counts are over every match of the query, not just the page. The server counts at most 8 facets.
+const MAX_ATTRIBUTE_FACETS = 5;
+const ATTR = "attr.";
+let attributeNames = [];
 
 // What the page shows is a function of one "view" ({q | similar | image, target, filters, page,
 // debug}), and the view round-trips through the address bar: reload, a shared link and Back all
@@ -52,6 +58,10 @@ function viewFromUrl(href, entry) {
     brand: p.get("brand") || "",
     priceMin: price(p.get("price_min")),
     priceMax: price(p.get("price_max")),
+    inStock: p.get("in_stock") === "true",
+    attrs: Object.fromEntries(Array.from(p.entries())
+      .filter(([key, value]) => key.startsWith(ATTR) && key.length > ATTR.length && value.trim() !== "")
+      .slice(0, 16)),
     page: Number.isFinite(page) ? Math.min(Math.max(page, 1), LAST_PAGE) : 1,
     debug: p.get("debug") === "1",
   };
@@ -67,6 +77,8 @@ function urlFromView(view) {
   if (view.brand) p.set("brand", view.brand);
   if (view.priceMin !== "") p.set("price_min", view.priceMin);
   if (view.priceMax !== "") p.set("price_max", view.priceMax);
+  if (view.inStock) p.set("in_stock", "true");
+  for (const [name, value] of Object.entries(view.attrs || {})) p.set(name, value);
   if (view.page > 1) p.set("page", String(view.page));
   if (view.debug) p.set("debug", "1");
   const query = p.toString();
@@ -94,7 +106,54 @@ function viewFromControls(base = state.view) {
     brand: $("brand").value,
     priceMin: price($("price-min").value),
     priceMax: price($("price-max").value),
+    inStock: $("in-stock").checked,
+    attrs: attributeControls(base.attrs || {}),
   };
+}
+
+// The chosen attribute values: those the selects show, and linked ones the panel has no select for.
+function attributeControls(previous) {
+  const out = {};
+  for (const [key, value] of Object.entries(previous)) {
+    if (!document.querySelector(`select[data-attr="${CSS.escape(key)}"]`)) out[key] = value;
+  }
+  for (const select of document.querySelectorAll("select[data-attr]")) {
+    if (select.value) out[select.dataset.attr] = select.value;
+  }
+  return out;
+}
+
+function attributeSelects(view) {
+  const box = $("attribute-filters");
+  const names = Array.from(new Set([...attributeNames.slice(0, MAX_ATTRIBUTE_FACETS),
+    ...Object.keys(view.attrs || {}).map((key) => key.slice(ATTR.length))]));
+  for (const name of names) {
+    const key = ATTR + name;
+    if (box.querySelector(`select[data-attr="${CSS.escape(key)}"]`)) continue;
+    const label = document.createElement("label");
+    label.append(`${name} `);
+    const select = document.createElement("select");
+    select.dataset.attr = key;
+    select.append(new Option("any", ""));
+    select.addEventListener("change", () => go({ ...viewFromControls(), page: 1 }));
+    label.append(select);
+    box.append(label);
+  }
+  for (const select of box.querySelectorAll("select[data-attr]")) {
+    selectValue(select, (view.attrs || {})[select.dataset.attr] || "");
+  }
+}
+
+// Values and counts of every attribute select, from a search answer's facets.
+function showAttributeFacets(facets) {
+  for (const select of document.querySelectorAll("select[data-attr]")) {
+    const counts = (facets || {})[`attributes.${select.dataset.attr.slice(ATTR.length)}`];
+    if (!counts) continue;
+    const chosen = select.value;
+    select.replaceChildren(new Option("any", ""));
+    for (const [value, count] of Object.entries(counts)) select.append(new Option(`${value} (${count})`, value));
+    selectValue(select, chosen);
+  }
 }
 
 function selectValue(select, value) {
@@ -115,7 +174,10 @@ function showControls(view) {
   selectValue($("brand"), view.brand);
   $("price-min").value = view.priceMin;
   $("price-max").value = view.priceMax;
-  const active = [view.category, view.brand, view.priceMin, view.priceMax].filter((v) => v !== "").length;
+  $("in-stock").checked = view.inStock;
+  attributeSelects(view);
+  const active = [view.category, view.brand, view.priceMin, view.priceMax].filter((v) => v !== "").length
+    + (view.inStock ? 1 : 0) + Object.keys(view.attrs || {}).length;
   $("filters-count").textContent = active ? ` (${active} active)` : "";
   const file = view.image ? images.get(view.image) : null;
   if (file) showQueryImage(file, view.image);
@@ -168,7 +230,14 @@ function filtersOf(view) {
   if (view.brand) out.brand = [view.brand];
   if (view.priceMin !== "") out.price_min = Number(view.priceMin);
   if (view.priceMax !== "") out.price_max = Number(view.priceMax);
+  if (view.inStock) out.in_stock = true;
   return out;
+}
+
+function facetNames(view) {
+  const names = Object.keys(view.attrs || {}).map((key) => key.slice(ATTR.length));
+  for (const name of attributeNames) if (names.length < MAX_ATTRIBUTE_FACETS && !names.includes(name)) names.push(name);
+  return names.slice(0, MAX_ATTRIBUTE_FACETS).map((name) => `attributes.${name}`);
 }
 
 // ---------------------------------------------------------------- requests
@@ -190,6 +259,7 @@ async function request(url, options) {
 
 function searchRequest(view) {
   const f = filtersOf(view);
+  const facets = facetNames(view);
   const offset = (view.page - 1) * PAGE_SIZE;
   const k = Math.min(PAGE_SIZE, RESULT_WINDOW - offset);
   const kind = queryKind(view);
@@ -198,6 +268,8 @@ function searchRequest(view) {
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) params.append(key, v);
     }
+    for (const [key, value] of Object.entries(view.attrs || {})) params.append(key, value);
+    if (facets.length) params.set("facets", facets.join(","));
     return request(`/v1/search?${params}`);
   }
   if (kind === "image") {
@@ -210,12 +282,17 @@ function searchRequest(view) {
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) form.append(key, v);
     }
+    for (const [key, value] of Object.entries(view.attrs || {})) form.append(key, value);
+    if (facets.length) form.append("facets", facets.join(","));
     return request("/v1/search/image", { method: "POST", body: form });
   }
+  const attributes = Object.fromEntries(Object.entries(view.attrs || {})
+    .map(([key, value]) => [key.slice(ATTR.length), [value]]));
   return request("/v1/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ similar_to: view.similar, target: view.target, k, offset, filters: f }),
+    body: JSON.stringify({ similar_to: view.similar, target: view.target, k, offset,
+      filters: { ...f, attributes }, facets }),
   });
 }
 
@@ -237,6 +314,7 @@ async function search(view) {
     const [result] = await Promise.all([searchRequest(view), view.similar ? lookUpTitle(view.similar) : null]);
     if (ticket !== state.busy) return;
     state.last = result;
+    showAttributeFacets(result.facets);
     render(result, view);
   } catch (error) {
     if (ticket !== state.busy) return;
@@ -445,6 +523,7 @@ function hideQueryImage() {
 async function loadFacets() {
   try {
     const facets = await request("/v1/facets");
+    attributeNames = facets.attributes || [];
     if (facets.credits) {
       $("credits").textContent = facets.credits;
       $("credits").hidden = false;
@@ -459,8 +538,7 @@ async function loadFacets() {
         select.append(option);
       }
     }
-    // A filter restored from the URL before the options arrived: choose it again among them.
-    showControls(state.view);
+    if (state.view) showControls(state.view);
   } catch (_) {
     // Filters still work as plain "any"; searches report their own errors.
   }
@@ -476,7 +554,7 @@ function wire() {
   });
   $("image-input").addEventListener("change", (event) => searchImage(event.target.files[0]));
   $("clear-image").addEventListener("click", () => go({ ...viewFromControls(), image: null, page: 1 }));
-  for (const input of document.querySelectorAll('input[name="target"], #category, #brand, #price-min, #price-max')) {
+  for (const input of document.querySelectorAll('input[name="target"], #category, #brand, #price-min, #price-max, #in-stock')) {
     input.addEventListener("change", () => go({ ...viewFromControls(), page: 1 }));
   }
   $("prev").addEventListener("click", () => go({ ...state.view, page: Math.max(1, state.view.page - 1) }));
@@ -515,7 +593,10 @@ function wire() {
 }
 
 wire();
-restore(history.state);
-// The address as the page understood it: dropped junk parameters do not linger in a shared link.
-history.replaceState(history.state, "", urlFromView(state.view));
-loadFacets();
+// The filter values (and the attribute names whose counts a search asks for) first, so the first
+// search is the only one and its facets fill the panel.
+loadFacets().finally(() => {
+  restore(history.state);
+  // The address as the page understood it: dropped junk parameters do not linger in a shared link.
+  history.replaceState(history.state, "", urlFromView(state.view));
+});

@@ -1,0 +1,174 @@
+"""PATCH /v1/products/{id} and `prism products patch` (issue 19, item 5): metadata changes embed
+nothing and are served by every worker on its next query; title, description or image changes
+re-embed like PUT; bad requests are 4xx with a `detail` and change nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from prism_cli import run_prism
+from sample_catalog import draw_product_image
+from search import SearchEngine
+from store import ProductFilter, Store
+
+pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
+
+TOKEN = "patch-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def settings(build_serving_home):
+    return build_serving_home("patch-home", admin_token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def client(settings):
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        yield c
+
+
+def _counting(monkeypatch, embedder) -> dict[str, int]:
+    calls = {"encode_texts": 0, "encode_images": 0}
+    for name in calls:
+        real = getattr(embedder, name)
+
+        def counting(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(embedder, name, counting)
+    return calls
+
+
+def _other_worker(settings, embedder) -> tuple[Store, SearchEngine]:
+    store = Store.open(settings.db_url)
+    engine = SearchEngine(store, indexes_dir=settings.indexes_dir, device="cpu")
+    engine._embedders[embedder.name] = embedder
+    assert engine.refresh()
+    return store, engine
+
+
+def test_a_price_patch_embeds_nothing_and_every_worker_serves_it(client, settings, monkeypatch, tiny_embedder):
+    other_store, other = _other_worker(settings, tiny_embedder)
+    try:
+        before = client.get("/v1/products/P00030").json()
+        calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+        r = client.patch("/v1/products/P00030", json={"price": 9876.5, "stock": 4})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["price"] == 9876.5 and body["stock"] == 4 and body["image_action"] == "keep"
+        assert body["created"] is False and body["catalog_seq"] > 0
+        assert {k: body[k] for k in ("title", "description", "category", "brand", "currency", "attributes", "image_url")} \
+            == {k: before[k] for k in ("title", "description", "category", "brand", "currency", "attributes", "image_url")}
+        assert calls == {"encode_texts": 0, "encode_images": 0}
+        # The next query, here and in another worker, sees the new price.
+        r = client.get("/v1/search", params={"q": "x", "price_min": 9000})
+        assert [h["product_id"] for h in r.json()["results"]] == ["P00030"]
+        assert r.json()["results"][0]["stock"] == 4
+        found = other.search(text="x", filters=ProductFilter(price_min=9000))
+        assert [h.product.product_id for h in found.hits] == ["P00030"]
+        assert client.get("/readyz").json()["overlay_vectors"] == {"image": 0, "text": 0}
+    finally:
+        other_store.close()
+
+
+def test_null_clears_and_attributes_replace(client):
+    r = client.patch("/v1/products/P00031", json={"price": None, "brand": None, "attributes": {"colour": "teal"}})
+    assert r.status_code == 200, r.text
+    assert (r.json()["price"], r.json()["brand"], r.json()["attributes"]) == (None, None, {"colour": "teal"})
+    hits = client.post("/v1/search", json={"text": "x", "k": 5, "filters": {"attributes": {"colour": ["TEAL"]}}}).json()
+    assert [h["product_id"] for h in hits["results"]] == ["P00031"]
+
+
+def test_a_title_patch_re_embeds_like_put(client, monkeypatch):
+    calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+    r = client.patch("/v1/products/P00032", json={"title": "zanzibar periscope"})
+    assert r.status_code == 200 and r.json()["title"] == "zanzibar periscope" and r.json()["image_action"] == "keep"
+    assert calls == {"encode_texts": 1, "encode_images": 0}
+    # The product's whole embedded text as the query: its own new vector, first whatever the model.
+    text = f"zanzibar periscope. {r.json()['description']}"
+    hits = client.get("/v1/search", params={"q": text, "target": "text", "k": 1}).json()["results"]
+    assert hits[0]["product_id"] == "P00032" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert client.get("/readyz").json()["overlay_vectors"]["text"] >= 1
+
+
+def test_an_image_patch_re_embeds_the_image(client, monkeypatch):
+    import io
+
+    buffer = io.BytesIO()
+    draw_product_image(9001).save(buffer, format="PNG")
+    calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+    r = client.patch("/v1/products/P00033", json={"image_b64": base64.b64encode(buffer.getvalue()).decode()})
+    assert r.status_code == 200 and r.json()["image_action"] == "set", r.text
+    assert calls["encode_images"] == 1
+    found = client.post("/v1/search/image", files={"file": ("q.png", buffer.getvalue(), "image/png")}, data={"k": "1"})
+    assert found.json()["results"][0]["product_id"] == "P00033"
+
+
+BAD = [
+    ({}, 422, ["at least one field"]),
+    ({"colour": "red"}, 422, ["body.colour", "unknown field"]),
+    ({"price": "cheap"}, 422, ["body.price"]),
+    ({"price": True}, 422, ["body.price", "true or false"]),
+    ({"price": -1}, 422, ["body.price"]),
+    ({"stock": 2.5}, 422, ["body.stock"]),
+    ({"title": None}, 422, ["title cannot be null"]),
+    ({"title": "  "}, 422, ["body.title"]),
+    ({"attributes": None}, 422, ["attributes cannot be null"]),
+    ({"attributes": [1]}, 422, ["body.attributes"]),
+    ({"attributes": {"a": "x" * 20_000}}, 422, ["limit is 16384"]),
+    ({"currency": "euro"}, 422, ["body.currency"]),
+    ({"image_b64": "not base64!"}, 422, ["body.image_b64"]),
+    ([{"price": 1}], 422, ["body"]),
+]
+
+
+@pytest.mark.parametrize("body, status, words", BAD)
+def test_bad_patches_are_refused_and_change_nothing(client, body, status, words):
+    before = client.get("/v1/products/P00034").json()
+    r = client.patch("/v1/products/P00034", json=body)
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and all(w in detail for w in words), detail
+    assert client.get("/v1/products/P00034").json() == before
+
+
+def test_unknown_and_deleted_products_are_404_and_not_created(client):
+    r = client.patch("/v1/products/NOPE-1", json={"price": 1})
+    assert r.status_code == 404 and "NOPE-1" in r.json()["detail"]
+    assert client.get("/v1/products/NOPE-1").status_code == 404
+    assert client.delete("/v1/products/P00035").status_code == 204
+    assert client.patch("/v1/products/P00035", json={"price": 1}).status_code == 404
+    assert client.get("/v1/products/P00035").status_code == 404
+
+
+def test_patch_needs_the_admin_token(settings):
+    with TestClient(create_app(settings)) as anonymous:
+        r = anonymous.patch("/v1/products/P00036", json={"price": 1})
+        assert r.status_code == 401 and r.json()["detail"]
+
+
+def test_cli_patch_changes_metadata_like_http(build_serving_home, databases):
+    settings = build_serving_home("patch-cli-home")
+    env = databases.env(settings.home)
+    done = run_prism(["products", "patch", "P00040", "--price", "12.5", "--stock", "0", "--attributes", '{"colour": "red"}',
+                      "--json"], env, check=False)
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert (body["price"], body["stock"], body["attributes"]) == (12.5, 0, {"colour": "red"})
+    shown = json.loads(run_prism(["products", "get", "P00040", "--json"], env).stdout)
+    assert (shown["price"], shown["stock"]) == (12.5, 0)
+    cleared = run_prism(["products", "patch", "P00040", "--clear", "price"], env, check=False)
+    assert cleared.returncode == 0, cleared.stderr
+    assert json.loads(run_prism(["products", "get", "P00040", "--json"], env).stdout)["price"] is None
+    for args, words in ((["P00040"], "give at least one field"), (["NOPE", "--price", "1"], "no product"),
+                        (["P00040", "--price", "-3"], "price"), (["P00040", "--attributes", "[1]"], "attributes"),
+                        (["P00040", "--clear", "title"], "title")):
+        failed = run_prism(["products", "patch", *args], env, check=False)
+        assert failed.returncode != 0 and words in failed.stderr, (args, failed.stderr)
