@@ -168,8 +168,9 @@ class SearchHitOut(BaseModel):
     attributes: dict[str, Any] = Field(default_factory=dict)
     scores: dict[str, float] = Field(
         default_factory=dict,
-        description="per leg: image and text cosines, `lexical` (the full-text score: >= 2 every query word, "
-        ">= 3 the query is the product's name, < 1 a typo-tolerant match), `exact` (1: the query is its identifier)",
+        description="per leg: image and text cosines, `lexical` (the full-text score: >= 4 the query is the "
+        "product's name, >= 3 its name but for one typo, >= 2 every query word, < 1 a typo-tolerant match), "
+        "`exact` (1: the query is its identifier)",
     )
 
 

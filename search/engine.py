@@ -18,7 +18,7 @@ RRF needs no calibration between the very different cosine ranges of same-modal 
 matches, nor against full-text scores. The legs: the image index and the text index (weight 1
 each) and, for text queries, the lexical leg (`Store.lexical_search`, the database's full-text
 search; weight `lexical_weight`, 2 by default). A product whose name (its first text field) the
-query is, word for word, gets `title_boost` / (rrf_k + 1) more: a shopper typing a product's name
+query is, word for word or but for one typo, gets `title_boost` / (rrf_k + 1) more: a shopper typing a product's name
 expects it first, and the image leg (cross-modal, the weakest) must not outvote two legs that
 agree (docs/design.md, "Hybrid fusion"). Per-leg scores are returned in `scores`.
 """

@@ -1449,10 +1449,33 @@ def _query_words(query: str) -> list[str]:
 
 
 def _names(doc: str | None, words: list[str]) -> float:
-    """1.0 when the query is the first field of the indexed text, word for word (a shopper typing
-    a product's name), else 0: such a product ranks above others that merely hold every word."""
-    first = (doc or "").split(". ", 1)[0]
-    return 1.0 if _query_words(first) == words else 0.0
+    """2 when the query is the first field of the indexed text (a product's name), word for word;
+    1 when it is that but for one edit in one word (a shopper typing a name with a typo); else 0."""
+    first = _query_words((doc or "").split(". ", 1)[0])
+    if first == words:
+        return 2.0
+    if len(first) != len(words):
+        return 0.0
+    differ = [(a, b) for a, b in zip(first, words) if a != b]
+    return 1.0 if len(differ) == 1 and _one_edit(*differ[0]) else 0.0
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether b is a with one substitution, insertion, deletion or swap of neighbours."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                   and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i in range(len(short)) if short[i] != long_[i]), len(short))
+    return short[i:] == long_[i + 1 :]
+
+
+def _fraction(x: float) -> float:
+    """A positive score squashed into [0, 1): orders products within a tier, never across tiers."""
+    return x / (1.0 + x) if x > 0 else 0.0
 
 
 def _like_escape(word: str) -> str:
@@ -1482,19 +1505,21 @@ def _lexical_sqlite(s: Session, words: list[str], limit: int) -> list[tuple[int,
                          {**params, "n": limit}).all()
     for row, rank, doc in rows:
         # bm25 is negative, better more so: a fraction of a point between products holding every word.
-        found[int(row)] = LEXICAL_EVERY_WORD + _names(doc, words) - float(rank) / (1.0 - float(rank))
+        found[int(row)] = LEXICAL_EVERY_WORD + _names(doc, words) + _fraction(-float(rank))
     phrase = " ".join(words)
     trigrams = list(dict.fromkeys(phrase[i : i + 3] for i in range(len(phrase) - 2)))[:MAX_FUZZY_TRIGRAMS]
     if len(found) < limit and trigrams:
         match = " OR ".join(f'"{t}"' for t in trigrams)
-        rows = s.execute(text("SELECT rowid, bm25(products_fts) AS r FROM products_fts WHERE products_fts MATCH :m "
-                              "ORDER BY r, rowid LIMIT :n"), {"m": match, "n": limit + len(found)}).all()
-        best = min((float(r) for _, r in rows), default=0.0) or -1.0
-        for row, rank in rows:
+        rows = s.execute(text("SELECT rowid, bm25(products_fts) AS r, search_text FROM products_fts "
+                              "WHERE products_fts MATCH :m ORDER BY r, rowid LIMIT :n"),
+                         {"m": match, "n": limit + len(found)}).all()
+        best = min((float(r) for _, r, _ in rows), default=0.0) or -1.0
+        for row, rank, doc in rows:
             if len(found) >= limit:
                 break
-            # 0..1, the share of the best fuzzy score: below every match of every word.
-            found.setdefault(int(row), min(float(rank) / best, 1.0) * 0.999)
+            share = min(float(rank) / best, 1.0) * 0.999  # of the best fuzzy score: below every-word matches
+            name = _names(doc, words)
+            found.setdefault(int(row), LEXICAL_EVERY_WORD + name + share if name else share)
     return sorted(found.items(), key=lambda item: (-item[1], item[0]))
 
 
@@ -1522,6 +1547,9 @@ def _lexical_postgresql(s: Session, query: str, limit: int) -> list[tuple[int, f
         s.execute(text("SET LOCAL pg_trgm.word_similarity_threshold = 0.45"))
         rows = s.execute(_PG_LEXICAL, {"q": query, "pattern": f"%{_like_escape(query)}%", "n": limit}).all()
     # Every word: LEXICAL_EVERY_WORD and up; closeness (two similarities, 0..2) only: below it.
-    out = [(int(r.row_id), LEXICAL_EVERY_WORD + _names(r.search_text, query.split()) + float(r.closeness or 0.0) / 2
-            if r.every_word else float(r.closeness or 0.0) * 0.999 / 2) for r in rows]
+    out = []
+    for r in rows:
+        closeness = float(r.closeness or 0.0) * 0.999 / 2
+        name = _names(r.search_text, query.split())
+        out.append((int(r.row_id), LEXICAL_EVERY_WORD + name + closeness if r.every_word or name else closeness))
     return sorted(out, key=lambda item: (-item[1], item[0]))

@@ -241,7 +241,8 @@ DEFAULT_TEXT_FIELDS = ("title", "description")
 # `Store.lexical_search` scores a product whose indexed text holds every query word at least this
 # (in either database); typo-tolerant matches score below it.
 LEXICAL_EVERY_WORD = 2.0
-# ... and at least this when the query is, word for word, the first text field (its name).
+# ... at least this when the query is the first text field (its name) but for one edit in one
+# word, and at least LEXICAL_NAME + 1 when it is the name word for word.
 LEXICAL_NAME = 3.0
 _PLAIN_TEXT_FIELDS = ("title", "description", "category", "brand")
 MAX_TEXT_FIELDS = 16
