@@ -43,19 +43,22 @@ def _norm(title: str) -> str:
     return " ".join(title.casefold().split())
 
 
-def title_eval(home: Path, *, database_url: str | None = None, k: int = 6) -> dict:
-    """Every live product's title as a query: share ranked first (itself or a same-titled product)."""
+def title_eval(home: Path, *, database_url: str | None = None, k: int = 6, sample: int | None = None,
+               targets: tuple[str, ...] = TARGETS, seed: int = 7) -> dict:
+    """Every live product's title (or a random `sample` of them) as a query: the share ranked first
+    (the product itself or one with the same title)."""
     from store import Store
 
     home = Path(home)
     store = Store.open(database_url or f"sqlite:///{home.resolve() / 'prism.db'}")
     engine = _engine(store, home)
-    products = store.live_products()
+    catalog = store.live_products()
     by_title: dict[str, set[str]] = {}
-    for p in products:
+    for p in catalog:
         by_title.setdefault(_norm(p.title), set()).add(p.product_id)
-    out: dict = {"products": len(products), "k": k, "targets": {}}
-    for target in TARGETS:
+    products = catalog if sample is None or sample >= len(catalog) else random.Random(seed).sample(catalog, sample)
+    out: dict = {"products": len(catalog), "queries": len(products), "k": k, "targets": {}}
+    for target in targets:
         first = in_top = 0
         misses = []
         started = time.perf_counter()
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     titles = sub.add_parser("titles", help="every title of a demo home as a query")
     titles.add_argument("home", type=Path)
     titles.add_argument("--database-url")
+    titles.add_argument("--sample", type=int, help="a random sample of this many titles (default: all)")
+    titles.add_argument("--targets", default=",".join(TARGETS))
     gen = sub.add_parser("generated", help="identifier and typo queries on a generated catalog")
     gen.add_argument("-n", type=int, default=500)
     gen.add_argument("--model", default="prism-tiny-vit:random")
@@ -200,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     if args.check == "titles":
-        result = title_eval(args.home, database_url=args.database_url)
-        print(f"{'target':<8} {'hit@1':>7} {'hit@' + str(result['k']):>7} {'ms/query':>9}   ({result['products']} titles)")
+        result = title_eval(args.home, database_url=args.database_url, sample=args.sample,
+                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+        print(f"{'target':<8} {'hit@1':>7} {'hit@' + str(result['k']):>7} {'ms/query':>9}   "
+              f"({result['queries']} of {result['products']} titles)")
         for target, r in result["targets"].items():
             print(f"{target:<8} {r['hit@1']:>7.3f} {r['hit@' + str(result['k'])]:>7.3f} {r['ms_per_query']:>9.1f}")
         path = _write("titles", result)
