@@ -1450,14 +1450,27 @@ def _query_words(query: str) -> list[str]:
 
 def _names(doc: str | None, words: list[str]) -> float:
     """2 when the query is the first field of the indexed text (a product's name), word for word;
-    1 when it is that but for one edit in one word (a shopper typing a name with a typo); else 0."""
-    first = _query_words((doc or "").split(". ", 1)[0])
-    if first == words:
-        return 2.0
-    if len(first) != len(words):
+    1 when it is that but for one edit in one word of four or more letters (a name typed with a
+    typo; in a shorter word one edit makes another word); else 0. The first field ends where
+    ". " follows its last word (titles such as "Flag: St. Helena" hold ". " themselves)."""
+    if not doc or not words:
         return 0.0
-    differ = [(a, b) for a, b in zip(first, words) if a != b]
-    return 1.0 if len(differ) == 1 and _one_edit(*differ[0]) else 0.0
+    found = []
+    for m in _WORD.finditer(doc):
+        if len(found) == len(words):
+            break
+        found.append((m.group().casefold()[:64], m.end()))
+    if len(found) < len(words):
+        return 0.0
+    rest = doc[found[-1][1]:]
+    cut = rest.find(". ")
+    if _WORD.search(rest if cut < 0 else rest[:cut]):
+        return 0.0  # more words follow in the first field
+    differ = [(a, b) for (a, _), b in zip(found, words) if a != b]
+    if not differ:
+        return 2.0
+    a, b = differ[0]
+    return 1.0 if len(differ) == 1 and min(len(a), len(b)) >= 4 and _one_edit(a, b) else 0.0
 
 
 def _one_edit(a: str, b: str) -> bool:
