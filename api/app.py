@@ -35,7 +35,7 @@ products, 503 while no index version is serving).
 
 def create_app(settings: PrismSettings | None = None) -> FastAPI:
     settings = settings or PrismSettings()
-    store = Store.open(settings.db_url)
+    store = Store.open(settings.db_url, lexical=settings.lexical())
     limits = settings.image_limits()
     model_thread = ModelThread()
     engine = SearchEngine(

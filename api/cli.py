@@ -233,7 +233,7 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
 
         check_reachable(ray.address)
     settings.apply_threads()
-    store = Store.open(settings.db_url)
+    store = Store.open(settings.db_url, lexical=settings.lexical())
     spec = index_model_spec(store, settings.model)
     if vectors is not None:  # nothing is embedded: the model's name and width are all the run needs
         embedder = describe_model(spec, models_dir=settings.models_dir)
@@ -338,7 +338,7 @@ def search(
     from store import Store
 
     try:
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         engine = SearchEngine(
             store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
             image_limits=settings.image_limits(),
@@ -553,7 +553,7 @@ def demo(
         dropped = ", ".join(f"{n} {why}" for why, n in catalog.stats["dropped"].items()) or "none"
         console.print(f"demo catalog: {len(catalog.products)} products from {catalog.stats['openmoji_glyphs']} "
                       f"OpenMoji glyphs (dropped: {dropped}); splits {catalog.stats['splits']}")
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         with _progress_bar(train=True) as progress:
             meta, trained = ensure_demo_model(
                 catalog, models_dir=settings.models_dir, store=store, device=_device(settings.device),
@@ -600,7 +600,7 @@ def eval_models(
         catalog = load_demo_catalog(settings.home / "demo")
         if catalog is None:
             _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first")
-        versions = [model or _serving_model(Store.open(settings.db_url))]
+        versions = [model or _serving_model(Store.open(settings.db_url, lexical=settings.lexical()))]
         if compare:
             if compare == versions[0]:
                 _fail(f"--compare {compare} is the model being evaluated; name a different version")
@@ -658,7 +658,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         models = store.list_model_versions()
         versions = store.list_index_versions()
     except _known_errors() as exc:
@@ -695,7 +695,7 @@ def models_activate(
 
     settings = _settings()
     try:
-        record = activate_version(Store.open(settings.db_url), version)
+        record = activate_version(Store.open(settings.db_url, lexical=settings.lexical()), version)
     except _known_errors() as exc:
         _fail(str(exc))
     typer.echo(f"active: index version {record.index_version} (model {record.model_version})")
@@ -769,7 +769,7 @@ def worker(
     for name in ("feedback", "indexer"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
     except _known_errors() as exc:
         _fail(str(exc))
 
@@ -796,7 +796,7 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
     from store import Store
 
     try:
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         with _progress_bar(as_json, train=True) as progress:
             outcome = run_retrain(
                 store, home=settings.home, config=settings.retrain_config(), index_options=settings.index_options(),
@@ -855,7 +855,7 @@ def products_get(
 
     settings = _settings()
     try:
-        product = Store.open(settings.db_url).get_product(product_id)
+        product = Store.open(settings.db_url, lexical=settings.lexical()).get_product(product_id)
     except _known_errors() as exc:
         _fail(str(exc))
     if product is None:
@@ -882,7 +882,7 @@ def products_delete(product_id: ProductIdArg) -> None:
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         # The route's own service: it soft-deletes the row and writes the journal entry that
         # serving engines replay, in one transaction.
         updater = CatalogUpdater(

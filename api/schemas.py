@@ -253,8 +253,16 @@ class SearchParams(Filters):
 
     facets: FacetNames | None = Field(None, description=FACETS_DESCRIPTION + " (comma-separated)")
 
-    q: QueryText = Field(description="the text query")
-    target: Target = Field(Target.IMAGE, description="which index to search: image, text or hybrid")
+    q: QueryText = Field(
+        description="the text query; a product_id or an identifier attribute's value (PRISM_ID_ATTRIBUTES, "
+        "e.g. a gtin) returns that product first for every target",
+        examples=["red running shoes", "4006381333931"],
+    )
+    target: Target = Field(
+        Target.IMAGE,
+        description="which index to search: image, text or hybrid (image and text vectors fused with the "
+        "database's full-text search, typo-tolerant)",
+    )
     k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
 
@@ -267,6 +275,8 @@ class SearchRequest(BaseModel):
         json_schema_extra={
             "examples": [
                 {"text": "red running shoes", "target": "image", "k": 10, "filters": {"price_max": 120}},
+                {"text": "runing shoe", "target": "hybrid", "k": 10},
+                {"text": "SKU-00042-A", "target": "image", "k": 5},
                 {"image_b64": "iVBORw0KGgo...", "target": "text", "k": 5},
                 {"similar_to": "P00042", "target": "image", "k": 12},
                 {"text": "sneaker", "filters": {"attributes": {"color": ["red"]}, "in_stock": True},
@@ -294,7 +304,7 @@ class SearchRequest(BaseModel):
 
 class SearchHitOut(BaseModel):
     product_id: str
-    score: float = Field(description="cosine similarity; for hybrid, the reciprocal-rank-fusion score")
+    score: float = Field(description="cosine similarity; for hybrid, the weighted reciprocal-rank-fusion score")
     rank: int = Field(description="1-based position in the full ranking (offset included)")
     title: str
     image_url: str | None = Field(description="where the page can load the product image (null: none)")
@@ -305,7 +315,12 @@ class SearchHitOut(BaseModel):
     currency: str | None = None
     stock: int | None = Field(None, description="units on hand; null: unknown")
     attributes: dict[str, Any] = Field(default_factory=dict)
-    scores: dict[str, float] = Field(default_factory=dict, description="per-index cosine (hybrid shows both)")
+    scores: dict[str, float] = Field(
+        default_factory=dict,
+        description="per leg: image and text cosines, `lexical` (the full-text score: >= 4 the query is the "
+        "product's name, >= 3 its name but for one typo, >= 2 every query word, < 1 a typo-tolerant match), "
+        "`exact` (1: the query is its identifier)",
+    )
 
 
 class SearchResponse(BaseModel):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -59,6 +59,38 @@ class PrismSettings(BaseSettings):
         description="searches (query text, uploaded image hashes) and their events older than this many days are "
         "deleted by every retrain run; never fewer than retrain_window_days, which the job reads",
     )
+
+    text_fields: str = Field(
+        "title,description",
+        description="catalog fields whose values form a product's embedded and lexically indexed text, in order: "
+        "title, description, category, brand or attributes.NAME (e.g. title,attributes.title_zh); a change "
+        "re-embeds the texts at the next `prism index`",
+    )
+    id_attributes: str = Field(
+        "",
+        description="attributes whose values are exact identifiers (e.g. gtin,sku): a query equal to one, or to "
+        "a product_id, returns that product first",
+    )
+
+    @field_validator("text_fields")
+    @classmethod
+    def _valid_text_fields(cls, value: str) -> str:
+        from store import parse_text_fields
+
+        return ",".join(parse_text_fields(value))
+
+    @field_validator("id_attributes")
+    @classmethod
+    def _valid_id_attributes(cls, value: str) -> str:
+        from store import parse_field_list
+
+        return ",".join(parse_field_list(value, what="identifier attributes"))
+
+    def lexical(self):
+        """What the store's lexical index holds (store.LexicalConfig), from text_fields and id_attributes."""
+        from store import LexicalConfig, parse_field_list, parse_text_fields
+
+        return LexicalConfig(parse_text_fields(self.text_fields), parse_field_list(self.id_attributes, what="identifier attributes"))
 
     @classmethod
     def settings_customise_sources(

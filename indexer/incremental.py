@@ -20,7 +20,7 @@ from pathlib import Path
 from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.pipeline import product_text
-from store import METADATA_COLUMNS, ConflictError, ProductInput, ProductRecord, ProductVectors, Store
+from store import METADATA_COLUMNS, ConflictError, ProductInput, ProductRecord, ProductVectors, Store, text_field_values
 
 _ATTEMPTS = 5
 
@@ -89,7 +89,7 @@ class CatalogUpdater:
         image it has; a new product is then text-only."""
         if image is not None and image_url is not None:
             raise UpdateError("conflict", "give image bytes or an image URL, not both")
-        text = product_text(item)
+        text = product_text(item, self.store.lexical.text_fields)
         if image is None and image_url is None:
             outcome = self._update_metadata(item, content_hash(text))
             if outcome is not None:
@@ -133,10 +133,12 @@ class CatalogUpdater:
         (or the product has no embedded text and image to keep), or it keeps changing meanwhile."""
         for _ in range(_ATTEMPTS):
             current = self.store.get_product(item.product_id)
-            # The embedded text is title + description: compare both, since two different pairs
-            # can join to the same text (and its hash).
+            # The embedded text joins the text fields: compare each, since two different sets of
+            # values can join to the same text (and its hash).
+            fields = self.store.lexical.text_fields
             if current is None or current.text_hash != text_hash or \
-                    (current.title, current.description) != (item.title, item.description):
+                    (current.title, current.description) != (item.title, item.description) or \
+                    text_field_values(current, fields) != text_field_values(item, fields):
                 return None
             if current.image_uri is not None and current.image_status not in ("ok", "supplied"):
                 return None  # an image no build has embedded: the full path embeds it now
@@ -163,7 +165,10 @@ class CatalogUpdater:
         unknown = set(changes) - set(PATCH_FIELDS)
         if unknown:
             raise UpdateError("unknown_field", f"cannot patch {', '.join(sorted(unknown))}")
-        content = image is not None or image_url is not None or bool(set(changes) & {"title", "description"})
+        # PRISM_TEXT_FIELDS may embed category, brand or an attribute: a change to one of those
+        # changes the embedded text (`upsert` still writes metadata only if the text is unchanged).
+        embedded = {"title", "description"} | {f.split(".", 1)[0] for f in self.store.lexical.text_fields}
+        content = image is not None or image_url is not None or bool(set(changes) & embedded)
         if not content:
             # One transaction reads and writes the row: one round trip fewer than read-then-write.
             written = self.store.patch_product_metadata(product_id, changes)

@@ -32,7 +32,7 @@ from indexer.memory import release_freed_memory
 from indexer.retention import apply_retention, build_hold
 from indexer.vectors_file import read_vectors_file
 from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
-from store import ImageState, ProductInput, ProductRecord, SourcePreference, Store
+from store import DEFAULT_TEXT_FIELDS, ImageState, LexicalConfig, ProductInput, ProductRecord, SourcePreference, Store, compose_text
 
 if TYPE_CHECKING:
     from indexer.ray_embed import RayOptions
@@ -162,9 +162,11 @@ def index_model_spec(store: Store, requested: str | None) -> str:
     return DEFAULT_MODEL_SPEC
 
 
-def product_text(p: ProductRecord | ProductInput) -> str:
-    """The text a product is embedded (and text-searched) by: its title, then its description."""
-    return f"{p.title}. {p.description}" if p.description else p.title
+def product_text(p: ProductRecord | ProductInput, text_fields: tuple[str, ...] = DEFAULT_TEXT_FIELDS) -> str:
+    """The text a product is embedded (and lexically searched) by: the values of `text_fields`
+    (PRISM_TEXT_FIELDS; by default its title, then its description). Its hash is the text's
+    cache key, so other fields make other keys: the next build embeds the new texts."""
+    return compose_text(p, text_fields)
 
 
 class CatalogIndexer:
@@ -187,6 +189,12 @@ class CatalogIndexer:
         self.options = options
         self.progress = progress or NoProgress()
         self.feed: FeedSync | None = None  # set while a `sync` run loads its catalog file
+
+    @property
+    def text_fields(self) -> tuple[str, ...]:
+        """The fields a product's text is composed of: the store's (PRISM_TEXT_FIELDS), which its
+        lexical index holds too, so the embedded text and the lexical text never differ."""
+        return self.store.lexical.text_fields
 
     @property
     def cache_dir(self) -> Path:
@@ -226,7 +234,7 @@ class CatalogIndexer:
         if not chunk:
             return
         written = self.store.upsert_products(
-            chunk, text_hash=lambda it: content_hash(product_text(it)),
+            chunk, text_hash=lambda it: content_hash(product_text(it, self.text_fields)),
             feed_time=feed_time, prefer=self.options.prefer,
         )
         if self.feed is not None:
@@ -316,7 +324,7 @@ class CatalogIndexer:
     def _embed_texts(self, total: int, cache: VectorCache, summary: IndexSummary) -> None:
         self.progress.start("embed texts", total)
         for products in self.store.iter_live_products(self.options.chunk_rows):
-            items = [(p.row_id, product_text(p)) for p in products]
+            items = [(p.row_id, product_text(p, self.text_fields)) for p in products]
             recorded = {p.row_id: p.text_hash for p in products}
             for batch in self.embedder.embed_texts(items, batch_size=self.options.text_batch_size, cache=cache):
                 summary.texts_embedded += batch.encoded
@@ -446,6 +454,7 @@ class CatalogIndexer:
                 extra={
                     "counts": {"products": products, "image": indexes["image"].ntotal, "text": indexes["text"].ntotal},
                     "catalog_seq": catalog_seq,
+                    "lexical": self.store.lexical.to_dict(),
                 },
             )
             self.store.record_index_version(
@@ -484,6 +493,18 @@ class CatalogIndexer:
         }
         return sources, products
 
+    def _refresh_lexical(self) -> None:
+        """Text fields or identifier attributes other than those the active version was built
+        with: every product's lexical text and identifiers are rewritten first (the texts are
+        re-embedded below, since their content keys change with them)."""
+        active = self.store.active_index_version()
+        built = LexicalConfig.from_dict(active.manifest.get("lexical") if active is not None else None)
+        if built != self.store.lexical:
+            changed = self.store.refresh_lexical()
+            log.info("text fields %s, identifier attributes %s (were %s, %s): %d products' lexical text rewritten",
+                     ",".join(self.store.lexical.text_fields), ",".join(self.store.lexical.id_attributes) or "none",
+                     ",".join(built.text_fields), ",".join(built.id_attributes) or "none", changed)
+
     def run(self, catalog: Path | None, *, vectors: Path | None = None, ray: RayOptions | None = None) -> IndexSummary:
         """Load `catalog` (if given), then embed what is missing with the model (on the Ray
         cluster `ray` says, if given), or, with `vectors`, take the vectors made elsewhere
@@ -494,6 +515,7 @@ class CatalogIndexer:
             raise ValueError("a sync needs a catalog file: it deletes what the file does not list")
         if self.options.sync:
             self.feed = FeedSync(self.options.max_delete_fraction, chunk_rows=self.options.chunk_rows)
+        self._refresh_lexical()
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)
         # The hold is taken before the position is read: a retention in between could otherwise

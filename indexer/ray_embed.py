@@ -287,7 +287,7 @@ def _queue_work(ray, indexer: "CatalogIndexer", cache: "VectorCache", summary: "
                 column.clear()
 
     for products in store.iter_live_products(indexer.options.chunk_rows):
-        texts = [product_text(p) for p in products]
+        texts = [product_text(p, indexer.text_fields) for p in products]
         hashes = [content_hash(t) for t in texts]
         present = cache.contains_many([f"text:{h}" for h in hashes]).tolist()
         changed = {}

@@ -5,12 +5,22 @@ Routing:
     text  query, target=text    text->text
     image query, target=image   image->image
     image query, target=text    image->text
-    either,      target=hybrid  both indexes, fused by reciprocal rank fusion
+    either,      target=hybrid  both indexes (and, for a text query, the lexical leg), fused by
+                                weighted reciprocal rank fusion
 
-Hybrid fusion: each index returns its ranked candidates; a product's fused score is
-sum over indexes of 1 / (rrf_k + rank), with rank starting at 1 and rrf_k = 60 (Cormack et al.).
+Exact identifiers: a text query equal to a product's product_id, or to a value of an identifier
+attribute (PRISM_ID_ATTRIBUTES), puts that product first for every target (`scores["exact"]`);
+the rest of the ranking follows as the target ranks it.
+
+Hybrid fusion: each leg returns its ranked candidates; a product's fused score is
+sum over legs of weight / (rrf_k + rank), with rank starting at 1 and rrf_k = 60 (Cormack et al.).
 RRF needs no calibration between the very different cosine ranges of same-modal and cross-modal
-matches; the per-index cosines are returned alongside in `scores`.
+matches, nor against full-text scores. The legs: the image index and the text index (weight 1
+each) and, for text queries, the lexical leg (`Store.lexical_search`, the database's full-text
+search; weight `lexical_weight`, 2 by default). A product whose name (its first text field) the
+query is, word for word or but for one typo, gets `title_boost` / (rrf_k + 1) more: a shopper typing a product's name
+expects it first, and the image leg (cross-modal, the weakest) must not outvote two legs that
+agree (docs/design.md, "Hybrid fusion"). Per-leg scores are returned in `scores`.
 """
 
 from __future__ import annotations
@@ -34,7 +44,7 @@ from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
-from store import ProductFilter, ProductRecord, Store
+from store import LEXICAL_NAME, ProductFilter, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +63,12 @@ MAX_QUERY_CHARS = 2000
 # answer with one entry per product.
 MAX_FACETS = 8
 MAX_FACET_VALUES = 50
+# Candidates the lexical leg contributes to a hybrid ranking (whatever the page's depth: every page
+# of a query is cut from one fusion).
+LEXICAL_DEPTH = 100
+# A text query longer than this is not sent to the full-text search (nobody types a product name
+# that long; the trigram work grows with it).
+MAX_LEXICAL_QUERY_CHARS = 256
 # A version that failed to load is tried again after this long (its files may have been repaired).
 FAILED_VERSION_RETRY_S = 60.0
 
@@ -140,6 +156,8 @@ class SearchEngine:
         model_thread: ModelThread | None = None,
         batching: BatchConfig | None = None,
         local_copies: Path | None = None,
+        lexical_weight: float = 2.0,
+        title_boost: float = 1.0,
     ):
         """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
         `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
@@ -155,6 +173,8 @@ class SearchEngine:
         self.device = device
         self.image_limits = image_limits or ImageLimits()
         self.rrf_k = rrf_k
+        self.lexical_weight = lexical_weight
+        self.title_boost = title_boost
         self.exact_subset_max = exact_subset_max
         self.verify_files = verify_files
         self.local_copies = local_copies
@@ -423,8 +443,13 @@ class SearchEngine:
             timings["facets"] = _ms(t0)
 
         exclude = np.zeros(0, dtype=np.int64)
+        pinned: list[int] = []
+        lexical: list[tuple[int, float]] | None = None
         if text is not None:
             text = text.strip()
+            t0 = time.perf_counter()
+            pinned, lexical = self._lexical(text, target, allowed)
+            timings["lexical"] = _ms(t0)
             query = SearchQuery("text", target, k, offset, filters, text=text)
             encode = lambda: serving.embedder.encode_texts([text])  # noqa: E731
         elif image is not None:
@@ -443,7 +468,7 @@ class SearchEngine:
 
         def search_vector(vector: np.ndarray) -> list[tuple[int, float, dict]]:
             t0 = time.perf_counter()
-            ranked = self._ranked(serving, target, vector, offset + k, allowed, exclude)
+            ranked = self._ranked(serving, target, vector, offset + k, allowed, exclude, lexical, pinned)
             timings["ann"] = _ms(t0)
             return ranked
 
@@ -503,7 +528,21 @@ class SearchEngine:
                 return product, np.asarray(vector, dtype=np.float32).reshape(1, -1), modality
         raise QueryError(f"product {product_id!r} is not in the serving index yet")
 
-    def _ranked(self, serving, target, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+    def _lexical(self, text: str, target: Target, allowed) -> tuple[list[int], list[tuple[int, float]] | None]:
+        """(rows whose exact identifier the query is, the lexical leg's (row, score) for a hybrid
+        query or None), both within the filter."""
+        pinned = self.store.identifier_rows(text)
+        lexical = None
+        if target is Target.HYBRID and len(text) <= MAX_LEXICAL_QUERY_CHARS:
+            lexical = self.store.lexical_search(text, limit=LEXICAL_DEPTH)
+        if allowed is not None:
+            members = allowed.ids
+            pinned = [r for r in pinned if _member(members, r)]
+            if lexical is not None:
+                lexical = [(r, s) for r, s in lexical if _member(members, r)]
+        return pinned, lexical
+
+    def _ranked(self, serving, target, query, want, allowed, exclude, lexical=None, pinned=()) -> list[tuple[int, float, dict]]:
         """The first `want` entries of the query's one ranking, from which every page is cut.
 
         An approximate search at a greater depth can find a candidate that a shallower one
@@ -515,13 +554,20 @@ class SearchEngine:
         """
         ranked: list[tuple[int, float, dict]] = []
         seen: set[int] = set()
+        if pinned:
+            # Exact identifier matches come first, scored above anything the target can score.
+            top = 1.0 if target is not Target.HYBRID else self._hybrid_ceiling()
+            for row in pinned:
+                if row not in seen and row not in exclude:
+                    seen.add(row)
+                    ranked.append((row, top, {"exact": 1.0}))
         for depth in RANKING_DEPTHS:
             if target is Target.HYBRID:
-                found = self._hybrid(serving, query, depth, allowed, exclude)
+                found = self._hybrid(serving, query, depth, allowed, exclude, lexical)
             else:
                 found = self._single(serving, target.value, query, depth, allowed, exclude)
             for entry in found:
-                if len(ranked) >= depth:
+                if len(ranked) >= depth + len(pinned):
                     break
                 if entry[0] not in seen:
                     seen.add(entry[0])
@@ -548,7 +594,7 @@ class SearchEngine:
     def _single(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
         return [(i, s, {modality: s}) for i, s in self._candidates(serving, modality, query, want, allowed, exclude)]
 
-    def _hybrid(self, serving, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+    def _hybrid(self, serving, query, want, allowed, exclude, lexical=None) -> list[tuple[int, float, dict]]:
         depth = max(want, 50)
         fused: dict[int, float] = {}
         parts: dict[int, dict[str, float]] = {}
@@ -556,8 +602,19 @@ class SearchEngine:
             for rank, (i, s) in enumerate(self._candidates(serving, modality, query, depth, allowed, exclude), start=1):
                 fused[i] = fused.get(i, 0.0) + 1.0 / (self.rrf_k + rank)
                 parts.setdefault(i, {})[modality] = s
+        for rank, (i, s) in enumerate(lexical or (), start=1):
+            if i in exclude:
+                continue
+            fused[i] = fused.get(i, 0.0) + self.lexical_weight / (self.rrf_k + rank)
+            parts.setdefault(i, {})["lexical"] = s
+            if s >= LEXICAL_NAME:
+                fused[i] += self.title_boost / (self.rrf_k + 1)
         order = sorted(fused, key=lambda i: (-fused[i], i))[:want]
         return [(i, fused[i], parts[i]) for i in order]
+
+    def _hybrid_ceiling(self) -> float:
+        """The highest fused score a hybrid ranking can give: what an exact identifier match scores."""
+        return (len(MODALITIES) + self.lexical_weight + self.title_boost) / (self.rrf_k + 1)
 
     # ---------------------------------------------------------------- introspection
 
@@ -615,6 +672,11 @@ def _validate_facets(facets: Sequence[str]) -> None:
 
 
 FACET_NAMES = ("category", "brand", "in_stock")
+
+
+def _member(sorted_ids: np.ndarray, row: int) -> bool:
+    pos = int(np.searchsorted(sorted_ids, row))
+    return pos < len(sorted_ids) and int(sorted_ids[pos]) == row
 
 
 def _ms(since: float) -> float:

@@ -91,7 +91,7 @@ def _reembedded(store: Store, embedder: Embedder, changes: list[CatalogChangeRec
         product = products.get(change.row_id)
         if product is None:
             continue
-        text = embedder.encode_texts([product_text(product)])[0]
+        text = embedder.encode_texts([product_text(product, store.lexical.text_fields)])[0]
         image = KEEP if change.image_action == "keep" else _embed_image(embedder, product)
         out[change.seq] = ChangeVectors(text=text, image=image)
     log.info("re-embedded %d journaled changes made with another model", len(out))
@@ -114,7 +114,7 @@ def _file_vectors(
         text_vectors, text_hit = cache.get_many([f"text:{c.text_hash}" for c in texts])
         image_vectors, image_hit = cache.get_many([f"image:{products[c.row_id].image_hash}" for c in images])
         misses = [c for c, hit in zip(texts, text_hit) if not hit]
-        fresh = embedder.encode_texts([product_text(products[c.row_id]) for c in misses]) if misses else []
+        fresh = embedder.encode_texts([product_text(products[c.row_id], store.lexical.text_fields) for c in misses]) if misses else []
         found.update({("text", c.seq): v for c, v, hit in zip(texts, text_vectors, text_hit) if hit})
         found.update({("text", c.seq): v for c, v in zip(misses, fresh)})
         for c, vector, hit in zip(images, image_vectors, image_hit):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -19,7 +20,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from store.models import CatalogChange, Event, IndexVersion, ModelVersion, Product, SearchLog, TrainingRun, utcnow
+from store.models import (
+    CatalogChange, Event, IndexVersion, ModelVersion, Product, ProductIdentifier, SearchLog, TrainingRun, utcnow,
+)
 from store.records import (
     AttributeCondition,
     CatalogChangeRecord,
@@ -27,6 +30,7 @@ from store.records import (
     EventInput,
     ImageState,
     IndexVersionRecord,
+    LexicalConfig,
     LoggedEvent,
     ModelVersionRecord,
     ProductFacts,
@@ -40,6 +44,9 @@ from store.records import (
     attribute_keys,
     attribute_number,
     filter_key,
+    LEXICAL_EVERY_WORD,
+    identifier_key,
+    text_field_values,
 )
 
 log = logging.getLogger(__name__)
@@ -162,6 +169,19 @@ def _file_change(
     }
 
 
+def _replace_identifiers(s: Session, by_row: dict[int, list[str]]) -> None:
+    """Rows' exact identifiers become these (`LexicalConfig.identifiers`), in the caller's transaction."""
+    if not by_row:
+        return
+    table = ProductIdentifier.__table__
+    rows = list(by_row)
+    for chunk in _chunks(rows):
+        s.execute(delete(table).where(table.c.row_id.in_(chunk)))
+    values = [{"value": v, "row_id": row} for row, keys in by_row.items() for v in keys]
+    if values:
+        s.execute(table.insert(), values)
+
+
 def _serialise_journal(s: Session) -> None:
     # SQLite serialises writers already. On PostgreSQL, sequence values can commit out of order,
     # and a reader that saw seq 11 before seq 10 committed would skip 10 forever: hold a
@@ -277,8 +297,11 @@ def migrate(engine: Engine, revision: str = "head") -> None:
 class Store:
     """Catalog, versions and logs in SQL. Construct with `Store.open(url)`."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, *, lexical: LexicalConfig | None = None):
+        """`lexical`: which fields form a product's text and which attributes are exact identifiers
+        (PRISM_TEXT_FIELDS, PRISM_ID_ATTRIBUTES); every product write indexes them so."""
         self.engine = engine
+        self.lexical = lexical or LexicalConfig()
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # SQLite has one writer at a time, and a blocked writer sleeps in growing steps (up to
         # 100 ms) before retrying: 32 request threads logging searches at once made most of them
@@ -286,13 +309,13 @@ class Store:
         self._hot_writes = threading.Lock() if engine.dialect.name == "sqlite" else nullcontext()
 
     @classmethod
-    def open(cls, url: str, *, apply_migrations: bool = True) -> "Store":
+    def open(cls, url: str, *, apply_migrations: bool = True, lexical: LexicalConfig | None = None) -> "Store":
         if url.startswith("sqlite:///") and not url.startswith("sqlite:///:memory:"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         engine = _make_engine(url)
         if apply_migrations:
             migrate(engine)
-        return cls(engine)
+        return cls(engine, lexical=lexical)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -431,8 +454,7 @@ class Store:
                 brand=bindparam("brand"), price=bindparam("price"), currency=bindparam("currency"),
                 image_ref=bindparam("image_ref"), image_uri=bindparam("image_uri"),
                 attributes=bindparam("attributes"), stock=bindparam("stock"), updated_at=bindparam("updated_at"),
-                deleted_at=None,
-                changed_by="file",
+                deleted_at=None, changed_by="file", search_text=bindparam("search_text"),
                 # A changed image resets its state; an unchanged one keeps the state as it is at
                 # the write, not as read above (another run may have recorded it meanwhile).
                 image_status=case((same_image, c.image_status), else_="pending"),
@@ -452,17 +474,20 @@ class Store:
                 ids = [it.product_id for it in chunk]
                 existing = {r.product_id: r for r in s.execute(select(*current_columns).where(c.product_id.in_(ids)))}
                 inserts, updates, journal, new_items = [], [], [], []
+                identifiers: dict[str, list[str]] = {}
                 for it in chunk:
-                    fields_ = _catalog_fields(it, now)
+                    fields_ = {**_catalog_fields(it, now), "search_text": self.lexical.document(it)}
                     row = existing.get(it.product_id)
                     if row is None:
                         inserts.append({**fields_, "product_id": it.product_id, "created_at": now,
                                         "image_status": "pending", "deleted_at": None, "changed_by": "file"})
                         new_items.append(it)
+                        identifiers[it.product_id] = self.lexical.identifiers(it)
                         out.created += 1
                         continue
                     restored = row.deleted_at is not None
-                    text_changed = restored or (row.title, row.description) != (it.title, it.description)
+                    text_changed = restored or (row.title, row.description) != (it.title, it.description) \
+                        or text_field_values(row, self.lexical.text_fields) != text_field_values(it, self.lexical.text_fields)
                     image_changed = restored or row.image_uri != it.image_uri
                     content = text_changed or image_changed
                     metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {}),
@@ -480,6 +505,7 @@ class Store:
                             continue
                         out.api_edits_overwritten.append(it.product_id)
                     updates.append({**fields_, "b_new_uri": it.image_uri, "b_row": row.row_id})
+                    identifiers[it.product_id] = self.lexical.identifiers(it)
                     if journaling and content:
                         journal.append(_file_change(row.row_id, it, now, text_hash, text=text_changed, image=image_changed))
                     elif journaling:
@@ -502,6 +528,7 @@ class Store:
                                     for it in new_items]
                 if journal:
                     s.execute(CatalogChange.__table__.insert(), journal)
+                _replace_identifiers(s, {out.row_ids[pid]: keys for pid, keys in identifiers.items()})
         return out
 
     def record_text_hashes(self, hashes: dict[int, str], *, seen: dict[int, str | None]) -> None:
@@ -709,6 +736,7 @@ class Store:
                 p = Product(product_id=item.product_id, created_at=now, image_status="pending")
                 s.add(p)
             _apply_input(p, item, now)
+            p.search_text = self.lexical.document(item)
             p.changed_by = "api"
             p.text_hash = vectors.text_hash
             if vectors.image_action == "set":
@@ -730,6 +758,7 @@ class Store:
             )
             s.add(change)
             s.flush()
+            _replace_identifiers(s, {p.row_id: self.lexical.identifiers(item)})
             return _to_record(ProductRecord, p), created, int(change.seq)
 
     def update_product_metadata(self, item: ProductInput, *, expect_updated_at: datetime) -> tuple[ProductRecord, int]:
@@ -749,11 +778,13 @@ class Store:
             p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
             p.attributes = dict(item.attributes)
             p.stock = item.stock
+            p.search_text = self.lexical.document(p)  # a text field may be an attribute
             p.updated_at = now
             p.changed_by = "api"
             change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
             s.add(change)
             s.flush()
+            _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
             return _to_record(ProductRecord, p), int(change.seq)
 
     def patch_product_metadata(self, product_id: str, fields: dict) -> tuple[ProductRecord, int] | None:
@@ -761,7 +792,9 @@ class Store:
         live product and journal a "meta" change, in one transaction: the read, the write and the
         journal entry see the same row (its lock held on PostgreSQL), so no compare-and-set retry
         is needed and a concurrent change is never overwritten by stale fields. `attributes`
-        replaces the object but keeps Prism's own "_" keys. None: no live product by that id."""
+        replaces the object but keeps Prism's own "_" keys. None: no live product by that id.
+        The lexical text and identifiers follow (an identifier is an attribute); the caller sends
+        changes to embedded text fields the embedding way instead."""
         unknown = set(fields) - set(METADATA_COLUMNS)
         if unknown:
             raise ValueError(f"not metadata columns: {', '.join(sorted(unknown))}")
@@ -775,11 +808,13 @@ class Store:
                 if column == "attributes":
                     value = {**{k: v for k, v in (p.attributes or {}).items() if k.startswith("_")}, **(value or {})}
                 setattr(p, column, value)
+            p.search_text = self.lexical.document(p)
             p.updated_at = now
             p.changed_by = "api"
             change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
             s.add(change)
             s.flush()
+            _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
             return _to_record(ProductRecord, p), int(change.seq)
 
     def soft_delete_product(self, product_id: str) -> ProductRecord | None:
@@ -950,6 +985,58 @@ class Store:
             low, high, count = s.execute(select(func.min(Product.price), func.max(Product.price), func.count()).where(live)).one()
         out.update(price_min=low, price_max=high, products=int(count))
         return out
+
+    # ---------------------------------------------------------------- lexical index
+
+    def identifier_rows(self, query: str, *, limit: int = 10) -> list[int]:
+        """Live products one of whose exact identifiers (product_id, configured identifier
+        attributes) equals `query` as `identifier_key` folds it, by row id."""
+        key = identifier_key(query)
+        if key is None:
+            return []
+        i, p = ProductIdentifier.__table__.c, Product.__table__.c
+        q = (select(i.row_id).join(Product.__table__, p.row_id == i.row_id)
+             .where(i.value == key, p.deleted_at.is_(None)).order_by(i.row_id).limit(limit))
+        with self.session() as s:
+            return [int(r) for r in s.scalars(q)]
+
+    def lexical_search(self, query: str, *, limit: int = 50) -> list[tuple[int, float]]:
+        """Live products whose indexed text matches `query`, best first: (row id, score).
+
+        Served by the database's full-text search (docs/design.md, "Lexical leg"): products
+        containing every word of the query rank first, then those that share enough of its
+        trigrams (a word with a typo still matches). Any text is a valid query: it is never
+        passed to the database as query syntax."""
+        words = _query_words(query)
+        if not words or limit < 1:
+            return []
+        with self.session() as s:
+            if s.get_bind().dialect.name == "postgresql":
+                return _lexical_postgresql(s, " ".join(words), limit)
+            return _lexical_sqlite(s, words, limit)
+
+    def refresh_lexical(self, *, chunk_size: int = 5_000) -> int:
+        """Rewrite every product's indexed text and identifiers with this store's `lexical`
+        configuration (after PRISM_TEXT_FIELDS or PRISM_ID_ATTRIBUTES changed); returns how many
+        products' text changed. Keyset pages, one transaction each."""
+        c = Product.__table__.c
+        stmt = update(Product.__table__).where(c.row_id == bindparam("b_row")).values(search_text=bindparam("b_text"))
+        after, changed = -1, 0
+        while True:
+            with self.session() as s, s.begin():
+                rows = s.execute(
+                    select(c.row_id, c.product_id, c.title, c.description, c.category, c.brand, c.attributes, c.search_text)
+                    .where(c.row_id > after).order_by(c.row_id).limit(chunk_size)
+                ).all()
+                if not rows:
+                    return changed
+                texts = [{"b_row": r.row_id, "b_text": self.lexical.document(r)} for r in rows]
+                texts = [t for t, r in zip(texts, rows) if t["b_text"] != r.search_text]
+                if texts:
+                    s.execute(stmt, texts)
+                    changed += len(texts)
+                _replace_identifiers(s, {r.row_id: self.lexical.identifiers(r) for r in rows})
+            after = rows[-1].row_id
 
     # ---------------------------------------------------------------- versions
 
@@ -1426,3 +1513,136 @@ def _search_context(r: SearchLog) -> SearchContext:
         target=r.target, offset=r.offset, result_ids=list(r.result_ids or []), model_version=r.model_version,
         ts=_as_utc(r.ts),
     )
+
+
+# ---------------------------------------------------------------- lexical queries
+
+_WORD = re.compile(r"\w+")
+MAX_QUERY_WORDS = 32
+MAX_FUZZY_TRIGRAMS = 48
+
+
+def _query_words(query: str) -> list[str]:
+    """The query's words (Unicode letters and digits; everything else, FTS syntax included, is a
+    separator), case-folded, the first MAX_QUERY_WORDS of at most 64 characters each."""
+    return [w.casefold()[:64] for w in _WORD.findall(query or "")[:MAX_QUERY_WORDS]]
+
+
+def _names(doc: str | None, words: list[str]) -> float:
+    """2 when the query is the first field of the indexed text (a product's name), word for word;
+    1 when it is that but for one edit in one word of four or more letters (a name typed with a
+    typo; in a shorter word one edit makes another word); else 0. The first field ends where
+    ". " follows its last word (titles such as "Flag: St. Helena" hold ". " themselves)."""
+    if not doc or not words:
+        return 0.0
+    found = []
+    for m in _WORD.finditer(doc):
+        if len(found) == len(words):
+            break
+        found.append((m.group().casefold()[:64], m.end()))
+    if len(found) < len(words):
+        return 0.0
+    rest = doc[found[-1][1]:]
+    cut = rest.find(". ")
+    if _WORD.search(rest if cut < 0 else rest[:cut]):
+        return 0.0  # more words follow in the first field
+    differ = [(a, b) for (a, _), b in zip(found, words) if a != b]
+    if not differ:
+        return 2.0
+    a, b = differ[0]
+    return 1.0 if len(differ) == 1 and min(len(a), len(b)) >= 4 and _one_edit(a, b) else 0.0
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether b is a with one substitution, insertion, deletion or swap of neighbours."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                   and a[diff[1]] == b[diff[0]])
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i in range(len(short)) if short[i] != long_[i]), len(short))
+    return short[i:] == long_[i + 1 :]
+
+
+def _fraction(x: float) -> float:
+    """A positive score squashed into [0, 1): orders products within a tier, never across tiers."""
+    return x / (1.0 + x) if x > 0 else 0.0
+
+
+def _like_escape(word: str) -> str:
+    return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _lexical_sqlite(s: Session, words: list[str], limit: int) -> list[tuple[int, float]]:
+    """FTS5 with the trigram tokenizer. First the products holding every word: words of three or
+    more characters match as substrings through the index (ranked by bm25), shorter ones (two-
+    character CJK words, sizes, model numbers) by LIKE on the rows found (or on the FTS table when
+    no word is longer). Then, to fill `limit`, the products sharing the most trigrams of the query
+    (windows across word boundaries included, so short words count too): a typo costs a word
+    at most three of its trigrams, not the match."""
+    found: dict[int, float] = {}
+    long_words = [w for w in words if len(w) >= 3]
+    short = [w for w in words if len(w) < 3]
+    likes = " AND ".join(f"search_text LIKE :w{i} ESCAPE '\\'" for i in range(len(short)))
+    params = {f"w{i}": f"%{_like_escape(w)}%" for i, w in enumerate(short)}
+    if long_words:
+        # Each word a quoted string: FTS5 reads it as a phrase of its trigrams, never as syntax.
+        match = " AND ".join(f'"{w}"' for w in long_words)
+        rows = s.execute(text("SELECT rowid, bm25(products_fts) AS r, search_text FROM products_fts "
+                              f"WHERE products_fts MATCH :m {'AND ' + likes if likes else ''} ORDER BY r, rowid LIMIT :n"),
+                         {"m": match, "n": limit, **params}).all()
+    else:
+        rows = s.execute(text(f"SELECT rowid, 0.0, search_text FROM products_fts WHERE {likes} ORDER BY rowid LIMIT :n"),
+                         {**params, "n": limit}).all()
+    for row, rank, doc in rows:
+        # bm25 is negative, better more so: a fraction of a point between products holding every word.
+        found[int(row)] = LEXICAL_EVERY_WORD + _names(doc, words) + _fraction(-float(rank))
+    phrase = " ".join(words)
+    trigrams = list(dict.fromkeys(phrase[i : i + 3] for i in range(len(phrase) - 2)))[:MAX_FUZZY_TRIGRAMS]
+    if len(found) < limit and trigrams:
+        match = " OR ".join(f'"{t}"' for t in trigrams)
+        rows = s.execute(text("SELECT rowid, bm25(products_fts) AS r, search_text FROM products_fts "
+                              "WHERE products_fts MATCH :m ORDER BY r, rowid LIMIT :n"),
+                         {"m": match, "n": limit + len(found)}).all()
+        best = min((float(r) for _, r, _ in rows), default=0.0) or -1.0
+        for row, rank, doc in rows:
+            if len(found) >= limit:
+                break
+            share = min(float(rank) / best, 1.0) * 0.999  # of the best fuzzy score: below every-word matches
+            name = _names(doc, words)
+            found.setdefault(int(row), LEXICAL_EVERY_WORD + name + share if name else share)
+    return sorted(found.items(), key=lambda item: (-item[1], item[0]))
+
+
+_PG_LEXICAL = text("""
+    SELECT row_id, search_text,
+           (to_tsvector('simple', coalesce(search_text, '')) @@ plainto_tsquery('simple', :q)
+            OR search_text ILIKE :pattern ESCAPE '\\') AS every_word,
+           word_similarity(:q, search_text) + similarity(:q, search_text) AS closeness
+      FROM products
+     WHERE deleted_at IS NULL
+       AND (to_tsvector('simple', coalesce(search_text, '')) @@ plainto_tsquery('simple', :q)
+            OR :q <% search_text
+            OR search_text ILIKE :pattern ESCAPE '\\')
+     ORDER BY every_word DESC, closeness DESC, row_id
+     LIMIT :n
+""")
+
+
+def _lexical_postgresql(s: Session, query: str, limit: int) -> list[tuple[int, float]]:
+    """tsvector ('simple': whole words, no stemming) for every-word matches, pg_trgm word
+    similarity for typos, ILIKE (trigram-indexed) for substrings such as CJK words, which the
+    'simple' parser does not split from the text around them."""
+    with s.begin():
+        # One edit in a short word removes up to three of its trigrams: 0.6 (the default) misses many.
+        s.execute(text("SET LOCAL pg_trgm.word_similarity_threshold = 0.45"))
+        rows = s.execute(_PG_LEXICAL, {"q": query, "pattern": f"%{_like_escape(query)}%", "n": limit}).all()
+    # Every word: LEXICAL_EVERY_WORD and up; closeness (two similarities, 0..2) only: below it.
+    out = []
+    for r in rows:
+        closeness = float(r.closeness or 0.0) * 0.999 / 2
+        name = _names(r.search_text, query.split())
+        out.append((int(r.row_id), LEXICAL_EVERY_WORD + name + closeness if r.every_word or name else closeness))
+    return sorted(out, key=lambda item: (-item[1], item[0]))

@@ -62,6 +62,10 @@ class Product(Base):
     # Who wrote the row's current content: "file" (`prism index`) or "api" (PUT, PATCH, DELETE).
     # A file load overwrites an API edit only when it is newer (or `--prefer file`).
     changed_by: Mapped[str] = mapped_column(String(8), nullable=False, default="file", server_default="file")
+    # The product's text as the lexical index holds it (the configured text fields, joined). The
+    # database's full-text search indexes it: SQLite's FTS5 table `products_fts` (kept by
+    # triggers), PostgreSQL's GIN indexes on its tsvector and its trigrams (migration 0006).
+    search_text: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         Index("ix_products_category", "category"),
@@ -69,6 +73,19 @@ class Product(Base):
         Index("ix_products_price", "price"),
         Index("ix_products_deleted_at", "deleted_at"),
     )
+
+
+class ProductIdentifier(Base):
+    """Exact identifiers of a product, as `store.identifier_key` folds them: its product_id and the
+    values of the configured identifier attributes (gtin, sku, ...). A query equal to one finds
+    the product by this table's primary key, whatever the catalog's size."""
+
+    __tablename__ = "product_identifiers"
+
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+    row_id: Mapped[int] = mapped_column(RowId, ForeignKey("products.row_id"), primary_key=True)
+
+    __table_args__ = (Index("ix_product_identifiers_row_id", "row_id"),)
 
 
 class ModelVersion(Base):

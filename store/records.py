@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -300,3 +301,107 @@ class TrainingRunRecord:
     request_key: str | None = None
     worker: str | None = None
     serving_index_version: str | None = None
+
+
+# ---------------------------------------------------------------- text fields and the lexical index
+
+DEFAULT_TEXT_FIELDS = ("title", "description")
+# `Store.lexical_search` scores a product whose indexed text holds every query word at least this
+# (in either database); typo-tolerant matches score below it.
+LEXICAL_EVERY_WORD = 2.0
+# ... at least this when the query is the first text field (its name) but for one edit in one
+# word, and at least LEXICAL_NAME + 1 when it is the name word for word.
+LEXICAL_NAME = 3.0
+_PLAIN_TEXT_FIELDS = ("title", "description", "category", "brand")
+MAX_TEXT_FIELDS = 16
+
+
+def parse_field_list(spec: str | Sequence[str], *, what: str) -> tuple[str, ...]:
+    """A comma-separated list (or a sequence) of names, stripped, empty parts dropped, order kept."""
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = tuple(dict.fromkeys(str(p).strip() for p in parts if str(p).strip()))
+    if len(names) > MAX_TEXT_FIELDS:
+        raise ValueError(f"{what}: at most {MAX_TEXT_FIELDS} names, got {len(names)}")
+    return names
+
+
+def parse_text_fields(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """PRISM_TEXT_FIELDS: catalog fields whose values, in this order, form a product's text.
+
+    `title`, `description`, `category`, `brand`, or `attributes.NAME` for one attribute (e.g.
+    `attributes.title_zh`). Raises ValueError naming what is wrong."""
+    fields_ = parse_field_list(spec, what="text fields")
+    if not fields_:
+        raise ValueError("text fields: name at least one field, e.g. title,description")
+    for name in fields_:
+        if name in _PLAIN_TEXT_FIELDS:
+            continue
+        if name.startswith("attributes.") and name.removeprefix("attributes.").strip():
+            continue
+        raise ValueError(
+            f"text fields: unknown field {name!r}; use {', '.join(_PLAIN_TEXT_FIELDS)} or attributes.NAME"
+        )
+    return fields_
+
+
+def _field_value(p, name: str) -> str | None:
+    if name.startswith("attributes."):
+        value = (getattr(p, "attributes", None) or {}).get(name.removeprefix("attributes."))
+    else:
+        value = getattr(p, name, None)
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None  # nested values are not text a shopper types
+    # Not stripped: the default fields must compose exactly the text earlier builds embedded.
+    text = str(value)
+    return text if text.strip() else None
+
+
+def text_field_values(p, text_fields: Sequence[str] = DEFAULT_TEXT_FIELDS) -> tuple[str | None, ...]:
+    """The values a product's text is composed of (None where a field is empty)."""
+    return tuple(_field_value(p, name) for name in text_fields)
+
+
+def compose_text(p, text_fields: Sequence[str] = DEFAULT_TEXT_FIELDS) -> str:
+    """The text a product is embedded by and lexically indexed by: the non-empty values of
+    `text_fields`, in order, joined by ". ". With the default fields this is "title. description"
+    (or the title alone), the text every earlier build embedded, so content keys stay the same."""
+    values = [v for v in text_field_values(p, text_fields) if v]
+    if not values and text_fields and text_fields[0] == "title":
+        return getattr(p, "title", "") or ""
+    return ". ".join(values)
+
+
+def identifier_key(value) -> str | None:
+    """What an exact identifier match compares: the value stripped and case-folded (SKUs are
+    written "AB-12" and "ab-12" alike); None for an empty or non-scalar value."""
+    if value is None or isinstance(value, (dict, list, bool)):
+        return None
+    key = str(value).strip().casefold()
+    return key[:256] or None
+
+
+@dataclass(frozen=True)
+class LexicalConfig:
+    """What the lexical index holds per product: the text of `text_fields`, and the exact
+    identifiers (its product_id and the values of `id_attributes`, e.g. gtin, sku)."""
+
+    text_fields: tuple[str, ...] = DEFAULT_TEXT_FIELDS
+    id_attributes: tuple[str, ...] = ()
+
+    def identifiers(self, p) -> list[str]:
+        keys = [identifier_key(p.product_id)]
+        attributes = getattr(p, "attributes", None) or {}
+        keys += [identifier_key(attributes.get(name)) for name in self.id_attributes]
+        return list(dict.fromkeys(k for k in keys if k))
+
+    def document(self, p) -> str:
+        return compose_text(p, self.text_fields)
+
+    def to_dict(self) -> dict:
+        return {"text_fields": list(self.text_fields), "id_attributes": list(self.id_attributes)}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "LexicalConfig":
+        """From an index manifest; one written before this existed used the defaults."""
+        data = data or {}
+        return cls(tuple(data.get("text_fields") or DEFAULT_TEXT_FIELDS), tuple(data.get("id_attributes") or ()))

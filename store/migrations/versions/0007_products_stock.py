@@ -1,7 +1,7 @@
 """products.stock: units on hand, for the `in_stock` filter and facet
 
-Revision ID: 0007_products_stock
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 
 NULL means unknown (a catalog or client that does not track stock): such products are never
 filtered out by `in_stock`. Rows written before this revision have no stock, i.e. unknown.
@@ -9,17 +9,18 @@ filtered out by `in_stock`. Rows written before this revision have no stock, i.e
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0007_products_stock"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("products", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("stock", sa.Integer(), nullable=True))
+    # A plain ADD COLUMN, never a batch copy of the table: on SQLite a copy would drop the
+    # full-text triggers that 0006 put on `products`.
+    op.add_column("products", sa.Column("stock", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("products", schema=None) as batch_op:
-        batch_op.drop_column("stock")
+    # DROP COLUMN in place (SQLite >= 3.35 and PostgreSQL), for the same reason.
+    op.drop_column("products", "stock")

@@ -1,0 +1,232 @@
+"""Commerce retrieval checks: exact identifiers, typo-tolerant titles, and titles as queries.
+
+    python benchmarks/commerce_eval.py titles HOME       # a demo home (`prism demo --no-serve`)
+    python benchmarks/commerce_eval.py generated [-n 500] [--model prism-tiny-vit:random]
+                                                 [--database-url URL]
+
+`titles`: every live product's title is a query, for each target; a hit is the product itself, or
+one with the same title, at rank 1 (the issue's target: hybrid >= 0.95).
+`generated`: a generated catalog whose products carry gtin and sku attributes
+(PRISM_ID_ATTRIBUTES=gtin,sku); n identifier queries (product_id, gtin or sku in turn) must rank
+their product first for every target (target: 100%), and n titles with one random edit in one
+word must keep hybrid hit@10 within 0.9 of the same titles typed correctly.
+
+Prints a table and writes benchmarks/results/commerce_eval_<check>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "benchmarks" / "results"
+TARGETS = ("image", "text", "hybrid")
+
+
+def _engine(store, home: Path):
+    from search import SearchEngine
+
+    engine = SearchEngine(store, indexes_dir=home / "indexes", models_dir=home / "models", device="cpu")
+    engine.refresh()
+    return engine
+
+
+def _norm(title: str) -> str:
+    return " ".join(title.casefold().split())
+
+
+def title_eval(home: Path, *, database_url: str | None = None, k: int = 6, sample: int | None = None,
+               targets: tuple[str, ...] = TARGETS, seed: int = 7) -> dict:
+    """Every live product's title (or a random `sample` of them) as a query: the share ranked first
+    (the product itself or one with the same title)."""
+    from store import Store
+
+    home = Path(home)
+    store = Store.open(database_url or f"sqlite:///{home.resolve() / 'prism.db'}")
+    engine = _engine(store, home)
+    catalog = store.live_products()
+    by_title: dict[str, set[str]] = {}
+    for p in catalog:
+        by_title.setdefault(_norm(p.title), set()).add(p.product_id)
+    products = catalog if sample is None or sample >= len(catalog) else random.Random(seed).sample(catalog, sample)
+    out: dict = {"products": len(catalog), "queries": len(products), "k": k, "targets": {}}
+    for target in targets:
+        first = in_top = 0
+        misses = []
+        started = time.perf_counter()
+        for p in products:
+            hits = engine.search(text=p.title, target=target, k=k).hits
+            same = by_title[_norm(p.title)]
+            if hits and hits[0].product.product_id in same:
+                first += 1
+            elif len(misses) < 20:
+                misses.append({"title": p.title, "first": hits[0].product.title if hits else None})
+            in_top += any(h.product.product_id in same for h in hits)
+        out["targets"][target] = {
+            "hit@1": round(first / len(products), 4),
+            f"hit@{k}": round(in_top / len(products), 4),
+            "ms_per_query": round((time.perf_counter() - started) * 1000 / len(products), 2),
+            "misses": misses,
+        }
+    store.close()
+    return out
+
+
+# ---------------------------------------------------------------- generated catalog
+
+_BRANDS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay", "Soylent", "Wonka"]
+_COLOURS = ["crimson", "navy", "olive", "amber", "violet", "charcoal", "ivory", "teal"]
+_MATERIALS = ["leather", "canvas", "cotton", "wool", "suede", "denim"]
+_NOUNS = ["sneaker", "backpack", "beanie", "jacket", "wristwatch", "sandal", "scarf", "wallet", "hoodie", "umbrella"]
+
+
+def generated_rows(n: int, seed: int = 7) -> list[dict]:
+    """n products: "<brand> <colour> <material> <noun>" titles, a 13-digit gtin and a sku each."""
+    from sample_catalog import product_row
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        row = product_row(i, f"images/{i:05d}.png")
+        row["title"] = f"{rng.choice(_BRANDS)} {rng.choice(_COLOURS)} {rng.choice(_MATERIALS)} {rng.choice(_NOUNS)}"
+        row["attributes"] = {"gtin": f"{4000000000000 + i * 7919:013d}", "sku": f"SKU-{i:05d}-{rng.choice('ABCDEF')}"}
+        rows.append(row)
+    return rows
+
+
+def one_edit(title: str, rng: random.Random) -> str:
+    """The title with one random edit (substitution, deletion, insertion or transposition) in one
+    of its words of four or more letters."""
+    words = title.split()
+    choices = [i for i, w in enumerate(words) if len(w) >= 4 and w.isalpha()]
+    i = rng.choice(choices)
+    w = words[i]
+    pos = rng.randrange(1, len(w) - 1)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    kind = rng.choice(["sub", "del", "ins", "swap"])
+    if kind == "sub":
+        w = w[:pos] + rng.choice([c for c in letters if c != w[pos]]) + w[pos + 1 :]
+    elif kind == "del":
+        w = w[:pos] + w[pos + 1 :]
+    elif kind == "ins":
+        w = w[:pos] + rng.choice(letters) + w[pos:]
+    else:
+        w = w[: pos - 1] + w[pos] + w[pos - 1] + w[pos + 1 :]
+    words[i] = w
+    return " ".join(words)
+
+
+def generated_eval(n: int = 500, *, model: str = "prism-tiny-vit:random", database_url: str | None = None,
+                   workdir: Path | None = None, seed: int = 7) -> dict:
+    from embedder import load_embedder
+    from indexer import CatalogIndexer, IndexOptions
+    from sample_catalog import draw_product_image, write_rows
+    from store import LexicalConfig, Store
+
+    root = Path(workdir or tempfile.mkdtemp(prefix="commerce-eval-"))
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = generated_rows(n, seed)
+    for i in range(n):
+        path = root / "images" / f"{i:05d}.png"
+        if not path.exists():
+            draw_product_image(i, 64).save(path)
+    catalog = write_rows(root, rows, fmt="jsonl")
+    home = root / "home"
+    store = Store.open(database_url or f"sqlite:///{(home / 'prism.db').resolve()}",
+                       lexical=LexicalConfig(id_attributes=("gtin", "sku")))
+    started = time.perf_counter()
+    CatalogIndexer(home=home, store=store, embedder=load_embedder(model, device="cpu"),
+                   options=IndexOptions(batch_size=32)).run(catalog)
+    build_s = time.perf_counter() - started
+    engine = _engine(store, home)
+    rng = random.Random(seed)
+
+    identifiers = {t: 0 for t in TARGETS}
+    kinds = ("product_id", "gtin", "sku")
+    for q in range(n):
+        row = rows[q]
+        kind = kinds[q % 3]
+        value = row["product_id"] if kind == "product_id" else row["attributes"][kind]
+        for target in TARGETS:
+            hits = engine.search(text=value, target=target, k=1).hits
+            identifiers[target] += bool(hits) and hits[0].product.product_id == row["product_id"]
+
+    by_title: dict[str, set[str]] = {}
+    for row in rows:
+        by_title.setdefault(_norm(row["title"]), set()).add(row["product_id"])
+    clean = typo = 0
+    examples = []
+    for row in rows:
+        same = by_title[_norm(row["title"])]
+        edited = one_edit(row["title"], rng)
+        ok_clean = any(h.product.product_id in same for h in engine.search(text=row["title"], target="hybrid", k=10).hits)
+        ok_typo = any(h.product.product_id in same for h in engine.search(text=edited, target="hybrid", k=10).hits)
+        clean += ok_clean
+        typo += ok_typo
+        if ok_clean and not ok_typo and len(examples) < 10:
+            examples.append(edited)
+    store.close()
+    return {
+        "products": n, "model": model, "database": "postgresql" if database_url else "sqlite",
+        "build_s": round(build_s, 1),
+        "identifier_rank1": {t: round(identifiers[t] / n, 4) for t in TARGETS},
+        "typo": {"hit@10_clean": round(clean / n, 4), "hit@10_one_edit": round(typo / n, 4),
+                 "ratio": round(typo / clean, 4) if clean else None, "missed_examples": examples},
+    }
+
+
+def _write(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"commerce_eval_{name}.json"
+    path.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="check", required=True)
+    titles = sub.add_parser("titles", help="every title of a demo home as a query")
+    titles.add_argument("home", type=Path)
+    titles.add_argument("--database-url")
+    titles.add_argument("--sample", type=int, help="a random sample of this many titles (default: all)")
+    titles.add_argument("--targets", default=",".join(TARGETS))
+    gen = sub.add_parser("generated", help="identifier and typo queries on a generated catalog")
+    gen.add_argument("-n", type=int, default=500)
+    gen.add_argument("--model", default="prism-tiny-vit:random")
+    gen.add_argument("--database-url")
+    gen.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+    if args.check == "titles":
+        result = title_eval(args.home, database_url=args.database_url, sample=args.sample,
+                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()))
+        print(f"{'target':<8} {'hit@1':>7} {'hit@' + str(result['k']):>7} {'ms/query':>9}   "
+              f"({result['queries']} of {result['products']} titles)")
+        for target, r in result["targets"].items():
+            print(f"{target:<8} {r['hit@1']:>7.3f} {r['hit@' + str(result['k'])]:>7.3f} {r['ms_per_query']:>9.1f}")
+        path = _write("titles", result)
+    else:
+        result = generated_eval(args.n, model=args.model, database_url=args.database_url, workdir=args.workdir)
+        print(f"{result['products']} products, {result['model']}, {result['database']}")
+        print(f"{'check':<34} {'image':>7} {'text':>7} {'hybrid':>7}")
+        ident = result["identifier_rank1"]
+        print(f"{'identifier at rank 1':<34} {ident['image']:>7.3f} {ident['text']:>7.3f} {ident['hybrid']:>7.3f}")
+        t = result["typo"]
+        print(f"{'title hit@10, typed right':<34} {'':>7} {'':>7} {t['hit@10_clean']:>7.3f}")
+        print(f"{'title hit@10, one edit':<34} {'':>7} {'':>7} {t['hit@10_one_edit']:>7.3f}")
+        print(f"{'ratio (target >= 0.9)':<34} {'':>7} {'':>7} {t['ratio']:>7.3f}")
+        path = _write(f"generated_{result['database']}", result)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.exit(main())
