@@ -210,7 +210,9 @@ def load_embedder(
     parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     dev = resolve_device(device)
     used, why = resolve_precision(precision, dev)
-    if used is not Precision.FP32 or used.value != str(getattr(precision, "value", precision)):
+    if used.value != str(getattr(precision, "value", precision)):
+        log.warning("%s: encoder precision %s (%s)", parsed.raw, used.value, why)
+    elif used is not Precision.FP32:
         log.info("%s: encoder precision %s (%s)", parsed.raw, used.value, why)
     common = {"device": dev, "workers": workers, "image_limits": image_limits, "precision": used}
     if parsed.kind is SpecKind.OPEN_CLIP:
