@@ -87,12 +87,19 @@ def quantise_linear_int8(model):
     which torch leaves alone by design; so is every non-Linear layer (embeddings, LayerNorm,
     convolutions such as a ViT's patch embedding). HF towers (BERT, CLIP, SigLIP) build attention
     from plain Linear layers, which are quantised."""
-    import torch
+    import warnings
 
-    model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
+
+    with warnings.catch_warnings():
+        # torch 2.x deprecates its eager-mode quantised tensors in favour of torchao, and says so
+        # on every layer; the kernels are the ones torch ships and measures (docs/design.md).
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     quantised = 0
     for module in model.modules():
-        if type(module).__module__.startswith("torch.ao.nn.quantized") and "Linear" in type(module).__name__:
+        if type(module) is DynamicQuantLinear:
             # open_clip reads a block's weight dtype to cast activations; a quantised Linear's
             # `weight` is a method, and this attribute is what open_clip looks for instead.
             module.int8_original_dtype = torch.float32
