@@ -448,9 +448,14 @@ def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | N
 
 
 def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cpu", **kwargs) -> Embedder:
-    """An Embedder over an in-memory open_clip model (e.g. one just trained, before it is saved)."""
+    """An Embedder over an in-memory open_clip model (e.g. one just trained, before it is saved).
+    `precision=` (int8 quantises `model` in place) as for `load_embedder`."""
     from embedder.openclip_backend import OpenClipEmbedder
+    from embedder.precision import resolve_precision
 
+    if kwargs.get("precision") is not None:
+        kwargs["precision"] = resolve_precision(kwargs["precision"], device)[0]
+        model = _at_precision(model, kwargs, name)
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
 
 

@@ -79,7 +79,8 @@ def resolve_precision(requested: str | Precision | None, device: str = "cpu") ->
 
 
 def quantise_linear_int8(model):
-    """Weight-only dynamic int8 quantisation of every `nn.Linear`, in place; returns
+    """Weight-only dynamic int8 quantisation of every `nn.Linear` (int8 weights with a scale per
+    output channel; activations quantised per call, per tensor), in place; returns
     (model, quantised, kept): how many Linear layers were quantised and how many stay fp32.
 
     What stays fp32: `nn.MultiheadAttention` (open_clip's ViT and text towers) holds its input
@@ -96,7 +97,12 @@ def quantise_linear_int8(model):
         # torch 2.x deprecates its eager-mode quantised tensors in favour of torchao, and says so
         # on every layer; the kernels are the ones torch ships and measures (docs/design.md).
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        # Per output channel weight scales: MiniLM (the demo's text tower) loses far less than
+        # with one scale per tensor (cosine to fp32 over 60 demo titles: min 0.958 against 0.842).
+        model = torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8,
+            inplace=True,
+        )
     quantised = 0
     for module in model.modules():
         if type(module) is DynamicQuantLinear:
