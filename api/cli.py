@@ -551,6 +551,8 @@ def eval_models(
     from indexer import load_demo_catalog
     from store import Store
 
+    if compare and precision:
+        _fail("--compare sets two models side by side, --precision one model at two precisions: give one")
     try:
         settings = _settings(device=device)
         settings.apply_threads()
@@ -558,8 +560,6 @@ def eval_models(
         if catalog is None:
             _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first")
         versions = [model or _serving_model(Store.open(settings.db_url))]
-        if compare and precision:
-            _fail("--compare sets two models side by side, --precision one model at two precisions: give one")
         if compare:
             if compare == versions[0]:
                 _fail(f"--compare {compare} is the model being evaluated; name a different version")
@@ -568,7 +568,7 @@ def eval_models(
         for version in versions:
             embedder = load_embedder(version, device=settings.device, models_dir=settings.models_dir,
                                      image_limits=settings.image_limits())
-            reports[version] = evaluate_demo(embedder, catalog)
+            reports[version] = _with_precision(evaluate_demo(embedder, catalog), embedder)
         if precision:
             embedder = load_embedder(versions[0], device=settings.device, models_dir=settings.models_dir,
                                      image_limits=settings.image_limits(), precision=precision)
@@ -576,13 +576,19 @@ def eval_models(
                 from embedder import resolve_precision
 
                 _fail(resolve_precision(precision, embedder.device)[1])
-            reports[f"{versions[0]} ({precision})"] = evaluate_demo(embedder, catalog)
+            reports[f"{versions[0]} ({precision})"] = _with_precision(evaluate_demo(embedder, catalog), embedder)
     except _known_errors() as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps({v: {k: r.to_dict() for k, r in sets.items()} for v, sets in reports.items()}, indent=2))
         return
     _print_eval(reports)
+
+
+def _with_precision(reports: dict, embedder) -> dict:
+    for report in reports.values():
+        report.extra["precision"] = embedder.precision
+    return reports
 
 
 def _serving_model(store) -> str:
