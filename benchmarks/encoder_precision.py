@@ -129,7 +129,7 @@ def main() -> None:
     bf16_ok, bf16_why = bf16_support()
     result = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "threads": threads},
+                    "torch": torch.__version__, "threads": threads, "load_average_at_start": os.getloadavg()[0]},
         "bf16": {"supported": bf16_ok, "why": bf16_why},
         "models": [measure(m, args, bf16_ok) for m in args.models],
     }
