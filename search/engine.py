@@ -269,7 +269,8 @@ class SearchEngine:
         self._loading_version = active.index_version
         try:
             version = self._load_version_files(active)
-            embedder = self.embedder_for(version.model_version, self._index_precision(version))
+            precision = self._index_precision(version)
+            embedder = self.embedder_for(version.model_version, precision)
         except Exception as exc:
             self._failed = (active.index_version, exc, time.monotonic())
             log.error(
@@ -296,7 +297,7 @@ class SearchEngine:
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion;
         # their cached query vectors go with them.
-        space = vector_space(version.model_version, self._index_precision(version))
+        space = vector_space(version.model_version, precision)
         self._embedders = {name: e for name, e in self._embedders.items() if name == space}
         self.query_cache.drop_spaces({embedder.vector_space})
         log.info(

@@ -176,6 +176,8 @@ def test_counts_reach_metrics_and_the_models_route(home):
     with TestClient(create_app(home)) as client:
         for q in ("green lamp", "green lamp", "Green  Lamp", "desk"):
             assert client.get("/v1/search", params={"q": q, "k": 3}).status_code == 200
+        # The server micro-batches text queries: only the two misses went through the batcher.
+        assert client.app.state.services.engine._batcher.stats()["queries"] == 2
         text = client.get("/metrics").text
         assert 'prism_query_cache_hits_total{kind="text"} 2.0' in text
         assert 'prism_query_cache_misses_total{kind="text"} 2.0' in text
