@@ -164,6 +164,8 @@ def index(
         allow_url_images=allow_url_images or None, encoder_precision=precision,
     )
     ray_options = None
+    if vectors is not None and precision not in (None, "fp32"):
+        _fail("--vectors embeds nothing here, --precision says how to embed: give one of them")
     if ray_address is not None and not ray:
         _fail(f"unexpected argument {ray_address!r} (a cluster address goes with --ray: --ray {ray_address})")
     if ray:
