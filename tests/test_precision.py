@@ -129,6 +129,9 @@ def test_prism_index_precision_option(tmp_path, small_catalog, databases):
     env = databases.env(tmp_path / "home")
     bad = run_prism(["index", str(small_catalog), "--model", TINY, "--precision", "fp16"], env, check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    supplied = run_prism(["index", str(small_catalog), "--vectors", str(tmp_path / "v.parquet"), "--precision", "int8"],
+                         env, check=False)
+    assert supplied.returncode == 2 and "give one of them" in supplied.stderr
     done = run_prism(["index", str(small_catalog), "--model", TINY, "--precision", "int8", "--json"], env)
     version = json.loads(done.stdout)["index_version"]
     store = Store.open(databases.url(tmp_path / "home"))
