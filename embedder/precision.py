@@ -78,6 +78,10 @@ def resolve_precision(requested: str | Precision | None, device: str = "cpu") ->
     return p, "as asked"
 
 
+# Modules that pass their Linear children's weights to a functional op (F.multi_head_attention_forward).
+_READS_LINEAR_WEIGHTS = {"AttentionPool2d"}
+
+
 def quantise_linear_int8(model):
     """Weight-only dynamic int8 quantisation of every `nn.Linear` (int8 weights with a scale per
     output channel; activations quantised per call, per tensor), in place; returns
@@ -86,13 +90,21 @@ def quantise_linear_int8(model):
     What stays fp32: `nn.MultiheadAttention` (open_clip's ViT and text towers) holds its input
     projection as a bare parameter and its output projection as a NonDynamicallyQuantizableLinear,
     which torch leaves alone by design; so is every non-Linear layer (embeddings, LayerNorm,
-    convolutions such as a ViT's patch embedding). HF towers (BERT, CLIP, SigLIP) build attention
+    convolutions such as a ViT's patch embedding), and the Linear layers of open_clip's
+    ModifiedResNet attention pool, which hands their weights to a functional op. HF towers (BERT, CLIP, SigLIP) build attention
     from plain Linear layers, which are quantised."""
     import warnings
 
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantLinear
 
+    # Linear layers whose owner reads their `.weight` tensors itself instead of calling them
+    # (open_clip's ModifiedResNet attention pool, the demo's image tower) must stay fp32.
+    reads_weights = {name for name, m in model.named_modules() if type(m).__name__ in _READS_LINEAR_WEIGHTS}
+    targets = [
+        name for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear and not any(name.startswith(owner + ".") for owner in reads_weights)
+    ]
     with warnings.catch_warnings():
         # torch 2.x deprecates its eager-mode quantised tensors in favour of torchao, and says so
         # on every layer; the kernels are the ones torch ships and measures (docs/design.md).
@@ -100,7 +112,7 @@ def quantise_linear_int8(model):
         # Per output channel weight scales: MiniLM (the demo's text tower) loses far less than
         # with one scale per tensor (cosine to fp32 over 60 demo titles: min 0.958 against 0.842).
         model = torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8,
+            model, dict.fromkeys(targets, torch.ao.quantization.per_channel_dynamic_qconfig), dtype=torch.qint8,
             inplace=True,
         )
     quantised = 0
