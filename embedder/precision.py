@@ -91,8 +91,8 @@ def quantise_linear_int8(model):
     projection as a bare parameter and its output projection as a NonDynamicallyQuantizableLinear,
     which torch leaves alone by design; so is every non-Linear layer (embeddings, LayerNorm,
     convolutions such as a ViT's patch embedding), and the Linear layers of open_clip's
-    ModifiedResNet attention pool, which hands their weights to a functional op. HF towers (BERT, CLIP, SigLIP) build attention
-    from plain Linear layers, which are quantised."""
+    ModifiedResNet attention pool, which hands their weights to a functional op. HF towers (BERT,
+    CLIP, SigLIP) build attention from plain Linear layers, which are quantised."""
     import warnings
 
     import torch
@@ -131,6 +131,6 @@ def apply_precision(model, precision: Precision, *, label: str):
     is an autocast at encode time). One log line says what was done."""
     if precision is Precision.INT8:
         model, quantised, kept = quantise_linear_int8(model)
-        log.info("%s: int8 weights in %d Linear layers; %d attention output projections and the "
-                 "non-Linear layers stay fp32", label, quantised, kept)
+        log.info("%s: int8 weights in %d Linear layers; %d Linear layers (attention projections torch or "
+                 "open_clip use as plain tensors) and the non-Linear layers stay fp32", label, quantised, kept)
     return model
