@@ -42,6 +42,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
         image_limits=limits, model_thread=model_thread,
         batching=settings.batch_config(), local_copies=settings.local_copies,
+        query_cache=settings.query_cache_config(), precision=settings.encoder_precision,
     )
     services = Services(
         settings=settings,
@@ -50,7 +51,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         updater=CatalogUpdater(
             home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
-        metrics=Metrics(engine.stats),
+        metrics=Metrics(engine.stats, engine.query_cache_stats),
     )
 
     lifespans = 0

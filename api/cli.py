@@ -155,6 +155,10 @@ def index(
                     "by --ray-cpus-per-actor)")] = None,
     ray_cpus_per_actor: Annotated[float, typer.Option(
         min=0.01, help="with --ray on a cluster without GPUs: CPUs (and torch threads) per model replica")] = 1.0,
+    precision: Annotated[Optional[Literal["fp32", "bf16", "int8"]], typer.Option(
+        help="encoder precision to embed at (default PRISM_ENCODER_PRECISION, fp32): int8 quantises the Linear "
+             "weights, bf16 runs only where the CPU has native bf16 kernels (else fp32, said in the log); the "
+             "index records it and queries to it are encoded at it")] = None,
 ) -> None:
     """Ingest CATALOG, embed what changed (or take --vectors), build and activate a new index version.
 
@@ -164,9 +168,11 @@ def index(
 
     settings = _settings(
         model=model, batch_size=batch_size, device=device, image_root=image_root,
-        allow_url_images=allow_url_images or None,
+        allow_url_images=allow_url_images or None, encoder_precision=precision,
     )
     ray_options = None
+    if vectors is not None and precision not in (None, "fp32"):
+        _fail("--vectors embeds nothing here, --precision says how to embed: give one of them")
     if ray_address is not None and not ray:
         _fail(f"unexpected argument {ray_address!r} (a cluster address goes with --ray: --ray {ray_address})")
     if ray:
@@ -244,6 +250,7 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
             models_dir=settings.models_dir,
             workers=settings.decode_workers,
             image_limits=settings.image_limits(),
+            precision=settings.encoder_precision,
         )
     with _progress_bar(quiet) as progress:
         indexer = CatalogIndexer(
@@ -587,6 +594,8 @@ def eval_models(
     compare: Annotated[Optional[str], typer.Option(help="a second model version, shown side by side")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the reports as JSON")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+    precision: Annotated[Optional[Literal["bf16", "int8"]], typer.Option(
+        help="evaluate the model at fp32 and at this precision side by side: the quality cost of serving it")] = None,
 ) -> None:
     """Recall@1/5/10 and MRR, text->image and image->text, on the demo catalog's held-out test split and in full."""
     from embedder import load_embedder
@@ -594,6 +603,8 @@ def eval_models(
     from indexer import load_demo_catalog
     from store import Store
 
+    if compare and precision:
+        _fail("--compare sets two models side by side, --precision one model at two precisions: give one")
     try:
         settings = _settings(device=device)
         settings.apply_threads()
@@ -609,13 +620,27 @@ def eval_models(
         for version in versions:
             embedder = load_embedder(version, device=settings.device, models_dir=settings.models_dir,
                                      image_limits=settings.image_limits())
-            reports[version] = evaluate_demo(embedder, catalog)
+            reports[version] = _with_precision(evaluate_demo(embedder, catalog), embedder)
+        if precision:
+            embedder = load_embedder(versions[0], device=settings.device, models_dir=settings.models_dir,
+                                     image_limits=settings.image_limits(), precision=precision)
+            if embedder.precision != precision:  # bf16 without native kernels
+                from embedder import resolve_precision
+
+                _fail(resolve_precision(precision, embedder.device)[1])
+            reports[f"{versions[0]} ({precision})"] = _with_precision(evaluate_demo(embedder, catalog), embedder)
     except _known_errors() as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps({v: {k: r.to_dict() for k, r in sets.items()} for v, sets in reports.items()}, indent=2))
         return
     _print_eval(reports)
+
+
+def _with_precision(reports: dict, embedder) -> dict:
+    for report in reports.values():
+        report.extra["precision"] = embedder.precision
+    return reports
 
 
 def _serving_model(store) -> str:

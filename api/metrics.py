@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -32,6 +32,9 @@ class _ServingCollector(Collector):
         info = InfoMetricFamily("prism_serving", "the model and index version serving queries")
         info.add_metric([], {"model_version": stats["model_version"], "index_version": stats["index_version"]})
         yield info
+        precision = InfoMetricFamily("prism_encoder_precision", "precision queries are encoded at, and the serving index's")
+        precision.add_metric([], {"encoder": stats["encoder_precision"], "index": stats["index_precision"]})
+        yield precision
         vectors = GaugeMetricFamily(
             "prism_index_vectors", "vectors searchable, by modality and layer (index version or change overlay)",
             labels=["modality", "layer"],
@@ -46,8 +49,35 @@ class _ServingCollector(Collector):
         yield seq
 
 
+class _QueryCacheCollector(Collector):
+    """The query-vector cache's counts, read from the engine at scrape time (per process: with
+    several workers, the one answering the scrape)."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        hits = CounterMetricFamily("prism_query_cache_hits", "query vectors served from the cache", labels=["kind"])
+        misses = CounterMetricFamily("prism_query_cache_misses", "query vectors the cache did not hold", labels=["kind"])
+        for kind in sorted(stats["hits"]):
+            hits.add_metric([kind], stats["hits"][kind])
+            misses.add_metric([kind], stats["misses"][kind])
+        yield hits
+        yield misses
+        evictions = CounterMetricFamily("prism_query_cache_evictions", "cache entries dropped to stay within bounds")
+        evictions.add_metric([], stats["evictions"])
+        yield evictions
+        entries = GaugeMetricFamily("prism_query_cache_entries", "query vectors cached now")
+        entries.add_metric([], stats["entries"])
+        yield entries
+        size = GaugeMetricFamily("prism_query_cache_bytes", "memory the query-vector cache holds now")
+        size.add_metric([], stats["bytes"])
+        yield size
+
+
 class Metrics:
-    def __init__(self, serving_stats: Callable[[], dict]):
+    def __init__(self, serving_stats: Callable[[], dict], query_cache_stats: Callable[[], dict] | None = None):
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
         own = {"registry": self.registry}
@@ -73,6 +103,9 @@ class Metrics:
         )
         self._serving = _ServingCollector(serving_stats)
         self.registry.register(self._serving)
+        self._query_cache = _QueryCacheCollector(query_cache_stats) if query_cache_stats is not None else None
+        if self._query_cache is not None:
+            self.registry.register(self._query_cache)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -91,4 +124,6 @@ class Metrics:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         registry.register(self._serving)
+        if self._query_cache is not None:
+            registry.register(self._query_cache)
         return generate_latest(registry)

@@ -492,6 +492,26 @@ class IndexVersionOut(BaseModel):
     counts: dict[str, int]
     catalog_seq: int
     serving: bool = Field(False, description="this replica serves this index version (the active one, once loaded)")
+    precision: str = Field("fp32", description="encoder precision the version's vectors were made at (fp32, bf16, "
+                           "int8); queries to it are encoded at the same one")
+
+
+class QueryCacheOut(BaseModel):
+    """This replica's query-vector cache (per process; `prism serve --workers N` has N)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "enabled": True, "max_entries": 10000, "max_bytes": 67108864, "entries": 412, "bytes": 631000,
+        "hits": {"text": 1830, "image": 12}, "misses": {"text": 412, "image": 3}, "evictions": 0,
+    }]})
+
+    enabled: bool
+    max_entries: int = Field(description="PRISM_QUERY_CACHE_ENTRIES; 0 disables the cache")
+    max_bytes: int = Field(description="PRISM_QUERY_CACHE_BYTES; 0 disables the cache")
+    entries: int
+    bytes: int = Field(description="vectors, keys and bookkeeping held now")
+    hits: dict[str, int] = Field(description="lookups answered from the cache, by query kind (text, image)")
+    misses: dict[str, int] = Field(description="lookups that encoded the query, by query kind")
+    evictions: int = Field(description="entries dropped to stay within the bounds")
 
 
 class ModelsResponse(BaseModel):
@@ -499,6 +519,10 @@ class ModelsResponse(BaseModel):
     indexes: list[IndexVersionOut]
     loading_index_version: str | None = Field(
         None, description="a newly activated version this replica is loading in the background")
+    encoder_precision: str | None = Field(
+        None, description="precision this replica encodes queries at (the serving index's, or fp32 where that "
+        "cannot run here); null while nothing serves")
+    query_cache: QueryCacheOut | None = Field(None, description="this replica's query-vector cache")
 
 
 class FacetValue(BaseModel):

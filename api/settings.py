@@ -46,6 +46,15 @@ class PrismSettings(BaseSettings):
     query_batching: bool = Field(True, description="encode concurrent text queries as one batch")
     query_batch_window_ms: float = Field(2.0, ge=0, le=100, description="longest a batch waits for queries in flight")
     query_batch_max: int = Field(32, ge=1, le=1024, description="most text queries encoded in one batch")
+    query_cache_entries: int = Field(
+        10_000, ge=0, description="query vectors (text and image) kept per server process; 0 disables the cache")
+    query_cache_bytes: int = Field(
+        64 * 1024 * 1024, ge=0, description="memory the query-vector cache may hold per process; 0 disables it")
+    encoder_precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="precision `prism index` embeds at: int8 (Linear weights quantised), bf16 (only "
+        "where the CPU has native bf16 kernels, else fp32 with a log line); queries always follow the "
+        "precision the serving index was built at",
+    )
     retrain_window_days: float = Field(30.0, gt=0, description="how far back the retrain job mines events")
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
     retrain_min_mrr_gain: float = Field(0.01, ge=0, description="MRR on later clicks a candidate must add to be promoted")
@@ -146,6 +155,11 @@ class PrismSettings(BaseSettings):
         from search import BatchConfig
 
         return BatchConfig(enabled=self.query_batching, window_s=self.query_batch_window_ms / 1000.0, max_batch=self.query_batch_max)
+
+    def query_cache_config(self):
+        from embedder import QueryCacheConfig
+
+        return QueryCacheConfig(max_entries=self.query_cache_entries, max_bytes=self.query_cache_bytes)
 
     def retrain_config(self):
         from dataclasses import replace

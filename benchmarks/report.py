@@ -227,6 +227,27 @@ def latency_section(result: dict) -> list[str]:
     return out
 
 
+def precision_section(result: dict) -> list[str]:
+    out = ["## Encoder precision: text encoder at batch 1 (`benchmarks/encoder_precision.py`)", ""]
+    bf16 = result["bf16"]
+    out.append(f"{machine_line(result)} torch threads {result['machine'].get('threads', '?')}. bf16: "
+               f"{'supported' if bf16['supported'] else 'unsupported on this CPU'} ({bf16['why']}). Top-10 overlap: "
+               "each query's top 10 over a gallery of demo titles, gallery and query embedded at that precision, "
+               "against fp32.")
+    out.append("")
+    rows = []
+    for m in result["models"]:
+        for p, row in m["precisions"].items():
+            if row.get("unsupported"):
+                rows.append([m["model"], p, "unsupported on this CPU", "", "", "", ""])
+                continue
+            rows.append([m["model"], p, row["qps_batch1"], row["p50_ms"], f"{row['speedup_vs_fp32']}x",
+                         row["top10_overlap_vs_fp32"], row["cosine_vs_fp32_min"]])
+    out.append(table(["model", "precision", "q/s", "p50 ms", "vs fp32", "top-10 overlap", "cosine min"], rows))
+    out.append("")
+    return out
+
+
 def scale_section(result: dict) -> list[str]:
     out = ["## Millions of products on one machine (`benchmarks/scale.py`, `make bench-scale`)", ""]
     out.append("`prism index CATALOG --vectors VECTORS --model ViT-B-32:random` on synthetic CLIP-shaped vectors "
@@ -350,6 +371,8 @@ def main() -> None:
         parts += batching_section(r)
     if (r := load("serve_latency")) is not None:
         parts += latency_section(r)
+    if (r := load("encoder_precision")) is not None:
+        parts += precision_section(r)
     if (r := load("feedback_lift")) is not None:
         parts += feedback_section(r)
     (ROOT / "BENCHMARKS.md").write_text("\n".join(parts))

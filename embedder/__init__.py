@@ -34,6 +34,8 @@ from embedder.images import (
     read_image_bytes,
 )
 from embedder.model_thread import ModelThread, ThreadBoundEmbedder
+from embedder.precision import Precision, bf16_support, parse_precision, resolve_precision, vector_space
+from embedder.query_cache import QueryCache, QueryCacheConfig
 from embedder.openclip_backend import model_output_dim, pad_token_id, trim_padding
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
@@ -48,6 +50,13 @@ __all__ = [
     "ModelSpec",
     "ModelSpecError",
     "ModelThread",
+    "Precision",
+    "QueryCache",
+    "QueryCacheConfig",
+    "bf16_support",
+    "parse_precision",
+    "resolve_precision",
+    "vector_space",
     "ModelIdentity",
     "ModelIntegrityError",
     "ModelUnavailableError",

@@ -57,9 +57,12 @@ class Embedder(ABC):
     dim: int
 
     def __init__(
-        self, *, name: str, spec: str, device: str, image_limits: ImageLimits | None = None, workers: int = 2
+        self, *, name: str, spec: str, device: str, image_limits: ImageLimits | None = None, workers: int = 2,
+        precision: str = "fp32",
     ):
         self.name = name
+        # fp32, bf16 or int8 (embedder.precision): what the weights were loaded as; set by the factory.
+        self.precision = str(getattr(precision, "value", precision))
         self.spec = spec
         self.device = device
         self.image_limits = image_limits or ImageLimits()
@@ -195,7 +198,53 @@ class Embedder(ABC):
             import torch
 
             return torch.autocast("cuda", dtype=torch.float16)
+        if self.precision == "bf16":
+            import torch
+
+            return torch.autocast("cpu", dtype=torch.bfloat16)
         return nullcontext()
+
+    @property
+    def vector_space(self) -> str:
+        """What this embedder's vectors are cached under: the model version, and the precision
+        when it is not fp32 (vectors of one model at two precisions are not interchangeable)."""
+        from embedder.precision import vector_space
+
+        return vector_space(self.name, self.precision)
+
+    def query_text_key(self, text: str) -> str:
+        """`text` as a query-cache key: only differences this embedder's tokenizer cannot see are
+        folded. Every tokenizer here splits on whitespace, so runs of Unicode whitespace (and the
+        ends) collapse to one space; case is folded only where the tokenizer lowercases itself
+        (`_tokenizer_lowercases`). Accents, Unicode forms and punctuation are kept as typed."""
+        key = " ".join(text.split())
+        return key.lower() if self._tokenizer_lowercases() else key
+
+    def _tokenizer_lowercases(self) -> bool:
+        return False
+
+
+def tokenizer_lowercases(tokenizer) -> bool:
+    """Whether `tokenizer` lowercases text itself before it splits it, asked of its own normaliser
+    (not guessed from the model's name): open_clip's `clean_fn`, a Hugging Face fast tokenizer's
+    normaliser (open_clip's HFTokenizer wraps one). Unknown kinds: False, so the query cache
+    folds nothing a model might distinguish."""
+    probe = "Prism QUERY"
+    clean = getattr(tokenizer, "clean_fn", None)
+    if callable(clean) and not hasattr(tokenizer, "tokenizer"):  # open_clip SimpleTokenizer
+        try:
+            return clean(probe) == probe.lower()
+        except Exception:
+            return False
+    inner = getattr(tokenizer, "tokenizer", None)  # open_clip HFTokenizer -> its transformers tokenizer
+    hf = inner if inner is not None else tokenizer
+    normalizer = getattr(getattr(hf, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is None:
+        return False
+    try:
+        return normalizer.normalize_str(probe) == probe.lower()
+    except Exception:
+        return False
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:

@@ -160,6 +160,13 @@ class ModelIdentity:
     name: str
     spec: str
     dim: int
+    precision: str = "fp32"  # vectors brought from elsewhere are taken as the model's own, fp32
+
+    @property
+    def vector_space(self) -> str:
+        from embedder.precision import vector_space
+
+        return vector_space(self.name, self.precision)
 
 
 def describe_model(spec: str | ModelSpec, *, models_dir: str | Path | None = None) -> ModelIdentity:
@@ -194,10 +201,20 @@ def load_embedder(
     models_dir: str | Path | None = None,
     workers: int = 2,
     image_limits: ImageLimits | None = None,
+    precision: str = "fp32",
 ) -> Embedder:
+    """`precision`: fp32, bf16 or int8 (embedder.precision); what runs is `embedder.precision`,
+    which is fp32 where the asked one cannot run here (logged once, with the reason)."""
+    from embedder.precision import Precision, resolve_precision
+
     parsed = spec if isinstance(spec, ModelSpec) else parse_model_spec(spec)
     dev = resolve_device(device)
-    common = {"device": dev, "workers": workers, "image_limits": image_limits}
+    used, why = resolve_precision(precision, dev)
+    if used.value != str(getattr(precision, "value", precision)):
+        log.warning("%s: encoder precision %s (%s)", parsed.raw, used.value, why)
+    elif used is not Precision.FP32:
+        log.info("%s: encoder precision %s (%s)", parsed.raw, used.value, why)
+    common = {"device": dev, "workers": workers, "image_limits": image_limits, "precision": used}
     if parsed.kind is SpecKind.OPEN_CLIP:
         return _load_open_clip(parsed, name=model_version_name(parsed), **common)
     if parsed.kind is SpecKind.HF:
@@ -261,7 +278,17 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
                 f"network (`open_clip.create_model('{arch}', pretrained='{source}')`) and copy that folder here."
             ) from None
     tokenizer = open_clip.get_tokenizer(arch)
+    model = _at_precision(model, kwargs, spec.raw)
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device, **kwargs)
+
+
+def _at_precision(model, kwargs: dict, label: str):
+    """The one place a loaded model is put at its encoder precision, for every backend."""
+    from embedder.precision import Precision, apply_precision
+
+    precision = kwargs.get("precision") or Precision.FP32
+    kwargs["precision"] = precision.value if isinstance(precision, Precision) else str(precision)
+    return apply_precision(model, Precision(kwargs["precision"]), label=label)
 
 
 def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
@@ -304,6 +331,7 @@ def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
             f"{spec.raw} is a {type(model).__name__} whose images need {', '.join(extra_inputs)} beside "
             f"pixel_values; the hf: backend embeds fixed-size images only (CLIP, SigLIP, ChineseCLIP)"
         )
+    model = _at_precision(model, kwargs, spec.raw)
     return HFClipEmbedder(
         model, tokenizer, image_processor, name=model_version_name(spec), spec=spec.raw, device=device, **kwargs
     )
@@ -420,9 +448,14 @@ def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | N
 
 
 def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cpu", **kwargs) -> Embedder:
-    """An Embedder over an in-memory open_clip model (e.g. one just trained, before it is saved)."""
+    """An Embedder over an in-memory open_clip model (e.g. one just trained, before it is saved).
+    `precision=` (int8 quantises `model` in place) as for `load_embedder`."""
     from embedder.openclip_backend import OpenClipEmbedder
+    from embedder.precision import resolve_precision
 
+    if kwargs.get("precision") is not None:
+        kwargs["precision"] = resolve_precision(kwargs["precision"], device)[0]
+        model = _at_precision(model, kwargs, name)
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from embedder.base import Embedder
+from embedder.base import Embedder, tokenizer_lowercases
 
 
 class HFClipEmbedder(Embedder):
@@ -20,6 +20,10 @@ class HFClipEmbedder(Embedder):
         self._padding = "max_length" if model_type.startswith("siglip") else "longest"
         self._max_length = _text_max_length(model.config, tokenizer)
         self.dim = int(getattr(model.config, "projection_dim", 0) or self._probe_dim())
+        self._lowercases = tokenizer_lowercases(tokenizer)
+
+    def _tokenizer_lowercases(self) -> bool:
+        return self._lowercases
 
     def _probe_dim(self) -> int:
         return self._encode_text_list(["probe"]).shape[1]

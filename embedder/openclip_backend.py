@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from embedder.base import Embedder
+from embedder.base import Embedder, tokenizer_lowercases
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,10 @@ class OpenClipEmbedder(Embedder):
         self.tokenizer = tokenizer
         self.dim = model_output_dim(model)
         self._trim = _text_trimmer(model, tokenizer)
+        self._lowercases = tokenizer_lowercases(tokenizer)
+
+    def _tokenizer_lowercases(self) -> bool:
+        return self._lowercases
 
     def preprocess(self, image):
         return self._preprocess(image)

@@ -302,8 +302,10 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
         write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
                             store=store, parent=serving)
     shutil.rmtree(workdir, ignore_errors=True)
-    # The index is built from the saved version (what servers will load), then activated at once.
-    embedder = load_embedder(candidate, device=device, models_dir=models_dir)
+    # The index is built from the saved version (what servers will load), then activated at once,
+    # at the precision the serving index was built at: a promotion does not change it.
+    embedder = load_embedder(candidate, device=device, models_dir=models_dir,
+                             precision=str(active.manifest.get("precision", "fp32")))
     summary = CatalogIndexer(home=home, store=store, embedder=embedder,
                              options=replace(index_options, activate=False)).run(None)
     try:

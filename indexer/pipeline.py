@@ -198,7 +198,8 @@ class CatalogIndexer:
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "embeddings" / self.embedder.name
+        # One cache per model and precision: an int8 build must not reuse fp32 vectors (or back).
+        return self.home / "embeddings" / self.embedder.vector_space
 
     # ---- stage 1+2: read and write products
 
@@ -455,6 +456,8 @@ class CatalogIndexer:
                     "counts": {"products": products, "image": indexes["image"].ntotal, "text": indexes["text"].ntotal},
                     "catalog_seq": catalog_seq,
                     "lexical": self.store.lexical.to_dict(),
+                    # Queries to this version are encoded at the same precision (search.engine).
+                    "precision": self.embedder.precision,
                 },
             )
             self.store.record_index_version(

@@ -94,6 +94,7 @@ class _ActorSetup:
     text_batch_size: int
     url_max_bytes: int
     url_timeout_s: float
+    precision: str = "fp32"  # the driver's encoder precision: every actor embeds at it
 
 
 # ---------------------------------------------------------------- driver
@@ -214,6 +215,7 @@ def _run_job(ray, indexer: "CatalogIndexer", total: int, cache: "VectorCache", s
         max_image_bytes=limits.max_bytes, max_image_pixels=limits.max_pixels, max_image_aspect=limits.max_aspect,
         text_batch_size=settings.text_batch_size,
         url_max_bytes=settings.url_max_bytes, url_timeout_s=settings.url_timeout_s,
+        precision=embedder.precision,
     )
     indexer.progress.start("embed texts", total)
     indexer.progress.start("embed images", total)
@@ -398,7 +400,8 @@ class _EmbedActor:
         self.setup = setup
         self.limits = ImageLimits(setup.max_image_bytes, setup.max_image_pixels, setup.max_image_aspect)
         self.embedder = load_embedder(setup.spec, device=setup.device, models_dir=setup.models_dir,
-                                      workers=setup.decode_workers, image_limits=self.limits)
+                                      workers=setup.decode_workers, image_limits=self.limits,
+                                      precision=setup.precision)
         if self.embedder.name != setup.model_version:
             raise RuntimeError(f"{setup.spec} is model {self.embedder.name} on {socket.gethostname()}, but "
                                f"{setup.model_version} on the driver: is {setup.models_dir} the same shared folder?")

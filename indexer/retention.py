@@ -152,6 +152,8 @@ def _prune_models(store: Store, home: Path, keep_versions: int, held: frozenset[
         for name in dropped:
             shutil.rmtree(models_dir / name, ignore_errors=True)
             shutil.rmtree(home / "embeddings" / name, ignore_errors=True)
+            for other in (home / "embeddings").glob(f"{name}@*"):  # its int8 / bf16 vector caches
+                shutil.rmtree(other, ignore_errors=True)
     finally:
         for name in chosen:
             mark_recorded(models_dir, name)

@@ -38,7 +38,19 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from embedder import Embedder, ImageLimits, ImageSource, ModelThread, content_hash, load_embedder, read_image_bytes
+from embedder import (
+    Embedder,
+    ImageLimits,
+    ImageSource,
+    ModelThread,
+    QueryCache,
+    QueryCacheConfig,
+    content_hash,
+    load_embedder,
+    parse_precision,
+    read_image_bytes,
+    vector_space,
+)
 from indexer import IndexVersionError, LoadedIndexVersion, copy_version, index_version_path, load_index_version
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
@@ -158,6 +170,8 @@ class SearchEngine:
         local_copies: Path | None = None,
         lexical_weight: float = 2.0,
         title_boost: float = 1.0,
+        query_cache: QueryCacheConfig | None = None,
+        precision: str = "fp32",
     ):
         """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
         `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
@@ -165,7 +179,12 @@ class SearchEngine:
         `local_copies`: a replica's own disk. Index and model versions published to a shared
         location (`indexes_dir`, `models_dir` under PRISM_SHARED_DIR) are copied there and served
         from there: memory-mapping index files over a network filesystem would make every query's
-        page faults network round trips, and a copy is checked against its sha256 digests once."""
+        page faults network round trips, and a copy is checked against its sha256 digests once.
+        `query_cache`: bounds of the query-vector cache (None: the defaults; 0 entries: off).
+        `precision`: the encoder precision the settings ask for. Queries are encoded at the
+        precision the serving index was built with (its manifest), whatever this says: vectors
+        of two precisions differ, and an index is only as good as queries made like its vectors.
+        A difference is logged once per version."""
         self.store = store
         self.model_thread = model_thread
         self.indexes_dir = indexes_dir
@@ -179,7 +198,10 @@ class SearchEngine:
         self.verify_files = verify_files
         self.local_copies = local_copies
         self._serving: _Serving | None = None
+        # Keyed by vector space (the model version, plus the precision when not fp32).
         self._embedders: dict[str, Embedder] = {}
+        self.query_cache = QueryCache(query_cache)
+        self.precision = parse_precision(precision).value
         # `_lock` guards the swap (and journal replays); `_loading` serialises version loads, which
         # take seconds to minutes and must not hold up queries or replays meanwhile.
         self._lock = threading.Lock()
@@ -212,15 +234,17 @@ class SearchEngine:
             raise NotReadyError("no index version is active yet: run `prism index CATALOG` first")
         return serving
 
-    def embedder_for(self, model_version: str) -> Embedder:
-        embedder = self._embedders.get(model_version)
+    def embedder_for(self, model_version: str, precision: str = "fp32") -> Embedder:
+        space = vector_space(model_version, precision)
+        embedder = self._embedders.get(space)
         if embedder is None:
             record = self.store.get_model_version(model_version)
             if record is None:
                 raise NotReadyError(f"model version {model_version!r} is not registered")
             models_dir = self._models_dir_for(model_version)
             load = lambda: load_embedder(  # noqa: E731
-                record.spec, device=self.device, models_dir=models_dir, image_limits=self.image_limits
+                record.spec, device=self.device, models_dir=models_dir, image_limits=self.image_limits,
+                precision=precision,
             )
             if self.model_thread is None:
                 embedder = load()
@@ -232,7 +256,7 @@ class SearchEngine:
                     f"model spec {record.spec!r} now loads as {embedder.name!r}, not {model_version!r}: "
                     "its weights changed since the index was built"
                 )
-            self._embedders[model_version] = embedder
+            self._embedders[space] = embedder
         return embedder
 
     def _models_dir_for(self, model_version: str) -> Path | None:
@@ -272,7 +296,8 @@ class SearchEngine:
         self._loading_version = active.index_version
         try:
             version = self._load_version_files(active)
-            embedder = self.embedder_for(version.model_version)
+            precision = self._index_precision(version)
+            embedder = self.embedder_for(version.model_version, precision)
         except Exception as exc:
             self._failed = (active.index_version, exc, time.monotonic())
             log.error(
@@ -297,13 +322,29 @@ class SearchEngine:
             # Changes journaled while the version loaded: a short replay, then the swap.
             self._serving = self._replay(loaded)
         self._failed = None
-        # Models no version serves any more would otherwise stay in memory, one per promotion.
-        self._embedders = {name: e for name, e in self._embedders.items() if name == version.model_version}
+        # Models no version serves any more would otherwise stay in memory, one per promotion;
+        # their cached query vectors go with them.
+        space = vector_space(version.model_version, precision)
+        self._embedders = {name: e for name, e in self._embedders.items() if name == space}
+        self.query_cache.drop_spaces({embedder.vector_space})
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
             version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
+
+    def _index_precision(self, version: LoadedIndexVersion) -> str:
+        """The precision queries to `version` are encoded at: the one its vectors were made at
+        (versions built before precisions were recorded: fp32). Settings asking for another are
+        logged, not followed."""
+        built = str(version.manifest.get("precision", "fp32"))
+        if built != self.precision:
+            log.warning(
+                "index version %s was built at %s precision; queries are encoded at %s too, not at the %s "
+                "PRISM_ENCODER_PRECISION asks for (rebuild with `prism index --precision %s` to serve that)",
+                version.index_version, built, built, self.precision, self.precision,
+            )
+        return built
 
     def _prune_local_copies(self, *in_use: LoadedIndexVersion | None) -> None:
         """A replica's copies of versions no longer recorded (retention dropped them) go: they can
@@ -419,7 +460,7 @@ class SearchEngine:
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
         _validate_facets(facets)
-        if text is not None and self._batcher is not None:
+        if text is not None and self._batcher is not None and not self._text_cached(text):
             with self._batcher.expecting() as submit:
                 return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets)
         return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets)
@@ -445,18 +486,24 @@ class SearchEngine:
         exclude = np.zeros(0, dtype=np.int64)
         pinned: list[int] = []
         lexical: list[tuple[int, float]] | None = None
+        cached = remember = None
         if text is not None:
             text = text.strip()
             t0 = time.perf_counter()
             pinned, lexical = self._lexical(text, target, allowed)
             timings["lexical"] = _ms(t0)
             query = SearchQuery("text", target, k, offset, filters, text=text)
-            encode = lambda: serving.embedder.encode_texts([text])  # noqa: E731
+            cached, remember = self._cached_query(serving.embedder, "text", serving.embedder.query_text_key(text))
+            encode = lambda: remember(serving.embedder.encode_texts([text]))  # noqa: E731
         elif image is not None:
             data = image if isinstance(image, Image.Image) else read_image_bytes(image, self.image_limits)
             image_hash = content_hash(data) if isinstance(data, bytes) else None
             query = SearchQuery("image", target, k, offset, filters, image_hash=image_hash)
-            encode = lambda: serving.embedder.encode_images([data])  # noqa: E731
+            if image_hash is not None:
+                cached, remember = self._cached_query(serving.embedder, "image", image_hash)
+            else:
+                remember = lambda vector: vector  # noqa: E731
+            encode = lambda: remember(serving.embedder.encode_images([data]))  # noqa: E731
         else:
             product, vector, modality = self._product_vector(serving, similar_to)
             exclude = np.asarray([product.row_id], dtype=np.int64)
@@ -478,8 +525,12 @@ class SearchEngine:
             timings["encode"] = _ms(t0)
             return search_vector(vector)
 
+        if cached is not None:
+            # A hit never queues for a batch; the ANN search still runs where FAISS work belongs.
+            encode = lambda: cached  # noqa: E731
+            submit = None
         if submit is not None:
-            ranked, batch = submit(serving.embedder, text, search_vector)
+            ranked, batch = submit(serving.embedder, text, lambda vector: search_vector(remember(vector)))
             timings["queue"] = round(batch.queued_ms, 3)
             timings["encode"] = round(batch.encode_ms, 3)  # the whole batch's, shared by its queries
         elif self.model_thread:
@@ -509,6 +560,26 @@ class SearchEngine:
             query=query,
             facets=counted,
         )
+
+    def _text_cached(self, text: str) -> bool:
+        """Whether the serving model's vector of `text` is cached: such a query is not announced to
+        the batcher, so forming batches do not wait for a query that will never join them."""
+        serving = self._serving
+        if serving is None or not self.query_cache.enabled:
+            return False
+        embedder = serving.embedder
+        return self.query_cache.holds(embedder.vector_space, "text", embedder.query_text_key(text.strip()))
+
+    def _cached_query(self, embedder: Embedder, kind: str, key: str):
+        """(the cached vector or None, a function that caches a freshly encoded vector and returns it)."""
+        space = embedder.vector_space
+        found = self.query_cache.get(space, kind, key)
+
+        def remember(vector: np.ndarray) -> np.ndarray:
+            self.query_cache.put(space, kind, key, vector)
+            return vector
+
+        return found, remember
 
     def _product_vector(self, serving: _Serving, product_id: str) -> tuple[ProductRecord, np.ndarray, str]:
         """A product's own vector as a query: its image if it has one, else its text."""
@@ -632,7 +703,13 @@ class SearchEngine:
             "overlay_vectors": {m: serving.overlay.count(m) for m in MODALITIES},
             "masked": {m: int(len(serving.overlay.masked(m))) for m in MODALITIES},
             "filter_changed_rows": serving.filters.changed_rows,
+            "encoder_precision": serving.embedder.precision,
+            "index_precision": str(serving.version.manifest.get("precision", "fp32")),
         }
+
+    def query_cache_stats(self) -> dict:
+        """The query-vector cache's bounds, size and hit and miss counts (metrics, GET /v1/models)."""
+        return self.query_cache.stats()
 
 
 def _parse_target(target: Target | str) -> Target:

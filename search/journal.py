@@ -67,7 +67,7 @@ def replay_changes(
     computed = _reembedded(store, embedder, [c for c in changes if c.op == "upsert" and c.model_version != embedder.name])
     from_files = [c for c in changes if c.op == "file"]
     if from_files:
-        computed.update(_file_vectors(store, embedder, from_files, embeddings_dir / embedder.name))
+        computed.update(_file_vectors(store, embedder, from_files, embeddings_dir / embedder.vector_space))
 
     def vectors_for(change: CatalogChangeRecord) -> ChangeVectors:
         if change.seq in computed:

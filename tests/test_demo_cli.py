@@ -60,6 +60,19 @@ def test_eval_reports_recall_and_mrr_side_by_side(demo_home):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
 
 
+def test_eval_reports_the_quality_cost_of_a_precision(demo_home):
+    home, env, _ = demo_home
+    report = json.loads(_run(["eval", "--precision", "int8", "--json"], env).stdout)
+    assert set(report) == {"demo", "demo (int8)"}
+    fp32, int8 = report["demo"]["full"], report["demo (int8)"]["full"]
+    assert int8["gallery"] == fp32["gallery"] and 0 < int8["text_to_image"]["mrr"] <= 1
+    assert fp32["extra"]["precision"] == "fp32" and int8["extra"]["precision"] == "int8"
+    table = _run(["eval", "--precision", "int8"], env).stdout
+    assert "demo (int8)" in table and "delta" in table
+    both = _run(["eval", "--compare", "demo", "--precision", "int8"], env, check=False)
+    assert both.returncode == 2 and "give one" in both.stderr
+
+
 def test_eval_without_a_demo_catalog_says_what_to_do(tmp_path, databases):
     env = databases.env(tmp_path)
     proc = _run(["eval"], env, check=False)

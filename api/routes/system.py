@@ -7,7 +7,16 @@ from pathlib import Path
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 
-from api.schemas import FacetsResponse, FacetValue, Health, IndexVersionOut, ModelsResponse, ModelVersionOut, Readiness
+from api.schemas import (
+    FacetsResponse,
+    FacetValue,
+    Health,
+    IndexVersionOut,
+    ModelsResponse,
+    ModelVersionOut,
+    QueryCacheOut,
+    Readiness,
+)
 from api.services import ServicesDep
 
 router = APIRouter()
@@ -65,10 +74,13 @@ def models(services: ServicesDep) -> ModelsResponse:
                 counts={k: int(n) for k, n in v.manifest.get("counts", {}).items()},
                 catalog_seq=int(v.manifest.get("catalog_seq", 0)),
                 serving=v.index_version == stats.get("index_version"),
+                precision=str(v.manifest.get("precision", "fp32")),
             )
             for v in services.store.list_index_versions()
         ],
         loading_index_version=stats.get("loading_index_version"),
+        encoder_precision=stats.get("encoder_precision"),
+        query_cache=QueryCacheOut(**services.engine.query_cache_stats()),
     )
 
 

@@ -1,0 +1,158 @@
+"""Encoder precision: int8 loading quantises the Linear layers and stays close to fp32, bf16 runs
+only where the CPU has native kernels, an index records the precision it was built at, and
+queries follow the index's precision whatever the settings ask (with a warning)."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from api.app import create_app
+from api.settings import PrismSettings
+from embedder import Precision, bf16_support, load_embedder, resolve_precision, vector_space
+from indexer import CatalogIndexer, IndexOptions
+from sample_catalog import draw_product_image
+from search import SearchEngine
+from store import Store
+
+pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
+TINY = "prism-tiny-vit:random"
+TEXTS = ["red running shoes", "a blue umbrella", "wooden chair for kids", "pizza", "dog toy", "green desk lamp"]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)  # both L2-normalised
+
+
+def _images(n: int = 6):
+    return [draw_product_image(i, size=64) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return load_embedder(TINY, device="cpu")
+
+
+def test_int8_quantises_the_linear_layers_and_stays_close(fp32):
+    int8 = load_embedder(TINY, device="cpu", precision="int8")
+    assert int8.precision == "int8" and int8.vector_space == f"{int8.name}@int8" and int8.name == fp32.name
+    kinds = [type(m) for m in int8.model.modules()]
+    quantised = [k for k in kinds if k is torch.ao.nn.quantized.dynamic.Linear]
+    float_linear = {k.__name__ for k in kinds if issubclass(k, torch.nn.Linear)}
+    before = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    kept = sum(issubclass(k, torch.nn.Linear) for k in kinds)
+    assert len(quantised) > 0 and len(quantised) + kept == before
+    # What torch leaves alone by design: nn.MultiheadAttention's output projection.
+    assert float_linear <= {"NonDynamicallyQuantizableLinear"}
+
+    # Measured on the tiny model: text >= 0.9995, images >= 0.999; 0.99 leaves room across CPUs.
+    text = _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))
+    images = _images()
+    image = _cosines(fp32.encode_images(images), int8.encode_images(images))
+    assert text.min() >= 0.99 and image.min() >= 0.99, (text, image)
+    assert text.min() < 1.0  # it did change the weights
+
+
+def test_bf16_where_the_cpu_has_native_kernels(fp32):
+    usable, why = bf16_support()
+    if not usable:
+        used, reason = resolve_precision("bf16", "cpu")
+        assert used is Precision.FP32 and why in reason
+        pytest.skip(f"bf16: {why}")
+    bf16 = load_embedder(TINY, device="cpu", precision="bf16")
+    assert bf16.precision == "bf16"
+    text = _cosines(fp32.encode_texts(TEXTS), bf16.encode_texts(TEXTS))
+    assert text.min() >= 0.99 and text.min() < 1.0, text
+
+
+def test_a_precision_that_cannot_run_falls_back_to_fp32_with_the_reason():
+    used, why = resolve_precision("int8", "cuda")
+    assert used is Precision.FP32 and "CPU only" in why
+    with pytest.raises(ValueError, match="fp32, bf16 or int8"):
+        resolve_precision("fp16")
+
+
+@pytest.fixture(scope="module")
+def int8_home(tmp_path_factory, small_catalog, databases):
+    home = tmp_path_factory.mktemp("int8-home")
+    store = Store.open(databases.url(home))
+    try:
+        embedder = load_embedder(TINY, device="cpu", precision="int8")
+        CatalogIndexer(home=home, store=store, embedder=embedder, options=IndexOptions(batch_size=32)).run(small_catalog)
+    finally:
+        store.close()
+    return PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home))
+
+
+def test_the_index_records_its_precision_and_keeps_its_own_vector_cache(int8_home, fp32):
+    store = Store.open(int8_home.db_url)
+    try:
+        active = store.active_index_version()
+        assert active.manifest["precision"] == "int8"
+    finally:
+        store.close()
+    manifest = json.loads((int8_home.indexes_dir / active.index_version / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    caches = {p.name for p in (int8_home.home / "embeddings").iterdir() if p.is_dir()}
+    assert vector_space(fp32.name, "int8") in caches and fp32.name not in caches
+
+
+def test_queries_follow_the_index_precision_and_say_so(int8_home, fp32, caplog):
+    store = Store.open(int8_home.db_url)
+    engine = SearchEngine(store, indexes_dir=int8_home.indexes_dir, device="cpu", precision="fp32")
+    try:
+        with caplog.at_level(logging.WARNING, logger="search.engine"):
+            assert engine.refresh()
+        assert any("built at int8 precision" in r.getMessage() and "fp32" in r.getMessage() for r in caplog.records)
+        assert engine.serving.embedder.precision == "int8"
+        engine.search(text="red running shoes", k=3)
+        served = engine.query_cache.get(vector_space(fp32.name, "int8"), "text", "red running shoes")
+        reference = load_embedder(TINY, device="cpu", precision="int8").encode_texts(["red running shoes"])
+        np.testing.assert_allclose(served, reference, atol=1e-6)
+        assert not np.allclose(served, fp32.encode_texts(["red running shoes"]), atol=1e-6)
+    finally:
+        engine.close()
+        store.close()
+
+    with TestClient(create_app(int8_home)) as client:
+        body = client.get("/v1/models").json()
+        assert body["encoder_precision"] == "int8" and [i["precision"] for i in body["indexes"]] == ["int8"]
+        assert 'prism_encoder_precision_info{encoder="int8",index="int8"} 1.0' in client.get("/metrics").text
+
+
+def test_prism_index_precision_option(tmp_path, small_catalog, databases):
+    from prism_cli import run_prism
+
+    env = databases.env(tmp_path / "home")
+    bad = run_prism(["index", str(small_catalog), "--model", TINY, "--precision", "fp16"], env, check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    supplied = run_prism(["index", str(small_catalog), "--vectors", str(tmp_path / "v.parquet"), "--precision", "int8"],
+                         env, check=False)
+    assert supplied.returncode == 2 and "give one of them" in supplied.stderr
+    done = run_prism(["index", str(small_catalog), "--model", TINY, "--precision", "int8", "--json"], env)
+    version = json.loads(done.stdout)["index_version"]
+    store = Store.open(databases.url(tmp_path / "home"))
+    try:
+        assert store.get_index_version(version).manifest["precision"] == "int8"
+    finally:
+        store.close()
+
+
+def test_int8_demo_architecture_encodes_both_towers():
+    """The demo's towers: MiniLM (HF BERT, plain Linear attention) and a ModifiedResNet whose
+    attention pool reads its Linear weights itself (kept fp32, so its images are unchanged)."""
+    from embedder import wrap_open_clip
+    from embedder.factory import create_base_model
+
+    fp32 = wrap_open_clip(*create_base_model("prism-demo-minilm"), name="demo-arch")
+    int8 = wrap_open_clip(*create_base_model("prism-demo-minilm"), name="demo-arch", precision="int8")
+    assert int8.precision == "int8"
+    assert any(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in int8.model.text.modules())
+    images = _images(4)
+    np.testing.assert_allclose(int8.encode_images(images), fp32.encode_images(images), atol=1e-5)
+    # Measured over 100 demo titles: mean 0.976, worst 0.90 (docs/architecture.md).
+    text = _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))
+    assert text.mean() >= 0.95 and text.min() < 1.0, text
