@@ -970,11 +970,9 @@ def products_patch(
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url)
-        embedder = None
-        if {"title", "description"} & set(changes):
-            embedder = _serving_embedder(settings, store)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
         updater = CatalogUpdater(home=settings.artifacts, store=store, image_limits=settings.image_limits())
+        embedder = _serving_embedder(settings, store) if updater.patch_may_embed(changes) else None
         outcome = updater.patch(product_id, changes, embedder)
     except (*_known_errors(), UpdateError) as exc:
         _fail(str(exc))

@@ -149,6 +149,14 @@ class CatalogUpdater:
             return UpsertOutcome(record, False, seq, "keep", metadata_only=True)
         return None
 
+    def patch_may_embed(self, changes: dict, *, image: bool = False) -> bool:
+        """Whether a PATCH of these fields may need the serving model: a new image, or a change
+        to a field the embedded text is made of (title and description, plus whatever
+        PRISM_TEXT_FIELDS adds: category, brand or an attribute). `patch` writes metadata only,
+        embedding nothing, when the embedded text comes out unchanged."""
+        embedded = {"title", "description"} | {f.split(".", 1)[0] for f in self.store.lexical.text_fields}
+        return image or bool(set(changes) & embedded)
+
     def patch(
         self,
         product_id: str,
@@ -165,10 +173,7 @@ class CatalogUpdater:
         unknown = set(changes) - set(PATCH_FIELDS)
         if unknown:
             raise UpdateError("unknown_field", f"cannot patch {', '.join(sorted(unknown))}")
-        # PRISM_TEXT_FIELDS may embed category, brand or an attribute: a change to one of those
-        # changes the embedded text (`upsert` still writes metadata only if the text is unchanged).
-        embedded = {"title", "description"} | {f.split(".", 1)[0] for f in self.store.lexical.text_fields}
-        content = image is not None or image_url is not None or bool(set(changes) & embedded)
+        content = self.patch_may_embed(changes, image=image is not None or image_url is not None)
         if not content:
             # One transaction reads and writes the row: one round trip fewer than read-then-write.
             written = self.store.patch_product_metadata(product_id, changes)

@@ -172,3 +172,28 @@ def test_cli_patch_changes_metadata_like_http(build_serving_home, databases):
                         (["P00040", "--clear", "title"], "title")):
         failed = run_prism(["products", "patch", *args], env, check=False)
         assert failed.returncode != 0 and words in failed.stderr, (args, failed.stderr)
+
+
+def test_patched_identifiers_and_embedded_attributes_follow_the_text_fields(build_serving_home, tiny_embedder, monkeypatch):
+    """With PRISM_ID_ATTRIBUTES=gtin and an attribute among PRISM_TEXT_FIELDS: a PATCH of the gtin
+    embeds nothing and the gtin finds the product at once; a PATCH of the embedded attribute
+    re-embeds the text, and the lexical leg finds its words."""
+    settings = build_serving_home(
+        "patch-text-fields", admin_token=TOKEN, text_fields="title,description,attributes.tagline", id_attributes="gtin"
+    )
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        c.get("/v1/search", params={"q": "warm up", "k": 1})  # the serving model loaded
+        calls = _counting(monkeypatch, c.app.state.services.engine.serving.embedder)
+        patched = c.patch("/v1/products/P00012", json={"attributes": {"gtin": "4006381333931"}})
+        assert patched.status_code == 200, patched.text
+        assert calls == {"encode_texts": 0, "encode_images": 0}
+        for target in ("image", "text", "hybrid"):
+            hits = c.get("/v1/search", params={"q": "4006381333931", "target": target, "k": 3}).json()["results"]
+            assert hits[0]["product_id"] == "P00012" and hits[0]["scores"].get("exact") == 1, (target, hits[:1])
+
+        calls.update(encode_texts=0, encode_images=0)  # the searches encoded their query
+        patched = c.patch("/v1/products/P00012", json={"attributes": {"gtin": "4006381333931", "tagline": "zanzibar lantern"}})
+        assert patched.status_code == 200, patched.text
+        assert calls == {"encode_texts": 1, "encode_images": 0}
+        hits = c.get("/v1/search", params={"q": "zanzibar lantern", "target": "hybrid", "k": 3}).json()["results"]
+        assert hits[0]["product_id"] == "P00012"

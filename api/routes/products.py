@@ -149,9 +149,8 @@ def patch_product(product_id: ProductIdPath, body: ProductPatch, services: Servi
     worker. 404 for an unknown (or deleted) product: PATCH creates nothing. Needs the admin token."""
     changes = body.changes()
     image, image_url = changes.pop("image_b64", None), changes.pop("image_url", None)
-    content = image is not None or image_url is not None or bool(set(changes) & {"title", "description"})
     embedder = None
-    if content:
+    if services.updater.patch_may_embed(changes, image=image is not None or image_url is not None):
         services.engine.sync()
         embedder = services.engine.serving.embedder
     outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url)
