@@ -88,6 +88,13 @@ def _decode_b64(data: str) -> bytes:
 Base64Image = Annotated[str, AfterValidator(_decode_b64)]
 QueryText = _text(1, MAX_QUERY_CHARS, AfterValidator(_not_blank))
 ProductId = _text(1, MAX_ID_CHARS)
+# The catalog fields a PUT sets and a PATCH changes, typed once for both.
+ProductTitle = _text(1, 1000, AfterValidator(_not_blank))
+ProductDescription = _text(0, 20_000)
+ProductLabel = _text(1, MAX_ID_CHARS)  # category, brand
+Currency = Annotated[
+    str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
+]
 
 
 AttributeScalar = str | int | float | bool
@@ -363,14 +370,12 @@ class ProductIn(BaseModel):
         },
     )
 
-    title: _text(1, 1000, AfterValidator(_not_blank))
-    description: _text(0, 20_000) | None = None
-    category: _text(1, MAX_ID_CHARS) | None = None
-    brand: _text(1, MAX_ID_CHARS) | None = None
+    title: ProductTitle
+    description: ProductDescription | None = None
+    category: ProductLabel | None = None
+    brand: ProductLabel | None = None
     price: Price | None = None
-    currency: Annotated[
-        str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
-    ] | None = None
+    currency: Currency | None = None
     stock: Stock | None = None
     attributes: dict[str, Any] = Field(default_factory=dict, description="free-form JSON object (<= 16 KiB)")
     image_b64: Base64Image | None = Field(None, description="the product image, base64-encoded")
@@ -419,14 +424,12 @@ class ProductPatch(BaseModel):
         json_schema_extra={"examples": [{"price": 79.5}, {"stock": 0}, {"attributes": {"colour": "blue"}, "price": 12}]},
     )
 
-    title: _text(1, 1000, AfterValidator(_not_blank)) | None = None
-    description: _text(0, 20_000) | None = None
-    category: _text(1, MAX_ID_CHARS) | None = None
-    brand: _text(1, MAX_ID_CHARS) | None = None
+    title: ProductTitle | None = None
+    description: ProductDescription | None = None
+    category: ProductLabel | None = None
+    brand: ProductLabel | None = None
     price: Price | None = None
-    currency: Annotated[
-        str, Field(pattern=r"^[A-Za-z]{3}$", description="3-letter code, e.g. EUR"), AfterValidator(str.upper)
-    ] | None = None
+    currency: Currency | None = None
     stock: Stock | None = None
     attributes: dict[str, Any] | None = Field(None, description="replaces the attributes (<= 16 KiB as JSON)")
     image_b64: Base64Image | None = Field(None, description="a new product image, base64-encoded (re-embeds)")

@@ -778,14 +778,7 @@ class Store:
             p.category, p.brand, p.price, p.currency = item.category, item.brand, item.price, item.currency
             p.attributes = dict(item.attributes)
             p.stock = item.stock
-            p.search_text = self.lexical.document(p)  # a text field may be an attribute
-            p.updated_at = now
-            p.changed_by = "api"
-            change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
-            s.add(change)
-            s.flush()
-            _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
-            return _to_record(ProductRecord, p), int(change.seq)
+            return self._journal_metadata_change(s, p, now)
 
     def patch_product_metadata(self, product_id: str, fields: dict) -> tuple[ProductRecord, int] | None:
         """Set some metadata columns (category, brand, price, currency, stock, attributes) of a
@@ -808,14 +801,20 @@ class Store:
                 if column == "attributes":
                     value = {**{k: v for k, v in (p.attributes or {}).items() if k.startswith("_")}, **(value or {})}
                 setattr(p, column, value)
-            p.search_text = self.lexical.document(p)
-            p.updated_at = now
-            p.changed_by = "api"
-            change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
-            s.add(change)
-            s.flush()
-            _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
-            return _to_record(ProductRecord, p), int(change.seq)
+            return self._journal_metadata_change(s, p, now)
+
+    def _journal_metadata_change(self, s: Session, p: Product, now: datetime) -> tuple[ProductRecord, int]:
+        """The end of a metadata write: the lexical text and identifiers follow the row (a text
+        field or an identifier may be an attribute), and a "meta" change carrying no vectors is
+        journaled. Returns (product, seq)."""
+        p.search_text = self.lexical.document(p)
+        p.updated_at = now
+        p.changed_by = "api"
+        change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
+        s.add(change)
+        s.flush()
+        _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
+        return _to_record(ProductRecord, p), int(change.seq)
 
     def soft_delete_product(self, product_id: str) -> ProductRecord | None:
         """Mark a product deleted and journal it; None when there is no live product by that id."""

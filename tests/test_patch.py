@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from encoder_calls import count_encoder_calls
 from prism_cli import run_prism
 from sample_catalog import draw_product_image
 from search import SearchEngine
@@ -33,19 +34,6 @@ def client(settings):
         yield c
 
 
-def _counting(monkeypatch, embedder) -> dict[str, int]:
-    calls = {"encode_texts": 0, "encode_images": 0}
-    for name in calls:
-        real = getattr(embedder, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(embedder, name, counting)
-    return calls
-
-
 def _other_worker(settings, embedder) -> tuple[Store, SearchEngine]:
     store = Store.open(settings.db_url)
     engine = SearchEngine(store, indexes_dir=settings.indexes_dir, device="cpu")
@@ -58,7 +46,7 @@ def test_a_price_patch_embeds_nothing_and_every_worker_serves_it(client, setting
     other_store, other = _other_worker(settings, tiny_embedder)
     try:
         before = client.get("/v1/products/P00030").json()
-        calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+        calls = count_encoder_calls(monkeypatch, client.app.state.services.engine.serving.embedder)
         r = client.patch("/v1/products/P00030", json={"price": 9876.5, "stock": 4})
         assert r.status_code == 200, r.text
         body = r.json()
@@ -87,7 +75,7 @@ def test_null_clears_and_attributes_replace(client):
 
 
 def test_a_title_patch_re_embeds_like_put(client, monkeypatch):
-    calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+    calls = count_encoder_calls(monkeypatch, client.app.state.services.engine.serving.embedder)
     r = client.patch("/v1/products/P00032", json={"title": "zanzibar periscope"})
     assert r.status_code == 200 and r.json()["title"] == "zanzibar periscope" and r.json()["image_action"] == "keep"
     assert calls == {"encode_texts": 1, "encode_images": 0}
@@ -103,7 +91,7 @@ def test_an_image_patch_re_embeds_the_image(client, monkeypatch):
 
     buffer = io.BytesIO()
     draw_product_image(9001).save(buffer, format="PNG")
-    calls = _counting(monkeypatch, client.app.state.services.engine.serving.embedder)
+    calls = count_encoder_calls(monkeypatch, client.app.state.services.engine.serving.embedder)
     r = client.patch("/v1/products/P00033", json={"image_b64": base64.b64encode(buffer.getvalue()).decode()})
     assert r.status_code == 200 and r.json()["image_action"] == "set", r.text
     assert calls["encode_images"] == 1
@@ -183,7 +171,7 @@ def test_patched_identifiers_and_embedded_attributes_follow_the_text_fields(buil
     )
     with TestClient(create_app(settings), headers=ADMIN) as c:
         c.get("/v1/search", params={"q": "warm up", "k": 1})  # the serving model loaded
-        calls = _counting(monkeypatch, c.app.state.services.engine.serving.embedder)
+        calls = count_encoder_calls(monkeypatch, c.app.state.services.engine.serving.embedder)
         patched = c.patch("/v1/products/P00012", json={"attributes": {"gtin": "4006381333931"}})
         assert patched.status_code == 200, patched.text
         assert calls == {"encode_texts": 0, "encode_images": 0}

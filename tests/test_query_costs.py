@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from indexer import AnnConfig, CatalogIndexer, CatalogUpdater, IndexOptions
+from encoder_calls import count_encoder_calls
 from prism_cli import run_prism
 from sample_catalog import BRANDS, CATEGORIES, draw_product_image, make_catalog
 from search import MAX_RESULT_WINDOW, QueryError, SearchEngine
@@ -128,19 +129,6 @@ def test_pages_of_an_ivfpq_index_never_repeat(tmp_path, store, tiny_embedder):
 # ---------------------------------------------------------------- 2. metadata-only updates
 
 
-def _count_calls(monkeypatch, embedder) -> dict[str, int]:
-    calls = {"encode_texts": 0, "encode_images": 0}
-    for name in calls:
-        real = getattr(embedder, name)
-
-        def counting(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(embedder, name, counting)
-    return calls
-
-
 def test_a_price_only_put_embeds_nothing_and_is_seen_by_every_worker(build_serving_home, tiny_embedder, small_catalog, monkeypatch):
     settings = build_serving_home("meta-home")
     store, engine = _engine(settings, tiny_embedder)
@@ -149,7 +137,7 @@ def test_a_price_only_put_embeds_nothing_and_is_seen_by_every_worker(build_servi
         image = str(small_catalog.parent / "images" / "00010.png")
         product = store.get_product("P00010")
         updater = CatalogUpdater(home=settings.home, store=store)
-        calls = _count_calls(monkeypatch, tiny_embedder)
+        calls = count_encoder_calls(monkeypatch, tiny_embedder)
         outcome = updater.upsert(_item(product, price=987.5, brand="newbrand", attributes={"size": "L"}), tiny_embedder)
         assert calls == {"encode_texts": 0, "encode_images": 0}
         assert outcome.image_action == "keep" and not outcome.created and outcome.metadata_only
@@ -169,7 +157,7 @@ def test_a_price_only_put_embeds_nothing_and_is_seen_by_every_worker(build_servi
             assert "P00010" not in _ids(cheap) and len(cheap.hits) == 119
 
         # A new title is embedded again; so is a product being restored.
-        calls = _count_calls(monkeypatch, tiny_embedder)
+        calls = count_encoder_calls(monkeypatch, tiny_embedder)
         updater.upsert(_item(store.get_product("P00010"), title="a new title"), tiny_embedder)
         assert calls["encode_texts"] == 1
         store.soft_delete_product("P00011")
@@ -185,7 +173,7 @@ def test_a_price_only_put_over_http(build_serving_home, small_catalog, monkeypat
     with TestClient(create_app(settings), headers=ADMIN) as client:
         before = client.get("/v1/products/P00020").json()
         embedder = client.app.state.services.engine.serving.embedder
-        calls = _count_calls(monkeypatch, embedder)
+        calls = count_encoder_calls(monkeypatch, embedder)
         body = {k: before[k] for k in ("title", "description", "category", "brand", "currency", "attributes")}
         r = client.put("/v1/products/P00020", json={**body, "price": 4321.0})
         assert r.status_code == 200 and r.json()["image_action"] == "keep" and r.json()["price"] == 4321.0
