@@ -494,7 +494,10 @@ class AnnIndex:
         ids = np.full((nq, k), -1, np.int64)
         if len(allowed) == 0:
             return scores, ids
-        members = allowed[np.isin(allowed, self.ids(), assume_unique=True)]
+        # Binary search in the sorted ids: np.isin would sort all of them (10M ids: ~0.2 s a query).
+        ordered = self.ids()
+        at = np.minimum(np.searchsorted(ordered, allowed), max(len(ordered) - 1, 0))
+        members = allowed[ordered[at] == allowed] if len(ordered) else allowed[:0]
         if len(members) == 0:
             return scores, ids
         vecs = self.reconstruct(members)

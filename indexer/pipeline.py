@@ -210,6 +210,8 @@ class CatalogIndexer:
         API after it keeps the edit unless `options.prefer` says otherwise (docs/architecture.md,
         "Catalog source of truth")."""
         feed_time = datetime.fromtimestamp(Path(catalog).stat().st_mtime, timezone.utc)
+        if self.feed is not None:
+            self.feed.feed_written(feed_time, prefer_file=self.options.prefer is SourcePreference.FILE)
         chunk: list[ProductInput] = []
         self.progress.start("read catalog", None)
         for item in read_catalog(catalog, self.options.image_policy):
@@ -646,8 +648,10 @@ class FeedSync:
     count the unmarked products, and, when they are at most `max_delete_fraction` of the live
     catalog, once to delete them a page at a time through `Store.soft_delete_products`, which
     journals each deletion as `prism products delete` does. Neither the feed nor the catalog is
-    held whole. A product changed after the sync started (an API edit during the run) is newer
-    than the feed and stays. A rejected row that names no product_id (unreadable JSON) could be
+    held whole. A product changed after the feed was written (its file's modification time: an
+    API edit or creation since the export, or during the run) is newer than the feed and stays,
+    as the file load keeps such edits; with `--prefer file` only changes during the run stay. A
+    rejected row that names no product_id (unreadable JSON) could be
     any product: then nothing is deleted."""
 
     def __init__(self, max_delete_fraction: float, *, chunk_rows: int = 5_000):
@@ -656,10 +660,15 @@ class FeedSync:
         self.max_delete_fraction = max_delete_fraction
         self.chunk_rows = chunk_rows
         self.started = datetime.now(timezone.utc)
+        self.cutoff = self.started  # products changed at or after this stay; see `feed_written`
         self.rows = _RowSet()
         self.pending: list[str] = []
         self.unnamed = 0
         self.rejected_named = 0
+
+    def feed_written(self, feed_time: datetime, *, prefer_file: bool) -> None:
+        if not prefer_file:
+            self.cutoff = min(self.started, feed_time)
 
     def listed(self, rows) -> None:
         for row in rows:
@@ -677,7 +686,7 @@ class FeedSync:
             self.pending = []
 
     def _absent(self, page: list[tuple[int, str, datetime]]) -> list[str]:
-        return [pid for row, pid, updated in page if row not in self.rows and updated < self.started]
+        return [pid for row, pid, updated in page if row not in self.rows and updated < self.cutoff]
 
     def apply(self, store: Store) -> dict:
         """Count, then delete unless refused; the report either way."""

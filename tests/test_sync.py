@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from indexer import AnnConfig, CatalogIndexer, FeedSync, IndexOptions
+from indexer import AnnConfig, CatalogIndexer, CatalogUpdater, FeedSync, IndexOptions
 from prism_cli import run_prism
 from sample_catalog import product_row, write_rows
 from search import SearchEngine
@@ -151,3 +151,25 @@ def test_a_product_changed_after_the_sync_started_is_kept(tmp_path, store, tiny_
     report = feed.apply(store)
     assert (report["absent"], report["deleted"]) == (19, 19)
     assert store.get_product("P00110") is not None and store.get_product("P00111") is None
+
+
+@pytest.mark.parametrize("prefer, kept", [("newer", True), ("file", False)])
+def test_a_product_created_over_the_api_after_the_feed_was_written_is_kept(tmp_path, store, tiny_embedder, small_catalog,
+                                                                         prefer, kept):
+    """A feed exported before a product was created (or edited) over the API does not list it: it
+    stays, as the file load keeps newer API edits, unless the file is preferred."""
+    import os
+    import time
+
+    from store import SourcePreference
+
+    options = IndexOptions(batch_size=32, ann=AnnConfig(flat_threshold=10_000))
+    CatalogIndexer(home=tmp_path / "home", store=store, embedder=tiny_embedder, options=options).run(small_catalog)
+    feed = _feed(small_catalog.parent, range(N), name=f"feed-exported-{prefer}")
+    exported = time.time() - 60
+    os.utime(feed, (exported, exported))  # written a minute ago; the product below is newer
+    CatalogUpdater(home=tmp_path / "home", store=store).upsert(ProductInput("API-NEW", "made over the API"), tiny_embedder)
+    sync = IndexOptions(batch_size=32, ann=AnnConfig(flat_threshold=10_000), sync=True, prefer=SourcePreference(prefer))
+    summary = CatalogIndexer(home=tmp_path / "home", store=store, embedder=tiny_embedder, options=sync).run(feed)
+    assert summary.sync["deleted"] == (0 if kept else 1)
+    assert (store.get_product("API-NEW") is not None) is kept
