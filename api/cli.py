@@ -998,8 +998,9 @@ def _serving_embedder(settings, store):
     if model is None:
         raise NotReadyError("no index version is active yet: run `prism index CATALOG` first")
     settings.apply_threads()
+    # At the precision the index was built at, as the server encodes (search.engine).
     return load_embedder(model.spec, device=settings.device, models_dir=settings.models_dir,
-                         image_limits=settings.image_limits())
+                         image_limits=settings.image_limits(), precision=active.manifest.get("precision", "fp32"))
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

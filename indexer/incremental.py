@@ -108,7 +108,8 @@ class CatalogUpdater:
             else:
                 product, action, image_hash, image_vector, state = self._existing_image(item, current, embedder)
             vectors = ProductVectors(
-                model_version=embedder.name,
+                # The vector space (model and precision): an int8 index must not take fp32 vectors.
+                model_version=embedder.vector_space,
                 text_hash=content_hash(text),
                 text_vector=text_vector,
                 image_action=action,

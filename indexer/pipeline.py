@@ -381,7 +381,7 @@ class CatalogIndexer:
         """Put vectors that API upserts journaled for this model into the cache (no re-embedding)."""
         added = 0
         for change in self.store.catalog_changes(after, ops=("upsert",)):
-            if change.model_version != self.embedder.name:
+            if change.model_version != self.embedder.vector_space:  # another model, or another precision
                 continue
             if change.text_vector is not None and change.text_hash:
                 cache.put(f"text:{change.text_hash}", change.text_vector, modality="text", ref=change.product_id)

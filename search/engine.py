@@ -460,7 +460,7 @@ class SearchEngine:
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
         _validate_facets(facets)
-        if text is not None and self._batcher is not None and not self._text_cached(text):
+        if text is not None and self._batcher is not None and self._batches_queries() and not self._text_cached(text):
             with self._batcher.expecting() as submit:
                 return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets)
         return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets)
@@ -560,6 +560,12 @@ class SearchEngine:
             query=query,
             facets=counted,
         )
+
+    def _batches_queries(self) -> bool:
+        """int8 encoders quantise activations per call: a query's vector would depend on the other
+        queries of its batch (a different page 2 for the same query). They encode one at a time."""
+        serving = self._serving
+        return serving is None or serving.embedder.precision != "int8"
 
     def _text_cached(self, text: str) -> bool:
         """Whether the serving model's vector of `text` is cached: such a query is not announced to

@@ -64,7 +64,7 @@ def replay_changes(
     embeddings_dir: Path,
 ) -> tuple[Overlay, FilterIndex]:
     """`overlay` and `filters` with `changes` (oldest first) applied, for the serving `embedder`."""
-    computed = _reembedded(store, embedder, [c for c in changes if c.op == "upsert" and c.model_version != embedder.name])
+    computed = _reembedded(store, embedder, [c for c in changes if c.op == "upsert" and c.model_version != embedder.vector_space])
     from_files = [c for c in changes if c.op == "file"]
     if from_files:
         computed.update(_file_vectors(store, embedder, from_files, embeddings_dir / embedder.vector_space))

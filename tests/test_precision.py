@@ -156,3 +156,58 @@ def test_int8_demo_architecture_encodes_both_towers():
     # Measured over 100 demo titles: mean 0.976, worst 0.90 (docs/architecture.md).
     text = _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))
     assert text.mean() >= 0.95 and text.min() < 1.0, text
+
+
+def test_int8_text_queries_are_encoded_one_at_a_time_and_answer_as_alone(int8_home):
+    """int8 quantises activations per call, so a batched query's vector would depend on its batch:
+    an int8 engine does not batch queries, and each vector equals the query encoded alone."""
+    import threading
+
+    from embedder import ModelThread
+    from search import BatchConfig
+
+    thread = ModelThread()
+    store = Store.open(int8_home.db_url)
+    engine = SearchEngine(store, indexes_dir=int8_home.indexes_dir, device="cpu", model_thread=thread,
+                          batching=BatchConfig(window_s=2.0, max_batch=64), precision="int8")
+    queries = ["red running shoes", "a blue bag", "green kettle", "warm wool socks with a long name " * 3]
+    try:
+        assert engine.refresh()
+        barrier = threading.Barrier(len(queries))
+
+        def one(q):
+            barrier.wait()
+            engine.search(text=q, k=3)
+
+        workers = [threading.Thread(target=one, args=(q,)) for q in queries]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert engine._batcher.stats()["queries"] == 0
+        alone = load_embedder(TINY, device="cpu", precision="int8")
+        for q in queries:
+            served = engine.query_cache.get(engine.serving.embedder.vector_space, "text", engine.serving.embedder.query_text_key(q.strip()))
+            np.testing.assert_allclose(np.asarray(served).reshape(-1), alone.encode_texts([q.strip()])[0], atol=1e-6)
+    finally:
+        engine.close()
+        store.close()
+        thread.close()
+
+
+def test_journaled_vectors_name_their_precision_and_only_that_precision_takes_them(int8_home, fp32):
+    """An API change embedded at int8 is journaled under the int8 vector space: an fp32 server
+    replays it by re-embedding, never by taking int8 vectors as its own (and the reverse)."""
+    from indexer import CatalogUpdater
+    from store import ProductInput
+
+    store = Store.open(int8_home.db_url)
+    try:
+        int8 = load_embedder(TINY, device="cpu", precision="int8")
+        seq = store.catalog_seq()
+        CatalogUpdater(home=int8_home.home, store=store).upsert(ProductInput("PREC-1", "a precise kettle"), int8)
+        (change,) = store.catalog_changes(seq)
+        assert change.model_version == int8.vector_space == vector_space(fp32.name, "int8") != fp32.vector_space
+        np.testing.assert_allclose(change.text_vector, int8.encode_texts(["a precise kettle"])[0], atol=1e-6)
+    finally:
+        store.close()
