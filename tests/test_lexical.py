@@ -289,3 +289,36 @@ def test_text_fields_setting_is_validated():
     for bad in ("", "price", "attributes.", "title,nope"):
         with pytest.raises(ValidationError):
             PrismSettings(text_fields=bad)
+
+
+def test_the_lexical_and_stock_migrations_downgrade_with_journal_rows_and_upgrade_again(tmp_path, databases):
+    """0007 and 0006 drop their columns in place: a copy of `products` would be refused while
+    catalog_changes references it (SQLite's foreign keys)."""
+    from alembic import command
+    from alembic.config import Config
+
+    from store.db import _MIGRATIONS, _make_engine, _migrating_connection
+
+    url = databases.url(tmp_path)
+    store = Store.open(url)
+    try:
+        store.upsert_products([ProductInput("DOWN-1", "folding brass telescope", attributes={"gtin": "333"})])
+        row = store.get_product("DOWN-1").row_id
+        store.soft_delete_products(["DOWN-1"])  # a journal row that references the product
+        assert store.catalog_seq() > 0
+    finally:
+        store.close()
+    engine = _make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    with _migrating_connection(engine) as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0005")
+    migrate(engine, "head")
+    engine.dispose()
+    store = Store.open(url)
+    try:
+        store.upsert_products([ProductInput("DOWN-1", "folding brass telescope", attributes={"gtin": "333"})])
+        assert [r for r, _ in store.lexical_search("brass telescope")] == [row]
+    finally:
+        store.close()

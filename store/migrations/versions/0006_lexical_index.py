@@ -90,5 +90,6 @@ def downgrade() -> None:
         op.execute("DROP INDEX IF EXISTS ix_products_search_trgm")
     op.drop_index("ix_product_identifiers_row_id", table_name="product_identifiers")
     op.drop_table("product_identifiers")
-    with op.batch_alter_table("products", schema=None) as batch_op:
-        batch_op.drop_column("search_text")
+    # DROP COLUMN in place (SQLite >= 3.35, PostgreSQL): a batch copy of `products` would drop
+    # the table that catalog_changes references, which SQLite's foreign keys refuse.
+    op.drop_column("products", "search_text")
