@@ -265,7 +265,7 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
     except ModelSpecError as exc:
         raise RetrainError(f"cannot fine-tune the serving model {serving!r}: {exc}") from exc
     products = {p.product_id: p for p in store.live_products() if p.image_status == "ok" and p.image_uri}
-    data, mix = _training_data(mined.pairs, products, config)
+    data, mix = _training_data(mined.pairs, products, config, store.lexical.text_fields)
     metrics["training_items"] = mix
     # The run id makes the name unique however many hosts run the job (ids come from one database).
     candidate = f"ft-{now:%Y%m%d-%H%M%S}-{run_id}"
@@ -354,8 +354,10 @@ def click_queries(pairs: list[ClickPair], judged_by: list[ClickPair] | None = No
     return [ClickQuery(kind, query, frozenset(ids), weight[(kind, query)]) for (kind, query), ids in sorted(relevant.items())]
 
 
-def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], config: RetrainConfig):
+def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], config: RetrainConfig,
+                   text_fields: tuple[str, ...]):
     """Click items (the query's words on the clicked image), their hard negatives, and catalog anchors.
+    Product texts join `text_fields` (PRISM_TEXT_FIELDS), as the index embeds them.
 
     A "more like this" click becomes (clicked image, the query product's text): the query
     product's own catalog item ties that text to its image, so the two images are pulled together.
@@ -366,7 +368,7 @@ def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], c
     usable = [p for p in pairs if p.product_id in products and (p.kind == "text" or p.query in products)]
     mean_weight = float(np.mean([p.weight for p in usable])) if usable else 1.0
     for n, pair in enumerate(usable):
-        query_text = pair.query if pair.kind == "text" else product_text(products[pair.query])
+        query_text = pair.query if pair.kind == "text" else product_text(products[pair.query], text_fields)
         group = f"{pair.kind}:{pair.query}"
         clicked = products[pair.product_id]
         ids.append(f"click:{n}:{clicked.product_id}")
@@ -380,7 +382,7 @@ def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], c
                 continue
             ids.append(f"negative:{n}:{neg_id}")
             images.append(neg.image_uri)
-            texts.append([product_text(neg)])
+            texts.append([product_text(neg, text_fields)])
             groups.append(group)
             weights.append(1.0)
     clicks = len(ids)
@@ -392,7 +394,7 @@ def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], c
         p = products[product_id]
         ids.append(f"catalog:{product_id}")
         images.append(p.image_uri)
-        texts.append(list(dict.fromkeys([p.title, product_text(p)])))
+        texts.append(list(dict.fromkeys([p.title, product_text(p, text_fields)])))
         groups.append(f"catalog:{product_id}")
         weights.append(1.0)
     data = PairData(item_ids=ids, images=images, texts=texts, groups=groups, weights=weights)
