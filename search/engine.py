@@ -613,10 +613,11 @@ class SearchEngine:
         if target is Target.HYBRID and len(text) <= MAX_LEXICAL_QUERY_CHARS:
             lexical = self.store.lexical_search(text, limit=LEXICAL_DEPTH)
         if allowed is not None:
-            members = allowed.ids
-            pinned = [r for r in pinned if _member(members, r)]
+            # The filter's IdSet answers membership from the bitmap its ANN search uses too.
+            pinned = [r for r, inside in zip(pinned, allowed.contains(np.asarray(pinned, dtype=np.int64))) if inside]
             if lexical is not None:
-                lexical = [(r, s) for r, s in lexical if _member(members, r)]
+                rows = np.asarray([r for r, _ in lexical], dtype=np.int64)
+                lexical = [pair for pair, inside in zip(lexical, allowed.contains(rows)) if inside]
         return pinned, lexical
 
     def _ranked(self, serving, target, query, want, allowed, exclude, lexical=None, pinned=()) -> list[tuple[int, float, dict]]:
@@ -755,11 +756,6 @@ def _validate_facets(facets: Sequence[str]) -> None:
 
 
 FACET_NAMES = ("category", "brand", "in_stock")
-
-
-def _member(sorted_ids: np.ndarray, row: int) -> bool:
-    pos = int(np.searchsorted(sorted_ids, row))
-    return pos < len(sorted_ids) and int(sorted_ids[pos]) == row
 
 
 def _ms(since: float) -> float:
