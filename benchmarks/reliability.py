@@ -96,11 +96,11 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def run_load(root: Path, server_url: str | None, args) -> dict:
+def run_load(root: Path, server_url: str | None, args, durability_too: bool = True) -> dict:
     home, url, versions = two_version_home(root, args.products, server_url)
     env = _env(home, url)
     out = {"database": "postgresql" if server_url else "sqlite", "products": args.products, "index_versions": versions}
-    for name, kill in (("durability_clean", None), ("durability_sigkill", 0.4)):
+    for name, kill in (("durability_clean", None), ("durability_sigkill", 0.4)) if durability_too else ():
         print(f"[{out['database']}] {name}: {args.events} events, {args.clients} clients ...", flush=True)
         out[name] = durability(env, url, events=args.events, clients=args.clients, batch_size=args.batch,
                                kill_at_fraction=kill, workers=2, log=root / f"{name}.log")
@@ -294,8 +294,8 @@ def main() -> None:
     parser.add_argument("--postgres-url", default=os.environ.get("PRISM_TEST_DATABASE_URL"),
                         help="also run the load scenarios on PostgreSQL (default: $PRISM_TEST_DATABASE_URL)")
     parser.add_argument("--quick", action="store_true", help="small sizes, to try the script")
-    parser.add_argument("--only", choices=("load", "crash", "bad-input"), action="append",
-                        help="run only these parts (repeatable)")
+    parser.add_argument("--only", choices=("load", "hot-swap", "crash", "bad-input"), action="append",
+                        help="run only these parts (repeatable); hot-swap is the load part without durability")
     args = parser.parse_args()
     args.events, args.clients, args.batch, args.swaps, args.products = (
         (2_000, 8, 20, 4, 200) if args.quick else (20_000, 32, 25, 40, 2_000)
@@ -308,10 +308,14 @@ def main() -> None:
     results["quick"] = args.quick
     with tempfile.TemporaryDirectory(prefix="prism-reliability-") as tmp:
         root = Path(tmp)
-        if "load" in parts:
-            results["load"] = [run_load(root, None, args)]
+        if parts & {"load", "hot-swap"}:
+            durability_too = "load" in parts
+            fresh = [run_load(root, None, args, durability_too)]
             if args.postgres_url:
-                results["load"].append(run_load(root, args.postgres_url, args))
+                fresh.append(run_load(root, args.postgres_url, args, durability_too))
+            # a hot-swap-only run keeps the durability figures of the last full run
+            earlier = {run["database"]: run for run in results.get("load", [])}
+            results["load"] = [run if durability_too else {**earlier.get(run["database"], {}), **run} for run in fresh]
         if "crash" in parts:
             results["crash"] = run_crash(root / "crash", args)
         if "bad-input" in parts:

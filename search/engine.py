@@ -78,6 +78,10 @@ MAX_FACET_VALUES = 50
 # Candidates the lexical leg contributes to a hybrid ranking (whatever the page's depth: every page
 # of a query is cut from one fusion).
 LEXICAL_DEPTH = 100
+# With a filter, the full-text search is asked again for up to this many rows when the filter left
+# fewer than LEXICAL_DEPTH of the first ones: the database ranks before the filter applies, and a
+# narrow filter would otherwise drop the leg's only matches (a brand's products ranked 101st).
+LEXICAL_FILTERED_DEPTH = 3200
 # A text query longer than this is not sent to the full-text search (nobody types a product name
 # that long; the trigram work grows with it).
 MAX_LEXICAL_QUERY_CHARS = 256
@@ -608,17 +612,22 @@ class SearchEngine:
     def _lexical(self, text: str, target: Target, allowed) -> tuple[list[int], list[tuple[int, float]] | None]:
         """(rows whose exact identifier the query is, the lexical leg's (row, score) for a hybrid
         query or None), both within the filter."""
+        # The filter's IdSet answers membership from the bitmap its ANN search uses too.
         pinned = self.store.identifier_rows(text)
-        lexical = None
-        if target is Target.HYBRID and len(text) <= MAX_LEXICAL_QUERY_CHARS:
-            lexical = self.store.lexical_search(text, limit=LEXICAL_DEPTH)
-        if allowed is not None:
-            # The filter's IdSet answers membership from the bitmap its ANN search uses too.
+        if allowed is not None and pinned:
             pinned = [r for r, inside in zip(pinned, allowed.contains(np.asarray(pinned, dtype=np.int64))) if inside]
-            if lexical is not None:
-                rows = np.asarray([r for r, _ in lexical], dtype=np.int64)
-                lexical = [pair for pair, inside in zip(lexical, allowed.contains(rows)) if inside]
-        return pinned, lexical
+        if target is not Target.HYBRID or len(text) > MAX_LEXICAL_QUERY_CHARS:
+            return pinned, None
+        depth = LEXICAL_DEPTH
+        while True:
+            found = self.store.lexical_search(text, limit=depth)
+            if allowed is None or not found:
+                return pinned, found
+            rows = np.asarray([row for row, _ in found], dtype=np.int64)
+            lexical = [pair for pair, inside in zip(found, allowed.contains(rows)) if inside]
+            if len(lexical) >= LEXICAL_DEPTH or len(found) < depth or depth >= LEXICAL_FILTERED_DEPTH:
+                return pinned, lexical[:LEXICAL_DEPTH]
+            depth = min(depth * 8, LEXICAL_FILTERED_DEPTH)
 
     def _ranked(self, serving, target, query, want, allowed, exclude, lexical=None, pinned=()) -> list[tuple[int, float, dict]]:
         """The first `want` entries of the query's one ranking, from which every page is cut.

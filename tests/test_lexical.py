@@ -12,7 +12,7 @@ from api.settings import PrismSettings
 from indexer import CatalogIndexer, IndexOptions
 from sample_catalog import draw_product_image
 from search import SearchEngine
-from store import LexicalConfig, ProductFilter, ProductInput, Store, migrate
+from store import AttributeCondition, LexicalConfig, attribute_key, ProductFilter, ProductInput, Store, migrate
 
 pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 
@@ -176,6 +176,23 @@ def test_filters_apply_to_the_lexical_leg_and_to_identifiers(client, lexical_hom
     allowed = engine.serving.filters.allowed(ProductFilter(price_max=20))
     pinned, lexical = engine._lexical("sneaker", engine_target("hybrid"), allowed)
     assert lexical and all(int(r) in set(allowed.ids.tolist()) for r, _ in lexical)
+
+
+def test_a_narrow_filter_still_gets_the_lexical_matches_ranked_below_the_first_page(client, monkeypatch):
+    """The database ranks full-text matches before the filter applies: when the filter keeps too few
+    of the first rows, the leg asks for more rather than contributing nothing."""
+    import search.engine as engine_module
+
+    engine: SearchEngine = client.app.state.services.engine
+    monkeypatch.setattr(engine_module, "LEXICAL_DEPTH", 2)
+    monkeypatch.setattr(engine_module, "LEXICAL_FILTERED_DEPTH", 64)
+    everything = engine.store.lexical_search("autumn range", limit=64)
+    assert len(everything) > 8  # every description says it
+    last_row = everything[-1][0]
+    sku = engine.store.products_by_row_ids([last_row])[last_row].attributes["sku"]
+    allowed = engine.serving.filters.allowed(ProductFilter(attributes=(AttributeCondition("sku", (attribute_key(sku),)),)))
+    _, lexical = engine._lexical("autumn range", engine_target("hybrid"), allowed)
+    assert [row for row, _ in lexical] == [last_row]
 
 
 def engine_target(name):
