@@ -265,7 +265,8 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
     except ModelSpecError as exc:
         raise RetrainError(f"cannot fine-tune the serving model {serving!r}: {exc}") from exc
     products = {p.product_id: p for p in store.live_products() if p.image_status == "ok" and p.image_uri}
-    data, mix = _training_data(mined.pairs, products, config, store.lexical.text_fields)
+    data, mix = _training_data(_without_identifier_queries(mined.pairs, store), products, config,
+                               store.lexical.text_fields)
     metrics["training_items"] = mix
     # The run id makes the name unique however many hosts run the job (ids come from one database).
     candidate = f"ft-{now:%Y%m%d-%H%M%S}-{run_id}"
@@ -352,6 +353,13 @@ def click_queries(pairs: list[ClickPair], judged_by: list[ClickPair] | None = No
         if (p.kind, p.query) in relevant:
             relevant[(p.kind, p.query)].add(p.product_id)
     return [ClickQuery(kind, query, frozenset(ids), weight[(kind, query)]) for (kind, query), ids in sorted(relevant.items())]
+
+
+def _without_identifier_queries(pairs: list[ClickPair], store: Store) -> list[ClickPair]:
+    """The pairs whose query is not a product id, GTIN or SKU: search pins those products first
+    whatever the model says, and teaching a text tower digit strings costs capacity for nothing."""
+    identifiers = {q for q in {p.query for p in pairs if p.kind == "text"} if store.identifier_rows(q, limit=1)}
+    return [p for p in pairs if not (p.kind == "text" and p.query in identifiers)]
 
 
 def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], config: RetrainConfig,

@@ -288,6 +288,25 @@ def test_mining_weights_clicks_by_position_and_filters_noise():
 # ---------------------------------------------------------------- gate
 
 
+def test_clicks_on_identifier_queries_do_not_become_training_pairs(tmp_path, databases):
+    """A pasted SKU or GTIN finds its product through the identifier table, whatever the model
+    says: its clicks teach the text tower nothing it needs, so retraining leaves them out."""
+    from feedback.pairs import ClickPair
+    from feedback.retrain import _without_identifier_queries
+    from store import LexicalConfig, ProductInput, Store
+
+    store = Store.open(databases.url(tmp_path), lexical=LexicalConfig(id_attributes=("sku",)))
+    try:
+        store.upsert_products([ProductInput("P1", "red kettle", attributes={"sku": "KT-100"}),
+                               ProductInput("P2", "blue kettle")])
+        pairs = [ClickPair("text", "kt-100", "P1", 3, 3.0), ClickPair("text", "p2", "P2", 2, 2.0),
+                 ClickPair("text", "red kettle", "P1", 2, 2.0), ClickPair("product", "P2", "P1", 1, 1.0)]
+        kept = _without_identifier_queries(pairs, store)
+        assert [(p.kind, p.query) for p in kept] == [("text", "red kettle"), ("product", "P2")]
+    finally:
+        store.close()
+
+
 def test_the_gate_accepts_a_better_model_and_rejects_a_worse_one(small_demo_home, tmp_path, databases):
     source, _, _ = small_demo_home
     store = Store.open(databases.url(source))
