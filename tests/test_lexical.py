@@ -250,7 +250,8 @@ def test_the_migration_indexes_products_an_older_schema_holds(tmp_path, database
     engine = _make_engine(url)
     migrate(engine, "0005")
     with engine.begin() as c:
-        for pid, title, desc in (("OLD-1", "vintage brass telescope", "for stargazers"), ("OLD-2", "鹦鹉螺 lamp", None)):
+        for pid, title, desc in (("OLD-1", "vintage brass telescope", "for stargazers"), ("OLD-2", "鹦鹉螺 lamp", None),
+                                ("ÄRMEL-Straße ", "sleeve", None)):
             c.execute(text("INSERT INTO products (product_id, title, description, image_status, attributes, created_at, "
                            "updated_at, changed_by) VALUES (:p, :t, :d, 'none', '{}', CURRENT_TIMESTAMP, "
                            "CURRENT_TIMESTAMP, 'file')"), {"p": pid, "t": title, "d": desc})
@@ -262,6 +263,8 @@ def test_the_migration_indexes_products_an_older_schema_holds(tmp_path, database
         assert [r for r, _ in store.lexical_search("stargazers")] == [old1]
         assert [r for r, _ in store.lexical_search("telescpoe")] == [old1]  # a typo
         assert store.identifier_rows("old-1") == [old1]
+        # folded as a query is (casefold), not by SQL's lower(): ASCII-only on SQLite, no "ß" -> "ss"
+        assert store.identifier_rows("ärmel-strasse") == [store.get_product("ÄRMEL-Straße ").row_id]
         assert [r for r, _ in store.lexical_search("鹦鹉螺")] == [store.get_product("OLD-2").row_id]
     finally:
         store.close()

@@ -60,11 +60,7 @@ def upgrade() -> None:
         "UPDATE products SET search_text = CASE WHEN description IS NULL OR trim(description) = '' "
         "THEN title ELSE title || '. ' || description END"
     )
-    op.execute(
-        "INSERT INTO product_identifiers (value, row_id) "
-        "SELECT DISTINCT lower(trim(substr(product_id, 1, 256))), row_id FROM products "
-        "WHERE trim(product_id) <> ''"
-    )
+    _backfill_product_id_keys(bind)
     if bind.dialect.name == "sqlite":
         op.execute("CREATE VIRTUAL TABLE products_fts USING fts5(search_text, tokenize = 'trigram')")
         for trigger in _SQLITE_TRIGGERS:
@@ -77,6 +73,25 @@ def upgrade() -> None:
         op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
         op.execute("CREATE INDEX ix_products_search_tsv ON products USING gin (to_tsvector('simple', coalesce(search_text, '')))")
         op.execute("CREATE INDEX ix_products_search_trgm ON products USING gin (search_text gin_trgm_ops)")
+
+
+def _backfill_product_id_keys(bind, batch: int = 10_000) -> None:
+    """Every product_id as an identifier key. Folded in Python as `store.identifier_key` folds a
+    query (strip, casefold, 256 characters): SQL's lower() leaves non-ASCII letters alone on
+    SQLite and differs from casefold on PostgreSQL ("ß"), so such ids would never match. The rule
+    is written out here, not imported: a migration must do what it did when it shipped."""
+    rows = sa.table("product_identifiers", sa.column("value"), sa.column("row_id"))
+    after = None
+    while True:
+        q = "SELECT row_id, product_id FROM products" + (" WHERE row_id > :after" if after is not None else "")
+        chunk = bind.execute(sa.text(q + " ORDER BY row_id LIMIT :n"), {"after": after, "n": batch}).all()
+        if not chunk:
+            return
+        keys = {(str(pid).strip().casefold()[:256], row) for row, pid in chunk}
+        values = [{"value": key, "row_id": row} for key, row in sorted(keys) if key]
+        if values:
+            bind.execute(rows.insert(), values)
+        after = chunk[-1][0]
 
 
 def downgrade() -> None:
