@@ -35,7 +35,12 @@ products, 503 while no index version is serving).
 
 def create_app(settings: PrismSettings | None = None) -> FastAPI:
     settings = settings or PrismSettings()
-    store = Store.open(settings.db_url, lexical=settings.lexical())
+    store = Store.open(settings.db_url)
+    asked = settings.lexical()
+    if asked is not None and asked != store.lexical:
+        # As with precision: the served index decides how product texts are composed.
+        log.warning("PRISM_TEXT_FIELDS / PRISM_ID_ATTRIBUTES (%s) differ from the served index version's %s: "
+                    "they apply at the next `prism index`", asked.to_dict(), store.lexical.to_dict())
     limits = settings.image_limits()
     model_thread = ModelThread()
     engine = SearchEngine(

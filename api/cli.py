@@ -345,7 +345,7 @@ def search(
     from store import Store
 
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
         engine = SearchEngine(
             store, indexes_dir=settings.indexes_dir, models_dir=settings.models_dir, device=settings.device,
             image_limits=settings.image_limits(),
@@ -611,7 +611,7 @@ def eval_models(
         catalog = load_demo_catalog(settings.home / "demo")
         if catalog is None:
             _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first")
-        versions = [model or _serving_model(Store.open(settings.db_url, lexical=settings.lexical()))]
+        versions = [model or _serving_model(Store.open(settings.db_url))]
         if compare:
             if compare == versions[0]:
                 _fail(f"--compare {compare} is the model being evaluated; name a different version")
@@ -683,7 +683,7 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
         models = store.list_model_versions()
         versions = store.list_index_versions()
     except _known_errors() as exc:
@@ -720,7 +720,7 @@ def models_activate(
 
     settings = _settings()
     try:
-        record = activate_version(Store.open(settings.db_url, lexical=settings.lexical()), version)
+        record = activate_version(Store.open(settings.db_url), version)
     except _known_errors() as exc:
         _fail(str(exc))
     typer.echo(f"active: index version {record.index_version} (model {record.model_version})")
@@ -794,7 +794,7 @@ def worker(
     for name in ("feedback", "indexer"):
         logging.getLogger(name).setLevel(logging.INFO)
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
     except _known_errors() as exc:
         _fail(str(exc))
 
@@ -821,7 +821,7 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
     from store import Store
 
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
         with _progress_bar(as_json, train=True) as progress:
             outcome = run_retrain(
                 store, home=settings.home, config=settings.retrain_config(), index_options=settings.index_options(),
@@ -880,7 +880,7 @@ def products_get(
 
     settings = _settings()
     try:
-        product = Store.open(settings.db_url, lexical=settings.lexical()).get_product(product_id)
+        product = Store.open(settings.db_url).get_product(product_id)
     except _known_errors() as exc:
         _fail(str(exc))
     if product is None:
@@ -907,7 +907,7 @@ def products_delete(product_id: ProductIdArg) -> None:
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
         # The route's own service: it soft-deletes the row and writes the journal entry that
         # serving engines replay, in one transaction.
         updater = CatalogUpdater(
@@ -970,7 +970,7 @@ def products_patch(
 
     settings = _settings()
     try:
-        store = Store.open(settings.db_url, lexical=settings.lexical())
+        store = Store.open(settings.db_url)
         updater = CatalogUpdater(home=settings.artifacts, store=store, image_limits=settings.image_limits())
         embedder = _serving_embedder(settings, store) if updater.patch_may_embed(changes) else None
         outcome = updater.patch(product_id, changes, embedder)

@@ -96,9 +96,13 @@ class PrismSettings(BaseSettings):
         return ",".join(parse_field_list(value, what="identifier attributes"))
 
     def lexical(self):
-        """What the store's lexical index holds (store.LexicalConfig), from text_fields and id_attributes."""
+        """The lexical config `prism index` builds with (store.LexicalConfig, from text_fields and
+        id_attributes), or None when neither is set: then the index keeps what its active version
+        was built with. Other commands and servers always follow the served version's config."""
         from store import LexicalConfig, parse_field_list, parse_text_fields
 
+        if not {"text_fields", "id_attributes"} & self.model_fields_set:
+            return None
         return LexicalConfig(parse_text_fields(self.text_fields), parse_field_list(self.id_attributes, what="identifier attributes"))
 
     @classmethod

@@ -56,7 +56,7 @@ from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
-from store import LEXICAL_NAME, ProductFilter, ProductRecord, Store
+from store import LEXICAL_NAME, LexicalConfig, ProductFilter, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +320,7 @@ class SearchEngine:
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
         loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:

@@ -302,6 +302,9 @@ class Store:
         (PRISM_TEXT_FIELDS, PRISM_ID_ATTRIBUTES); every product write indexes them so."""
         self.engine = engine
         self.lexical = lexical or LexicalConfig()
+        # A config given by the caller (`prism index` with PRISM_TEXT_FIELDS) stays; otherwise the
+        # store follows the config of the index version being served (`follow_lexical`).
+        self._lexical_given = lexical is not None
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         # SQLite has one writer at a time, and a blocked writer sleeps in growing steps (up to
         # 100 ms) before retrying: 32 request threads logging searches at once made most of them
@@ -315,7 +318,25 @@ class Store:
         engine = _make_engine(url)
         if apply_migrations:
             migrate(engine)
-        return cls(engine, lexical=lexical)
+        store = cls(engine, lexical=lexical)
+        if lexical is None:
+            store.lexical = store.recorded_lexical()
+        return store
+
+    def recorded_lexical(self) -> LexicalConfig:
+        """The lexical config the active index version was built with (the defaults before any)."""
+        active = self.active_index_version()
+        return LexicalConfig.from_dict(active.manifest.get("lexical") if active is not None else None)
+
+    def follow_lexical(self, config: LexicalConfig) -> None:
+        """Write products' texts and identifiers as `config` says from now on (a server swapping in
+        a version built with other text fields), unless the caller gave this store its config.
+        Products texts must be composed as the served index composed them: a PUT embedded with
+        other fields would not match the index's own text vectors."""
+        if not self._lexical_given and config != self.lexical:
+            log.info("text fields %s, identifier attributes %s, as the served index version was built",
+                     ",".join(config.text_fields), ",".join(config.id_attributes) or "none")
+            self.lexical = config
 
     def close(self) -> None:
         self.engine.dispose()

@@ -78,14 +78,16 @@ def build_serving_home(tmp_path_factory, small_catalog, tiny_embedder, databases
 
     def build(name: str, **settings) -> "PrismSettings":
         home = tmp_path_factory.mktemp(name)
-        store = Store.open(databases.url(home))
+        prism_settings = PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home), **settings)
+        # Indexed as `prism index` would with these settings (text fields, identifier attributes).
+        store = Store.open(databases.url(home), lexical=prism_settings.lexical())
         try:
             CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=32)).run(
                 small_catalog
             )
         finally:
             store.close()
-        return PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home), **settings)
+        return prism_settings
 
     return build
 

@@ -273,6 +273,28 @@ def test_the_migration_indexes_products_an_older_schema_holds(tmp_path, database
 # ---------------------------------------------------------------- text fields
 
 
+def test_processes_without_the_settings_follow_the_config_the_index_was_built_with(lexical_home, databases, tmp_path):
+    """Only `prism index` applies PRISM_TEXT_FIELDS / PRISM_ID_ATTRIBUTES: a server or CLI started
+    without them must not write products with the defaults (that would drop every SKU from the
+    identifiers and embed PUT texts unlike the index's)."""
+    settings, _, rows, _ = lexical_home
+    home = tmp_path / "home"
+    databases.copy_home(settings.home, home)
+    store = Store.open(databases.url(home))
+    try:
+        assert store.lexical == LEXICAL
+    finally:
+        store.close()
+    plain = PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home), admin_token=TOKEN)
+    assert plain.lexical() is None
+    sku = rows[3]["attributes"]["sku"]
+    with TestClient(create_app(plain), headers=ADMIN) as c:
+        r = c.patch(f"/v1/products/{rows[3]['product_id']}", json={"price": 99.0})
+        assert r.status_code == 200, r.text
+        assert _ids(_search(c, sku, target="image", k=3))[0] == rows[3]["product_id"]
+        assert c.app.state.services.store.identifier_rows(sku)
+
+
 def test_text_fields_are_recorded_and_a_change_re_embeds(lexical_home, tiny_embedder, databases, tmp_path):
     settings, catalog, rows, first = lexical_home
     from store import LexicalConfig as LC
