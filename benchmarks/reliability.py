@@ -166,6 +166,8 @@ def render(results: dict) -> str:
         + (" (**--quick sizes**)" if results.get("quick") else "") + ".",
         "",
     ]
+    if results.get("parts_from_earlier_runs"):
+        lines += [f"Rerun partially: {results['parts_from_earlier_runs']}", ""]
     lines += _headline(results)
     for load in results.get("load", []):
         db = load["database"]
@@ -321,6 +323,13 @@ def main() -> None:
         if "bad-input" in parts:
             print("bad input: schemathesis + hostile battery ...", flush=True)
             results["bad_input"] = run_bad_input(args)
+    if args.only:
+        kept = [name for name, part in (("load (durability)", "load"), ("crash", "crash"), ("bad-input", "bad-input"))
+                if part not in parts]
+        results["parts_from_earlier_runs"] = (f"{', '.join(kept)} from the run that finished "
+                                              f"{results.get('finished_at', '?')}; {', '.join(sorted(parts))} from this one.")
+    else:
+        results.pop("parts_from_earlier_runs", None)
     results["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str))
