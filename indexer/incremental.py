@@ -15,6 +15,7 @@ import io
 import os
 import uuid
 from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
@@ -84,14 +85,16 @@ class CatalogUpdater:
         *,
         image: bytes | None = None,
         image_url: str | None = None,
+        as_read_at: datetime | None = None,
     ) -> UpsertOutcome:
         """Add or replace one product. With neither `image` nor `image_url`, the product keeps the
-        image it has; a new product is then text-only."""
+        image it has; a new product is then text-only. `as_read_at`: `item` was made from the
+        product as it was at that `updated_at` (a PATCH); ConflictError if it has changed since."""
         if image is not None and image_url is not None:
             raise UpdateError("conflict", "give image bytes or an image URL, not both")
         text = product_text(item, self.store.lexical.text_fields)
         if image is None and image_url is None:
-            outcome = self._update_metadata(item, content_hash(text))
+            outcome = self._update_metadata(item, content_hash(text), as_read_at)
             if outcome is not None:
                 return outcome
         if image_url is not None:
@@ -102,6 +105,8 @@ class CatalogUpdater:
             # What to do with the image depends on the product as it is now; the store refuses
             # the write if another change lands between this read and the commit.
             current = self.store.get_product(item.product_id, include_deleted=True)
+            if as_read_at is not None and (current is None or current.updated_at != as_read_at):
+                raise ConflictError(f"product {item.product_id!r} changed after it was read")
             if new_image is not None:
                 product, action, image_hash, image_vector = new_image
                 state = {}
@@ -128,12 +133,14 @@ class CatalogUpdater:
             return UpsertOutcome(record, created, seq, action)
         raise AssertionError("unreachable")
 
-    def _update_metadata(self, item: ProductInput, text_hash: str) -> UpsertOutcome | None:
+    def _update_metadata(self, item: ProductInput, text_hash: str, as_read_at: datetime | None = None) -> UpsertOutcome | None:
         """A change of price, category, brand, currency or attributes only: no model call, and the
         product's vectors stay where they are (index or overlay). None when more than that changed
         (or the product has no embedded text and image to keep), or it keeps changing meanwhile."""
         for _ in range(_ATTEMPTS):
             current = self.store.get_product(item.product_id)
+            if as_read_at is not None and (current is None or current.updated_at != as_read_at):
+                raise ConflictError(f"product {item.product_id!r} changed after it was read")
             # The embedded text joins the text fields: compare each, since two different sets of
             # values can join to the same text (and its hash).
             fields = self.store.lexical.text_fields
@@ -183,15 +190,22 @@ class CatalogUpdater:
             return UpsertOutcome(written[0], False, written[1], "keep", metadata_only=True)
         if embedder is None:
             raise UpdateError("no_model", "a change of title, description or image needs the serving model")
-        current = self.store.get_product(product_id)
-        if current is None:
-            return None
-        fields = dict(changes)
-        if "attributes" in fields:  # Prism's own bookkeeping ("_" keys) is not the client's to drop
-            fields["attributes"] = {**{k: v for k, v in current.attributes.items() if k.startswith("_")},
-                                    **(fields["attributes"] or {})}
-        # `upsert` re-reads the row and writes only if it has not changed since (compare-and-set).
-        return self.upsert(replace(_as_input(current), **fields), embedder, image=image, image_url=image_url)
+        for _ in range(_ATTEMPTS):
+            current = self.store.get_product(product_id)
+            if current is None:
+                return None
+            fields = dict(changes)
+            if "attributes" in fields:  # Prism's own bookkeeping ("_" keys) is not the client's to drop
+                fields["attributes"] = {**{k: v for k, v in current.attributes.items() if k.startswith("_")},
+                                        **(fields["attributes"] or {})}
+            # The fields not patched come from this read: a change landing after it (a price PATCH
+            # from another worker) makes the write fail, and the patch is applied to the new row.
+            try:
+                return self.upsert(replace(_as_input(current), **fields), embedder, image=image, image_url=image_url,
+                                   as_read_at=current.updated_at)
+            except ConflictError:
+                continue
+        raise UpdateError("busy", f"product {product_id!r} keeps changing; try again")
 
     def delete(self, product_id: str) -> ProductRecord | None:
         return self.store.soft_delete_product(product_id)

@@ -86,6 +86,27 @@ def test_a_title_patch_re_embeds_like_put(client, monkeypatch):
     assert client.get("/readyz").json()["overlay_vectors"]["text"] >= 1
 
 
+def test_a_price_change_landing_while_a_title_patch_embeds_is_not_undone(client, monkeypatch):
+    """A re-embedding PATCH reads the row, embeds, then writes: the fields it did not patch must
+    come from the row as it is at the write, not as it was before the embedding."""
+    store = client.app.state.services.store
+    embedder = client.app.state.services.engine.serving.embedder
+    encode_texts = embedder.encode_texts
+    landed = []
+
+    def encode_while_another_worker_patches_the_price(texts, *args, **kwargs):
+        if not landed:  # another worker's PATCH commits between this one's read and its write
+            landed.append(store.patch_product_metadata("P00034", {"price": 4321.0}))
+        return encode_texts(texts, *args, **kwargs)
+
+    monkeypatch.setattr(embedder, "encode_texts", encode_while_another_worker_patches_the_price)
+    r = client.patch("/v1/products/P00034", json={"title": "quetzal kaleidoscope"})
+    assert r.status_code == 200, r.text
+    assert landed and (r.json()["title"], r.json()["price"]) == ("quetzal kaleidoscope", 4321.0)
+    stored = store.get_product("P00034")
+    assert (stored.title, stored.price) == ("quetzal kaleidoscope", 4321.0)
+
+
 def test_an_image_patch_re_embeds_the_image(client, monkeypatch):
     import io
 
