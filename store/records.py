@@ -58,6 +58,22 @@ class ProductInput:
     image_uri: str | None = None
     attributes: dict = field(default_factory=dict)
     stock: int | None = None  # units on hand; None = unknown
+    # The images after the first, as (reference as written, resolved path or URL): `product_images`.
+    extra_images: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProductImageRecord:
+    """One of a product's images after the first (`product_images`)."""
+
+    image_id: int
+    row_id: int
+    position: int
+    image_ref: str | None
+    image_uri: str | None
+    image_hash: str | None
+    image_status: str
+    image_error: str | None = None
 
 
 @dataclass(frozen=True)

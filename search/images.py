@@ -1,0 +1,90 @@
+"""Products' images after the first: the serving version's `image_extra` index, joined to products.
+
+An index version holds a product's first image in its `image` index under the product's row id,
+and each further image in its `image_extra` index under that image's `product_images.image_id`.
+The join from image id to product is read from SQL when the version loads (`Store.image_rows`);
+image ids of images replaced since the build (a new image list gets new ids) map to no product
+and are never returned.
+
+Filters and deletions are row-id sets: an image-target search maps them onto image ids (every
+image of a product the filter admits is admitted; every image of a masked product is masked), so
+a filter or a deletion applies to all of a product's images. An image query ranks each product by
+its best-matching image: image hits are fetched deeper than the products wanted (a product may
+hold up to MAX_IMAGES of them) and folded to one per product.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from indexer import MAX_IMAGES, AnnIndex, IdSet
+from store import Store
+
+# Image hits fetched per product wanted on the first try: most products' images are not all near
+# one query; a query that folds to too few products fetches again, up to MAX_IMAGES per product.
+FIRST_FETCH_FACTOR = 4
+
+
+class ExtraImages:
+    def __init__(self, ann: AnnIndex, image_ids: np.ndarray, rows: np.ndarray, gone: np.ndarray):
+        self.ann = ann
+        self.image_ids = image_ids  # sorted; those the index holds that still exist in SQL
+        self.rows = rows  # the product (row id) of each
+        self._gone = gone  # ids the index holds that no longer exist: always excluded
+        self._excluded: tuple[object, IdSet] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, ann: AnnIndex, store: Store) -> "ExtraImages":
+        held = ann.ids()
+        image_ids, rows = store.image_rows(held)
+        gone = np.setdiff1d(held, image_ids, assume_unique=True)
+        return cls(ann, image_ids, rows, gone)
+
+    def excluded(self, masked_rows: IdSet) -> IdSet:
+        """The image ids a search must not return: those of `masked_rows` (the overlay's mask of
+        changed and deleted products, one object per overlay) and those gone from SQL. Made once
+        per overlay."""
+        cached = self._excluded
+        if cached is not None and cached[0] is masked_rows:
+            return cached[1]
+        masked = self.image_ids[masked_rows.contains(self.rows)] if len(masked_rows) else self.image_ids[:0]
+        excluded = IdSet(np.union1d(masked, self._gone))
+        with self._lock:
+            self._excluded = (masked_rows, excluded)
+        return excluded
+
+    def search(
+        self, query: np.ndarray, want: int, *, allowed: IdSet | None, masked_rows: IdSet, exclude_rows: np.ndarray,
+        exact_subset_max: int,
+    ) -> list[tuple[int, float, int]]:
+        """Top `want` products by their best image here: (row id, cosine, image id), best first."""
+        if want <= 0 or not len(self.image_ids):
+            return []
+        allowed_images = None if allowed is None else IdSet(self.image_ids[allowed.contains(self.rows)])
+        excluded = self.excluded(masked_rows)
+        total = self.ann.ntotal
+        fetch = min(want * FIRST_FETCH_FACTOR, total)
+        while True:
+            scores, ids = self.ann.search(query, fetch, allowed=allowed_images, excluded=excluded,
+                                          exact_subset_max=exact_subset_max)
+            best = self._fold(scores[0], ids[0], exclude_rows)
+            exhausted = (ids[0] < 0).any() or fetch >= min(total, want * MAX_IMAGES)
+            if len(best) >= want or exhausted:
+                return best[:want]
+            fetch = min(fetch * FIRST_FETCH_FACTOR, total, want * MAX_IMAGES)
+
+    def _fold(self, scores: np.ndarray, ids: np.ndarray, exclude_rows: np.ndarray) -> list[tuple[int, float, int]]:
+        valid = ids >= 0
+        ids, scores = ids[valid], scores[valid]
+        at = np.minimum(np.searchsorted(self.image_ids, ids), max(len(self.image_ids) - 1, 0))
+        known = self.image_ids[at] == ids
+        best: dict[int, tuple[float, int]] = {}
+        for image_id, score, row in zip(ids[known].tolist(), scores[known].tolist(), self.rows[at[known]].tolist()):
+            if row in exclude_rows:
+                continue
+            if row not in best or score > best[row][0]:
+                best[row] = (score, image_id)
+        return sorted(((row, s, i) for row, (s, i) in best.items()), key=lambda t: (-t[1], t[0]))

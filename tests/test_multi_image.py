@@ -1,0 +1,179 @@
+"""Several images per product: catalog column `images`, one vector per image, image-target search
+ranking each product by its best image (one result per product, `matched_image`)."""
+
+import json
+
+import pytest
+
+from sample_catalog import draw_product_image, product_row, write_rows
+from indexer import MAX_IMAGES, CatalogIndexer, IndexOptions, read_catalog
+from indexer.catalog import RowError
+from search import SearchEngine
+from store import ProductFilter
+
+N = 30
+PER_PRODUCT = 3
+
+
+def _multi_catalog(root, *, fmt="jsonl", n=N):
+    """n products with PER_PRODUCT distinct images each; product i's j-th image is images/i_j.png."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        refs = []
+        for j in range(PER_PRODUCT):
+            rel = f"images/{i:03d}_{j}.png"
+            if not (root / rel).exists():
+                draw_product_image(1000 + i * PER_PRODUCT + j).save(root / rel)
+            refs.append(rel)
+        row = product_row(i, None)
+        del row["image"]
+        row["images"] = refs if fmt != "csv" else "|".join(refs)
+        rows.append(row)
+    return write_rows(root, rows, fmt=fmt)
+
+
+def _engine(home, store, embedder):
+    engine = SearchEngine(store, indexes_dir=home / "indexes", device="cpu")
+    engine._embedders[embedder.name] = embedder
+    assert engine.refresh()
+    return engine
+
+
+@pytest.fixture
+def multi(tmp_path, store, tiny_embedder):
+    catalog = _multi_catalog(tmp_path / "cat")
+    home = tmp_path / "home"
+    summary = CatalogIndexer(home=home, store=store, embedder=tiny_embedder,
+                             options=IndexOptions(batch_size=16)).run(catalog)
+    return summary, _engine(home, store, tiny_embedder), catalog.parent
+
+
+def test_every_image_is_embedded_and_indexed(multi, store):
+    summary, engine, _ = multi
+    assert not summary.row_errors
+    assert summary.images_embedded == N * PER_PRODUCT
+    assert summary.indexes["image"]["count"] == N and summary.indexes["image_extra"]["count"] == N * (PER_PRODUCT - 1)
+    p = store.get_product("P00004")
+    others = store.product_images([p.row_id])[p.row_id]
+    assert p.image_ref == "images/004_0.png"
+    assert [(im.position, im.image_ref, im.image_status) for im in others] == [
+        (1, "images/004_1.png", "ok"), (2, "images/004_2.png", "ok")]
+
+
+def test_query_by_a_non_primary_image_finds_its_product_first_with_that_image(multi):
+    _, engine, root = multi
+    for i in range(0, N, 4):
+        for j in range(PER_PRODUCT):
+            result = engine.search(image=str(root / "images" / f"{i:03d}_{j}.png"), target="image", k=10)
+            top = result.hits[0]
+            assert top.product.product_id == f"P{i:05d}"
+            assert top.matched_image is not None and top.matched_image.position == j
+            assert top.matched_image.image_ref == f"images/{i:03d}_{j}.png"
+            assert top.score == pytest.approx(1.0, abs=1e-4)
+            ids = [h.product.product_id for h in result.hits]
+            assert len(ids) == len(set(ids)) == 10  # one result per product, and still k of them
+
+
+def test_one_result_per_product_on_every_image_target_and_page(multi):
+    _, engine, root = multi
+    query = str(root / "images" / "007_2.png")
+    for target in ("image", "hybrid"):
+        whole = engine.search(image=query, target=target, k=N)
+        ids = [h.product.product_id for h in whole.hits]
+        assert len(ids) == len(set(ids)) == N
+        assert whole.hits[0].matched_image.position == 2
+        pages = [h.product.product_id for off in range(0, N, 7)
+                 for h in engine.search(image=query, target=target, k=min(7, N - off), offset=off).hits]
+        assert pages == ids
+    text = engine.search(text="red shoe", target="image", k=5)
+    assert all(h.matched_image is not None for h in text.hits)
+    assert all(h.matched_image is None for h in engine.search(text="red shoe", target="text", k=5).hits)
+
+
+def test_filters_apply_to_every_image_of_a_product(multi):
+    _, engine, root = multi
+    # Product 7 is a hat (7 % 5 == 2); its non-primary image, filtered to shoes, must not bring it.
+    query = str(root / "images" / "007_1.png")
+    shoes = engine.search(image=query, target="image", k=10, filters=ProductFilter(categories=("shoes",)))
+    assert shoes.hits and all(h.product.category == "shoes" for h in shoes.hits)
+    hats = engine.search(image=query, target="image", k=3, filters=ProductFilter(categories=("hats",)))
+    assert hats.hits[0].product.product_id == "P00007" and hats.hits[0].matched_image.position == 1
+
+
+def test_deleting_a_product_removes_all_its_images_from_results(multi, store):
+    _, engine, root = multi
+    query = str(root / "images" / "011_2.png")
+    assert engine.search(image=query, target="image", k=1).hits[0].product.product_id == "P00011"
+    store.soft_delete_product("P00011")
+    for j in range(PER_PRODUCT):
+        hits = engine.search(image=str(root / "images" / f"011_{j}.png"), target="image", k=N).hits
+        assert "P00011" not in {h.product.product_id for h in hits}
+        assert len(hits) == N - 1
+
+
+def test_changed_image_list_reindexes_new_images_and_drops_old(tmp_path, store, tiny_embedder, multi):
+    summary, engine, root = multi
+    rows = [json.loads(line) for line in (root / "catalog.jsonl").read_text().splitlines()]
+    rows[3]["images"] = ["images/003_0.png", "images/020_2.png"]  # product 20's third image, now product 3's too
+    rows[20]["images"] = rows[20]["images"][:2]
+    write_rows(root, rows, fmt="jsonl")
+    home = tmp_path / "home"
+    CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=16)).run(
+        root / "catalog.jsonl")
+    engine = _engine(home, store, tiny_embedder)
+    top = engine.search(image=str(root / "images" / "020_2.png"), target="image", k=2).hits
+    assert top[0].product.product_id == "P00003" and top[0].matched_image.position == 1
+    assert "P00020" not in {h.product.product_id for h in top[:1]}
+    assert engine.search(image=str(root / "images" / "003_2.png"), target="image", k=1).hits[0].score < 0.999
+
+
+def test_csv_pipe_separated_and_parquet_lists(tmp_path):
+    for fmt in ("csv", "parquet"):
+        catalog = _multi_catalog(tmp_path / fmt, fmt=fmt, n=3)
+        rows = [r for r in read_catalog(catalog)]
+        assert not [r for r in rows if isinstance(r, RowError)]
+        product = rows[1].product
+        assert product.image_ref == "images/001_0.png"
+        assert [ref for ref, _ in product.extra_images] == ["images/001_1.png", "images/001_2.png"]
+        assert all(uri.startswith(str(tmp_path)) for _, uri in product.extra_images)
+
+
+def test_image_and_images_together_the_image_is_first(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"product_id": "A", "title": "t", "image": "a.png", "images": ["b.png", "a.png"]}) + "\n")
+    (row,) = read_catalog(path)
+    assert row.product.image_ref == "a.png" and [r for r, _ in row.product.extra_images] == ["b.png"]
+
+
+@pytest.mark.parametrize("images, reason", [
+    ([f"{i}.png" for i in range(MAX_IMAGES + 1)], f"the limit is {MAX_IMAGES} per product"),
+    (["x.png"] * 1_000_000, f"the limit is {MAX_IMAGES} per product"),
+    (5, "images must be a list"),
+    ({"a": "b.png"}, "images must be a list"),
+    (["a.png", 3], "images[1] must be a path or URL string"),
+    (["a.png", ["b.png"]], "images[1] must be a path or URL string"),
+])
+def test_hostile_images_values_are_row_errors(tmp_path, images, reason):
+    path = tmp_path / "c.jsonl"
+    good = {"product_id": "OK", "title": "fine", "images": ["a.png"]}
+    path.write_text(json.dumps({"product_id": "BAD", "title": "t", "images": images}) + "\n" + json.dumps(good) + "\n")
+    bad, ok = read_catalog(path)
+    assert isinstance(bad, RowError) and bad.product_id == "BAD" and reason in bad.reason
+    assert ok.product.product_id == "OK"
+
+
+def test_image_and_images_over_the_cap_together(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("product_id,title,image,images\nA,t,first.png," + "|".join(f"{i}.png" for i in range(MAX_IMAGES)) + "\n")
+    (row,) = read_catalog(path)
+    assert isinstance(row, RowError) and f"the limit is {MAX_IMAGES}" in row.reason
+
+
+def test_an_image_outside_the_root_is_dropped_and_reported(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"product_id": "A", "title": "t", "images": ["a.png", "../../etc/passwd"]}) + "\n")
+    (row,) = read_catalog(path)
+    assert row.product.extra_images == ()
+    assert "escapes the image root" in row.product.attributes["_image_rejected"]
