@@ -367,10 +367,13 @@ def search(
     # (a server once); say how much of it that was.
     loading = response.timings_ms.get("sync", 0.0)
     took = f"{response.took_ms:.0f} ms" + (f", {loading:.0f} of them loading" if loading >= 50 else "")
-    table = _table("rank", "score", "product_id", "title", "category", "price")
+    # Which of a product's images matched, when a product has several: "1" is its first image.
+    matched = any(hit.matched_image and "/images/" in hit.matched_image for hit in response.results)
+    table = _table("rank", "score", "product_id", "title", "category", "price", *(["image"] if matched else []))
     for hit in response.results:
         price = "" if hit.price is None else f"{hit.price:.2f} {hit.currency or ''}".strip()
-        _row(table, hit.rank, f"{hit.score:.4f}", hit.product_id, hit.title, hit.category, price)
+        image = [_image_number(hit.matched_image)] if matched else []
+        _row(table, hit.rank, f"{hit.score:.4f}", hit.product_id, hit.title, hit.category, price, *image)
     console = _console()
     # A line of its own, not the table's title, which rich wraps to the table's width.
     console.print(f"{response.query_kind} -> {response.target.value}  ({took}; query {response.query_id})")
@@ -378,6 +381,15 @@ def search(
     for name, counts in (response.facets or {}).items():
         shown = ", ".join(f"{value} ({count})" for value, count in counts.items()) or "none"
         console.print(f"{name}: {shown}", markup=False)
+
+
+def _image_number(url: str | None) -> str:
+    """1-based number of the product image a hit's `matched_image` URL names ("" for none)."""
+    if not url:
+        return ""
+    if "/images/" not in url:
+        return "1"
+    return str(int(url.rsplit("/images/", 1)[1].split("?", 1)[0]) + 1)
 
 
 def _attr_options(options: list[str]) -> dict:

@@ -328,6 +328,13 @@ class SearchHitOut(BaseModel):
         "product's name, >= 3 its name but for one typo, >= 2 every query word, < 1 a typo-tolerant match), "
         "`exact` (1: the query is its identifier)",
     )
+    matched_image: str | None = Field(
+        None,
+        description="the URL of the product's image that matched (image-target and hybrid queries rank a product "
+        "by its best-matching image; its first image is `image_url`, others are `/v1/products/ID/images/N`); "
+        "null when no image leg ranked the product",
+        examples=["/v1/products/P00042/images/2?v=5f2b9c0e1d3a4b6c"],
+    )
 
 
 class SearchResponse(BaseModel):
@@ -469,6 +476,11 @@ class ProductOut(BaseModel):
     image_status: str = Field(description="ok, none, pending (not embedded yet), or why the image is unusable")
     created_at: datetime
     updated_at: datetime
+    images: list[str] = Field(
+        default_factory=list,
+        description="URLs of all the product's usable images, its first (`image_url`) first",
+        examples=[["/v1/products/P00042/image?v=5f2b9c0e1d3a4b6c", "/v1/products/P00042/images/1?v=0a1b2c3d4e5f6a7b"]],
+    )
 
 
 class ProductUpserted(ProductOut):

@@ -177,3 +177,72 @@ def test_an_image_outside_the_root_is_dropped_and_reported(tmp_path):
     (row,) = read_catalog(path)
     assert row.product.extra_images == ()
     assert "escapes the image root" in row.product.attributes["_image_rejected"]
+
+
+@pytest.fixture(scope="module")
+def multi_api(tmp_path_factory, tiny_embedder, databases):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.settings import PrismSettings
+    from conftest import TINY
+    from store import Store
+
+    root = tmp_path_factory.mktemp("multi-api")
+    catalog = _multi_catalog(root / "cat")
+    home = root / "home"
+    store = Store.open(databases.url(home))
+    try:
+        CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=32)).run(catalog)
+    finally:
+        store.close()
+    settings = PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home),
+                             admin_token="multi-token")
+    with TestClient(create_app(settings), headers={"Authorization": "Bearer multi-token"}) as client:
+        yield client, catalog.parent, settings
+
+
+def test_http_hit_names_the_matched_image_and_serves_it(multi_api):
+    import base64
+
+    client, root, _ = multi_api
+    data = (root / "images" / "005_2.png").read_bytes()
+    r = client.post("/v1/search", json={"image_b64": base64.b64encode(data).decode(), "target": "image", "k": 5})
+    assert r.status_code == 200, r.text
+    hits = r.json()["results"]
+    assert hits[0]["product_id"] == "P00005" and "/v1/products/P00005/images/2?v=" in hits[0]["matched_image"]
+    assert len({h["product_id"] for h in hits}) == 5
+    served = client.get(hits[0]["matched_image"])
+    assert served.status_code == 200 and served.content == data
+    first = client.post("/v1/search", json={"image_b64": base64.b64encode((root / "images" / "005_0.png").read_bytes())
+                                            .decode(), "target": "image", "k": 3}).json()["results"][0]
+    assert first["product_id"] == "P00005" and first["matched_image"] == first["image_url"]
+    product = client.get("/v1/products/P00005").json()
+    assert len(product["images"]) == 3 and product["images"][0] == product["image_url"]
+    assert client.get(product["images"][1]).content == (root / "images" / "005_1.png").read_bytes()
+    text_hit = client.post("/v1/search", json={"text": "red shoe", "target": "text", "k": 1}).json()["results"][0]
+    assert text_hit["matched_image"] is None
+    for bad in ("/v1/products/P00005/images/7", "/v1/products/NOPE/images/1", "/v1/products/P00005/images/99",
+                "/v1/products/P00005/images/-1", "/v1/products/P00005/images/x"):
+        r = client.get(bad)
+        assert r.status_code in (404, 422) and "detail" in r.json(), bad
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["SearchHitOut"]["properties"]
+    assert schema["matched_image"]["examples"]
+
+
+def test_cli_search_shows_which_image_matched(multi_api, tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    _, root, settings = multi_api
+    env = {"PRISM_HOME": str(settings.home), "PRISM_DATABASE_URL": settings.database_url, "PRISM_DEVICE": "cpu"}
+    query = str(root / "images" / "009_1.png")
+    out = CliRunner().invoke(app, ["search", "--image", query, "--target", "image", "-k", "3", "--json"], env=env)
+    assert out.exit_code == 0, out.output
+    hits = json.loads(out.output)["results"]
+    assert hits[0]["product_id"] == "P00009" and "/images/1?v=" in hits[0]["matched_image"]
+    table = CliRunner().invoke(app, ["search", "--image", query, "--target", "image", "-k", "3"], env=env)
+    assert table.exit_code == 0 and "image" in table.output
+    line = next(line for line in table.output.splitlines() if "P00009" in line)
+    assert line.rstrip(" │|").split()[-1].strip("│") == "2"
