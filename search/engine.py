@@ -61,7 +61,7 @@ from indexer import (
 )
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
-from search.images import ExtraImages
+from search.images import ExtraImages, ExtraOverlay
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
 from store import LEXICAL_NAME, ProductFilter, ProductImageRecord, ProductRecord, Store
@@ -168,6 +168,7 @@ class _Serving:
     overlay: Overlay
     filters: FilterIndex
     extra: ExtraImages | None = None  # products' images after the first (search/images.py)
+    extra_overlay: ExtraOverlay | None = None  # those of products changed since the build
 
 
 class SearchEngine:
@@ -338,7 +339,7 @@ class SearchEngine:
         overlay = Overlay.start(
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
-        loaded = self._replay(_Serving(version, embedder, overlay, filters, extra))
+        loaded = self._replay(_Serving(version, embedder, overlay, filters, extra, ExtraOverlay(embedder.dim)))
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:
@@ -460,7 +461,11 @@ class SearchEngine:
             self.store, changes, serving.embedder, serving.overlay, serving.filters,
             embeddings_dir=self.indexes_dir.parent / "embeddings",
         )
-        return replace(serving, overlay=overlay, filters=filters)
+        extra_overlay = serving.extra_overlay
+        if extra_overlay is not None:
+            extra_overlay = extra_overlay.applied(changes, self.store, serving.embedder.vector_space,
+                                                  self.indexes_dir.parent / "embeddings" / serving.embedder.vector_space)
+        return replace(serving, overlay=overlay, filters=filters, extra_overlay=extra_overlay)
 
     # ---------------------------------------------------------------- search
 
@@ -698,10 +703,14 @@ class SearchEngine:
         """Top `want` (row, cosine, image id) of the image leg: each product by its best image, its
         first (image id 0: the `image` index and the overlay) or another (`image_extra`)."""
         first = [(i, s, 0) for i, s in self._candidates(serving, "image", query, want, allowed, exclude)]
-        if serving.extra is None:
+        others = []
+        if serving.extra is not None:
+            others += serving.extra.search(query, want, allowed=allowed, masked_rows=serving.overlay.masked("image"),
+                                           exclude_rows=exclude, exact_subset_max=self.exact_subset_max)
+        if serving.extra_overlay is not None:
+            others += serving.extra_overlay.search(query, want, allowed=allowed, exclude_rows=exclude)
+        if not others:
             return first
-        others = serving.extra.search(query, want, allowed=allowed, masked_rows=serving.overlay.masked("image"),
-                                      exclude_rows=exclude, exact_subset_max=self.exact_subset_max)
         best: dict[int, tuple[int, float, int]] = {}
         for entry in first + others:
             if entry[0] not in best or entry[1] > best[entry[0]][1]:

@@ -88,3 +88,76 @@ class ExtraImages:
             if row not in best or score > best[row][0]:
                 best[row] = (score, image_id)
         return sorted(((row, s, i) for row, (s, i) in best.items()), key=lambda t: (-t[1], t[0]))
+
+
+class ExtraOverlay:
+    """The images after the first of products changed since the serving version was built (API
+    uploads, catalog files), searched exactly like the overlay's changed vectors (search/overlay.py).
+    The version's own images of those products are masked with the product (its row is in the
+    image overlay's mask). Immutable: `applied` makes a new one.
+
+    Vectors come from `product_images.vector` (an API upload, when made by the serving vector
+    space), else from the serving model's vector cache (a catalog file's images, once its
+    indexing run embedded them). An image in neither (not embedded yet, or by another model) is
+    left out until the next build includes it; the product is still found by its first image."""
+
+    def __init__(self, dim: int, by_row: dict[int, list[tuple[int, np.ndarray]]] | None = None):
+        self.dim = dim
+        self._by_row = by_row or {}
+        pairs = [(row, image_id, vector) for row, images in sorted(self._by_row.items()) for image_id, vector in images]
+        self._rows = np.asarray([p[0] for p in pairs], dtype=np.int64)
+        self._ids = np.asarray([p[1] for p in pairs], dtype=np.int64)
+        self._matrix = (np.stack([p[2] for p in pairs]).astype(np.float32) if pairs
+                        else np.zeros((0, dim), np.float32))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def applied(self, changes, store: Store, vector_space: str, cache_dir) -> "ExtraOverlay":
+        """A new overlay with `changes` (journal entries, oldest first) applied: products deleted,
+        or whose images changed, are read again from SQL."""
+        touched = {c.row_id for c in changes
+                   if c.op == "delete" or (c.op in ("upsert", "file") and c.image_action in ("set", "clear"))}
+        if not touched:
+            return self
+        by_row = {row: images for row, images in self._by_row.items() if row not in touched}
+        live = {row for row, p in store.products_by_row_ids(touched).items() if p.deleted_at is None}
+        found = {row: [im for im in images if im.image_status == "ok" and im.image_hash]
+                 for row, images in store.product_images(live).items()}
+        cached = [im for images in found.values() for im in images
+                  if im.vector is None or im.vector_space != vector_space]
+        from_cache: dict[int, np.ndarray] = {}
+        if cached:
+            from embedder import VectorCache
+
+            vectors, hit = VectorCache(cache_dir, self.dim).get_many([f"image:{im.image_hash}" for im in cached])
+            from_cache = {im.image_id: v for im, v, ok in zip(cached, vectors, hit) if ok}
+        for row, images in found.items():
+            kept = []
+            for im in images:
+                vector = im.vector if im.vector is not None and im.vector_space == vector_space \
+                    else from_cache.get(im.image_id)
+                if vector is not None and len(vector) == self.dim:
+                    kept.append((im.image_id, np.asarray(vector, dtype=np.float32)))
+            if kept:
+                by_row[row] = kept
+        return ExtraOverlay(self.dim, by_row)
+
+    def search(self, query: np.ndarray, want: int, *, allowed: IdSet | None,
+               exclude_rows: np.ndarray) -> list[tuple[int, float, int]]:
+        """Top `want` products by their best image here: (row id, cosine, image id)."""
+        if not len(self._ids) or want <= 0:
+            return []
+        keep = np.ones(len(self._ids), dtype=bool)
+        if allowed is not None:
+            keep &= allowed.contains(self._rows)
+        if len(exclude_rows):
+            keep &= ~np.isin(self._rows, exclude_rows)
+        if not keep.any():
+            return []
+        scores = self._matrix[keep] @ np.asarray(query, dtype=np.float32).reshape(-1)
+        best: dict[int, tuple[float, int]] = {}
+        for row, score, image_id in zip(self._rows[keep].tolist(), scores.tolist(), self._ids[keep].tolist()):
+            if row not in best or score > best[row][0]:
+                best[row] = (score, image_id)
+        return sorted(((row, s, i) for row, (s, i) in best.items()), key=lambda t: (-t[1], t[0]))[:want]

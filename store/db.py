@@ -211,6 +211,24 @@ def _replace_images(s: Session, by_row: dict[int, tuple[tuple[str, str], ...]]) 
         s.execute(table.insert(), values)
 
 
+def _write_embedded_images(s: Session, row_id: int, images, vector_space: str) -> None:
+    """An API upsert's images after the first, embedded already: they replace the product's, with
+    their vectors (servers replay them from here)."""
+    table = ProductImage.__table__
+    s.execute(delete(table).where(table.c.row_id == row_id))
+    if images:
+        s.execute(table.insert(), [
+            {"row_id": row_id, "position": position, "image_ref": ref, "image_uri": uri, "image_hash": digest,
+             "image_status": "ok", "vector_space": vector_space, "vector": _to_blob(vector)}
+            for position, (ref, uri, digest, vector) in enumerate(images, start=1)
+        ])
+
+
+def _image_record(r: ProductImage) -> ProductImageRecord:
+    record = _to_record(ProductImageRecord, r)
+    return replace(record, vector=_from_blob(r.vector))
+
+
 def _serialise_journal(s: Session) -> None:
     # SQLite serialises writers already. On PostgreSQL, sequence values can commit out of order,
     # and a reader that saw seq 11 before seq 10 committed would skip 10 forever: hold a
@@ -688,7 +706,7 @@ class Store:
                     select(ProductImage).join(Product, p.row_id == i.row_id)
                     .where(i.image_id > after, p.deleted_at.is_(None)).order_by(i.image_id).limit(chunk_size)
                 ).scalars().all()
-                chunk = [_to_record(ProductImageRecord, r) for r in rows]
+                chunk = [_image_record(r) for r in rows]
             if not chunk:
                 return
             yield chunk
@@ -763,7 +781,7 @@ class Store:
                 q = select(ProductImage).where(ProductImage.row_id.in_(chunk)).order_by(ProductImage.row_id,
                                                                                      ProductImage.position)
                 for r in s.scalars(q):
-                    out.setdefault(r.row_id, []).append(_to_record(ProductImageRecord, r))
+                    out.setdefault(r.row_id, []).append(_image_record(r))
         return out
 
     def images_by_ids(self, image_ids: Iterable[int]) -> dict[int, ProductImageRecord]:
@@ -771,7 +789,7 @@ class Store:
             out = {}
             for chunk in _chunks([int(x) for x in image_ids]):
                 for r in s.scalars(select(ProductImage).where(ProductImage.image_id.in_(chunk))):
-                    out[r.image_id] = _to_record(ProductImageRecord, r)
+                    out[r.image_id] = _image_record(r)
             return out
 
     def iter_image_failures(self, chunk_size: int = 5_000) -> Iterator[tuple[str, str, str | None]]:
@@ -897,6 +915,8 @@ class Store:
             s.add(change)
             s.flush()
             _replace_identifiers(s, {p.row_id: self.lexical.identifiers(item)})
+            if vectors.extra_images is not None:
+                _write_embedded_images(s, p.row_id, vectors.extra_images, vectors.model_version)
             return _to_record(ProductRecord, p), created, int(change.seq)
 
     def update_product_metadata(self, item: ProductInput, *, expect_updated_at: datetime) -> tuple[ProductRecord, int]:

@@ -109,6 +109,10 @@ class ProductImage(Base):
     # ok | pending (not yet embedded) | missing | broken | ... (as products.image_status)
     image_status: Mapped[str] = mapped_column(String(32), nullable=False, default="pending", server_default="pending")
     image_error: Mapped[str | None] = mapped_column(Text)
+    # The vector an API upload (PUT images_b64) was embedded to and its vector space, so servers
+    # replay it without the model; NULL for catalog-file images (the build's vector cache has them).
+    vector_space: Mapped[str | None] = mapped_column(String(200))
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary)
 
     __table_args__ = (
         UniqueConstraint("row_id", "position", name="uq_product_images_row_position"),

@@ -74,6 +74,8 @@ class ProductImageRecord:
     image_hash: str | None
     image_status: str
     image_error: str | None = None
+    vector_space: str | None = None  # set for API uploads, with the vector they were embedded to
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,9 @@ class ProductVectors:
     image_vector: np.ndarray | None = None
     image_status: str | None = None  # for "clear": none | missing | broken | ...
     image_error: str | None = None
+    # The product's images after the first, embedded: (image_ref, image_uri, hash, vector) each.
+    # None: they stay as they are (only with image_action "keep"); (): the product has no others.
+    extra_images: tuple[tuple[str, str, str, np.ndarray], ...] | None = None
 
 
 @dataclass(frozen=True)

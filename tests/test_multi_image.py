@@ -246,3 +246,79 @@ def test_cli_search_shows_which_image_matched(multi_api, tmp_path):
     assert table.exit_code == 0 and "image" in table.output
     line = next(line for line in table.output.splitlines() if "P00009" in line)
     assert line.rstrip(" │|").split()[-1].strip("│") == "2"
+
+
+def _b64(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_put_images_b64_makes_every_image_searchable_at_once(multi_api):
+    client, _, _ = multi_api
+    images = [draw_product_image(9000 + j) for j in range(3)]
+    r = client.put("/v1/products/MULTI-1", json={"title": "walnut lamp", "images_b64": [_b64(im) for im in images]})
+    assert r.status_code == 201, r.text
+    for j, image in enumerate(images):
+        hits = client.post("/v1/search", json={"image_b64": _b64(image), "target": "image", "k": 5}).json()["results"]
+        assert hits[0]["product_id"] == "MULTI-1" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+        assert hits[0]["matched_image"] == client.get("/v1/products/MULTI-1").json()["images"][j]
+        assert len({h["product_id"] for h in hits}) == len(hits)
+    # A PUT of one image makes it the product's only image: the others stop matching.
+    r = client.put("/v1/products/MULTI-1", json={"title": "walnut lamp", "image_b64": _b64(images[0])})
+    assert r.status_code == 200 and len(client.get("/v1/products/MULTI-1").json()["images"]) == 1
+    hits = client.post("/v1/search", json={"image_b64": _b64(images[2]), "target": "image", "k": 40}).json()["results"]
+    assert all(h["score"] < 0.999 for h in hits if h["product_id"] == "MULTI-1")
+    # PATCH with images re-embeds, as PUT does.
+    r = client.patch("/v1/products/MULTI-1", json={"images_b64": [_b64(images[1]), _b64(images[2])]})
+    assert r.status_code == 200 and r.json()["image_action"] == "set"
+    top = client.post("/v1/search", json={"image_b64": _b64(images[2]), "target": "image", "k": 1}).json()["results"][0]
+    assert top["product_id"] == "MULTI-1" and "/images/1?v=" in top["matched_image"]
+    # A metadata PUT keeps all the images.
+    r = client.put("/v1/products/MULTI-1", json={"title": "walnut lamp", "price": 12})
+    assert r.status_code == 200 and len(client.get("/v1/products/MULTI-1").json()["images"]) == 2
+    top = client.post("/v1/search", json={"image_b64": _b64(images[2]), "target": "image", "k": 1}).json()["results"][0]
+    assert top["product_id"] == "MULTI-1"
+    assert client.delete("/v1/products/MULTI-1").status_code in (200, 204)
+    hits = client.post("/v1/search", json={"image_b64": _b64(images[2]), "target": "image", "k": 40}).json()["results"]
+    assert "MULTI-1" not in {h["product_id"] for h in hits}
+
+
+def test_put_of_a_catalog_product_replaces_its_indexed_images(multi_api):
+    client, root, _ = multi_api
+    new = draw_product_image(9100)
+    r = client.put("/v1/products/P00013", json={"title": "red hat model 13", "images_b64": [
+        base64_of(root / "images" / "013_0.png"), _b64(new)]})
+    assert r.status_code == 200, r.text
+    old = client.post("/v1/search", json={"image_b64": base64_of(root / "images" / "013_2.png"), "target": "image",
+                                          "k": 40}).json()["results"]
+    assert all(h["score"] < 0.999 for h in old if h["product_id"] == "P00013")
+    top = client.post("/v1/search", json={"image_b64": _b64(new), "target": "image", "k": 1}).json()["results"][0]
+    assert top["product_id"] == "P00013" and "/images/1?v=" in top["matched_image"]
+
+
+def base64_of(path) -> str:
+    import base64
+
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"images_b64": ["iVBORw0KGgo="] * (MAX_IMAGES + 1)}, "images_b64"),
+    ({"images_b64": "iVBORw0KGgo="}, "images_b64"),
+    ({"images_b64": ["not base64!!"]}, "base64"),
+    ({"images_b64": []}, "images_b64"),
+    ({"images_b64": [None]}, "images_b64"),
+    ({"images_b64": [{"a": 1}]}, "images_b64"),
+    ({"images_b64": ["aGVsbG8="]}, "image"),  # valid base64, not an image
+])
+def test_hostile_images_b64_is_a_4xx_with_detail(multi_api, body, fragment):
+    client, _, _ = multi_api
+    for method, payload in ((client.put, {"title": "x", **body}), (client.patch, body)):
+        r = method("/v1/products/P00001", json=payload)
+        assert 400 <= r.status_code < 500, (method, body, r.text)
+        assert fragment in json.dumps(r.json()["detail"]), r.text
+    assert len(client.get("/v1/products/P00001").json()["images"]) == PER_PRODUCT  # nothing stored was lost

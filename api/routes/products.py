@@ -157,7 +157,8 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         attributes=body.attributes,
         stock=body.stock,
     )
-    outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url)
+    outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url,
+                                      images=body.images_b64)
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
     services.engine.sync()
     payload = ProductUpserted(
@@ -183,11 +184,12 @@ def patch_product(product_id: ProductIdPath, body: ProductPatch, services: Servi
     worker. 404 for an unknown (or deleted) product: PATCH creates nothing. Needs the admin token."""
     changes = body.changes()
     image, image_url = changes.pop("image_b64", None), changes.pop("image_url", None)
+    images = changes.pop("images_b64", None)
     embedder = None
-    if services.updater.patch_may_embed(changes, image=image is not None or image_url is not None):
+    if services.updater.patch_may_embed(changes, image=any(x is not None for x in (image, image_url, images))):
         services.engine.sync()
         embedder = services.engine.serving.embedder
-    outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url)
+    outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url, images=images)
     if outcome is None:
         raise HTTPException(404, f"no product {product_id!r}")
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()

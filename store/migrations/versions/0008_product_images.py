@@ -31,6 +31,9 @@ def upgrade() -> None:
         sa.Column("image_hash", sa.String(64), nullable=True),
         sa.Column("image_status", sa.String(32), nullable=False, server_default="pending"),
         sa.Column("image_error", sa.Text(), nullable=True),
+        # The vector of an API upload, with its vector space (catalog-file images: NULL).
+        sa.Column("vector_space", sa.String(200), nullable=True),
+        sa.Column("vector", sa.LargeBinary(), nullable=True),
         sa.UniqueConstraint("row_id", "position", name="uq_product_images_row_position"),
         sqlite_autoincrement=True,
     )
