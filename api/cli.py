@@ -886,18 +886,20 @@ def products_get(
 ) -> None:
     """Show one product as GET /v1/products/{id} does (exit 1 when there is none by that id)."""
     product_id = _product_id(product_id)
-    from api.routes.common import product_out
+    from api.routes.common import product_detail
     from api.schemas import ProductOut
     from store import Store
 
     settings = _settings()
     try:
-        product = Store.open(settings.db_url, lexical=settings.lexical()).get_product(product_id)
+        store = Store.open(settings.db_url, lexical=settings.lexical())
+        product = store.get_product(product_id)
+        detail = None if product is None else product_detail(store, product)
     except _known_errors() as exc:
         _fail(str(exc))
     if product is None:
         _fail(f"no product {product_id!r}", 1)
-    body = ProductOut.model_validate(product_out(product)).model_dump(mode="json")
+    body = ProductOut.model_validate(detail).model_dump(mode="json")
     if as_json:
         typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
         return

@@ -49,6 +49,12 @@ def all_image_urls(product: ProductRecord, others: list[ProductImageRecord]) -> 
     return [u for u in urls if u is not None]
 
 
+def product_detail(store, product: ProductRecord) -> dict:
+    """GET /v1/products/{id}'s answer (and `prism products get`'s): the product with all its images."""
+    others = store.product_images([product.row_id]).get(product.row_id, [])
+    return {**product_out(product), "images": all_image_urls(product, others)}
+
+
 def public_attributes(attributes: dict) -> dict:
     # Keys starting with "_" are Prism's own bookkeeping (e.g. why an image was rejected).
     return {k: v for k, v in attributes.items() if not k.startswith("_")}

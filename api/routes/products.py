@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from api.routes.common import ADMIN_ERRORS, ERRORS, all_image_urls, product_out
+from api.routes.common import ADMIN_ERRORS, ERRORS, product_detail, product_out
 from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductPatch, ProductUpserted
 from api.services import AdminDep, ServicesDep
 from embedder import ImageDecodeError, ImageLimits, content_hash, read_image_bytes
@@ -126,8 +126,7 @@ def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
     product = services.store.get_product(product_id)
     if product is None:
         raise HTTPException(404, f"no product {product_id!r}")
-    others = services.store.product_images([product.row_id]).get(product.row_id, [])
-    return {**product_out(product), "images": all_image_urls(product, others)}
+    return product_detail(services.store, product)
 
 
 @router.put(
