@@ -322,3 +322,38 @@ def test_hostile_images_b64_is_a_4xx_with_detail(multi_api, body, fragment):
         assert 400 <= r.status_code < 500, (method, body, r.text)
         assert fragment in json.dumps(r.json()["detail"]), r.text
     assert len(client.get("/v1/products/P00001").json()["images"]) == PER_PRODUCT  # nothing stored was lost
+
+
+def test_migration_0008_downgrades_with_image_rows_and_upgrades_again(tmp_path, databases):
+    from alembic import command
+    from alembic.config import Config
+
+    from store import ProductInput, Store, migrate
+    from store.db import _MIGRATIONS, _make_engine, _migrating_connection
+
+    url = databases.url(tmp_path)
+    store = Store.open(url)
+    try:
+        store.upsert_products([ProductInput("MIG-1", "brass lamp", image_ref="a.png", image_uri="/x/a.png",
+                                            extra_images=(("b.png", "/x/b.png"), ("c.png", "/x/c.png")))])
+        row = store.get_product("MIG-1").row_id
+        assert [im.position for im in store.product_images([row])[row]] == [1, 2]
+    finally:
+        store.close()
+    engine = _make_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    with _migrating_connection(engine) as connection:
+        cfg.attributes["connection"] = connection
+        command.downgrade(cfg, "0007")
+    migrate(engine, "head")
+    engine.dispose()
+    store = Store.open(url)
+    try:
+        assert store.product_images([row]) == {}
+        store.upsert_products([ProductInput("MIG-1", "brass lamp", image_ref="a.png", image_uri="/x/a.png",
+                                            extra_images=(("b.png", "/x/b.png"),))])
+        (image,) = store.product_images([row])[row]
+        assert (image.position, image.image_ref, image.image_status) == (1, "b.png", "pending")
+    finally:
+        store.close()
