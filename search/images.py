@@ -25,6 +25,8 @@ from store import Store
 # Image hits fetched per product wanted on the first try: most products' images are not all near
 # one query; a query that folds to too few products fetches again, up to MAX_IMAGES per product.
 FIRST_FETCH_FACTOR = 4
+# Filters whose image-id sets are kept (oldest dropped first).
+MAPPED_FILTERS = 64
 
 
 class ExtraImages:
@@ -34,6 +36,10 @@ class ExtraImages:
         self.rows = rows  # the product (row id) of each
         self._gone = gone  # ids the index holds that no longer exist: always excluded
         self._excluded: tuple[object, IdSet] | None = None
+        # Filters' row-id sets mapped onto image ids, by the set object: FilterIndex hands out one
+        # object per distinct filter, so a repeated filter maps once. The set is kept with its
+        # mapping, so its id is never reused while cached.
+        self._mapped: dict[int, tuple[IdSet, IdSet]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -56,6 +62,18 @@ class ExtraImages:
             self._excluded = (masked_rows, excluded)
         return excluded
 
+    def allowed(self, rows: IdSet) -> IdSet:
+        """The image ids of the products a filter admits."""
+        cached = self._mapped.get(id(rows))
+        if cached is not None and cached[0] is rows:
+            return cached[1]
+        mapped = IdSet(self.image_ids[rows.contains(self.rows)])
+        with self._lock:
+            if len(self._mapped) >= MAPPED_FILTERS:
+                self._mapped.pop(next(iter(self._mapped)))
+            self._mapped[id(rows)] = (rows, mapped)
+        return mapped
+
     def search(
         self, query: np.ndarray, want: int, *, allowed: IdSet | None, masked_rows: IdSet, exclude_rows: np.ndarray,
         exact_subset_max: int,
@@ -63,7 +81,7 @@ class ExtraImages:
         """Top `want` products by their best image here: (row id, cosine, image id), best first."""
         if want <= 0 or not len(self.image_ids):
             return []
-        allowed_images = None if allowed is None else IdSet(self.image_ids[allowed.contains(self.rows)])
+        allowed_images = None if allowed is None else self.allowed(allowed)
         excluded = self.excluded(masked_rows)
         total = self.ann.ntotal
         fetch = min(want * FIRST_FETCH_FACTOR, total)
