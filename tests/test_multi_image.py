@@ -357,3 +357,15 @@ def test_migration_0008_downgrades_with_image_rows_and_upgrades_again(tmp_path, 
         assert (image.position, image.image_ref, image.image_status) == (1, "b.png", "pending")
     finally:
         store.close()
+
+
+def test_a_patched_category_moves_all_the_products_images_between_filters(multi_api):
+    client, root, _ = multi_api
+    query = {"image_b64": base64_of(root / "images" / "017_2.png"), "target": "image", "k": 5}
+    hats = client.post("/v1/search", json={**query, "filters": {"category": ["hats"]}}).json()["results"]
+    assert hats[0]["product_id"] == "P00017" and "/images/2?v=" in hats[0]["matched_image"]
+    assert client.patch("/v1/products/P00017", json={"category": "bags"}).status_code == 200
+    hats = client.post("/v1/search", json={**query, "filters": {"category": ["hats"]}}).json()["results"]
+    assert "P00017" not in {h["product_id"] for h in hats} and all(h["category"] == "hats" for h in hats)
+    bags = client.post("/v1/search", json={**query, "filters": {"category": ["bags"]}}).json()["results"]
+    assert bags[0]["product_id"] == "P00017" and "/images/2?v=" in bags[0]["matched_image"]
