@@ -119,8 +119,11 @@ def test_changed_image_list_reindexes_new_images_and_drops_old(tmp_path, store, 
     rows[20]["images"] = rows[20]["images"][:2]
     write_rows(root, rows, fmt="jsonl")
     home = tmp_path / "home"
-    CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=16)).run(
+    again = CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=16)).run(
         root / "catalog.jsonl")
+    # Only the two changed lists are writes; the other products' images are as stored.
+    assert (again.products_upserted, again.products_unchanged) == (2, N - 2)
+    assert again.images_embedded == 0  # every image's content is in the cache already
     engine = _engine(home, store, tiny_embedder)
     top = engine.search(image=str(root / "images" / "020_2.png"), target="image", k=2).hits
     assert top[0].product.product_id == "P00003" and top[0].matched_image.position == 1
