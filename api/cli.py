@@ -367,10 +367,13 @@ def search(
     # (a server once); say how much of it that was.
     loading = response.timings_ms.get("sync", 0.0)
     took = f"{response.took_ms:.0f} ms" + (f", {loading:.0f} of them loading" if loading >= 50 else "")
-    table = _table("rank", "score", "product_id", "title", "category", "price")
+    # Which of a product's images matched, when a product has several: "1" is its first image.
+    matched = any(hit.matched_image and "/images/" in hit.matched_image for hit in response.results)
+    table = _table("rank", "score", "product_id", "title", "category", "price", *(["image"] if matched else []))
     for hit in response.results:
         price = "" if hit.price is None else f"{hit.price:.2f} {hit.currency or ''}".strip()
-        _row(table, hit.rank, f"{hit.score:.4f}", hit.product_id, hit.title, hit.category, price)
+        image = [_image_number(hit.matched_image)] if matched else []
+        _row(table, hit.rank, f"{hit.score:.4f}", hit.product_id, hit.title, hit.category, price, *image)
     console = _console()
     # A line of its own, not the table's title, which rich wraps to the table's width.
     console.print(f"{response.query_kind} -> {response.target.value}  ({took}; query {response.query_id})")
@@ -378,6 +381,15 @@ def search(
     for name, counts in (response.facets or {}).items():
         shown = ", ".join(f"{value} ({count})" for value, count in counts.items()) or "none"
         console.print(f"{name}: {shown}", markup=False)
+
+
+def _image_number(url: str | None) -> str:
+    """1-based number of the product image a hit's `matched_image` URL names ("" for none)."""
+    if not url:
+        return ""
+    if "/images/" not in url:
+        return "1"
+    return str(int(url.rsplit("/images/", 1)[1].split("?", 1)[0]) + 1)
 
 
 def _attr_options(options: list[str]) -> dict:
@@ -874,18 +886,20 @@ def products_get(
 ) -> None:
     """Show one product as GET /v1/products/{id} does (exit 1 when there is none by that id)."""
     product_id = _product_id(product_id)
-    from api.routes.common import product_out
+    from api.routes.common import product_detail
     from api.schemas import ProductOut
     from store import Store
 
     settings = _settings()
     try:
-        product = Store.open(settings.db_url).get_product(product_id)
+        store = Store.open(settings.db_url)
+        product = store.get_product(product_id)
+        detail = None if product is None else product_detail(store, product)
     except _known_errors() as exc:
         _fail(str(exc))
     if product is None:
         _fail(f"no product {product_id!r}", 1)
-    body = ProductOut.model_validate(product_out(product)).model_dump(mode="json")
+    body = ProductOut.model_validate(detail).model_dump(mode="json")
     if as_json:
         typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
         return

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from embedder import ACCEPTED_IMAGE_FORMATS_TEXT
+from indexer import MAX_IMAGES
 from search import FACET_NAMES, MAX_FACET_VALUES, MAX_FACETS, MAX_K, MAX_OFFSET, MAX_QUERY_CHARS, MAX_RESULT_WINDOW, Target
 
 MAX_ID_CHARS = 256
@@ -86,6 +87,10 @@ def _decode_b64(data: str) -> bytes:
 
 # Arrives as a base64 string (the OpenAPI type), reaches the route as bytes.
 Base64Image = Annotated[str, AfterValidator(_decode_b64)]
+# All of a product's images, the first one first: capped like the catalog's `images` column.
+ImageList = Annotated[list[Base64Image], Field(min_length=1, max_length=MAX_IMAGES)]
+IMAGES_B64_DESCRIPTION = (f"all the product's images, base64-encoded, its first image first (at most {MAX_IMAGES}; "
+                          "each one is embedded and searchable, and a hit names the one that matched)")
 QueryText = _text(1, MAX_QUERY_CHARS, AfterValidator(_not_blank))
 ProductId = _text(1, MAX_ID_CHARS)
 # The catalog fields a PUT sets and a PATCH changes, typed once for both.
@@ -328,6 +333,13 @@ class SearchHitOut(BaseModel):
         "product's name, >= 3 its name but for one typo, >= 2 every query word, < 1 a typo-tolerant match), "
         "`exact` (1: the query is its identifier)",
     )
+    matched_image: str | None = Field(
+        None,
+        description="the URL of the product's image that matched (image-target and hybrid queries rank a product "
+        "by its best-matching image; its first image is `image_url`, others are `/v1/products/ID/images/N`); "
+        "null when no image leg ranked the product",
+        examples=["/v1/products/P00042/images/2?v=5f2b9c0e1d3a4b6c"],
+    )
 
 
 class SearchResponse(BaseModel):
@@ -382,11 +394,12 @@ class ProductIn(BaseModel):
     image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
         None, description="an http(s) image URL (only when the server allows URL images)"
     )
+    images_b64: ImageList | None = Field(None, description=IMAGES_B64_DESCRIPTION, examples=[["iVBORw0KGgo...", "/9j/4AAQ..."]])
 
     @model_validator(mode="after")
     def _check(self) -> "ProductIn":
-        if self.image_b64 is not None and self.image_url is not None:
-            raise ValueError("give image_b64 or image_url, not both")
+        if sum(x is not None for x in (self.image_b64, self.image_url, self.images_b64)) > 1:
+            raise ValueError("give one of image_b64, image_url or images_b64")
         _check_attributes(self.attributes)
         return self
 
@@ -410,7 +423,7 @@ def _check_attributes(attributes: dict) -> None:
 
 
 PATCH_METADATA = ("category", "brand", "price", "currency", "stock", "attributes")
-PATCH_CONTENT = ("title", "description", "image_b64", "image_url")
+PATCH_CONTENT = ("title", "description", "image_b64", "image_url", "images_b64")
 
 
 class ProductPatch(BaseModel):
@@ -435,17 +448,18 @@ class ProductPatch(BaseModel):
     image_b64: Base64Image | None = Field(None, description="a new product image, base64-encoded (re-embeds)")
     image_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = Field(
         None, description="a new http(s) image URL (only when the server allows URL images; re-embeds)")
+    images_b64: ImageList | None = Field(None, description=IMAGES_B64_DESCRIPTION + " (re-embeds)")
 
     @model_validator(mode="after")
     def _check(self) -> "ProductPatch":
         given = self.model_fields_set
         if not given:
             raise ValueError(f"give at least one field to change: {', '.join((*PATCH_METADATA, *PATCH_CONTENT))}")
-        for name in ("title", "attributes", "image_b64", "image_url"):
+        for name in ("title", "attributes", "image_b64", "image_url", "images_b64"):
             if name in given and getattr(self, name) is None:
                 raise ValueError(f"{name} cannot be null" + (" (send {} to clear attributes)" if name == "attributes" else ""))
-        if self.image_b64 is not None and self.image_url is not None:
-            raise ValueError("give image_b64 or image_url, not both")
+        if sum(x is not None for x in (self.image_b64, self.image_url, self.images_b64)) > 1:
+            raise ValueError("give one of image_b64, image_url or images_b64")
         if self.attributes is not None:
             _check_attributes(self.attributes)
         return self
@@ -469,6 +483,11 @@ class ProductOut(BaseModel):
     image_status: str = Field(description="ok, none, pending (not embedded yet), or why the image is unusable")
     created_at: datetime
     updated_at: datetime
+    images: list[str] = Field(
+        default_factory=list,
+        description="URLs of all the product's usable images, its first (`image_url`) first",
+        examples=[["/v1/products/P00042/image?v=5f2b9c0e1d3a4b6c", "/v1/products/P00042/images/1?v=0a1b2c3d4e5f6a7b"]],
+    )
 
 
 class ProductUpserted(ProductOut):

@@ -9,7 +9,10 @@ one with the same title, at rank 1 (the issue's target: hybrid >= 0.95).
 `generated`: a generated catalog whose products carry gtin and sku attributes
 (PRISM_ID_ATTRIBUTES=gtin,sku); n identifier queries (product_id, gtin or sku in turn) must rank
 their product first for every target (target: 100%), and n titles with one random edit in one
-word must keep hybrid hit@10 within 0.9 of the same titles typed correctly.
+word must keep hybrid hit@10 within 0.9 of the same titles typed correctly. Each product has
+`--images-per-product` images (catalog `image` plus an `images` list); every product is queried
+(image -> image) by a perturbed copy (cropped, resized, noised) of its first image and of one of its
+other images: hit@1 of the non-primary images must be at least that of the primary ones.
 
 Prints a table and writes benchmarks/results/commerce_eval_<check>.json.
 """
@@ -88,18 +91,66 @@ _MATERIALS = ["leather", "canvas", "cotton", "wool", "suede", "denim"]
 _NOUNS = ["sneaker", "backpack", "beanie", "jacket", "wristwatch", "sandal", "scarf", "wallet", "hoodie", "umbrella"]
 
 
-def generated_rows(n: int, seed: int = 7) -> list[dict]:
-    """n products: "<brand> <colour> <material> <noun>" titles, a 13-digit gtin and a sku each."""
+def generated_rows(n: int, seed: int = 7, images_per_product: int = 3) -> list[dict]:
+    """n products: "<brand> <colour> <material> <noun>" titles, a 13-digit gtin and a sku each, and
+    `images_per_product` images (the first in `image`, the others in `images`)."""
     from sample_catalog import product_row
 
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         row = product_row(i, f"images/{i:05d}.png")
+        if images_per_product > 1:
+            row["images"] = [_other_image(i, j) for j in range(1, images_per_product)]
         row["title"] = f"{rng.choice(_BRANDS)} {rng.choice(_COLOURS)} {rng.choice(_MATERIALS)} {rng.choice(_NOUNS)}"
         row["attributes"] = {"gtin": f"{4000000000000 + i * 7919:013d}", "sku": f"SKU-{i:05d}-{rng.choice('ABCDEF')}"}
         rows.append(row)
     return rows
+
+
+def _other_image(i: int, j: int) -> str:
+    return f"images/{i:05d}_{j}.png"
+
+
+def _perturbed(path: Path, seed: int):
+    """A shopper's photo of a catalog image, roughly: cropped by up to 10% a side, resized back,
+    with pixel noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+    w, h = img.size
+    box = (int(rng.integers(0, w // 10 + 1)), int(rng.integers(0, h // 10 + 1)),
+           w - int(rng.integers(0, w // 10 + 1)), h - int(rng.integers(0, h // 10 + 1)))
+    img = img.crop(box).resize((w, h))
+    noisy = np.asarray(img, dtype=np.int16) + rng.integers(-20, 21, (h, w, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def multi_image_eval(engine, root: Path, n: int, images_per_product: int) -> dict:
+    """Every product queried by a perturbed copy of its first image and of one other image (in
+    turn): hit@1 of each, and how often the hit names the queried image as `matched_image`."""
+    if images_per_product < 2:
+        return {}
+    hits = {"primary": 0, "non_primary": 0}
+    named = {"primary": 0, "non_primary": 0}
+    started = time.perf_counter()
+    for i in range(n):
+        j = 1 + i % (images_per_product - 1)
+        for kind, ref, position in (("primary", f"images/{i:05d}.png", 0), ("non_primary", _other_image(i, j), j)):
+            result = engine.search(image=_perturbed(root / ref, seed=i * 31 + position), target="image", k=1).hits
+            found = bool(result) and result[0].product.product_id == f"P{i:05d}"
+            hits[kind] += found
+            named[kind] += found and result[0].matched_image is not None and result[0].matched_image.position == position
+    return {
+        "queries_each": n, "images_per_product": images_per_product,
+        "primary_hit@1": round(hits["primary"] / n, 4), "non_primary_hit@1": round(hits["non_primary"] / n, 4),
+        "primary_matched_image_right": round(named["primary"] / n, 4),
+        "non_primary_matched_image_right": round(named["non_primary"] / n, 4),
+        "ms_per_query": round((time.perf_counter() - started) * 1000 / (2 * n), 2),
+    }
 
 
 def one_edit(title: str, rng: random.Random) -> str:
@@ -125,7 +176,7 @@ def one_edit(title: str, rng: random.Random) -> str:
 
 
 def generated_eval(n: int = 500, *, model: str = "prism-tiny-vit:random", database_url: str | None = None,
-                   workdir: Path | None = None, seed: int = 7) -> dict:
+                   workdir: Path | None = None, seed: int = 7, images_per_product: int = 3) -> dict:
     from embedder import load_embedder
     from indexer import CatalogIndexer, IndexOptions
     from sample_catalog import draw_product_image, write_rows
@@ -133,11 +184,15 @@ def generated_eval(n: int = 500, *, model: str = "prism-tiny-vit:random", databa
 
     root = Path(workdir or tempfile.mkdtemp(prefix="commerce-eval-"))
     (root / "images").mkdir(parents=True, exist_ok=True)
-    rows = generated_rows(n, seed)
+    rows = generated_rows(n, seed, images_per_product)
     for i in range(n):
         path = root / "images" / f"{i:05d}.png"
         if not path.exists():
             draw_product_image(i, 64).save(path)
+        for j in range(1, images_per_product):
+            other = root / _other_image(i, j)
+            if not other.exists():
+                draw_product_image(1_000_000 + i * 16 + j, 64).save(other)
     catalog = write_rows(root, rows, fmt="jsonl")
     home = root / "home"
     store = Store.open(database_url or f"sqlite:///{(home / 'prism.db').resolve()}",
@@ -173,8 +228,10 @@ def generated_eval(n: int = 500, *, model: str = "prism-tiny-vit:random", databa
         typo += ok_typo
         if ok_clean and not ok_typo and len(examples) < 10:
             examples.append(edited)
+    multi = multi_image_eval(engine, root, n, images_per_product)
     store.close()
     return {
+        "multi_image": multi,
         "products": n, "model": model, "database": "postgresql" if database_url else "sqlite",
         "build_s": round(build_s, 1),
         "identifier_rank1": {t: round(identifiers[t] / n, 4) for t in TARGETS},
@@ -203,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", default="prism-tiny-vit:random")
     gen.add_argument("--database-url")
     gen.add_argument("--workdir", type=Path)
+    gen.add_argument("--images-per-product", type=int, default=3, help="1: a single image each (no multi-image check)")
     args = parser.parse_args(argv)
     if args.check == "titles":
         result = title_eval(args.home, database_url=args.database_url, sample=args.sample,
@@ -213,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{target:<8} {r['hit@1']:>7.3f} {r['hit@' + str(result['k'])]:>7.3f} {r['ms_per_query']:>9.1f}")
         path = _write("titles", result)
     else:
-        result = generated_eval(args.n, model=args.model, database_url=args.database_url, workdir=args.workdir)
+        result = generated_eval(args.n, model=args.model, database_url=args.database_url, workdir=args.workdir,
+                                images_per_product=args.images_per_product)
         print(f"{result['products']} products, {result['model']}, {result['database']}")
         print(f"{'check':<34} {'image':>7} {'text':>7} {'hybrid':>7}")
         ident = result["identifier_rank1"]
@@ -222,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'title hit@10, typed right':<34} {'':>7} {'':>7} {t['hit@10_clean']:>7.3f}")
         print(f"{'title hit@10, one edit':<34} {'':>7} {'':>7} {t['hit@10_one_edit']:>7.3f}")
         print(f"{'ratio (target >= 0.9)':<34} {'':>7} {'':>7} {t['ratio']:>7.3f}")
+        m = result["multi_image"]
+        if m:
+            print(f"{'query by primary image, hit@1':<34} {m['primary_hit@1']:>7.3f}")
+            print(f"{'query by non-primary image, hit@1':<34} {m['non_primary_hit@1']:>7.3f}   (target: >= primary)")
         path = _write(f"generated_{result['database']}", result)
     print(f"wrote {path.relative_to(ROOT)}")
     return 0

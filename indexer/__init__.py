@@ -1,12 +1,13 @@
 """indexer: catalog readers, the ingestion pipeline, FAISS index construction and index-version artifacts."""
 
 from indexer.ann import AnnConfig, AnnIndex, AnnInfo, IdSet, plan_factory
-from indexer.catalog import CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
+from indexer.catalog import MAX_IMAGES, CatalogError, CatalogRow, ImagePolicy, RowError, read_catalog
 from indexer.faiss_import import gpu_count, import_faiss
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.openmoji import ATTRIBUTION, DemoCatalog, DemoCatalogError, EmojiProduct, build_demo_catalog, load_demo_catalog
 from indexer.incremental import PATCH_FIELDS, PATCH_METADATA_FIELDS, CatalogUpdater, UpdateError, UpsertOutcome
 from indexer.pipeline import (
+    EXTRA_IMAGE_INDEX,
     DEFAULT_MODEL_SPEC,
     CatalogIndexer,
     FeedSync,
@@ -33,6 +34,8 @@ from indexer.versions import (
 )
 
 __all__ = [
+    "MAX_IMAGES",
+    "EXTRA_IMAGE_INDEX",
     "PATCH_FIELDS",
     "PATCH_METADATA_FIELDS",
     "ATTRIBUTION",

@@ -12,6 +12,9 @@ Schema (one product per row; column names are case-sensitive):
     stock        optional  integer >= 0, units on hand (absent: unknown, never filtered out by in_stock)
     image        optional  path relative to the catalog file, an absolute path, or an http(s) URL
                            (URLs only when URL images are enabled)
+    images       optional  several images: in JSONL and Parquet a list of references (as `image`),
+                           in CSV the references separated by `|`; at most MAX_IMAGES. With `image`
+                           as well, `image` is the first (primary) image and `images` follow it
     attributes   optional  JSON object; any other column is folded into it as well
 
 A bad row is reported (line, product_id, reason) and skipped; good rows proceed.
@@ -30,7 +33,10 @@ from pathlib import Path
 from store import ProductInput
 
 KNOWN_COLUMNS = ("product_id", "title", "description", "category", "brand", "price", "currency", "stock", "image",
-                 "attributes")
+                 "images", "attributes")
+# Images one product may have (the first included): each is a vector of the image index, and an
+# image query over-fetches by this factor to return one result per product.
+MAX_IMAGES = 16
 MAX_STOCK = 2**31 - 1
 REQUIRED_COLUMNS = ("product_id", "title")
 MAX_ID_LENGTH = 256
@@ -270,6 +276,34 @@ def resolve_image(ref: str, *, base: Path, policy: ImagePolicy) -> str:
     return str(resolved)
 
 
+def _image_refs(image, images) -> list[str]:
+    """The product's image references, the primary first: `image`, then the `images` list (a list
+    in JSONL and Parquet, `|`-separated text in CSV), duplicates dropped."""
+    first = _clean_text(image, "image", max_length=4096)
+    listed: list = []
+    if images is None or (isinstance(images, float) and math.isnan(images)):
+        listed = []
+    elif isinstance(images, str):
+        listed = images.split("|")
+    elif isinstance(images, (list, tuple)) or type(images).__name__ == "ndarray":
+        listed = list(images)
+    else:
+        raise ValueError(f"images must be a list of image paths or URLs (in CSV: separated by '|'), "
+                         f"got {type(images).__name__}")
+    if len(listed) > MAX_IMAGES:
+        raise ValueError(f"images lists {len(listed)} images; the limit is {MAX_IMAGES} per product")
+    refs = [first] if first is not None else []
+    for n, value in enumerate(listed):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"images[{n}] must be a path or URL string, got {type(value).__name__}")
+        ref = _clean_text(value, f"images[{n}]", max_length=4096)
+        if ref is not None and ref not in refs:
+            refs.append(ref)
+    if len(refs) > MAX_IMAGES:
+        raise ValueError(f"image and images make {len(refs)} images; the limit is {MAX_IMAGES} per product")
+    return refs
+
+
 def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy) -> CatalogRow | RowError:
     product_id = record.get("product_id")
     pid_text = None if product_id is None else str(product_id)
@@ -283,7 +317,8 @@ def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy)
             currency = currency.upper()
             if not _CURRENCY.match(currency):
                 raise ValueError(f"currency {currency!r} is not a 3-letter code")
-        image_ref = _clean_text(record.get("image"), "image", max_length=4096)
+        refs = _image_refs(record.get("image"), record.get("images"))
+        image_ref = refs[0] if refs else None
         image_uri = None
         image_error = None
         if image_ref is not None:
@@ -292,6 +327,12 @@ def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy)
             except ValueError as exc:
                 # The product stays searchable by text; the image problem is reported with it.
                 image_error = str(exc)
+        extra_images = []
+        for ref in refs[1:]:
+            try:
+                extra_images.append((ref, resolve_image(ref, base=base, policy=policy)))
+            except ValueError as exc:
+                image_error = f"{image_error}; {exc}" if image_error else str(exc)
         product = ProductInput(
             product_id=pid,
             title=title,
@@ -303,6 +344,7 @@ def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy)
             stock=_stock(record.get("stock")),
             image_ref=image_ref,
             image_uri=image_uri,
+            extra_images=tuple(extra_images),
             attributes=_attributes(record) | ({"_image_rejected": image_error} if image_error else {}),
         )
     except ValueError as exc:

@@ -18,7 +18,10 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from embedder import Embedder, ImageDecodeError, ImageLimits, content_hash, decode_image, read_image_bytes
+from indexer.catalog import MAX_IMAGES
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.pipeline import product_text
 from store import METADATA_COLUMNS, ConflictError, ProductInput, ProductRecord, ProductVectors, Store, text_field_values
@@ -85,13 +88,23 @@ class CatalogUpdater:
         *,
         image: bytes | None = None,
         image_url: str | None = None,
+        images: list[bytes] | None = None,
         as_read_at: datetime | None = None,
     ) -> UpsertOutcome:
-        """Add or replace one product. With neither `image` nor `image_url`, the product keeps the
-        image it has; a new product is then text-only. `as_read_at`: `item` was made from the
-        product as it was at that `updated_at` (a PATCH); ConflictError if it has changed since."""
-        if image is not None and image_url is not None:
-            raise UpdateError("conflict", "give image bytes or an image URL, not both")
+        """Add or replace one product. With neither `image` nor `image_url` nor `images`, the
+        product keeps the images it has; a new product is then text-only. `images`: all its
+        images, the first one first (at most MAX_IMAGES); `image` or `image_url` alone makes the
+        product's one image (its other images go). `as_read_at`: `item` was made from the product
+        as it was at that `updated_at` (a PATCH); ConflictError if it has changed since."""
+        if sum(x is not None for x in (image, image_url, images)) > 1:
+            raise UpdateError("conflict", "give image bytes, an image URL or a list of images, not more than one")
+        extra = None
+        if images is not None:
+            if len(images) > MAX_IMAGES:
+                raise UpdateError("too_many_images", f"{len(images)} images; the limit is {MAX_IMAGES} per product")
+            if not images:
+                raise UpdateError("no_images", "images is empty: give at least one image, or none to keep them")
+            image, extra = images[0], [self._extra_image(data, embedder) for data in images[1:]]
         text = product_text(item, self.store.lexical.text_fields)
         if image is None and image_url is None:
             outcome = self._update_metadata(item, content_hash(text), as_read_at)
@@ -109,7 +122,8 @@ class CatalogUpdater:
                 raise ConflictError(f"product {item.product_id!r} changed after it was read")
             if new_image is not None:
                 product, action, image_hash, image_vector = new_image
-                state = {}
+                # A new first image replaces the product's images: the others are those given.
+                state = {"extra_images": tuple(extra or ())}
             else:
                 product, action, image_hash, image_vector, state = self._existing_image(item, current, embedder)
             vectors = ProductVectors(
@@ -173,6 +187,7 @@ class CatalogUpdater:
         *,
         image: bytes | None = None,
         image_url: str | None = None,
+        images: list[bytes] | None = None,
     ) -> UpsertOutcome | None:
         """Change some fields of a live product (None: there is none by that id). `changes` holds
         catalog fields by name (None clears one). Metadata alone (price, currency, stock,
@@ -181,7 +196,7 @@ class CatalogUpdater:
         unknown = set(changes) - set(PATCH_FIELDS)
         if unknown:
             raise UpdateError("unknown_field", f"cannot patch {', '.join(sorted(unknown))}")
-        content = self.patch_may_embed(changes, image=image is not None or image_url is not None)
+        content = self.patch_may_embed(changes, image=image is not None or image_url is not None or images is not None)
         if not content:
             # One transaction reads and writes the row: one round trip fewer than read-then-write.
             written = self.store.patch_product_metadata(product_id, changes)
@@ -202,7 +217,7 @@ class CatalogUpdater:
             # from another worker) makes the write fail, and the patch is applied to the new row.
             try:
                 return self.upsert(replace(_as_input(current), **fields), embedder, image=image, image_url=image_url,
-                                   as_read_at=current.updated_at)
+                                   images=images, as_read_at=current.updated_at)
             except ConflictError:
                 continue
         raise UpdateError("busy", f"product {product_id!r} keeps changing; try again")
@@ -228,6 +243,14 @@ class CatalogUpdater:
         path = self._keep_image(data, digest)
         ref = url if url is not None else str(path.relative_to(self.home))
         return replace(item, image_ref=ref, image_uri=str(path.resolve())), "set", digest, vector
+
+    def _extra_image(self, data: bytes, embedder: Embedder) -> tuple[str, str, str, "np.ndarray"]:
+        """One of the images after the first of an upsert: checked, kept on disk, embedded."""
+        data = read_image_bytes(data, self.image_limits)  # size limits; raises ImageDecodeError
+        vector = embedder.encode_images([decode_image(data, self.image_limits)])[0]
+        digest = content_hash(data)
+        path = self._keep_image(data, digest)
+        return str(path.relative_to(self.home)), str(path.resolve()), digest, vector
 
     def _existing_image(self, item: ProductInput, current: ProductRecord | None, embedder: Embedder):
         if current is not None and current.deleted_at is None and current.image_status == "supplied":

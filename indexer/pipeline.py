@@ -145,6 +145,10 @@ class IndexSummary:
         }
 
 
+# The index of a version that holds products' images after the first; its FAISS ids are
+# `product_images.image_id`s (search joins them to products in SQL). Absent when no product has one.
+EXTRA_IMAGE_INDEX = "image_extra"
+
 DEFAULT_MODEL_SPEC = "ViT-B-32:laion2b_s34b_b79k"  # what an empty home embeds with, unless told
 
 
@@ -320,6 +324,7 @@ class CatalogIndexer:
             else:
                 self._embed_texts(total, cache, summary)
                 self._embed_images(total, cache, summary)
+                self._embed_extra_images(cache, summary)
         finally:
             cache.flush()  # keep every finished batch, also when interrupted
         return cache
@@ -359,6 +364,48 @@ class CatalogIndexer:
                 self.store.record_image_states(states, seen=seen)
                 self.progress.advance("embed images", batch.attempted)
         self.progress.finish("embed images")
+
+    def _embed_extra_images(self, cache: VectorCache, summary: IndexSummary) -> None:
+        """Products' images after the first (`product_images`), each embedded into the cache by its
+        content like the first; their states are recorded on their own rows."""
+        self.progress.start("embed more images", None)
+        for images in self.store.iter_product_images(self.options.chunk_rows):
+            usable = [im for im in images if im.image_uri]
+            seen = {im.image_id: (im.image_uri, im.image_hash) for im in usable}
+            batches = self.embedder.embed_images(
+                ((im.image_id, self._image_source(im)) for im in usable), batch_size=self.options.batch_size, cache=cache
+            )
+            product_ids = self.store.products_by_row_ids({im.row_id for im in usable})
+            for batch in batches:
+                summary.images_embedded += batch.encoded
+                summary.images_cached += batch.attempted - batch.encoded - len(batch.failures)
+                states = [ImageState(i, image_hash=h, image_status="ok") for i, h in zip(batch.keys, batch.hashes)]
+                by_id = {im.image_id: im for im in usable}
+                for image_id, reason, message in batch.failures:
+                    product = product_ids.get(by_id[image_id].row_id)
+                    summary.image_failed(product.product_id if product else str(image_id), reason,
+                                         f"image {by_id[image_id].position + 1}: {message}")
+                    states.append(ImageState(image_id, image_hash=None, image_status=reason[:32],
+                                             image_error=message[:2000]))
+                self.store.record_product_image_states(states, seen=seen)
+                self.progress.advance("embed more images", batch.attempted)
+        self.progress.finish("embed more images")
+
+    def _extra_image_source(self, cache: VectorCache) -> "CachedVectors | None":
+        """Where the embedded images after the first of live products lie in the cache, by image id."""
+        ids, locations = [], []
+        missing = 0
+        for image_ids, hashes in self.store.iter_image_indexable(self.options.build_chunk_rows):
+            found = cache.locate([f"image:{h}" for h in hashes])
+            ok = found >= 0
+            missing += int((~ok).sum())
+            ids.append(image_ids[ok])
+            locations.append(found[ok])
+        if missing:
+            log.warning("%d images (after products' first) missing from the cache; left out of this index", missing)
+        if not ids or not sum(len(x) for x in ids):
+            return None
+        return CachedVectors(cache, np.concatenate(ids), np.concatenate(locations))
 
     def _record_imageless(self, products: list[ProductRecord], summary: IndexSummary) -> None:
         # A supplied image vector (`--vectors`) stands for an image the catalog does not carry.
@@ -448,6 +495,11 @@ class CatalogIndexer:
                     indexes[modality] = build_ann_on_ray(CachedShardSource.of(sources[modality]), self.options.ann,
                                                          tuning_queries=queries)
                 self.progress.advance("build indexes")
+            extra = self._extra_image_source(cache)
+            if extra is not None:
+                # Tuned with text queries, like the image index: the same cross-modal traffic.
+                indexes[EXTRA_IMAGE_INDEX] = AnnIndex.build_from(
+                    extra, self.options.ann, tuning_queries=sources["text"].sample(self.options.ann.tuning_queries))
             self.progress.finish("build indexes")
             self.store.register_model_version(self.embedder.name, spec=self.embedder.spec, dim=self.embedder.dim)
             version, path, manifest = write_index_version(
@@ -455,7 +507,9 @@ class CatalogIndexer:
                 model_version=self.embedder.name,
                 indexes=indexes,
                 extra={
-                    "counts": {"products": products, "image": indexes["image"].ntotal, "text": indexes["text"].ntotal},
+                    "counts": {"products": products, "image": indexes["image"].ntotal, "text": indexes["text"].ntotal,
+                               **({EXTRA_IMAGE_INDEX: indexes[EXTRA_IMAGE_INDEX].ntotal}
+                                  if EXTRA_IMAGE_INDEX in indexes else {})},
                     "catalog_seq": catalog_seq,
                     "lexical": self.store.lexical.to_dict(),
                     # Queries to this version are encoded at the same precision (search.engine).
@@ -470,7 +524,7 @@ class CatalogIndexer:
             apply_retention(self.store, self.home, self.options.keep_versions)
         summary.index_version = version
         summary.model_version = self.embedder.name
-        summary.indexes = {m: manifest["indexes"][m] for m in MODALITIES}
+        summary.indexes = dict(manifest["indexes"])
 
     def _sources(self, cache: VectorCache) -> tuple[dict[str, "CachedVectors"], int]:
         """Where each live product's vectors lie in the cache, per modality (16 bytes a vector:

@@ -51,12 +51,20 @@ from embedder import (
     read_image_bytes,
     vector_space,
 )
-from indexer import IndexVersionError, LoadedIndexVersion, copy_version, index_version_path, load_index_version
+from indexer import (
+    EXTRA_IMAGE_INDEX,
+    IndexVersionError,
+    LoadedIndexVersion,
+    copy_version,
+    index_version_path,
+    load_index_version,
+)
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
+from search.images import ExtraImages, ExtraOverlay
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
-from store import LEXICAL_NAME, LexicalConfig, ProductFilter, ProductRecord, Store
+from store import LEXICAL_NAME, LexicalConfig, ProductFilter, ProductImageRecord, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,11 @@ LEXICAL_FILTERED_DEPTH = 3200
 MAX_LEXICAL_QUERY_CHARS = 256
 # A version that failed to load is tried again after this long (its files may have been repaired).
 FAILED_VERSION_RETRY_S = 60.0
+
+
+# Key of a ranking entry's parts naming the image its image-leg score is of (0: the product's first
+# image, else a `product_images.image_id`); taken out before the parts become a hit's `scores`.
+_MATCHED = "_matched_image"
 
 
 class Target(str, Enum):
@@ -127,6 +140,9 @@ class SearchHit:
     score: float
     rank: int
     scores: dict[str, float] = field(default_factory=dict)
+    # The product's image its image-leg score is of (position 0: its first image); None when no
+    # image leg ranked it (target=text, an exact identifier match).
+    matched_image: ProductImageRecord | None = None
 
 
 @dataclass
@@ -155,6 +171,8 @@ class _Serving:
     embedder: Embedder
     overlay: Overlay
     filters: FilterIndex
+    extra: ExtraImages | None = None  # products' images after the first (search/images.py)
+    extra_overlay: ExtraOverlay | None = None  # those of products changed since the build
 
 
 class SearchEngine:
@@ -314,12 +332,18 @@ class SearchEngine:
         filters = FilterIndex.load(self.store.iter_filter_facts())
         # Products deleted after the build outside the journal (or before it existed) stay hidden;
         # only those the indexes hold need a mask, not every product ever deleted.
-        indexed = {m: ann.ids() for m, ann in version.indexes.items()}
+        indexed = {m: version.indexes[m].ids() for m in MODALITIES}
+        extra = None
+        if EXTRA_IMAGE_INDEX in version.indexes:
+            extra = ExtraImages.load(version.indexes[EXTRA_IMAGE_INDEX], self.store)
+            # A product whose other images are indexed is in the image leg's base even when its
+            # first image is not: its deletion or change must be masked there as well.
+            indexed["image"] = np.union1d(indexed["image"], extra.rows)
         tombstones = np.concatenate([ids[~filters.base_live(ids)] for ids in indexed.values()] or [np.zeros(0, np.int64)])
         overlay = Overlay.start(
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
-        loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        loaded = self._replay(_Serving(version, embedder, overlay, filters, extra, ExtraOverlay(embedder.dim)))
         self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
@@ -442,7 +466,11 @@ class SearchEngine:
             self.store, changes, serving.embedder, serving.overlay, serving.filters,
             embeddings_dir=self.indexes_dir.parent / "embeddings",
         )
-        return replace(serving, overlay=overlay, filters=filters)
+        extra_overlay = serving.extra_overlay
+        if extra_overlay is not None:
+            extra_overlay = extra_overlay.applied(changes, self.store, serving.embedder.vector_space,
+                                                  self.indexes_dir.parent / "embeddings" / serving.embedder.vector_space)
+        return replace(serving, overlay=overlay, filters=filters, extra_overlay=extra_overlay)
 
     # ---------------------------------------------------------------- search
 
@@ -547,12 +575,14 @@ class SearchEngine:
         t0 = time.perf_counter()
         page = ranked[offset : offset + k]
         products = self.store.products_by_row_ids([row for row, _, _ in page])
+        matched = self._matched_images(page, products)
         hits = []
         for row, score, parts in page:
             product = products.get(row)
             if product is None or product.deleted_at is not None:
                 continue  # deleted between the ANN step and the fetch
-            hits.append(SearchHit(product, float(score), offset + len(hits) + 1, parts))
+            scores = {name: value for name, value in parts.items() if name != _MATCHED}
+            hits.append(SearchHit(product, float(score), offset + len(hits) + 1, scores, matched.get(row)))
         timings["metadata"] = _ms(t0)
 
         return SearchResult(
@@ -679,17 +709,59 @@ class SearchEngine:
         found.sort(key=lambda pair: (-pair[1], pair[0]))
         return found[:want]
 
-    def _single(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+    def _image_candidates(self, serving, query, want, allowed, exclude) -> list[tuple[int, float, int]]:
+        """Top `want` (row, cosine, image id) of the image leg: each product by its best image, its
+        first (image id 0: the `image` index and the overlay) or another (`image_extra`)."""
+        first = [(i, s, 0) for i, s in self._candidates(serving, "image", query, want, allowed, exclude)]
+        others = []
+        if serving.extra is not None:
+            others += serving.extra.search(query, want, allowed=allowed, masked_rows=serving.overlay.masked("image"),
+                                           exclude_rows=exclude, exact_subset_max=self.exact_subset_max)
+        if serving.extra_overlay is not None:
+            others += serving.extra_overlay.search(query, want, allowed=allowed, exclude_rows=exclude)
+        if not others:
+            return first
+        best: dict[int, tuple[int, float, int]] = {}
+        for entry in first + others:
+            if entry[0] not in best or entry[1] > best[entry[0]][1]:
+                best[entry[0]] = entry
+        return sorted(best.values(), key=lambda e: (-e[1], e[0]))[:want]
+
+    def _leg(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+        """A vector leg's ranking as (row, cosine, parts); the image leg's parts name the image."""
+        if modality == "image":
+            return [(i, s, {"image": s, _MATCHED: m}) for i, s, m in
+                    self._image_candidates(serving, query, want, allowed, exclude)]
         return [(i, s, {modality: s}) for i, s in self._candidates(serving, modality, query, want, allowed, exclude)]
+
+    def _matched_images(self, page, products: dict[int, ProductRecord]) -> dict[int, ProductImageRecord]:
+        """row -> the image its image-leg score is of, for the rows of a page the image leg ranked."""
+        wanted = {row: parts[_MATCHED] for row, _, parts in page if _MATCHED in parts}
+        others = self.store.images_by_ids({i for i in wanted.values() if i}) if any(wanted.values()) else {}
+        out: dict[int, ProductImageRecord] = {}
+        for row, image_id in wanted.items():
+            product = products.get(row)
+            if product is None:
+                continue
+            if image_id:
+                if image_id in others:
+                    out[row] = others[image_id]
+            elif product.image_uri or product.image_hash:
+                out[row] = ProductImageRecord(0, row, 0, product.image_ref, product.image_uri, product.image_hash,
+                                              product.image_status, product.image_error)
+        return out
+
+    def _single(self, serving, modality, query, want, allowed, exclude) -> list[tuple[int, float, dict]]:
+        return self._leg(serving, modality, query, want, allowed, exclude)
 
     def _hybrid(self, serving, query, want, allowed, exclude, lexical=None) -> list[tuple[int, float, dict]]:
         depth = max(want, 50)
         fused: dict[int, float] = {}
         parts: dict[int, dict[str, float]] = {}
         for modality in MODALITIES:
-            for rank, (i, s) in enumerate(self._candidates(serving, modality, query, depth, allowed, exclude), start=1):
+            for rank, (i, s, leg) in enumerate(self._leg(serving, modality, query, depth, allowed, exclude), start=1):
                 fused[i] = fused.get(i, 0.0) + 1.0 / (self.rrf_k + rank)
-                parts.setdefault(i, {})[modality] = s
+                parts.setdefault(i, {}).update(leg)
         for rank, (i, s) in enumerate(lexical or (), start=1):
             if i in exclude:
                 continue

@@ -36,6 +36,9 @@ searched exactly); the changed rows' filter columns patch the `FilterIndex`:
   embedded now when another model's build embedded it (a rollback across models); content no
   build has embedded yet (its run is on its way) keeps the vectors the product had;
 - `meta`: filters only; `delete`: masked everywhere.
+A product's images after the first (`product_images`) are not journaled themselves: an entry that
+sets or clears the product's image, or deletes it, makes the engine read the product's image rows
+again (`search/images.py`, `ExtraOverlay.applied`; an API upload's rows carry their vectors).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import (
-    CatalogChange, Event, IndexVersion, ModelVersion, Product, ProductIdentifier, SearchLog, TrainingRun, utcnow,
+    CatalogChange, Event, IndexVersion, ModelVersion, Product, ProductIdentifier, ProductImage, SearchLog, TrainingRun,
+    utcnow,
 )
 from store.records import (
     AttributeCondition,
@@ -35,6 +36,7 @@ from store.records import (
     ModelVersionRecord,
     ProductFacts,
     ProductFilter,
+    ProductImageRecord,
     ProductInput,
     ProductRecord,
     ProductVectors,
@@ -180,6 +182,51 @@ def _replace_identifiers(s: Session, by_row: dict[int, list[str]]) -> None:
     values = [{"value": v, "row_id": row} for row, keys in by_row.items() for v in keys]
     if values:
         s.execute(table.insert(), values)
+
+
+def _image_lists(s: Session, row_ids: Sequence[int]) -> dict[int, tuple[tuple[str | None, str | None], ...]]:
+    """row_id -> its images after the first, as (image_ref, image_uri) in position order."""
+    table = ProductImage.__table__
+    out: dict[int, list] = {}
+    for chunk in _chunks(list(row_ids)):
+        rows = s.execute(select(table.c.row_id, table.c.image_ref, table.c.image_uri)
+                         .where(table.c.row_id.in_(chunk)).order_by(table.c.row_id, table.c.position))
+        for row, ref, uri in rows:
+            out.setdefault(row, []).append((ref, uri))
+    return {row: tuple(images) for row, images in out.items()}
+
+
+def _replace_images(s: Session, by_row: dict[int, tuple[tuple[str, str], ...]]) -> None:
+    """Rows' images after the first become these (new image ids, state pending), in the caller's
+    transaction. Replaced wholesale: an index version holding the old ids then maps them to no
+    product, instead of to whatever image took their position."""
+    if not by_row:
+        return
+    table = ProductImage.__table__
+    for chunk in _chunks(list(by_row)):
+        s.execute(delete(table).where(table.c.row_id.in_(chunk)))
+    values = [{"row_id": row, "position": position, "image_ref": ref, "image_uri": uri, "image_status": "pending"}
+              for row, images in by_row.items() for position, (ref, uri) in enumerate(images, start=1)]
+    if values:
+        s.execute(table.insert(), values)
+
+
+def _write_embedded_images(s: Session, row_id: int, images, vector_space: str) -> None:
+    """An API upsert's images after the first, embedded already: they replace the product's, with
+    their vectors (servers replay them from here)."""
+    table = ProductImage.__table__
+    s.execute(delete(table).where(table.c.row_id == row_id))
+    if images:
+        s.execute(table.insert(), [
+            {"row_id": row_id, "position": position, "image_ref": ref, "image_uri": uri, "image_hash": digest,
+             "image_status": "ok", "vector_space": vector_space, "vector": _to_blob(vector)}
+            for position, (ref, uri, digest, vector) in enumerate(images, start=1)
+        ])
+
+
+def _image_record(r: ProductImage) -> ProductImageRecord:
+    record = _to_record(ProductImageRecord, r)
+    return replace(record, vector=_from_blob(r.vector))
 
 
 def _serialise_journal(s: Session) -> None:
@@ -494,6 +541,8 @@ class Store:
             for chunk in _chunks(list({it.product_id: it for it in items}.values())):
                 ids = [it.product_id for it in chunk]
                 existing = {r.product_id: r for r in s.execute(select(*current_columns).where(c.product_id.in_(ids)))}
+                stored_images = _image_lists(s, [r.row_id for r in existing.values()])
+                image_lists: dict[int, tuple[tuple[str, str], ...]] = {}
                 inserts, updates, journal, new_items = [], [], [], []
                 identifiers: dict[str, list[str]] = {}
                 for it in chunk:
@@ -509,11 +558,15 @@ class Store:
                     restored = row.deleted_at is not None
                     text_changed = restored or (row.title, row.description) != (it.title, it.description) \
                         or text_field_values(row, self.lexical.text_fields) != text_field_values(it, self.lexical.text_fields)
-                    image_changed = restored or row.image_uri != it.image_uri
+                    had_images = stored_images.get(row.row_id, ())
+                    # The other images are embedded content: a changed one re-embeds the product.
+                    image_changed = restored or row.image_uri != it.image_uri \
+                        or [uri for _, uri in had_images] != [uri for _, uri in it.extra_images]
                     content = text_changed or image_changed
                     metadata = (row.category, row.brand, row.price, row.currency, row.image_ref, dict(row.attributes or {}),
-                                row.stock) \
-                        != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes), it.stock)
+                                row.stock, had_images) \
+                        != (it.category, it.brand, it.price, it.currency, it.image_ref, dict(it.attributes), it.stock,
+                            tuple(it.extra_images))
                     if not (content or metadata):
                         out.unchanged += 1
                         out.row_ids[it.product_id] = row.row_id
@@ -526,6 +579,8 @@ class Store:
                             continue
                         out.api_edits_overwritten.append(it.product_id)
                     updates.append({**fields_, "b_new_uri": it.image_uri, "b_row": row.row_id})
+                    if had_images != tuple(it.extra_images):
+                        image_lists[row.row_id] = tuple(it.extra_images)
                     identifiers[it.product_id] = self.lexical.identifiers(it)
                     if journaling and content:
                         journal.append(_file_change(row.row_id, it, now, text_hash, text=text_changed, image=image_changed))
@@ -544,12 +599,15 @@ class Store:
                     created = dict(s.execute(select(c.product_id, c.row_id).where(
                         c.product_id.in_([r["product_id"] for r in inserts]))).tuples().all())
                     out.row_ids.update(created)
+                    image_lists.update((created[it.product_id], tuple(it.extra_images)) for it in new_items
+                                       if it.extra_images)
                     if journaling:
                         journal += [_file_change(created[it.product_id], it, now, text_hash, text=True, image=True)
                                     for it in new_items]
                 if journal:
                     s.execute(CatalogChange.__table__.insert(), journal)
                 _replace_identifiers(s, {out.row_ids[pid]: keys for pid, keys in identifiers.items()})
+                _replace_images(s, image_lists)
         return out
 
     def record_text_hashes(self, hashes: dict[int, str], *, seen: dict[int, str | None]) -> None:
@@ -656,6 +714,104 @@ class Store:
             row_ids, image_hashes, text_hashes = zip(*rows)
             yield np.asarray(row_ids, dtype=np.int64), list(image_hashes), list(text_hashes)
             after = int(row_ids[-1])
+
+    # ---------------------------------------------------------------- a product's other images
+
+    def iter_product_images(self, chunk_size: int = 5_000) -> Iterator[list[ProductImageRecord]]:
+        """The images after the first of live products, in image-id order, a keyset page at a time."""
+        i, p = ProductImage.__table__.c, Product.__table__.c
+        after = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(
+                    select(ProductImage).join(Product, p.row_id == i.row_id)
+                    .where(i.image_id > after, p.deleted_at.is_(None)).order_by(i.image_id).limit(chunk_size)
+                ).scalars().all()
+                chunk = [_image_record(r) for r in rows]
+            if not chunk:
+                return
+            yield chunk
+            after = chunk[-1].image_id
+
+    def record_product_image_states(self, states: Sequence[ImageState], *,
+                                    seen: dict[int, tuple[str | None, str | None]]) -> None:
+        """What embedding found out about images after the first (`ImageState.row_id` holds the
+        image id here). Compare-and-set against `seen` (image id -> the uri and hash the indexer
+        read), as `record_image_states` does for the first image."""
+        if not states:
+            return
+        table = ProductImage.__table__
+        stmt = (
+            update(table)
+            .where(
+                table.c.image_id == bindparam("b_id"),
+                table.c.image_uri.is_not_distinct_from(bindparam("b_uri")),
+                table.c.image_hash.is_not_distinct_from(bindparam("b_seen")),
+            )
+            .values(image_hash=bindparam("b_hash"), image_status=bindparam("b_status"), image_error=bindparam("b_error"))
+        )
+        rows = []
+        for st in states:
+            uri, old = seen.get(st.row_id, (None, None))
+            rows.append({"b_id": st.row_id, "b_uri": uri, "b_seen": old, "b_hash": st.image_hash,
+                         "b_status": st.image_status, "b_error": st.image_error})
+        with self.session() as s, s.begin():
+            s.execute(stmt, rows)
+
+    def iter_image_indexable(self, chunk_size: int = 100_000) -> Iterator[tuple[np.ndarray, list[str]]]:
+        """(image ids, image hashes) of the embedded images after the first of live products, in
+        image-id order: what the build of an `image_extra` index needs."""
+        i, p = ProductImage.__table__.c, Product.__table__.c
+        after = -1
+        while True:
+            with self.session() as s:
+                rows = s.execute(
+                    select(i.image_id, i.image_hash).join(Product, p.row_id == i.row_id)
+                    .where(i.image_id > after, p.deleted_at.is_(None), i.image_status == "ok",
+                           i.image_hash.is_not(None))
+                    .order_by(i.image_id).limit(chunk_size)
+                ).all()
+            if not rows:
+                return
+            ids, hashes = zip(*rows)
+            yield np.asarray(ids, dtype=np.int64), list(hashes)
+            after = int(ids[-1])
+
+    def image_rows(self, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image ids, the row id of each one's product), sorted by image id, of those of
+        `image_ids` that still exist: the join from an `image_extra` index's FAISS ids to products.
+        Ids of images replaced since (a new image list) are left out."""
+        table = ProductImage.__table__
+        found_ids: list[int] = []
+        found_rows: list[int] = []
+        with self.session() as s:
+            for chunk in _chunks([int(x) for x in image_ids]):
+                for image_id, row in s.execute(select(table.c.image_id, table.c.row_id)
+                                               .where(table.c.image_id.in_(chunk))):
+                    found_ids.append(int(image_id))
+                    found_rows.append(int(row))
+        ids = np.asarray(found_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.asarray(found_rows, dtype=np.int64)[order]
+
+    def product_images(self, row_ids: Iterable[int]) -> dict[int, list[ProductImageRecord]]:
+        """row_id -> its images after the first, in position order."""
+        out: dict[int, list[ProductImageRecord]] = {}
+        with self.session() as s:
+            for chunk in _chunks([int(r) for r in row_ids]):
+                q = select(ProductImage).where(ProductImage.row_id.in_(chunk)).order_by(ProductImage.row_id,
+                                                                                     ProductImage.position)
+                for r in s.scalars(q):
+                    out.setdefault(r.row_id, []).append(_image_record(r))
+        return out
+
+    def images_by_ids(self, image_ids: Iterable[int]) -> dict[int, ProductImageRecord]:
+        with self.session() as s:
+            out = {}
+            for chunk in _chunks([int(x) for x in image_ids]):
+                for r in s.scalars(select(ProductImage).where(ProductImage.image_id.in_(chunk))):
+                    out[r.image_id] = _image_record(r)
+            return out
 
     def iter_image_failures(self, chunk_size: int = 5_000) -> Iterator[tuple[str, str, str | None]]:
         """(product_id, image_status, image_error) of every live product whose image could not be
@@ -780,6 +936,8 @@ class Store:
             s.add(change)
             s.flush()
             _replace_identifiers(s, {p.row_id: self.lexical.identifiers(item)})
+            if vectors.extra_images is not None:
+                _write_embedded_images(s, p.row_id, vectors.extra_images, vectors.model_version)
             return _to_record(ProductRecord, p), created, int(change.seq)
 
     def update_product_metadata(self, item: ProductInput, *, expect_updated_at: datetime) -> tuple[ProductRecord, int]:

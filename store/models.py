@@ -88,6 +88,39 @@ class ProductIdentifier(Base):
     __table_args__ = (Index("ix_product_identifiers_row_id", "row_id"),)
 
 
+class ProductImage(Base):
+    """A product's images after the first (the `images` catalog column; position 1, 2, ...): the
+    first stays on `products` (image_ref, image_uri, image_hash, image_status). Each embedded one
+    is a vector of the index version's `image_extra` index, whose FAISS id is this `image_id`; a
+    search joins it to its product through this table (`Store.image_rows`), never by position.
+
+    A changed list replaces the product's rows: new image ids, never reused (AUTOINCREMENT on
+    SQLite too), so an index version built before the change cannot map a stale vector to the
+    new images."""
+
+    __tablename__ = "product_images"
+
+    image_id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    row_id: Mapped[int] = mapped_column(RowId, ForeignKey("products.row_id"), nullable=False)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    image_ref: Mapped[str | None] = mapped_column(Text)
+    image_uri: Mapped[str | None] = mapped_column(Text)
+    image_hash: Mapped[str | None] = mapped_column(String(64))
+    # ok | pending (not yet embedded) | missing | broken | ... (as products.image_status)
+    image_status: Mapped[str] = mapped_column(String(32), nullable=False, default="pending", server_default="pending")
+    image_error: Mapped[str | None] = mapped_column(Text)
+    # The vector an API upload (PUT images_b64) was embedded to and its vector space, so servers
+    # replay it without the model; NULL for catalog-file images (the build's vector cache has them).
+    vector_space: Mapped[str | None] = mapped_column(String(200))
+    vector: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+    __table_args__ = (
+        UniqueConstraint("row_id", "position", name="uq_product_images_row_position"),
+        Index("ix_product_images_row_id", "row_id"),
+        {"sqlite_autoincrement": True},
+    )
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
 

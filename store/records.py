@@ -58,6 +58,24 @@ class ProductInput:
     image_uri: str | None = None
     attributes: dict = field(default_factory=dict)
     stock: int | None = None  # units on hand; None = unknown
+    # The images after the first, as (reference as written, resolved path or URL): `product_images`.
+    extra_images: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ProductImageRecord:
+    """One of a product's images after the first (`product_images`)."""
+
+    image_id: int
+    row_id: int
+    position: int
+    image_ref: str | None
+    image_uri: str | None
+    image_hash: str | None
+    image_status: str
+    image_error: str | None = None
+    vector_space: str | None = None  # set for API uploads, with the vector they were embedded to
+    vector: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +246,9 @@ class ProductVectors:
     image_vector: np.ndarray | None = None
     image_status: str | None = None  # for "clear": none | missing | broken | ...
     image_error: str | None = None
+    # The product's images after the first, embedded: (image_ref, image_uri, hash, vector) each.
+    # None: they stay as they are (only with image_action "keep"); (): the product has no others.
+    extra_images: tuple[tuple[str, str, str, np.ndarray], ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 real server (uvicorn) on a real index."""
 
 import os
+import re
 import shutil
 import socket
 import threading
@@ -524,3 +525,87 @@ def test_attribute_filter_and_in_stock_from_the_panel(page, server):
     _expect_ids(page, expected)
     expect(page.locator("#in-stock")).to_be_checked()
     expect(select).to_have_value("red")
+
+
+@pytest.fixture(scope="module")
+def multi_image_server(tmp_path_factory, tiny_embedder, databases):
+    """A server on a catalog whose products have three images each (`images` column)."""
+    import json as _json
+
+    import uvicorn
+
+    from api.app import create_app
+    from api.settings import PrismSettings
+    from conftest import TINY
+    from indexer import CatalogIndexer, IndexOptions
+    from sample_catalog import draw_product_image, product_row
+    from store import Store
+
+    root = tmp_path_factory.mktemp("browser-multi")
+    (root / "cat" / "images").mkdir(parents=True)
+    lines = []
+    for i in range(30):
+        refs = []
+        for j in range(3):
+            draw_product_image(5000 + 3 * i + j).save(root / "cat" / "images" / f"{i:03d}_{j}.png")
+            refs.append(f"images/{i:03d}_{j}.png")
+        row = {**product_row(i, None), "images": refs}
+        del row["image"]
+        lines.append(_json.dumps(row))
+    catalog = root / "cat" / "catalog.jsonl"
+    catalog.write_text("\n".join(lines) + "\n")
+    home = root / "home"
+    store = Store.open(databases.url(home))
+    try:
+        CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=32)).run(catalog)
+    finally:
+        store.close()
+    settings = PrismSettings(home=home, device="cpu", model=TINY, database_url=databases.url(home))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", root / "cat" / "images"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_a_hit_shows_the_image_that_matched_and_the_detail_view_all_images(browser, multi_image_server):
+    from playwright.sync_api import expect
+
+    server, images = multi_image_server
+    context = browser.new_context(viewport=DESKTOP, locale="en-US")
+    errors = []
+    try:
+        page = context.new_page()
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(server + "/")
+        # The third image of product 7: the card shows that image, not the product's first.
+        page.set_input_files("#image-input", str(images / "007_2.png"))
+        first = page.locator("#results > li").first
+        expect(first).to_have_attribute("data-product-id", "P00007")
+        expect(first).to_have_attribute("data-matched-image", re.compile(r"/v1/products/P00007/images/2\?v="))
+        expect(first.locator("img")).to_have_attribute("src", re.compile(r"/images/2\?v="))
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                               arg=first.locator("img").element_handle(), timeout=15_000)
+        first.locator(".open").click()
+        dialog = page.locator("#detail")
+        expect(dialog).to_be_visible()
+        expect(dialog.locator("#detail-image")).to_have_attribute("src", re.compile(r"/images/2\?v="))
+        thumbs = dialog.locator("#detail-gallery .gallery-thumb")
+        expect(thumbs).to_have_count(3)
+        expect(thumbs.nth(2)).to_have_attribute("aria-current", "true")
+        thumbs.nth(0).click()
+        expect(dialog.locator("#detail-image")).to_have_attribute("src", re.compile(r"/P00007/image\?v="))
+        expect(thumbs.nth(0)).to_have_attribute("aria-current", "true")
+        page.wait_for_function("img => img.complete && img.naturalWidth > 0",
+                               arg=dialog.locator("#detail-image").element_handle(), timeout=15_000)
+    finally:
+        context.close()
+    assert not errors, errors

@@ -70,7 +70,7 @@ OPERATIONS = {
     "GET /v1/search", "POST /v1/search", "POST /v1/search/image",
     "GET /v1/products/{product_id}", "PUT /v1/products/{product_id}", "PATCH /v1/products/{product_id}",
     "DELETE /v1/products/{product_id}",
-    "GET /v1/products/{product_id}/image",
+    "GET /v1/products/{product_id}/image", "GET /v1/products/{product_id}/images/{position}",
     "POST /v1/events", "POST /v1/models/{version}/activate", "GET /v1/retrain", "POST /v1/retrain",
 }
 

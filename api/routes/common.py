@@ -5,7 +5,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 from api.schemas import AttributeRange, ErrorOut, Filters, ValidationErrorOut
-from store import AttributeCondition, ProductFilter, ProductRecord, attribute_key
+from store import AttributeCondition, ProductFilter, ProductImageRecord, ProductRecord, attribute_key
 
 ERRORS = {
     404: {"model": ErrorOut, "description": "unknown product"},
@@ -29,6 +29,30 @@ def image_url(product: ProductRecord) -> str | None:
     if product.image_status != "ok" or not product.image_hash:
         return None
     return f"/v1/products/{quote(product.product_id, safe='')}/image?v={product.image_hash[:16]}"
+
+
+def image_position_url(product: ProductRecord, image: ProductImageRecord | None) -> str | None:
+    """URL of one of the product's images (position 0: its first, the `image` route; position n:
+    `/images/n`), or None when that image is not usable."""
+    if image is None:
+        return None
+    if image.position == 0:
+        return image_url(product)
+    if image.image_status != "ok" or not image.image_hash:
+        return None
+    return f"/v1/products/{quote(product.product_id, safe='')}/images/{image.position}?v={image.image_hash[:16]}"
+
+
+def all_image_urls(product: ProductRecord, others: list[ProductImageRecord]) -> list[str]:
+    """URLs of the product's usable images, its first image first."""
+    urls = [image_url(product)] + [image_position_url(product, im) for im in others]
+    return [u for u in urls if u is not None]
+
+
+def product_detail(store, product: ProductRecord) -> dict:
+    """GET /v1/products/{id}'s answer (and `prism products get`'s): the product with all its images."""
+    others = store.product_images([product.row_id]).get(product.row_id, [])
+    return {**product_out(product), "images": all_image_urls(product, others)}
 
 
 def public_attributes(attributes: dict) -> dict:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from api.routes.common import ADMIN_ERRORS, ERRORS, product_out
+from api.routes.common import ADMIN_ERRORS, ERRORS, product_detail, product_out
 from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductPatch, ProductUpserted
 from api.services import AdminDep, ServicesDep
 from embedder import ImageDecodeError, ImageLimits, content_hash, read_image_bytes
+from indexer import MAX_IMAGES
 from store import ProductInput
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
@@ -40,11 +42,39 @@ def product_image(product_id: ProductIdPath, services: ServicesDep, request: Req
         raise HTTPException(404, f"no product {product_id!r}")
     if product.image_status != "ok" or not product.image_hash or not product.image_uri:
         raise HTTPException(404, f"product {product_id!r} has no usable image")
-    etag = f'"{product.image_hash}"'
+    return _serve_image(product_id, product.image_hash, product.image_uri, services, request)
+
+
+@router.get(
+    "/products/{product_id:path}/images/{position}",
+    responses={
+        404: ERRORS[404], 422: ERRORS[422], 200: {"content": {"image/*": {}}, "description": "the product image"},
+    },
+    response_class=Response,
+    summary="One of a product's images",
+)
+def product_image_at(product_id: ProductIdPath, position: Annotated[int, PathParam(ge=0, le=MAX_IMAGES - 1, description="0: the first image")],
+                     services: ServicesDep, request: Request) -> Response:
+    """The product's image at `position` of its catalog `images` (0: its first, as `/image`), as
+    indexed: served only while its bytes still match the indexed hash. Search hits name the image
+    that matched as `matched_image`."""
+    if position == 0:
+        return product_image(product_id, services, request)
+    product = services.store.get_product(product_id)
+    if product is None:
+        raise HTTPException(404, f"no product {product_id!r}")
+    image = next((im for im in services.store.product_images([product.row_id]).get(product.row_id, [])
+                  if im.position == position), None)
+    if image is None or image.image_status != "ok" or not image.image_hash or not image.image_uri:
+        raise HTTPException(404, f"product {product_id!r} has no usable image at position {position}")
+    return _serve_image(product_id, image.image_hash, image.image_uri, services, request)
+
+
+def _serve_image(product_id: str, image_hash: str, uri: str, services, request: Request) -> Response:
+    etag = f'"{image_hash}"'
     cache = {"ETag": etag, "Cache-Control": "public, max-age=86400"}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=cache)
-    uri = product.image_uri
     if uri.lower().startswith(("http://", "https://")):
         local = services.settings.artifacts / "downloads" / content_hash(uri)
         if not local.is_file():
@@ -56,7 +86,7 @@ def product_image(product_id: ProductIdPath, services: ServicesDep, request: Req
         data = read_image_bytes(uri, limits)
     except ImageDecodeError as exc:
         raise HTTPException(404, f"the image of {product_id!r} is no longer readable on disk ({exc.reason})") from None
-    if content_hash(data) != product.image_hash:
+    if content_hash(data) != image_hash:
         raise HTTPException(404, f"the image of {product_id!r} changed on disk since it was indexed")
     return Response(
         data,
@@ -73,6 +103,9 @@ def _check_new_id(product_id: str) -> None:
     if product_id.endswith("/image"):
         # GET /v1/products/<id>/image is the image route of product <id>.
         raise HTTPException(422, "product_id must not end in '/image'")
+    if re.search(r"/images/[0-9]+$", product_id):
+        # GET /v1/products/<id>/images/<n> is the route of product <id>'s n-th image.
+        raise HTTPException(422, "product_id must not end in '/images/<number>'")
 
 
 def _media_type(data: bytes) -> str:
@@ -93,7 +126,7 @@ def get_product(product_id: ProductIdPath, services: ServicesDep) -> dict:
     product = services.store.get_product(product_id)
     if product is None:
         raise HTTPException(404, f"no product {product_id!r}")
-    return product_out(product)
+    return product_detail(services.store, product)
 
 
 @router.put(
@@ -123,7 +156,8 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
         attributes=body.attributes,
         stock=body.stock,
     )
-    outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url)
+    outcome = services.updater.upsert(item, embedder, image=body.image_b64, image_url=body.image_url,
+                                      images=body.images_b64)
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
     services.engine.sync()
     payload = ProductUpserted(
@@ -149,11 +183,12 @@ def patch_product(product_id: ProductIdPath, body: ProductPatch, services: Servi
     worker. 404 for an unknown (or deleted) product: PATCH creates nothing. Needs the admin token."""
     changes = body.changes()
     image, image_url = changes.pop("image_b64", None), changes.pop("image_url", None)
+    images = changes.pop("images_b64", None)
     embedder = None
-    if services.updater.patch_may_embed(changes, image=image is not None or image_url is not None):
+    if services.updater.patch_may_embed(changes, image=any(x is not None for x in (image, image_url, images))):
         services.engine.sync()
         embedder = services.engine.serving.embedder
-    outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url)
+    outcome = services.updater.patch(product_id, changes, embedder, image=image, image_url=image_url, images=images)
     if outcome is None:
         raise HTTPException(404, f"no product {product_id!r}")
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Reques
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
-from api.routes.common import ERRORS, catalog_fields, to_filter
+from api.routes.common import ERRORS, catalog_fields, image_position_url, to_filter
 from api.schemas import (
     ATTRIBUTE_PARAM,
     K_DESCRIPTION,
@@ -93,7 +93,8 @@ def logged_response(store: Store, result: SearchResult) -> SearchResponse:
         offset=result.query.offset,
         timings_ms=result.timings_ms,
         results=[
-            {**catalog_fields(hit.product), "score": hit.score, "rank": hit.rank, "scores": hit.scores}
+            {**catalog_fields(hit.product), "score": hit.score, "rank": hit.rank, "scores": hit.scores,
+             "matched_image": image_position_url(hit.product, hit.matched_image)}
             for hit in result.hits
         ],
         facets=result.facets,

@@ -394,8 +394,11 @@ function render(result, view) {
     card.dataset.rank = hit.rank;
     card.dataset.category = hit.category || "";
     const img = card.querySelector("img");
-    if (hit.image_url) {
-      img.src = hit.image_url;
+    // A product with several images shows the one the query matched.
+    const shown = hit.matched_image || hit.image_url;
+    if (shown) {
+      img.src = shown;
+      if (hit.matched_image && hit.matched_image !== hit.image_url) card.dataset.matchedImage = hit.matched_image;
     } else {
       card.querySelector(".thumb").classList.add("no-image");
       img.remove();
@@ -454,12 +457,15 @@ function openResult(hit, queryId) {
   const dialog = $("detail");
   dialog.dataset.queryId = queryId;
   dialog.dataset.position = hit.rank;
+  dialog.dataset.productId = hit.product_id;
   const img = $("detail-image");
-  img.hidden = !hit.image_url;
-  if (hit.image_url) {
-    img.src = hit.image_url;
+  const shown = hit.matched_image || hit.image_url;
+  img.hidden = !shown;
+  if (shown) {
+    img.src = shown;
     img.alt = hit.title;
   }
+  showGallery(hit, shown);
   $("detail-title").textContent = hit.title;
   $("detail-price").textContent = formatPrice(hit);
   $("detail-description").textContent = hit.description || "";
@@ -475,6 +481,44 @@ function openResult(hit, queryId) {
     searchSimilar(hit);
   };
   dialog.showModal();
+}
+
+// The product's images, as thumbnails under the detail view's image (only when it has several);
+// a thumbnail shows its image large. The list comes from GET /v1/products/{id}.
+async function showGallery(hit, shown) {
+  const gallery = $("detail-gallery");
+  gallery.replaceChildren();
+  gallery.hidden = true;
+  let product;
+  try {
+    const response = await fetch(`/v1/products/${encodeURIComponent(hit.product_id)}`);
+    if (!response.ok) return;
+    product = await response.json();
+  } catch {
+    return;
+  }
+  const images = product.images || [];
+  // The dialog may show another product by now.
+  if (images.length < 2 || $("detail").dataset.productId !== hit.product_id) return;
+  images.forEach((url, n) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "gallery-thumb";
+    button.setAttribute("aria-label", `Image ${n + 1} of ${images.length}`);
+    if (url === shown) button.setAttribute("aria-current", "true");
+    const thumb = document.createElement("img");
+    thumb.src = url;
+    thumb.alt = "";
+    button.append(thumb);
+    button.addEventListener("click", () => {
+      $("detail-image").src = url;
+      $("detail-image").hidden = false;
+      gallery.querySelectorAll("[aria-current]").forEach((b) => b.removeAttribute("aria-current"));
+      button.setAttribute("aria-current", "true");
+    });
+    gallery.append(button);
+  });
+  gallery.hidden = false;
 }
 
 // ---------------------------------------------------------------- query entry points
