@@ -45,6 +45,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         query_cache=settings.query_cache_config(), precision=settings.encoder_precision,
         metadata_cache_entries=settings.metadata_cache_entries,
     )
+    search_log = settings.search_log_writer(store)
     services = Services(
         settings=settings,
         store=store,
@@ -52,8 +53,9 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         updater=CatalogUpdater(
             home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
-        metrics=Metrics(engine.stats, engine.query_cache_stats),
-        search_log=settings.search_log_writer(store),
+        metrics=Metrics(engine.stats, engine.query_cache_stats,
+                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats()}),
+        search_log=search_log,
     )
 
     lifespans = 0

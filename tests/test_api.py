@@ -339,8 +339,11 @@ def test_metrics_count_routes_stages_and_serving_versions(client):
     text = client.get("/metrics").text
     assert 'prism_http_requests_total{method="GET",route="/v1/search",status="200"}' in text
     assert 'prism_http_requests_total{method="GET",route="/v1/search",status="422"}' in text
-    for stage in ("sync", "encode", "filter", "ann", "metadata", "log"):
+    for stage in ("sync", "filter", "prepare", "queue", "encode", "ann", "metadata", "log"):
         assert f'prism_search_stage_seconds_count{{stage="{stage}"}}' in text
+    for name in ("prism_metadata_cache_hits_total", "prism_metadata_cache_misses_total", "prism_search_log_queued",
+                 'prism_search_log_rows_total{outcome="written"}', "prism_search_log_groups_total"):
+        assert name in text, name
     ready = client.get("/readyz").json()
     assert f'index_version="{ready["index_version"]}"' in text and "prism_serving_info" in text
     assert 'prism_index_vectors{layer="index",modality="image"}' in text
