@@ -104,3 +104,40 @@ def test_events_reach_another_worker_than_the_search_did(build_serving_home, dat
         bogus = {**_click(body, 99)[0], "query_id": "0" * 32, "event_id": "bogus"}
         r = httpx.post(server.url + "/v1/events", json=[bogus])
         assert r.status_code == 422 and "unknown query_id" in r.text
+
+
+def _row(i: int) -> dict:
+    return dict(query_id=f"q{i:05d}", query_text=f"query {i}", image_hash=None, query_product_id=None, target="image",
+                filters={}, k=10, offset=0, model_version="m", index_version="v", result_ids=["A", "B"], took_ms=1.0,
+                ts=datetime.now(timezone.utc))
+
+
+def test_groups_are_written_when_full_asked_for_or_closed_and_the_queue_is_bounded(store):
+    from feedback import SearchLogWriter
+
+    writer = SearchLogWriter(store, flush_ms=60_000, max_rows=4, max_queued=8)
+    try:
+        for i in range(3):
+            writer.add(_row(i))
+        assert store.searches_by_ids(["q00000"]) == {}  # under a group, before the interval
+        assert writer.ensure_written(["q00001"])  # asked for: written now, with the rows before it
+        assert set(store.searches_by_ids(["q00000", "q00001", "q00002"])) == {"q00000", "q00001", "q00002"}
+        assert writer.ensure_written(["never-queued"])  # nothing to wait for
+        for i in range(3, 40):  # ten times the queue's bound from one thread: groups make room
+            writer.add(_row(i))
+        assert writer.stats()["queued"] <= 8
+    finally:
+        writer.close()
+    assert len(store.searches_by_ids([f"q{i:05d}" for i in range(40)])) == 40
+    assert writer.stats()["rows_written"] == 40 and writer.stats()["rows_failed"] == 0
+    logged = store.get_search("q00007")
+    assert logged["result_ids"] == ["A", "B"] and logged["filters"] == {} and logged["query_text"] == "query 7"
+
+
+def test_flush_ms_zero_writes_in_the_request(store):
+    from feedback import SearchLogWriter
+
+    writer = SearchLogWriter(store, flush_ms=0)
+    writer.add(_row(1))
+    assert store.get_search("q00001") is not None and not writer.grouped
+    writer.close()
