@@ -352,6 +352,8 @@ class SearchEngine:
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
         loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        if current is not None and self.model_thread is not None:
+            self._warm(loaded)
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:
@@ -369,6 +371,21 @@ class SearchEngine:
             version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
+
+    def _warm(self, serving: _Serving) -> None:
+        """One text query through the new version's model and indexes before it is swapped in, on
+        the model thread where queries will run: first calls allocate (torch's kernels and
+        buffers for the shapes, FAISS's pages of a memory-mapped index), and that cost belongs to
+        the load, not to the first shopper. Other queries wait for it once, for one encode."""
+        def warm() -> None:
+            vector = serving.embedder.encode_texts(["warm-up query"])
+            for ann in serving.version.indexes.values():
+                ann.search(vector, 10)
+
+        try:
+            self._batcher.run(warm)
+        except Exception as exc:  # a version that cannot answer a query fails on its first real one instead
+            log.warning("warming index version %s failed: %s", serving.version.index_version, exc)
 
     def _index_precision(self, version: LoadedIndexVersion) -> str:
         """The precision queries to `version` are encoded at: the one its vectors were made at
