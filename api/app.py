@@ -48,7 +48,9 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         image_limits=limits, model_thread=model_thread,
         batching=settings.batch_config(), local_copies=settings.local_copies,
         query_cache=settings.query_cache_config(), precision=settings.encoder_precision,
+        metadata_cache_entries=settings.metadata_cache_entries,
     )
+    search_log = settings.search_log_writer(store)
     services = Services(
         settings=settings,
         store=store,
@@ -56,7 +58,9 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         updater=CatalogUpdater(
             home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
-        metrics=Metrics(engine.stats, engine.query_cache_stats),
+        metrics=Metrics(engine.stats, engine.query_cache_stats,
+                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats()}),
+        search_log=search_log,
     )
 
     lifespans = 0
@@ -79,6 +83,8 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         except Exception as exc:  # keep serving /healthz and /readyz; searches answer 503 with the reason
             log.error("no index version loaded at start-up: %s", exc)
         yield
+        # Every queued search-log row is written before the store closes (SIGTERM lands here).
+        services.search_log.close()
         engine.close()
         model_thread.close()
         store.close()

@@ -76,8 +76,45 @@ class _QueryCacheCollector(Collector):
         yield size
 
 
+class _FastPathCollector(Collector):
+    """What this process keeps off the request path: the hit-metadata cache and the queued
+    search-log rows (per process, like the query-vector cache)."""
+
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        meta = stats["metadata_cache"]
+        hits = CounterMetricFamily("prism_metadata_cache_hits", "hit product records served from the metadata cache")
+        hits.add_metric([], meta["hits"])
+        yield hits
+        misses = CounterMetricFamily("prism_metadata_cache_misses", "hit product records read from the database")
+        misses.add_metric([], meta["misses"])
+        yield misses
+        entries = GaugeMetricFamily("prism_metadata_cache_entries", "product records cached now")
+        entries.add_metric([], meta["entries"])
+        yield entries
+        written = stats["search_log"]
+        queued = GaugeMetricFamily("prism_search_log_queued", "search-log rows answered but not yet written")
+        queued.add_metric([], written["queued"])
+        yield queued
+        rows = CounterMetricFamily("prism_search_log_rows", "search-log rows by outcome", labels=["outcome"])
+        rows.add_metric(["written"], written["rows_written"])
+        rows.add_metric(["failed"], written["rows_failed"])
+        yield rows
+        groups = CounterMetricFamily("prism_search_log_groups", "search-log groups written (one transaction each)")
+        groups.add_metric([], written["groups"])
+        yield groups
+
+
 class Metrics:
-    def __init__(self, serving_stats: Callable[[], dict], query_cache_stats: Callable[[], dict] | None = None):
+    def __init__(
+        self,
+        serving_stats: Callable[[], dict],
+        query_cache_stats: Callable[[], dict] | None = None,
+        fast_path_stats: Callable[[], dict] | None = None,
+    ):
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
         own = {"registry": self.registry}
@@ -90,7 +127,8 @@ class Metrics:
             ["method", "route"], buckets=LATENCY_BUCKETS, **own,
         )
         self.stages = Histogram(
-            "prism_search_stage_seconds", "time per search stage (sync, encode, filter, ann, metadata, log)",
+            "prism_search_stage_seconds", "time per search stage (sync, filter, facets, prepare, queue, encode, ann, metadata, log): "
+            "SearchEngine.search measures them, the API adds log",
             ["stage"], buckets=STAGE_BUCKETS, **own,
         )
         self.searches = Counter(
@@ -106,6 +144,9 @@ class Metrics:
         self._query_cache = _QueryCacheCollector(query_cache_stats) if query_cache_stats is not None else None
         if self._query_cache is not None:
             self.registry.register(self._query_cache)
+        self._fast_path = _FastPathCollector(fast_path_stats) if fast_path_stats is not None else None
+        if self._fast_path is not None:
+            self.registry.register(self._fast_path)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -126,4 +167,6 @@ class Metrics:
         registry.register(self._serving)
         if self._query_cache is not None:
             registry.register(self._query_cache)
+        if self._fast_path is not None:
+            registry.register(self._fast_path)
         return generate_latest(registry)

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.metrics import Metrics
 from api.settings import PrismSettings
+from feedback import SearchLogWriter
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -24,6 +25,7 @@ class Services:
     engine: SearchEngine
     updater: CatalogUpdater
     metrics: Metrics
+    search_log: SearchLogWriter
 
 
 def get_services(request: Request) -> Services:

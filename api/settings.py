@@ -50,6 +50,18 @@ class PrismSettings(BaseSettings):
         10_000, ge=0, description="query vectors (text and image) kept per server process; 0 disables the cache")
     query_cache_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="memory the query-vector cache may hold per process; 0 disables it")
+    metadata_cache_entries: int = Field(
+        50_000, ge=0, description="product records kept per server process for search hits, kept current with the "
+        "catalog journal; 0 reads them from the database for every search")
+    search_log_flush_ms: float = Field(
+        20.0, ge=0, le=60_000,
+        description="search-log rows are written in groups at least this often (ms), off the request path; "
+        "a SIGKILL loses the rows of searches answered within this window (their events are refused), a "
+        "graceful shutdown none; 0 writes each row before the search answers",
+    )
+    search_log_group_rows: int = Field(256, ge=1, le=10_000, description="a group is written as soon as this many rows wait")
+    search_log_max_queued: int = Field(
+        10_000, ge=1, description="search-log rows a server process holds unwritten; searches wait for room beyond it")
     encoder_precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="precision `prism index` embeds at: int8 (Linear weights quantised), bf16 (only "
         "where the CPU has native bf16 kernels, else fp32 with a log line); queries always follow the "
@@ -164,6 +176,12 @@ class PrismSettings(BaseSettings):
         from embedder import QueryCacheConfig
 
         return QueryCacheConfig(max_entries=self.query_cache_entries, max_bytes=self.query_cache_bytes)
+
+    def search_log_writer(self, store):
+        from feedback import SearchLogWriter
+
+        return SearchLogWriter(store, flush_ms=self.search_log_flush_ms, max_rows=self.search_log_group_rows,
+                               max_queued=self.search_log_max_queued)
 
     def retrain_config(self):
         from dataclasses import replace

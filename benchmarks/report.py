@@ -221,8 +221,13 @@ def latency_section(result: dict) -> list[str]:
     out.append("")
     rows = [[label, result[key]["p50_ms"], result[key]["p90_ms"], result[key]["p99_ms"]]
             for key, label in (("http_text_query", "HTTP, client side"), ("server_took_ms", "server took_ms"),
-                               ("encode_plus_ann", "encode + ANN in-process"))]
+                               ("encode_plus_ann", "encode + ANN in-process"),
+                               ("http_cache_hit", "HTTP, repeated query (cache hit)")) if key in result]
     out.append(table(["path", "p50 ms", "p90 ms", "p99 ms"], rows))
+    out.append("")
+    out.append(f"HTTP / (encode + ANN) at p50: {result['ratio_p50_http_over_encode_ann']}x (target <= 1.2)"
+               + (f"; cache-hit HTTP p50 {result['http_cache_hit']['p50_ms']} ms (target <= 3 ms)" if "http_cache_hit" in result else "")
+               + ". Server stage p50 (ms): " + ", ".join(f"{k} {v}" for k, v in result.get("stage_p50_ms", {}).items()))
     out.append("")
     return out
 

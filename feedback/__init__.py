@@ -2,7 +2,8 @@
 
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
 from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
-from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search
+from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search, search_log_row
+from feedback.search_log import SearchLogWriter
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
 from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.retrain import (
@@ -51,6 +52,7 @@ __all__ = [
     "RetrainOutcome",
     "RetrainWorker",
     "RetrievalScores",
+    "SearchLogWriter",
     "TextQuery",
     "TrainConfig",
     "TrainProgress",
@@ -75,6 +77,7 @@ __all__ = [
     "record_events",
     "record_search",
     "run_nightly",
+    "search_log_row",
     "run_queued_retrain",
     "run_retrain",
     "split_by_time",

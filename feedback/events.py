@@ -1,7 +1,8 @@
 """The search log and the events that refer to it: impressions and clicks.
 
 Every served query writes one search_log row (its query_id is valid for events once
-`record_search` returns). Clients report what they showed and what was opened as events that
+`record_search` returns; servers queue the row to a `SearchLogWriter`, which writes rows in groups
+off the request path and flushes on demand for the events that name them: feedback/search_log.py). Clients report what they showed and what was opened as events that
 name that query_id, the product and the 1-based position it was served at. A batch is checked
 as a whole against the log and stored in one transaction, or not at all.
 
@@ -12,10 +13,12 @@ batch is refused so that no part of it is silently dropped.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from feedback.search_log import SearchLogWriter
 from search import SearchResult
 from store import EventIdReusedError, EventInput, Store, UnknownSearchError
 
@@ -52,8 +55,18 @@ class EventsOutcome:
     duplicates: int
 
 
-def record_search(store: Store, result: SearchResult) -> None:
-    """Write `result`'s search_log row; its query_id is valid for events once this returns."""
+def record_search(store: Store, result: SearchResult, search_log: SearchLogWriter | None = None) -> None:
+    """Write `result`'s search_log row (or queue it to `search_log`); its query_id is valid for
+    events once this returns."""
+    row = search_log_row(result)
+    if search_log is None:
+        store.log_searches([row])
+    else:
+        search_log.add(row)
+
+
+def search_log_row(result: SearchResult) -> dict:
+    """`result` as a search_log row, stamped with the time of the search (rows may be written later)."""
     q = result.query
     filters = {
         key: value
@@ -68,7 +81,7 @@ def record_search(store: Store, result: SearchResult) -> None:
         )
         if value not in (None, [], {})
     }
-    store.log_search(
+    return dict(
         query_id=result.query_id,
         query_text=q.text,
         image_hash=q.image_hash,
@@ -81,6 +94,7 @@ def record_search(store: Store, result: SearchResult) -> None:
         index_version=result.index_version,
         result_ids=[hit.product.product_id for hit in result.hits],
         took_ms=result.took_ms,
+        ts=datetime.now(timezone.utc),
     )
 
 
@@ -90,6 +104,7 @@ def record_events(
     *,
     now: datetime | None = None,
     max_clock_skew: timedelta = timedelta(minutes=5),
+    search_log: SearchLogWriter | None = None,
 ) -> EventsOutcome:
     """Validate a batch against the search log and store it atomically; a retried event_id counts once.
 
@@ -99,9 +114,21 @@ def record_events(
     An event must name a logged query_id, a product that query served, the position it was served
     at, a known type, and a time neither in the future nor before the search (both give or take
     `max_clock_skew`, for client clocks).
+
+    `search_log`: the server's grouped writer. Rows it still holds for these query_ids are written
+    first (flush on demand), and ids found nowhere are looked up again for `peer_wait_s`: another
+    worker process may have answered the search and not written its group yet.
     """
     now = now or datetime.now(timezone.utc)
-    searches = store.searches_by_ids(e.query_id for e in events)
+    query_ids = list(dict.fromkeys(e.query_id for e in events))
+    if search_log is not None:
+        search_log.ensure_written(query_ids)
+    searches = store.searches_by_ids(query_ids)
+    if search_log is not None and search_log.grouped and len(searches) < len(query_ids):
+        deadline = time.monotonic() + search_log.peer_wait_s
+        while len(searches) < len(query_ids) and time.monotonic() < deadline:
+            time.sleep(min(search_log.flush_s, max(0.0, deadline - time.monotonic())))
+            searches.update(store.searches_by_ids([q for q in query_ids if q not in searches]))
     problems = []
     for index, event in enumerate(events):
         error = _problem(event, searches.get(event.query_id), now, max_clock_skew)

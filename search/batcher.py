@@ -1,8 +1,8 @@
-"""Query micro-batching: text queries that arrive together are encoded as one batch.
+"""Query micro-batching: queries that arrive together are encoded as one batch, text and image alike.
 
-A text encoder's cost is dominated by per-call overhead at batch 1 (a dozen small matmuls per
-layer), so encoding 32 queries at once costs a few times one query, not 32 times. Servers get
-concurrent queries; this turns them into batches without making a lone query wait:
+An encoder's cost is dominated by per-call overhead at batch 1 (a dozen small matmuls per layer),
+so encoding 32 queries at once costs a few times one query, not 32 times. Servers get concurrent
+queries; this turns them into batches without making a lone query wait:
 
 - the dispatcher takes the first waiting query, then keeps collecting while other queries are
   *expected* (inside the engine, on their way to the batcher), until `max_batch` are collected or
@@ -11,7 +11,14 @@ concurrent queries; this turns them into batches without making a lone query wai
 - while a batch runs on the model thread, new arrivals queue up and form the next batch.
 
 Each query keeps its own follow-up (ANN search over its own filters); one failure fails only
-that query.
+that query (a batch whose encode fails is encoded again query by query). Texts and images form
+separate groups within a batch (two towers); image queries arrive decoded (the request thread
+decodes, the model thread preprocesses and encodes).
+
+Every query that reaches the model thread goes through here (`SearchEngine.search`), so the path
+is one: with batching off, for an int8 encoder (whose vectors would depend on their batch-mates)
+or for a query whose vector is known already (cached, or a product's own), the job runs at once
+on the model thread, alone.
 """
 
 from __future__ import annotations
@@ -43,18 +50,23 @@ class BatchStats:
     encode_ms: float
 
 
+QUERY_KINDS = ("text", "image")
+
+
 @dataclass
 class _Job:
     embedder: Any
-    text: str
+    payload: Any  # the text, or the decoded image
     then: Callable[[np.ndarray], Any]
+    kind: str = "text"
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.perf_counter)
 
 
-class TextQueryBatcher:
+class QueryBatcher:
     def __init__(self, config: BatchConfig, run: Callable[[Callable[[], Any]], Any] | None = None):
-        """`run(fn)` executes fn where model work belongs (the server's model thread); None: here."""
+        """`run(fn)` executes fn where model work belongs (the server's model thread); None: here.
+        With `config.enabled` false no dispatcher runs: every job runs at once, alone."""
         self.config = config
         self._run = run or (lambda fn: fn())
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -63,38 +75,73 @@ class TextQueryBatcher:
         self._closed = False
         self._batches = 0
         self._queries = 0
-        self._thread = threading.Thread(target=self._loop, name="prism-query-batcher", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if config.enabled:
+            self._thread = threading.Thread(target=self._loop, name="prism-query-batcher", daemon=True)
+            self._thread.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
 
     # ---------------------------------------------------------------- callers
 
     @contextmanager
-    def expecting(self):
-        """Announce a text query from its start (SQL, filters) so that forming batches wait for it;
-        yields a `submit(embedder, text, then)` function. Leaving without submitting withdraws it."""
-        with self._lock:
-            self._expected += 1
-        state = {"submitted": False}
+    def expecting(self, announce: bool = True):
+        """Announce a query from its start (SQL, filters, image decoding) so that forming batches
+        wait for it; yields a `submit(embedder, payload, then, kind="text", alone=False)` function.
+        Leaving without submitting (or submitting alone) withdraws it. `announce=False`: a query
+        that will not join a batch (its vector is known, or it runs alone) holds up none."""
+        announce = announce and self.enabled
+        if announce:
+            with self._lock:
+                self._expected += 1
+        state = {"announced": announce}
 
-        def submit(embedder, text: str, then: Callable[[np.ndarray], Any]) -> tuple[Any, BatchStats]:
-            state["submitted"] = True
-            return self._submit(embedder, text, then)
+        def withdraw() -> None:
+            if state["announced"]:
+                state["announced"] = False
+                with self._lock:
+                    self._expected -= 1
+
+        def submit(embedder, payload, then: Callable[[np.ndarray], Any], kind: str = "text",
+                   alone: bool = False) -> tuple[Any, BatchStats]:
+            if alone or not self.enabled:
+                withdraw()
+                return self._alone(_Job(embedder, payload, then, kind))
+            state["announced"] = False  # the dispatcher takes it from the expected count
+            return self._submit(_Job(embedder, payload, then, kind), announced=announce)
 
         try:
             yield submit
         finally:
-            if not state["submitted"]:
-                with self._lock:
-                    self._expected -= 1
+            withdraw()
 
-    def _submit(self, embedder, text: str, then: Callable[[np.ndarray], Any]) -> tuple[Any, BatchStats]:
-        """Encode `text` with `embedder` (batched with concurrent queries), then `then(vector)`
-        on the model thread; returns its result and the batch's stats. Blocks until done."""
-        job = _Job(embedder, text, then)
-        if self._closed:
-            with self._lock:
+    def run(self, fn: Callable[[], Any]) -> Any:
+        """`fn` where model work belongs, now (a query whose vector is known: only its ANN search)."""
+        return self._run(fn)
+
+    def _alone(self, job: _Job) -> tuple[Any, BatchStats]:
+        """Encode and follow up one query at once, outside any batch."""
+        def process():
+            started = time.perf_counter()
+            vector = _encode(job.embedder, job.kind, [job.payload])
+            encode_ms = (time.perf_counter() - started) * 1000.0
+            return job.then(vector), BatchStats(1, (started - job.arrived) * 1000.0, encode_ms)
+
+        return self._run(process)
+
+    def _submit(self, job: _Job, *, announced: bool) -> tuple[Any, BatchStats]:
+        """Encode the job's payload (batched with concurrent queries), then `then(vector)` on the
+        model thread; returns its result and the batch's stats. Blocks until done."""
+        if job.kind not in QUERY_KINDS:
+            raise ValueError(f"unknown query kind {job.kind!r}")
+        with self._lock:
+            if not announced:
+                self._expected += 1  # the dispatcher's `_taken` counts every job it takes
+            if self._closed:
                 self._expected -= 1
-            raise RuntimeError("the query batcher is closed")
+                raise RuntimeError("the query batcher is closed")
         self._queue.put(job)
         return job.future.result()
 
@@ -153,21 +200,36 @@ class TextQueryBatcher:
 
     def _process(self, jobs: list[_Job]) -> None:
         started = time.perf_counter()
-        groups: dict[int, list[_Job]] = {}
+        groups: dict[tuple[int, str], list[_Job]] = {}
         for job in jobs:  # a version swap mid-batch: each query keeps the model it started with
-            groups.setdefault(id(job.embedder), []).append(job)
-        for group in groups.values():
+            groups.setdefault((id(job.embedder), job.kind), []).append(job)
+        for (_, kind), group in groups.items():
             t0 = time.perf_counter()
             try:
-                vectors = group[0].embedder.encode_texts([job.text for job in group])
+                encoded = list(zip(group, _encode(group[0].embedder, kind, [job.payload for job in group])))
             except Exception as exc:
+                if len(group) == 1:
+                    group[0].future.set_exception(exc)
+                    continue
+                # One query's input (an image preprocessing cannot take) must not fail its batch-mates.
+                encoded = []
                 for job in group:
-                    job.future.set_exception(exc)
-                continue
+                    try:
+                        encoded.append((job, _encode(job.embedder, kind, [job.payload])[0]))
+                    except Exception as own:
+                        job.future.set_exception(own)
             encode_ms = (time.perf_counter() - t0) * 1000.0
-            for job, vector in zip(group, vectors):
+            for job, vector in encoded:
                 stats = BatchStats(len(jobs), (started - job.arrived) * 1000.0, encode_ms)
                 try:
                     job.future.set_result((job.then(vector[None, :]), stats))
                 except Exception as exc:
                     job.future.set_exception(exc)
+
+
+def _encode(embedder, kind: str, payloads: list) -> np.ndarray:
+    return embedder.encode_texts(payloads) if kind == "text" else embedder.encode_images(payloads)
+
+
+# The name of the text-only batcher this grew from.
+TextQueryBatcher = QueryBatcher

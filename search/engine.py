@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -46,6 +47,7 @@ from embedder import (
     QueryCache,
     QueryCacheConfig,
     content_hash,
+    decode_image,
     load_embedder,
     parse_precision,
     read_image_bytes,
@@ -59,10 +61,11 @@ from indexer import (
     index_version_path,
     load_index_version,
 )
-from search.batcher import BatchConfig, TextQueryBatcher
+from search.batcher import BatchConfig, QueryBatcher
 from search.filters import FilterIndex
 from search.images import ExtraImages, ExtraOverlay
 from search.journal import replay_changes
+from search.metadata import MetadataCache
 from search.overlay import MODALITIES, Overlay
 from store import LEXICAL_NAME, LexicalConfig, ProductFilter, ProductImageRecord, ProductRecord, Store
 
@@ -165,6 +168,38 @@ class SearchResult:
         return self.query.target
 
 
+@dataclass
+class _Plan:
+    """A prepared query (SearchEngine._prepare): the query as logged, then either its known
+    vector or the payload to encode (and `remember`, which caches the encoded vector)."""
+
+    query: SearchQuery
+    vector: np.ndarray | None = None
+    payload: object = None
+    remember: object = None
+    exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pinned: list[int] = field(default_factory=list)
+    lexical: list[tuple[int, float]] | None = None
+
+
+class _StageTimer:
+    """Milliseconds per search stage, measured in one place (`with timer("ann"): ...`)."""
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(stage, (time.perf_counter() - t0) * 1000.0)
+
+    def record(self, stage: str, ms: float) -> None:
+        self.timings[stage] = round(ms, 3)
+
+
 @dataclass(frozen=True)
 class _Serving:
     version: LoadedIndexVersion
@@ -194,6 +229,7 @@ class SearchEngine:
         title_boost: float = 1.0,
         query_cache: QueryCacheConfig | None = None,
         precision: str = "fp32",
+        metadata_cache_entries: int = 50_000,
     ):
         """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
         `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
@@ -206,7 +242,8 @@ class SearchEngine:
         `precision`: the encoder precision the settings ask for. Queries are encoded at the
         precision the serving index was built with (its manifest), whatever this says: vectors
         of two precisions differ, and an index is only as good as queries made like its vectors.
-        A difference is logged once per version."""
+        A difference is logged once per version.
+        `metadata_cache_entries`: product records kept for hits (search/metadata.py; 0: off)."""
         self.store = store
         self.model_thread = model_thread
         self.indexes_dir = indexes_dir
@@ -233,15 +270,14 @@ class SearchEngine:
         # An active version that failed to load is not retried on every query (loading verifies
         # every file's sha256); the version serving before it keeps serving.
         self._failed: tuple[str, Exception, float] | None = None
-        self._batcher = (
-            TextQueryBatcher(batching, run=model_thread.run)
-            if batching is not None and batching.enabled and model_thread is not None
-            else None
-        )
+        # Every query's model and ANN work goes through the batcher (one path: see `search`); it
+        # batches only in servers (a model thread) with batching on, else it runs each job at once.
+        batch_config = batching if batching is not None and model_thread is not None else BatchConfig(enabled=False)
+        self._batcher = QueryBatcher(batch_config, run=model_thread.run if model_thread is not None else None)
+        self.metadata = MetadataCache(store, metadata_cache_entries)
 
     def close(self) -> None:
-        if self._batcher is not None:
-            self._batcher.close()
+        self._batcher.close()
 
     # ---------------------------------------------------------------- versions
 
@@ -345,12 +381,15 @@ class SearchEngine:
         )
         loaded = self._replay(_Serving(version, embedder, overlay, filters, extra, ExtraOverlay(embedder.dim)))
         self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
+        if current is not None and self.model_thread is not None:
+            self._warm(loaded)
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:
             # Changes journaled while the version loaded: a short replay, then the swap.
             self._serving = self._replay(loaded)
         self._failed = None
+        self.metadata.clear()  # what indexing wrote outside the journal (image states) serves with its version
         # Models no version serves any more would otherwise stay in memory, one per promotion;
         # their cached query vectors go with them.
         space = vector_space(version.model_version, precision)
@@ -361,6 +400,21 @@ class SearchEngine:
             version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
         )
         return True
+
+    def _warm(self, serving: _Serving) -> None:
+        """One text query through the new version's model and indexes before it is swapped in, on
+        the model thread where queries will run: first calls allocate (torch's kernels and
+        buffers for the shapes, FAISS's pages of a memory-mapped index), and that cost belongs to
+        the load, not to the first shopper. Other queries wait for it once, for one encode."""
+        def warm() -> None:
+            vector = serving.embedder.encode_texts(["warm-up query"])
+            for ann in serving.version.indexes.values():
+                ann.search(vector, 10)
+
+        try:
+            self._batcher.run(warm)
+        except Exception as exc:  # a version that cannot answer a query fails on its first real one instead
+            log.warning("warming index version %s failed: %s", serving.version.index_version, exc)
 
     def _index_precision(self, version: LoadedIndexVersion) -> str:
         """The precision queries to `version` are encoded at: the one its vectors were made at
@@ -462,6 +516,8 @@ class SearchEngine:
         changes = self.store.catalog_changes(serving.overlay.seq)
         if not changes:
             return serving
+        # Hits read these rows afresh from now on, in this worker too (search/metadata.py).
+        self.metadata.invalidate({c.row_id for c in changes})
         overlay, filters = replay_changes(
             self.store, changes, serving.embedder, serving.overlay, serving.filters,
             embeddings_dir=self.indexes_dir.parent / "embeddings",
@@ -488,93 +544,97 @@ class SearchEngine:
     ) -> SearchResult:
         """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this").
         `facets`: names to count values of over every product the filters match (see
-        `FilterIndex.facets`), at most MAX_FACETS names and MAX_FACET_VALUES values each."""
+        `FilterIndex.facets`), at most MAX_FACETS names and MAX_FACET_VALUES values each.
+
+        Every query takes the same path, each stage timed here into `timings_ms` (the API adds
+        `log`; /metrics has them as prism_search_stage_seconds):
+
+        1. sync      catch up with the store: journal entries since the last query, a newly
+                     activated version (loaded in the background, swapped by reference)
+        2. filter    the rows the filters allow (FilterIndex); `facets` when asked for
+        3. prepare   what the query is and where its vector comes from (`_prepare`): the query
+                     cache, a product's own vector, or the encoder; image bytes are decoded here,
+                     on the request's thread; a text query's exact-identifier and lexical SQL
+        4. queue, encode, ann
+                     on the model thread, through the batcher (search/batcher.py): a vector to
+                     encode joins a micro-batch of concurrent queries of its kind; a known vector
+                     goes straight to the ANN search (`_ranked`)
+        5. metadata  the page's product records, from the journal-current MetadataCache
+        """
         started = time.perf_counter()
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
         _validate_facets(facets)
-        if text is not None and self._batcher is not None and self._batches_queries() and not self._text_cached(text):
-            with self._batcher.expecting() as submit:
-                return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets)
-        return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets)
-
-    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit, facets=()) -> SearchResult:
         filters = filters or ProductFilter()
-        timings: dict[str, float] = {}
+        timer = _StageTimer()
+        # Announced from the start, so that forming batches wait for this query's encode; a query
+        # whose vector is known already (a cached text, "similar") holds none up.
+        with self._batcher.expecting(self._may_join_batch(text, image)) as submit:
+            with timer("sync"):
+                self.sync()
+                serving = self.serving
+            with timer("filter"):
+                allowed = None if filters.is_empty() else serving.filters.allowed(filters)
+            counted = None
+            if facets:
+                with timer("facets"):
+                    counted = serving.filters.facets(filters, list(dict.fromkeys(facets)), limit=MAX_FACET_VALUES)
+            with timer("prepare"):
+                plan = self._prepare(serving, text, image, similar_to, SearchQuery(
+                    "text" if text is not None else "image" if image is not None else "product",
+                    target, k, offset, filters,
+                ), allowed)
 
-        t0 = time.perf_counter()
-        self.sync()
-        serving = self.serving
-        timings["sync"] = _ms(t0)
+            def rank(vector: np.ndarray) -> list[tuple[int, float, dict]]:
+                with timer("ann"):
+                    return self._ranked(serving, target, vector, offset + k, allowed, plan.exclude, plan.lexical, plan.pinned)
 
-        t0 = time.perf_counter()
-        allowed = None if filters.is_empty() else serving.filters.allowed(filters)
-        timings["filter"] = _ms(t0)
-        counted = None
-        if facets:
-            t0 = time.perf_counter()
-            counted = serving.filters.facets(filters, list(dict.fromkeys(facets)), limit=MAX_FACET_VALUES)
-            timings["facets"] = _ms(t0)
+            if plan.vector is not None:
+                ranked = self._batcher.run(lambda: rank(plan.vector))
+            else:
+                ranked, batch = submit(serving.embedder, plan.payload, lambda vector: rank(plan.remember(vector)),
+                                       kind=plan.query.kind, alone=not self._batches_queries())
+                timer.record("queue", batch.queued_ms)
+                timer.record("encode", batch.encode_ms)  # a batch's encode is shared by its queries
+        with timer("metadata"):
+            hits = self._hits(ranked[offset : offset + k], offset)
 
-        exclude = np.zeros(0, dtype=np.int64)
-        pinned: list[int] = []
-        lexical: list[tuple[int, float]] | None = None
-        cached = remember = None
+        return SearchResult(
+            query_id=uuid.uuid4().hex,
+            model_version=serving.version.model_version,
+            index_version=serving.version.index_version,
+            took_ms=_ms(started),
+            hits=hits,
+            timings_ms=timer.timings,
+            query=plan.query,
+            facets=counted,
+        )
+
+    def _prepare(self, serving: _Serving, text, image, similar_to, query: SearchQuery, allowed) -> "_Plan":
+        """The query as logged, and its vector (known) or what to encode; the lexical legs."""
         if text is not None:
             text = text.strip()
-            t0 = time.perf_counter()
-            pinned, lexical = self._lexical(text, target, allowed)
-            timings["lexical"] = _ms(t0)
-            query = SearchQuery("text", target, k, offset, filters, text=text)
+            pinned, lexical = self._lexical(text, query.target, allowed)
             cached, remember = self._cached_query(serving.embedder, "text", serving.embedder.query_text_key(text))
-            encode = lambda: remember(serving.embedder.encode_texts([text]))  # noqa: E731
-        elif image is not None:
+            return _Plan(replace(query, text=text), vector=cached, payload=text, remember=remember,
+                         pinned=pinned, lexical=lexical)
+        if image is not None:
             data = image if isinstance(image, Image.Image) else read_image_bytes(image, self.image_limits)
             image_hash = content_hash(data) if isinstance(data, bytes) else None
-            query = SearchQuery("image", target, k, offset, filters, image_hash=image_hash)
-            if image_hash is not None:
-                cached, remember = self._cached_query(serving.embedder, "image", image_hash)
+            query = replace(query, image_hash=image_hash)
+            if image_hash is None:
+                cached, remember = None, lambda vector: vector
             else:
-                remember = lambda vector: vector  # noqa: E731
-            encode = lambda: remember(serving.embedder.encode_images([data]))  # noqa: E731
-        else:
-            product, vector, modality = self._product_vector(serving, similar_to)
-            exclude = np.asarray([product.row_id], dtype=np.int64)
-            query = SearchQuery(
-                "product", target, k, offset, filters,
-                image_hash=product.image_hash if modality == "image" else None, similar_to=similar_to,
-            )
-            encode = lambda: vector  # noqa: E731
+                cached, remember = self._cached_query(serving.embedder, "image", image_hash)
+            # Decoded here, on the request's thread (many at once); the model thread preprocesses and encodes.
+            decoded = decode_image(data, self.image_limits) if cached is None else None
+            return _Plan(query, vector=cached, payload=decoded, remember=remember)
+        product, vector, modality = self._product_vector(serving, similar_to)
+        query = replace(query, image_hash=product.image_hash if modality == "image" else None, similar_to=similar_to)
+        return _Plan(query, vector=vector, exclude=np.asarray([product.row_id], dtype=np.int64))
 
-        def search_vector(vector: np.ndarray) -> list[tuple[int, float, dict]]:
-            t0 = time.perf_counter()
-            ranked = self._ranked(serving, target, vector, offset + k, allowed, exclude, lexical, pinned)
-            timings["ann"] = _ms(t0)
-            return ranked
-
-        def encode_and_search() -> list[tuple[int, float, dict]]:
-            t0 = time.perf_counter()
-            vector = encode()
-            timings["encode"] = _ms(t0)
-            return search_vector(vector)
-
-        if cached is not None:
-            # A hit never queues for a batch; the ANN search still runs where FAISS work belongs.
-            encode = lambda: cached  # noqa: E731
-            submit = None
-        if submit is not None:
-            ranked, batch = submit(serving.embedder, text, lambda vector: search_vector(remember(vector)))
-            timings["queue"] = round(batch.queued_ms, 3)
-            timings["encode"] = round(batch.encode_ms, 3)  # the whole batch's, shared by its queries
-        elif self.model_thread:
-            # Model and FAISS work stay on one thread in servers (see embedder.model_thread); SQL does not.
-            ranked = self.model_thread.run(encode_and_search)
-        else:
-            ranked = encode_and_search()
-
-        t0 = time.perf_counter()
-        page = ranked[offset : offset + k]
-        products = self.store.products_by_row_ids([row for row, _, _ in page])
+    def _hits(self, page: list[tuple[int, float, dict]], offset: int) -> list[SearchHit]:
+        products = self.metadata.products(row for row, _, _ in page)
         matched = self._matched_images(page, products)
         hits = []
         for row, score, parts in page:
@@ -583,18 +643,14 @@ class SearchEngine:
                 continue  # deleted between the ANN step and the fetch
             scores = {name: value for name, value in parts.items() if name != _MATCHED}
             hits.append(SearchHit(product, float(score), offset + len(hits) + 1, scores, matched.get(row)))
-        timings["metadata"] = _ms(t0)
+        return hits
 
-        return SearchResult(
-            query_id=uuid.uuid4().hex,
-            model_version=serving.version.model_version,
-            index_version=serving.version.index_version,
-            took_ms=_ms(started),
-            hits=hits,
-            timings_ms=timings,
-            query=query,
-            facets=counted,
-        )
+    def _may_join_batch(self, text, image) -> bool:
+        """Whether a query will (probably) be encoded in a batch: a text whose vector is not cached,
+        or an image (whose cache key is known only once its bytes are read)."""
+        if not self._batcher.enabled or not self._batches_queries():
+            return False
+        return image is not None or (text is not None and not self._text_cached(text))
 
     def _batches_queries(self) -> bool:
         """int8 encoders quantise activations per call: a query's vector would depend on the other

@@ -59,6 +59,8 @@ METADATA_COLUMNS = ("category", "brand", "price", "currency", "stock", "attribut
 _MIGRATIONS = Path(__file__).parent / "migrations"
 # SQLite caps bound parameters per statement (32766 on modern builds); stay well below.
 _IN_CHUNK = 900
+# Bind parameters one multi-row INSERT may carry: SQLite before 3.32 allowed 999 (PostgreSQL 65535).
+_MAX_BIND_PARAMS = 999
 # Any constant: the PostgreSQL advisory lock that makes journal sequence numbers commit in order.
 _JOURNAL_LOCK = 0x505249534D
 _MIGRATION_LOCK = 0x505249534E
@@ -1383,6 +1385,28 @@ class Store:
     def log_search(self, **row) -> None:
         with self._hot_writes, self.session() as s, s.begin():
             s.add(SearchLog(**row))
+
+    def log_searches(self, rows: Sequence[dict]) -> None:
+        """Write a group of search_log rows (as `log_search` takes them, each with its own `ts`)
+        in one transaction: multi-row INSERTs, as many rows each as the driver's bind-parameter
+        limit allows. One commit per group is what makes logging off the request path cheap on
+        SQLite, where every commit is a file sync under the single-writer lock."""
+        if not rows:
+            return
+        table = SearchLog.__table__
+        names = [c.name for c in table.columns]
+        # Every row names every column: a multi-row VALUES takes one column list for all rows.
+        full = [{name: row.get(name) for name in names} for row in rows]
+        for row in full:
+            row["filters"] = row["filters"] if row["filters"] is not None else {}
+            row["result_ids"] = row["result_ids"] if row["result_ids"] is not None else []
+            row["offset"] = row["offset"] or 0
+            row["took_ms"] = row["took_ms"] or 0.0
+            row["ts"] = row["ts"] or utcnow()
+        per_statement = max(1, _MAX_BIND_PARAMS // len(names))
+        with self._hot_writes, self.session() as s, s.begin():
+            for chunk in _chunks(full, per_statement):
+                s.execute(table.insert().values(list(chunk)))
 
     def get_search(self, query_id: str) -> dict | None:
         with self.session() as s:

@@ -62,7 +62,7 @@ def test_text_search_returns_k_results_with_a_logged_query_id(client):
     assert [h["rank"] for h in body["results"]] == [1, 2, 3, 4, 5]
     for hit in body["results"]:
         assert hit["title"] and hit["image_url"].startswith("/v1/products/") and "_image_rejected" not in hit["attributes"]
-    logged = _store(client).get_search(body["query_id"])
+    logged = eventually(lambda: _store(client).get_search(body["query_id"]), timeout_s=10)
     assert logged["query_text"] == "red shoe" and logged["target"] == "image" and logged["k"] == 5
     assert logged["result_ids"] == [h["product_id"] for h in body["results"]]
     assert logged["model_version"] == body["model_version"] and logged["index_version"] == body["index_version"]
@@ -73,7 +73,7 @@ def test_uploaded_catalog_image_comes_back_first_and_is_logged_by_hash(client, i
     r = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")}, data={"target": "image", "k": "3"})
     assert _ids(r)[0] == "P00017"
     assert r.json()["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
-    assert _store(client).get_search(r.json()["query_id"])["image_hash"] == hashlib.sha256(data).hexdigest()
+    assert eventually(lambda: _store(client).get_search(r.json()["query_id"]), timeout_s=10)["image_hash"] == hashlib.sha256(data).hexdigest()
     as_json = client.post("/v1/search", json={"image_b64": base64.b64encode(data).decode(), "k": 3})
     assert _ids(as_json) == _ids(r)
 
@@ -94,7 +94,7 @@ def test_similar_to_excludes_the_product_itself(client):
     r = client.post("/v1/search", json={"similar_to": "P00004", "target": "image", "k": 5})
     ids = _ids(r)
     assert len(ids) == 5 and "P00004" not in ids
-    logged = _store(client).get_search(r.json()["query_id"])
+    logged = eventually(lambda: _store(client).get_search(r.json()["query_id"]), timeout_s=10)
     assert logged["query_product_id"] == "P00004" and logged["image_hash"]
     missing = client.post("/v1/search", json={"similar_to": "nope", "k": 5})
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
@@ -107,7 +107,7 @@ def test_filters_by_get_and_post(client):
     r = client.post("/v1/search", json={"text": "item", "k": 10, "filters": {"brand": "acme", "price_min": 20, "price_max": 120}})
     assert len(_ids(r)) > 0
     assert all(h["brand"] == "acme" and 20 <= h["price"] <= 120 for h in r.json()["results"])
-    logged = _store(client).get_search(r.json()["query_id"])
+    logged = eventually(lambda: _store(client).get_search(r.json()["query_id"]), timeout_s=10)
     assert logged["filters"] == {"brand": ["acme"], "price_min": 20.0, "price_max": 120.0}
 
 
@@ -339,8 +339,11 @@ def test_metrics_count_routes_stages_and_serving_versions(client):
     text = client.get("/metrics").text
     assert 'prism_http_requests_total{method="GET",route="/v1/search",status="200"}' in text
     assert 'prism_http_requests_total{method="GET",route="/v1/search",status="422"}' in text
-    for stage in ("sync", "encode", "filter", "ann", "metadata", "log"):
+    for stage in ("sync", "filter", "prepare", "queue", "encode", "ann", "metadata", "log"):
         assert f'prism_search_stage_seconds_count{{stage="{stage}"}}' in text
+    for name in ("prism_metadata_cache_hits_total", "prism_metadata_cache_misses_total", "prism_search_log_queued",
+                 'prism_search_log_rows_total{outcome="written"}', "prism_search_log_groups_total"):
+        assert name in text, name
     ready = client.get("/readyz").json()
     assert f'index_version="{ready["index_version"]}"' in text and "prism_serving_info" in text
     assert 'prism_index_vectors{layer="index",modality="image"}' in text

@@ -21,6 +21,7 @@ from indexer import CatalogIndexer, CatalogUpdater, IndexOptions
 from sample_catalog import make_catalog, product_row
 from search import SearchEngine
 from store import AttributeCondition, ProductFilter, ProductInput, Store, attribute_keys
+from waiting import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 
@@ -355,7 +356,7 @@ def test_the_search_log_records_attribute_filters_and_in_stock(client, home):
     assert r.status_code == 200, r.text
     store = Store.open(home.db_url)
     try:
-        logged = store.get_search(r.json()["query_id"])
+        logged = eventually(lambda: store.get_search(r.json()["query_id"]), timeout_s=10)
     finally:
         store.close()
     assert logged["filters"] == {"attributes": {"color": ["blue", "red"], "size": {"min": 40.0, "max": None}},

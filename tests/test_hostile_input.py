@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw
 from api.app import create_app
 from prism_cli import run_prism
 from sample_catalog import draw_product_image
+from waiting import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 
@@ -298,7 +299,7 @@ def test_control_characters_are_searched_and_logged_verbatim(client):
     text = "red\tshoe\x01\x1b[31m\x7f\u202e"
     r = client.get("/v1/search", params={"q": text, "k": 3})
     assert len(_hits(r)) == 3
-    assert client.app.state.services.store.get_search(r.json()["query_id"])["query_text"] == text
+    assert eventually(lambda: client.app.state.services.store.get_search(r.json()["query_id"]), timeout_s=10)["query_text"] == text
 
 
 NUL_AND_SURROGATES = [
@@ -348,7 +349,7 @@ def test_multipart_fields_that_are_not_utf8(client, anchor):
     body, headers = _multipart((b'name="category"', b"caf\xe9", None), file)
     r = client.post("/v1/search/image", content=body, headers=headers)
     assert _hits(r) == []  # no category "café"
-    assert client.app.state.services.store.get_search(r.json()["query_id"])["filters"] == {"category": ["caf\xe9"]}
+    assert eventually(lambda: client.app.state.services.store.get_search(r.json()["query_id"]), timeout_s=10)["filters"] == {"category": ["caf\xe9"]}
     body, headers = _multipart((b'name="category"', b"a\x00b", None), file)
     _refused(client.post("/v1/search/image", content=body, headers=headers), 422, "body.category", "NUL")
 

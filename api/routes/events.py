@@ -34,7 +34,7 @@ def post_events(events: EventBatch, services: ServicesDep):
     """
     batch = [EventInput(e.event_id, e.type, e.query_id, e.product_id, e.position, e.ts) for e in events]
     try:
-        outcome = record_events(services.store, batch)
+        outcome = record_events(services.store, batch, search_log=services.search_log)
     except EventBatchError as exc:
         body = EventsRejected(detail=f"{exc}: " + "; ".join(f"[{p['index']}] {p['error']}" for p in exc.problems[:5]),
                               problems=exc.problems)

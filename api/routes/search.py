@@ -25,7 +25,7 @@ from api.schemas import (
 )
 from api.services import Services, ServicesDep
 from embedder import ImageDecodeError
-from feedback import record_search
+from feedback import SearchLogWriter, record_search
 from search import MAX_K, MAX_OFFSET, SearchResult, Target
 from store import Store
 
@@ -71,16 +71,17 @@ async def _known_form_fields(request: Request) -> None:
 def run_search(services: Services, *, filters: Filters, facets: list[str] | None = None, **query) -> SearchResponse:
     """Search, write the search_log row, respond."""
     result = services.engine.search(filters=to_filter(filters), facets=tuple(facets or ()), **query)
-    response = logged_response(services.store, result)
+    response = logged_response(services.store, result, services.search_log)
     services.metrics.observe_search(result.query.kind, result.query.target.value, result.timings_ms)
     return response
 
 
-def logged_response(store: Store, result: SearchResult) -> SearchResponse:
-    """The answer to a search, after its search_log row is written (its query_id is valid for
-    events once we answer). `prism search --json` prints this too, so both carry the same fields."""
+def logged_response(store: Store, result: SearchResult, search_log: SearchLogWriter | None = None) -> SearchResponse:
+    """The answer to a search, after its search_log row is written or queued to the server's
+    grouped writer (its query_id is valid for events once we answer: feedback/search_log.py).
+    `prism search --json` prints this too, so both carry the same fields."""
     started = time.perf_counter()
-    record_search(store, result)
+    record_search(store, result, search_log)
     result.timings_ms["log"] = round((time.perf_counter() - started) * 1000.0, 3)
     return SearchResponse(
         query_id=result.query_id,
