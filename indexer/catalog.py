@@ -9,7 +9,8 @@ Schema (one product per row; column names are case-sensitive):
     brand        optional  string
     price        optional  number >= 0
     currency     optional  3-letter code (e.g. EUR)
-    stock        optional  integer >= 0, units on hand (absent: unknown, never filtered out by in_stock)
+    stock        optional  integer >= 0, units on hand (empty: unknown, never filtered out by in_stock;
+                           no such column, or key in a JSONL row: a product keeps the stock it has)
     image        optional  path relative to the catalog file, an absolute path, or an http(s) URL
                            (URLs only when URL images are enabled)
     images       optional  several images: in JSONL and Parquet a list of references (as `image`),
@@ -342,6 +343,7 @@ def validate_record(record: dict, line: int, *, base: Path, policy: ImagePolicy)
             price=_price(record.get("price")),
             currency=currency,
             stock=_stock(record.get("stock")),
+            stock_listed="stock" in record,
             image_ref=image_ref,
             image_uri=image_uri,
             extra_images=tuple(extra_images),

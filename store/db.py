@@ -557,6 +557,9 @@ class Store:
                         identifiers[it.product_id] = self.lexical.identifiers(it)
                         out.created += 1
                         continue
+                    if not it.stock_listed:
+                        it = replace(it, stock=row.stock)
+                        fields_["stock"] = row.stock
                     restored = row.deleted_at is not None
                     text_changed = restored or (row.title, row.description) != (it.title, it.description) \
                         or text_field_values(row, self.lexical.text_fields) != text_field_values(it, self.lexical.text_fields)

@@ -58,6 +58,9 @@ class ProductInput:
     image_uri: str | None = None
     attributes: dict = field(default_factory=dict)
     stock: int | None = None  # units on hand; None = unknown
+    # False when a catalog row has no stock field at all: a feed that does not carry stock says
+    # nothing about it, and the stock an inventory system PATCHed stays (a null stock clears it).
+    stock_listed: bool = True
     # The images after the first, as (reference as written, resolved path or URL): `product_images`.
     extra_images: tuple[tuple[str, str], ...] = ()
 

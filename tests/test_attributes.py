@@ -328,6 +328,35 @@ def test_catalog_stock_column_is_checked_per_row(tmp_path):
     assert set(bad) == {"C", "D", "E"} and all("stock" in reason for reason in bad.values())
 
 
+def test_a_feed_without_stock_keeps_the_stock_an_inventory_system_patched(tmp_path, databases):
+    """A nightly feed that carries no stock says nothing about it: the stock PATCHed since stays.
+    An empty stock value (the column is there) still clears it."""
+    from datetime import datetime, timedelta, timezone
+
+    from indexer import RowError, read_catalog
+    from store import SourcePreference, Store
+
+    def load(store, name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        rows = [r.product for r in read_catalog(path) if not isinstance(r, RowError)]
+        later = datetime.now(timezone.utc) + timedelta(hours=1)  # a feed newer than any edit
+        store.upsert_products(rows, feed_time=later, prefer=SourcePreference.NEWER)
+
+    store = Store.open(databases.url(tmp_path))
+    try:
+        load(store, "first.csv", "product_id,title,stock\nA,a,3\nB,b,4\n")
+        store.patch_product_metadata("A", {"stock": 0})
+        load(store, "feed.csv", "product_id,title,price\nA,a,9.5\nB,b,1\n")
+        load(store, "feed.jsonl", '{"product_id": "B", "title": "b", "price": 2}\n')
+        assert (store.get_product("A").stock, store.get_product("A").price) == (0, 9.5)
+        assert (store.get_product("B").stock, store.get_product("B").price) == (4, 2)
+        load(store, "cleared.jsonl", '{"product_id": "A", "title": "a", "price": 9.5, "stock": null}\n')
+        assert store.get_product("A").stock is None
+    finally:
+        store.close()
+
+
 def test_cli_search_takes_attribute_filters_in_stock_and_facets(home, client, databases):
     from prism_cli import run_prism
 
