@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.metrics import Metrics
 from api.settings import PrismSettings
+from feedback import CanaryReviewer
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -24,6 +25,8 @@ class Services:
     engine: SearchEngine
     updater: CatalogUpdater
     metrics: Metrics
+    # Reviews the running canary after events arrive (None: never from this server).
+    canary_reviewer: CanaryReviewer | None = None
 
 
 def get_services(request: Request) -> Services:

@@ -81,6 +81,8 @@ def record_search(store: Store, result: SearchResult) -> None:
         index_version=result.index_version,
         result_ids=[hit.product.product_id for hit in result.hits],
         took_ms=result.took_ms,
+        canary_id=result.canary_id,
+        arms=result.arms,
     )
 
 

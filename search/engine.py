@@ -54,6 +54,7 @@ from embedder import (
 from indexer import IndexVersionError, LoadedIndexVersion, copy_version, index_version_path, load_index_version
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
+from search.interleave import ARM_NAMES, canary_draw, team_draft
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
 from store import LEXICAL_NAME, ProductFilter, ProductRecord, Store
@@ -135,6 +136,9 @@ class SearchResult:
     timings_ms: dict[str, float]
     query: SearchQuery
     facets: dict[str, dict[str, int]] | None = None  # asked-for facet counts over the filter's matches
+    # An interleaved canary search: the canary, and per hit the arm that contributed it.
+    canary_id: int | None = None
+    arms: list[str] | None = None
 
     @property
     def query_kind(self) -> str:
@@ -151,6 +155,16 @@ class _Serving:
     embedder: Embedder
     overlay: Overlay
     filters: FilterIndex
+
+
+@dataclass(frozen=True)
+class _Canary:
+    """A running canary's candidate, loaded beside the serving version (feedback/canary.py)."""
+
+    canary_id: int
+    fraction: float
+    serving_index_version: str  # interleaved only while this version serves
+    candidate: _Serving
 
 
 class SearchEngine:
@@ -211,6 +225,10 @@ class SearchEngine:
         # An active version that failed to load is not retried on every query (loading verifies
         # every file's sha256); the version serving before it keeps serving.
         self._failed: tuple[str, Exception, float] | None = None
+        # A running canary's candidate, once loaded (in the background, like an activation).
+        self._canary: _Canary | None = None
+        self._canary_loader: threading.Thread | None = None
+        self._canary_failed: tuple[int, float] | None = None
         self._batcher = (
             TextQueryBatcher(batching, run=model_thread.run)
             if batching is not None and batching.enabled and model_thread is not None
@@ -307,15 +325,8 @@ class SearchEngine:
             raise
         finally:
             self._loading_version = None
-        filters = FilterIndex.load(self.store.iter_filter_facts())
-        # Products deleted after the build outside the journal (or before it existed) stay hidden;
-        # only those the indexes hold need a mask, not every product ever deleted.
-        indexed = {m: ann.ids() for m, ann in version.indexes.items()}
-        tombstones = np.concatenate([ids[~filters.base_live(ids)] for ids in indexed.values()] or [np.zeros(0, np.int64)])
-        overlay = Overlay.start(
-            int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
-        )
-        loaded = self._replay(_Serving(version, embedder, overlay, filters))
+        loaded = self._start_serving(version, embedder)
+        built_seq = int(version.manifest.get("catalog_seq", 0))
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:
@@ -324,14 +335,113 @@ class SearchEngine:
         self._failed = None
         # Models no version serves any more would otherwise stay in memory, one per promotion;
         # their cached query vectors go with them.
-        space = vector_space(version.model_version, precision)
-        self._embedders = {name: e for name, e in self._embedders.items() if name == space}
-        self.query_cache.drop_spaces({embedder.vector_space})
+        self._drop_unused_models()
         log.info(
             "serving index version %s (model %s, %d journaled changes replayed)",
-            version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
+            version.index_version, version.model_version, self._serving.overlay.seq - built_seq,
         )
         return True
+
+    def _start_serving(self, version: LoadedIndexVersion, embedder: Embedder) -> _Serving:
+        """A loaded index version ready to serve: its filters, its overlay, the journal replayed."""
+        filters = FilterIndex.load(self.store.iter_filter_facts())
+        # Products deleted after the build outside the journal (or before it existed) stay hidden;
+        # only those the indexes hold need a mask, not every product ever deleted.
+        indexed = {m: ann.ids() for m, ann in version.indexes.items()}
+        tombstones = np.concatenate([ids[~filters.base_live(ids)] for ids in indexed.values()] or [np.zeros(0, np.int64)])
+        overlay = Overlay.start(
+            int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
+        )
+        return self._replay(_Serving(version, embedder, overlay, filters))
+
+    def _drop_unused_models(self) -> None:
+        """Keep the models (and cached query vectors) of the serving version and a canary's only."""
+        spaces = {s.embedder.vector_space for s in (self._serving, self._canary and self._canary.candidate) if s}
+        self._embedders = {name: e for name, e in self._embedders.items() if name in spaces}
+        self.query_cache.drop_spaces(spaces)
+
+    # ---------------------------------------------------------------- canary
+
+    def _sync_canary(self, mark: tuple | None, seq: int) -> None:
+        """Follow the running canary (`mark`: id, candidate index version, fraction, the serving
+        version it compares with): load a new one in the background, drop an ended one, replay
+        catalog changes into the candidate as into the serving version."""
+        loaded = self._canary
+        if mark is None:
+            if loaded is not None:
+                with self._lock:
+                    self._canary = None
+                self._drop_unused_models()
+                log.info("canary %d ended: its candidate %s is unloaded", loaded.canary_id,
+                         loaded.candidate.version.index_version)
+            return
+        if loaded is None or loaded.canary_id != mark[0]:
+            self._load_canary_in_background(mark)
+            return
+        if seq > loaded.candidate.overlay.seq:
+            with self._lock:
+                current = self._canary
+                if current is not None and current.canary_id == loaded.canary_id and seq > current.candidate.overlay.seq:
+                    self._canary = replace(current, candidate=self._replay(current.candidate))
+
+    def _load_canary_in_background(self, mark: tuple) -> None:
+        if self._canary_loader is not None and self._canary_loader.is_alive():
+            return
+        if self._canary_failed is not None and self._canary_failed[0] == mark[0]:
+            if time.monotonic() < self._canary_failed[1] + FAILED_VERSION_RETRY_S:
+                return
+
+        def load() -> None:
+            try:
+                self.load_canary(mark)
+            except Exception as exc:  # searches carry on uninterleaved
+                self._canary_failed = (mark[0], time.monotonic())
+                log.error("cannot load canary %d's candidate %s (%s); searches are not interleaved", mark[0], mark[1], exc)
+
+        self._canary_loader = threading.Thread(target=load, name="prism-canary-loader", daemon=True)
+        self._canary_loader.start()
+
+    def load_canary(self, mark: tuple) -> None:
+        """Load canary `mark`'s candidate index version and model, then interleave with it."""
+        canary_id, index_version, fraction, serving_index_version = mark
+        with self._loading:
+            record = self.store.get_index_version(index_version)
+            if record is None:
+                raise NotReadyError(f"index version {index_version!r} is not recorded")
+            version = self._load_version_files(record)
+            embedder = self.embedder_for(version.model_version, self._index_precision(version))
+            candidate = self._start_serving(version, embedder)
+            with self._lock:
+                self._canary = _Canary(canary_id, fraction, serving_index_version, candidate)
+        self._canary_failed = None
+        log.info("canary %d: interleaving %.1f%% of searches with %s (model %s)", canary_id, fraction * 100,
+                 index_version, version.model_version)
+
+    def wait_for_canary(self, canary_id: int, timeout_s: float = 120.0) -> bool:
+        """Sync until canary `canary_id`'s candidate is loaded (True) or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.sync()
+            canary = self._canary
+            if canary is not None and canary.canary_id == canary_id:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _canary_draw(self, serving: _Serving, query: SearchQuery) -> tuple[_Canary, int] | None:
+        """The canary this query is interleaved for and its coin flips' seed, or None.
+
+        The draw hashes the query itself (what was asked, not which page), so every page of a
+        query is cut from one interleaved list and a rerun interleaves it the same way."""
+        canary = self._canary
+        if canary is None or canary.serving_index_version != serving.version.index_version:
+            return None
+        if query.kind == "image" and query.image_hash is None:
+            unit = uuid.uuid4().hex  # an in-memory image: nothing to reproduce it by
+        else:
+            unit = repr((query.kind, query.text, query.image_hash, query.similar_to, query.target.value, query.filters))
+        draw, seed = canary_draw(canary.canary_id, unit)
+        return (canary, seed) if draw < canary.fraction else None
 
     def _index_precision(self, version: LoadedIndexVersion) -> str:
         """The precision queries to `version` are encoded at: the one its vectors were made at
@@ -413,7 +523,7 @@ class SearchEngine:
         the background (copied first on a replica) and swapped in when it is ready; queries carry
         on with the version serving until then. Only a process serving nothing loads it here.
         """
-        active, seq = self.store.serving_marks()
+        active, seq, canary = self.store.serving_marks_and_canary()
         serving = self._serving
         if active is None:
             return
@@ -427,6 +537,7 @@ class SearchEngine:
                 current = self._serving
                 if seq > current.overlay.seq:
                     self._serving = self._replay(current)
+        self._sync_canary(canary, seq)
 
     def _replay(self, serving: _Serving) -> _Serving:
         """`serving` with the journal entries after its overlay's seq applied (search/journal.py)."""
@@ -513,6 +624,16 @@ class SearchEngine:
             )
             encode = lambda: vector  # noqa: E731
 
+        drawn = self._canary_draw(serving, query)
+        candidate_search = None
+        if drawn is not None:
+            candidate_search = self._candidate_search(drawn[0].candidate, query, data if query.kind == "image" else None,
+                                                      target, offset + k, filters, exclude, lexical, pinned)
+            if candidate_search is None:
+                drawn = None
+            else:
+                submit = None  # two encodes, one per arm: not batched
+
         def search_vector(vector: np.ndarray) -> list[tuple[int, float, dict]]:
             t0 = time.perf_counter()
             ranked = self._ranked(serving, target, vector, offset + k, allowed, exclude, lexical, pinned)
@@ -538,16 +659,25 @@ class SearchEngine:
             ranked = self.model_thread.run(encode_and_search)
         else:
             ranked = encode_and_search()
+        arms = None
+        if drawn is not None:
+            t0 = time.perf_counter()
+            theirs = self.model_thread.run(candidate_search) if self.model_thread else candidate_search()
+            ranked, arms = _interleaved(ranked, theirs, offset + k, drawn[1])
+            timings["canary"] = _ms(t0)
 
         t0 = time.perf_counter()
         page = ranked[offset : offset + k]
         products = self.store.products_by_row_ids([row for row, _, _ in page])
         hits = []
-        for row, score, parts in page:
+        hit_arms = []
+        for position, (row, score, parts) in enumerate(page, start=offset):
             product = products.get(row)
             if product is None or product.deleted_at is not None:
                 continue  # deleted between the ANN step and the fetch
             hits.append(SearchHit(product, float(score), offset + len(hits) + 1, parts))
+            if arms is not None:
+                hit_arms.append(arms[position])
         timings["metadata"] = _ms(t0)
 
         return SearchResult(
@@ -559,7 +689,32 @@ class SearchEngine:
             timings_ms=timings,
             query=query,
             facets=counted,
+            canary_id=drawn[0].canary_id if drawn is not None else None,
+            arms=hit_arms if drawn is not None else None,
         )
+
+    def _candidate_search(self, candidate: _Serving, query: SearchQuery, image_data, target, want, filters, exclude,
+                          lexical, pinned):
+        """A function that ranks the query with the canary's candidate (on the model thread), or
+        None when the candidate cannot (a product missing from its index: served uninterleaved)."""
+        embedder = candidate.embedder
+        if query.kind == "text":
+            cached, remember = self._cached_query(embedder, "text", embedder.query_text_key(query.text))
+            encode = lambda: cached if cached is not None else remember(embedder.encode_texts([query.text]))  # noqa: E731
+        elif query.kind == "image":
+            cached = None
+            remember = lambda vector: vector  # noqa: E731
+            if query.image_hash is not None:
+                cached, remember = self._cached_query(embedder, "image", query.image_hash)
+            encode = lambda: cached if cached is not None else remember(embedder.encode_images([image_data]))  # noqa: E731
+        else:
+            try:
+                _, vector, _ = self._product_vector(candidate, query.similar_to)
+            except QueryError:
+                return None
+            encode = lambda: vector  # noqa: E731
+        allowed = None if filters.is_empty() else candidate.filters.allowed(filters)
+        return lambda: self._ranked(candidate, target, encode(), want, allowed, exclude, lexical, pinned)
 
     def _batches_queries(self) -> bool:
         """int8 encoders quantise activations per call: a query's vector would depend on the other
@@ -712,11 +867,22 @@ class SearchEngine:
             "filter_changed_rows": serving.filters.changed_rows,
             "encoder_precision": serving.embedder.precision,
             "index_precision": str(serving.version.manifest.get("precision", "fp32")),
+            "canary": None if self._canary is None else {
+                "id": self._canary.canary_id, "candidate_index_version": self._canary.candidate.version.index_version,
+                "fraction": self._canary.fraction,
+            },
         }
 
     def query_cache_stats(self) -> dict:
         """The query-vector cache's bounds, size and hit and miss counts (metrics, GET /v1/models)."""
         return self.query_cache.stats()
+
+
+def _interleaved(ours, theirs, depth: int, seed: int) -> tuple[list, list[str]]:
+    """The team-draft interleaving of two (row, score, parts) rankings, and each entry's arm."""
+    by_arm = ({entry[0]: entry for entry in ours}, {entry[0]: entry for entry in theirs})
+    merged = team_draft([e[0] for e in ours], [e[0] for e in theirs], depth, seed)
+    return [by_arm[arm][row] for row, arm in merged], [ARM_NAMES[arm] for _, arm in merged]
 
 
 def _parse_target(target: Target | str) -> Target:
