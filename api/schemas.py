@@ -242,6 +242,13 @@ def attribute_params(data: dict) -> dict:
     return {**rest, "attributes": attributes}
 
 
+SESSION_DESCRIPTION = (
+    "optional: the page's opaque id of a shopper's visit (letters, digits, `_.:-`; not stored). A running "
+    "canary interleaves all of a visit's searches or none, and every page of one query alike; without it "
+    "each search is drawn on its own")
+Session = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
 class SearchParams(Filters):
     """`GET /v1/search` query parameters. Unknown parameters are refused, not ignored."""
 
@@ -272,6 +279,7 @@ class SearchParams(Filters):
     )
     k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
+    session: Session | None = Field(None, description=SESSION_DESCRIPTION)
 
 
 class SearchRequest(BaseModel):
@@ -300,6 +308,7 @@ class SearchRequest(BaseModel):
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
     filters: Filters = Field(default_factory=Filters)
     facets: FacetNames = Field(default_factory=list, description=FACETS_DESCRIPTION)
+    session: Session | None = Field(None, description=SESSION_DESCRIPTION)
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":

@@ -73,7 +73,10 @@ class PrismSettings(BaseSettings):
         200, ge=1, description="interleaved searches with a winner a canary needs before it is promoted or stopped")
     canary_max_queries: int = Field(
         5000, ge=1, description="with this many searches with a winner and no significant difference, a canary stops")
-    canary_alpha: float = Field(0.05, gt=0, lt=1, description="sign-test level at which a canary wins or loses")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="p-value below which a canary wins or loses")
+    canary_sequential: bool = Field(
+        True, description="decide on the always-valid sequential p-value (true), which repeated reviews do not "
+        "make too eager, or on the fixed-sample sign test's (false)")
     canary_review_interval_s: float = Field(
         5.0, ge=0, description="a server reviews the running canary's evidence at most this often, after events")
     log_retention_days: float = Field(
@@ -205,7 +208,7 @@ class PrismSettings(BaseSettings):
         from feedback import CanaryPolicy
 
         return CanaryPolicy(min_queries=self.canary_min_queries, max_queries=self.canary_max_queries,
-                            alpha=self.canary_alpha)
+                            alpha=self.canary_alpha, sequential=self.canary_sequential)
 
     def apply_threads(self) -> None:
         """Set torch and faiss thread counts deliberately (small hosts have 2 cores)."""

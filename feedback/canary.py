@@ -48,7 +48,10 @@ class CanaryError(ValueError):
 class CanaryPolicy:
     min_queries: int = 200  # interleaved searches with a winner before any decision
     max_queries: int = 5000  # this many with no significant difference: the canary is stopped
-    alpha: float = 0.05  # two-sided sign-test level for promoting (candidate wins) or stopping (it loses)
+    alpha: float = 0.05  # level for promoting (candidate wins) or stopping (it loses)
+    # Decide on the always-valid (sequential) p-value, which stays a true p-value however often
+    # the rule looks; False: on the fixed-sample sign test's, which repeated looks make too eager.
+    sequential: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +72,7 @@ class CanaryStats:
     ties: int = 0  # searches with clicks, as many for each arm
     decided: int = 0  # searches with a winner
     p_value: float = 1.0  # two-sided sign test of candidate wins against serving wins
+    p_sequential: float = 1.0  # always-valid p-value of the same (`sequential_p`)
 
     def arm(self, name: str) -> ArmCounts:
         return self.serving if name == "serving" else self.candidate
@@ -98,6 +102,22 @@ def sign_test_p(wins_a: int, wins_b: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+# The mixing prior of the sequential test: win rates Beta(a, a) around 1/2 (sd about 0.08 at 20),
+# where the differences between two working models lie.
+SEQUENTIAL_PRIOR = 20.0
+
+
+def sequential_p(wins_a: int, wins_b: int, prior: float = SEQUENTIAL_PRIOR) -> float:
+    """Always-valid p-value of "each search is a fair coin" (a mixture sequential probability ratio
+    test, Robbins 1970; Johari et al. 2017): 1 / the Bayes factor of win rates ~ Beta(prior, prior)
+    against 1/2. By Ville's inequality it falls below alpha at any time, for any number of looks,
+    with probability at most alpha when both rankings are as good."""
+    n = wins_a + wins_b
+    log_beta = lambda x, y: math.lgamma(x) + math.lgamma(y) - math.lgamma(x + y)  # noqa: E731
+    log_factor = log_beta(prior + wins_a, prior + wins_b) - log_beta(prior, prior) + n * math.log(2.0)
+    return min(1.0, math.exp(-log_factor)) if log_factor > -700 else 1.0
+
+
 def credit(arms: list, offset: int, positions: Iterable[int]) -> dict[str, int]:
     """Events per arm: a 1-based `position` of a search served from `offset` on is the arm there."""
     counts = dict.fromkeys(ARMS, 0)
@@ -108,9 +128,10 @@ def credit(arms: list, offset: int, positions: Iterable[int]) -> dict[str, int]:
     return counts
 
 
-def tally(searches: Iterable[CanarySearch]) -> CanaryStats:
-    """Per-arm impressions, clicks and wins over interleaved searches, and the sign test's p-value."""
-    stats = CanaryStats()
+def tally(searches: Iterable[CanarySearch], into: CanaryStats | None = None) -> CanaryStats:
+    """Per-arm impressions, clicks and wins over interleaved searches, and the p-values; `into`:
+    add them to the counts of earlier searches (a running tally)."""
+    stats = into if into is not None else CanaryStats()
     for search in searches:
         stats.searches += 1
         shown = credit(search.arms, search.offset, search.impressions)
@@ -126,16 +147,18 @@ def tally(searches: Iterable[CanarySearch]) -> CanaryStats:
             stats.ties += 1
     stats.decided = stats.serving.wins + stats.candidate.wins
     stats.p_value = round(sign_test_p(stats.candidate.wins, stats.serving.wins), 6)
+    stats.p_sequential = round(sequential_p(stats.candidate.wins, stats.serving.wins), 6)
     return stats
 
 
 def decide(stats: CanaryStats, policy: CanaryPolicy) -> tuple[str | None, str]:
     """(promote | stop | None, why) under `policy`."""
+    p = stats.p_sequential if policy.sequential else stats.p_value
     summary = (f"candidate won {stats.candidate.wins}, serving {stats.serving.wins} of {stats.decided} interleaved "
-               f"searches with a winner ({stats.ties} ties), p = {stats.p_value:.4g}")
+               f"searches with a winner ({stats.ties} ties), {'sequential ' if policy.sequential else ''}p = {p:.4g}")
     if stats.decided < policy.min_queries:
         return None, f"{summary}; no decision before {policy.min_queries}"
-    if stats.p_value < policy.alpha:
+    if p < policy.alpha:
         if stats.candidate.wins > stats.serving.wins:
             return "promote", f"{summary} < {policy.alpha}: the candidate wins"
         return "stop", f"{summary} < {policy.alpha}: the candidate loses"

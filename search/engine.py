@@ -54,7 +54,7 @@ from embedder import (
 from indexer import IndexVersionError, LoadedIndexVersion, copy_version, index_version_path, load_index_version
 from search.batcher import BatchConfig, TextQueryBatcher
 from search.filters import FilterIndex
-from search.interleave import ARM_NAMES, canary_draw, team_draft
+from search.interleave import ARM_NAMES, search_draw, team_draft
 from search.journal import replay_changes
 from search.overlay import MODALITIES, Overlay
 from store import LEXICAL_NAME, ProductFilter, ProductRecord, Store
@@ -428,19 +428,17 @@ class SearchEngine:
             time.sleep(0.05)
         return False
 
-    def _canary_draw(self, serving: _Serving, query: SearchQuery) -> tuple[_Canary, int] | None:
-        """The canary this query is interleaved for and its coin flips' seed, or None.
-
-        The draw hashes the query itself (what was asked, not which page), so every page of a
-        query is cut from one interleaved list and a rerun interleaves it the same way."""
+    def _canary_draw(self, serving: _Serving, query: SearchQuery, query_id: str,
+                     session: str | None) -> tuple[_Canary, int] | None:
+        """The canary this search is interleaved for and its coin flips' seed, or None
+        (`search.interleave.search_draw`: by the session when the page gives one, else by search)."""
         canary = self._canary
         if canary is None or canary.serving_index_version != serving.version.index_version:
             return None
-        if query.kind == "image" and query.image_hash is None:
-            unit = uuid.uuid4().hex  # an in-memory image: nothing to reproduce it by
-        else:
-            unit = repr((query.kind, query.text, query.image_hash, query.similar_to, query.target.value, query.filters))
-        draw, seed = canary_draw(canary.canary_id, unit)
+        # An in-memory image (no hash) is asked once: its own search is all there is to draw by.
+        image = query_id if query.kind == "image" and query.image_hash is None else query.image_hash
+        asked = repr((query.kind, query.text, image, query.similar_to, query.target.value, query.filters))
+        draw, seed = search_draw(canary.canary_id, query_id=query_id, session=session, query=asked)
         return (canary, seed) if draw < canary.fraction else None
 
     def _index_precision(self, version: LoadedIndexVersion) -> str:
@@ -563,22 +561,27 @@ class SearchEngine:
         offset: int = 0,
         filters: ProductFilter | None = None,
         facets: Sequence[str] = (),
+        session: str | None = None,
     ) -> SearchResult:
         """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this").
         `facets`: names to count values of over every product the filters match (see
-        `FilterIndex.facets`), at most MAX_FACETS names and MAX_FACET_VALUES values each."""
+        `FilterIndex.facets`), at most MAX_FACETS names and MAX_FACET_VALUES values each.
+        `session`: the client's id of a shopper's visit, for a running canary's draw."""
         started = time.perf_counter()
         target = _parse_target(target)
         _validate(text, image, similar_to, k, offset)
         _validate_facets(facets)
         if text is not None and self._batcher is not None and self._batches_queries() and not self._text_cached(text):
             with self._batcher.expecting() as submit:
-                return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets)
-        return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets)
+                return self._search(started, text, image, similar_to, target, k, offset, filters, submit, facets,
+                                    session)
+        return self._search(started, text, image, similar_to, target, k, offset, filters, None, facets, session)
 
-    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit, facets=()) -> SearchResult:
+    def _search(self, started, text, image, similar_to, target, k, offset, filters, submit, facets=(),
+                session=None) -> SearchResult:
         filters = filters or ProductFilter()
         timings: dict[str, float] = {}
+        query_id = uuid.uuid4().hex
 
         t0 = time.perf_counter()
         self.sync()
@@ -624,7 +627,7 @@ class SearchEngine:
             )
             encode = lambda: vector  # noqa: E731
 
-        drawn = self._canary_draw(serving, query)
+        drawn = self._canary_draw(serving, query, query_id, session)
         candidate_search = None
         if drawn is not None:
             candidate_search = self._candidate_search(drawn[0].candidate, query, data if query.kind == "image" else None,
@@ -681,7 +684,7 @@ class SearchEngine:
         timings["metadata"] = _ms(t0)
 
         return SearchResult(
-            query_id=uuid.uuid4().hex,
+            query_id=query_id,
             model_version=serving.version.model_version,
             index_version=serving.version.index_version,
             took_ms=_ms(started),

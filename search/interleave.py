@@ -59,3 +59,20 @@ def canary_draw(canary_id: int, unit: str) -> tuple[float, int]:
     both a hash of the canary and the unit, so a rerun draws the same."""
     digest = hashlib.sha256(f"prism-canary:{canary_id}:{unit}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64, int.from_bytes(digest[8:16], "big")
+
+
+def search_draw(canary_id: int, *, query_id: str, session: str | None, query: str) -> tuple[float, int]:
+    """Whether a search is interleaved (the draw, against the canary's fraction) and its coin flips.
+
+    With a `session` (the page's id of a shopper's visit), the visit is drawn as a whole, and the
+    flips hash the session and the `query` (what was asked, not which page): every page of a query
+    is cut from one interleaved list, and another shopper's search of the same words gets flips of
+    its own. Without one, each search (its `query_id`) is drawn on its own. Never the query alone:
+    every search of a popular query would then share one set of flips, and position bias would
+    hand whichever arm drafts first at its top a lasting edge on all of its traffic.
+    """
+    if session is None:
+        return canary_draw(canary_id, f"search:{query_id}")
+    draw, _ = canary_draw(canary_id, f"session:{session}")
+    _, seed = canary_draw(canary_id, f"session:{session}:{query}")
+    return draw, seed

@@ -9,10 +9,12 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from embedder import create_base_model, load_embedder, prism_config_path
-from feedback import CanaryPolicy, CanaryStats, decide, review_canary, sign_test_p, start_canary, tally, write_model_version
+from feedback import (
+    CanaryPolicy, CanaryStats, decide, review_canary, sequential_p, sign_test_p, start_canary, tally, write_model_version,
+)
 from indexer import CatalogIndexer, IndexOptions
 from prism_cli import run_prism
-from search.interleave import canary_draw, team_draft
+from search.interleave import canary_draw, search_draw, team_draft
 from store import ActiveVersionChangedError, CanaryConflictError, CanarySearch, Store
 from waiting import eventually
 
@@ -21,8 +23,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:prism-tiny-vit:UserWarning")
 TOKEN = "canary-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 CANDIDATE = "ft-canary"
-QUERIES = ("red shoe", "blue bag", "green lamp", "wooden chair", "black watch", "white cup", "yellow hat",
-           "silver ring", "leather belt", "glass vase", "steel pan", "wool scarf", "paper kite", "stone bowl")
+# 26 searches: unanimous clicks reach the sequential test's p < 0.05 after 20 to 22 of them.
+QUERIES = tuple(f"{colour} {thing}" for colour in ("red", "blue") for thing in (
+    "shoe", "bag", "lamp", "chair", "watch", "cup", "hat", "ring", "belt", "vase", "pan", "scarf", "kite"))
 
 
 # ---------------------------------------------------------------- interleaving and the test
@@ -69,6 +72,12 @@ def test_the_coin_gives_either_arm_the_top_position_half_the_time_and_draws_are_
     assert canary_draw(3, "red shoe") == canary_draw(3, "red shoe") != canary_draw(4, "red shoe")
     share = sum(canary_draw(3, f"q{i}")[0] < 0.25 for i in range(4000)) / 4000
     assert 0.22 < share < 0.28
+    # A visit is drawn as a whole; its query's flips are its own, and the same on every page.
+    visit = [search_draw(3, query_id=f"id{i}", session="s1", query=q) for i, q in enumerate(["a", "a", "b"])]
+    assert visit[0] == visit[1] and visit[0][0] == visit[2][0] and visit[0][1] != visit[2][1]
+    assert search_draw(3, query_id="x", session="s2", query="a")[1] != visit[0][1]
+    # Without a session every search is drawn on its own, whatever it asks.
+    assert search_draw(3, query_id="x", session=None, query="a") != search_draw(3, query_id="y", session=None, query="a")
 
 
 @pytest.mark.no_database
@@ -90,8 +99,12 @@ def test_sign_test_and_decision_rule():
     assert (stats.candidate.wins, stats.serving.wins, stats.ties, stats.decided) == (9, 1, 2, 10)
     assert (stats.candidate.clicks, stats.serving.clicks) == (11, 3)
     assert (stats.candidate.impressions, stats.serving.impressions) == (12, 12)
-    policy = CanaryPolicy(min_queries=10, max_queries=40, alpha=0.05)
+    policy = CanaryPolicy(min_queries=10, max_queries=40, alpha=0.05, sequential=False)
     assert decide(stats, policy)[0] == "promote"
+    # The sequential p-value asks for more evidence, however often it is looked at.
+    assert sequential_p(9, 1) > 0.05 and decide(stats, CanaryPolicy(min_queries=10, max_queries=40))[0] is None
+    assert decide(tally(searches(30, 5)), CanaryPolicy(min_queries=10, max_queries=400))[0] == "promote"
+    assert sequential_p(0, 0) == 1.0 and sequential_p(500, 500) == 1.0 and sequential_p(5000, 5600) < 1e-4 and sequential_p(50000, 50000) == 1.0
     assert decide(tally(searches(1, 9)), policy)[0] == "stop"
     assert decide(tally(searches(3, 5)), policy)[0] is None  # too few
     assert decide(tally(searches(6, 5)), policy)[0] is None  # not significant
@@ -175,9 +188,17 @@ def test_clicks_are_credited_to_the_arm_that_served_them_and_a_losing_candidate_
         arms = _arms(store, body["query_id"])
         assert sorted(arms) == [h["rank"] for h in body["results"]] and set(arms.values()) == {"serving", "candidate"}
         assert store.get_search(body["query_id"])["canary_id"] == canary["id"]
-        page2 = client.get("/v1/search", params={"q": "red shoe", "k": 10, "offset": 10}).json()
-        shown = [h["product_id"] for h in body["results"] + page2["results"]]
-        assert len(shown) == len(set(shown)), "page 2 repeats an item of page 1"
+        # With the page's session, every page of a query is cut from one interleaved list.
+        visit = {"q": "red shoe", "k": 10, "session": "tab-1"}
+        first = client.get("/v1/search", params=visit).json()
+        page2 = client.get("/v1/search", params={**visit, "offset": 10}).json()
+        shown = [h["product_id"] for h in first["results"] + page2["results"]]
+        assert len(shown) == len(set(shown)) == 20, "page 2 repeats an item of page 1"
+        both = client.get("/v1/search", params={**visit, "k": 20}).json()
+        assert [h["product_id"] for h in both["results"]] == shown
+        assert _arms(store, both["query_id"]) == {**_arms(store, first["query_id"]), **_arms(store, page2["query_id"])}
+        bad = client.get("/v1/search", params={"q": "red shoe", "session": "no spaces"})
+        assert bad.status_code == 422 and "session" in bad.text
 
         candidate_hit = next(h for h in body["results"] if arms[h["rank"]] == "candidate")
         events = _events(body, arms) + [{"event_id": "c-1", "type": "click", "query_id": body["query_id"],
@@ -192,16 +213,17 @@ def test_clicks_are_credited_to_the_arm_that_served_them_and_a_losing_candidate_
         metrics = client.get("/metrics").text
         assert 'prism_canary_clicks_total{arm="candidate"} 1.0' in metrics and "prism_canary_p_value 1.0" in metrics
 
-        # Shoppers who click what the serving ranking contributed: the candidate loses at p < 0.05
-        # once 8 searches have a winner (the test's minimum), and the review stops it.
-        _shop_for(client, store, "serving", QUERIES[:10])
+        # Shoppers who click what the serving ranking contributed: the candidate loses at sequential
+        # p < 0.05 (after 8 searches with a winner, the test's minimum), and the review stops it.
+        _shop_for(client, store, "serving", QUERIES)
         ended = client.get("/v1/models").json()["canary"]
         assert ended["status"] == "stopped" and ended["finished_by"] == "review", ended
-        assert ended["serving"]["wins"] >= 8 and ended["p_value"] < 0.05 and "loses" in ended["reason"]
+        assert ended["serving"]["wins"] >= 20 and ended["p_value"] < 0.05 and "loses" in ended["reason"]
         assert store.active_index_version().index_version == serving.index_version
         logged = store.list_training_runs()[0]
         assert logged.decision == "canary-stopped" and logged.candidate_model_version == CANDIDATE
-        assert logged.metrics["canary"]["id"] == canary["id"] and logged.metrics["canary"]["serving"]["wins"] >= 8
+        assert logged.metrics["canary"]["id"] == canary["id"] and logged.metrics["canary"]["serving"]["wins"] >= 20
+        assert logged.metrics["canary"]["p_sequential"] < 0.05
         assert store.list_training_runs()[1].decision == "canary"  # its start
         # The servers stop interleaving: later searches carry no arms.
         assert eventually(lambda: store.get_search(
@@ -217,7 +239,7 @@ def test_a_winning_candidate_is_promoted_through_the_activation_compare_and_set(
         started = client.post(f"/v1/models/{candidate_index}/canary", json={"fraction": 1.0}, headers=ADMIN)
         assert started.status_code == 201, started.text
         assert eventually(lambda: client.get("/v1/models").json()["canary"]["loaded"])
-        _shop_for(client, store, "candidate", QUERIES[:10])
+        _shop_for(client, store, "candidate", QUERIES)
         ended = client.get("/v1/models").json()["canary"]
         assert ended["status"] == "promoted" and "wins" in ended["reason"], ended
         assert store.active_index_version().index_version == candidate_index
