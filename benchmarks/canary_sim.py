@@ -84,7 +84,7 @@ def simulate(seed: int, scenario: str, args, policy: CanaryPolicy) -> dict:
     # a few head queries a degraded checkpoint can be the luckier one.
     scores = relevance + rng.normal(0.0, NOISE, size=relevance.shape)
     model = rankings(scores)
-    checkpoint = rankings(scores + rng.normal(0.0, DEGRADED, size=relevance.shape))
+    checkpoint = rankings(scores + rng.normal(0.0, args.degraded, size=relevance.shape))
     high, low = sorted((model, checkpoint), key=lambda r: -offline_mrr(r, relevance, popularity))
     serving, candidate = {"better candidate": (low, high), "worse candidate": (high, low),
                           "same ranker (A/A)": (high, high)}[scenario]
@@ -129,6 +129,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--fraction", type=float, default=1.0)
+    parser.add_argument("--degraded", type=float, default=DEGRADED,
+                        help="extra score noise of the degraded checkpoint: smaller, a closer race")
     parser.add_argument("--fixed-test", action="store_true",
                         help="decide on the fixed-sample sign test's p-value (PRISM_CANARY_SEQUENTIAL=false)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "canary_sim.json")
@@ -137,7 +139,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     report = {"config": {"seeds": args.seeds, "sessions": args.sessions, "queries": args.queries, "items": args.items,
                          "fraction": args.fraction, "page": PAGE, "review_every": REVIEW_EVERY,
-                         "noise": NOISE, "degraded_extra_noise": DEGRADED, "policy": policy.to_dict()},
+                         "noise": NOISE, "degraded_extra_noise": args.degraded, "policy": policy.to_dict()},
               "scenarios": {}}
     print(f"{'scenario':<18} {'MRR serving':>11} {'MRR cand.':>9} {'promoted':>8} {'stopped':>7} {'undecided':>9} "
           f"{'median sessions':>15}   (MRR: on the sessions' traffic)")

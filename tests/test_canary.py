@@ -323,3 +323,4 @@ def test_the_cli_starts_shows_and_stops_a_canary_and_refuses_bad_input(canary_ho
                         (["--stop"], "no canary is running")):
         bad = run_prism(["models", "canary", *args], env, check=False)
         assert bad.returncode == 2 and words in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
