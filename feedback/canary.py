@@ -9,16 +9,15 @@ query_id and the position), and each click is credited to the arm of its positio
 
 Per interleaved search with clicks, the arm with more credited clicks wins it (equal counts: a
 tie). Under "both rankings are as good" each such search is a fair coin, so the two-sided sign
-test over searches with a winner gives the p-value of the difference. The rule (`CanaryPolicy`,
-stored with the canary so that every worker applies the same one): no decision before
-`min_queries` searches with a winner; then the candidate is promoted when it wins at
+test over searches with a winner gives the p-value of the difference (`p_value`). The rule is
+applied again and again as clicks arrive, which a fixed-sample p-value does not allow for, so the
+decision uses by default the always-valid p-value of the same test (`p_sequential`). The rule
+(`CanaryPolicy`, stored with the canary so that every worker applies the same one): no decision
+before `min_queries` searches with a winner; then the candidate is promoted when it wins at
 p < `alpha`, stopped when it loses at p < `alpha`, and stopped when `max_queries` are reached
 with no significant difference. Promotion is the activation compare-and-set against the version
 the canary started from; starting and ending a canary is logged in `training_runs`.
-
-The test is re-run as evidence arrives (every review), which makes a false decision likelier
-than `alpha` says for two equally good rankings; `min_queries` and `max_queries` bound it, and
-`benchmarks/canary_sim.py` measures it.
+`benchmarks/canary_sim.py` measures how often it picks the better ranking.
 """
 
 from __future__ import annotations
@@ -31,9 +30,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 from feedback.versions import resolve_version
-from store import (
-    ActiveVersionChangedError, CanaryConflictError, CanaryRecord, CanarySearch, Store,
-)
+from store import ActiveVersionChangedError, CanaryConflictError, CanaryRecord, CanarySearch, Store
 
 log = logging.getLogger(__name__)
 
