@@ -913,7 +913,11 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
             later, cat = gate[name]["later_clicks"], gate[name]["catalog"]
             typer.echo(f"  {name:<9} later clicks MRR {later['mrr']:.4f}  recall@10 {later['recall@10']:.4f}  "
                        f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@10 {cat['recall@10']:.4f}")
-    if outcome.index_version:
+    canary = outcome.metrics.get("canary")
+    if outcome.decision == "canary" and canary:
+        typer.echo(f"  canary {canary['id']}: model {outcome.candidate_model_version}, index {outcome.index_version} "
+                   f"interleaved on {canary['fraction']:.1%} of searches; `prism models canary` follows it")
+    elif outcome.index_version:
         typer.echo(f"  serving now: model {outcome.candidate_model_version}, index {outcome.index_version}")
     retention = outcome.metrics.get("retention")
     if retention:
