@@ -917,7 +917,7 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
     if outcome.decision == "canary" and canary:
         typer.echo(f"  canary {canary['id']}: model {outcome.candidate_model_version}, index {outcome.index_version} "
                    f"interleaved on {canary['fraction']:.1%} of searches; `prism models canary` follows it")
-    elif outcome.index_version:
+    elif outcome.decision == "promoted" and outcome.index_version:
         typer.echo(f"  serving now: model {outcome.candidate_model_version}, index {outcome.index_version}")
     retention = outcome.metrics.get("retention")
     if retention:
