@@ -69,6 +69,7 @@ bench: bench-env
 	$(PY) benchmarks/ann_scale.py
 	$(PY) benchmarks/query_batching.py
 	$(PY) benchmarks/serve_latency.py
+	$(PY) benchmarks/canary_sim.py
 	$(PY) benchmarks/report.py
 
 # The issue's sizes: 2,000 images x 3 rounds, 1M vectors (about an hour here).

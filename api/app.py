@@ -18,6 +18,7 @@ from api.routes import events, models, products, search, system
 from api.services import Services
 from api.settings import PrismSettings
 from embedder import ModelThread
+from feedback import CanaryReviewer
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -31,6 +32,14 @@ Errors are JSON `{"detail": ...}` with a 4xx status naming what was wrong (422 f
 413 for bodies or images that are too large, 415 for uploads that are not images, 404 for unknown
 products, 503 while no index version is serving).
 """
+
+
+def _canary_metrics(store: Store) -> dict | None:
+    """The running canary's evidence for /metrics (read from SQL: the same on every worker)."""
+    from api.routes.models import canary_out
+
+    record = store.running_canary()
+    return None if record is None else canary_out(store, None, record).model_dump()
 
 
 def create_app(settings: PrismSettings | None = None) -> FastAPI:
@@ -59,8 +68,10 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
             home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
         metrics=Metrics(engine.stats, engine.query_cache_stats,
-                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats()}),
+                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats()},
+                        canary_stats=lambda: _canary_metrics(store)),
         search_log=search_log,
+        canary_reviewer=CanaryReviewer(store, settings.canary_review_interval_s),
     )
 
     lifespans = 0

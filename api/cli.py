@@ -738,6 +738,75 @@ def models_activate(
     typer.echo(f"active: index version {record.index_version} (model {record.model_version})")
 
 
+@models_app.command("canary")
+def models_canary(
+    version: Annotated[Optional[str], typer.Argument(
+        help="a model version (its newest index) or an index version to interleave with the serving one")] = None,
+    fraction: Annotated[Optional[float], typer.Option(
+        help="share of searches that get the interleaved ranking, in (0, 1]")] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the running canary; the serving version stays")] = False,
+    review: Annotated[bool, typer.Option(
+        "--review", help="apply the decision rule to the evidence now: promote, stop, or keep going")] = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Interleaved canary: VERSION --fraction F starts one; --stop, --review; no arguments: its state.
+
+    That fraction of searches gets the team-draft interleaving of the serving and VERSION's
+    rankings; clicks are credited to the ranking that contributed the clicked product. The
+    candidate is promoted when it wins at p < PRISM_CANARY_ALPHA after PRISM_CANARY_MIN_QUERIES
+    searches with a winner, and stopped when it loses (servers review as events arrive)."""
+    from feedback import CanaryError, review_canary, start_canary, stop_canary
+    from store import CanaryConflictError, Store
+
+    if sum((version is not None, stop, review)) > 1:
+        _fail("give VERSION --fraction F, or --stop, or --review, or nothing (the canary's state)")
+    if version is not None and fraction is None:
+        _fail("starting a canary needs --fraction F, the share of searches to interleave, in (0, 1]")
+    if version is None and fraction is not None:
+        _fail("--fraction goes with a VERSION to start a canary of")
+    settings = _settings()
+    try:
+        store = Store.open(settings.db_url, lexical=settings.lexical())
+        if version is not None:
+            start_canary(store, version, fraction, policy=settings.canary_policy(), started_by="cli")
+        elif stop:
+            stop_canary(store, by="cli")
+        elif review:
+            outcome = review_canary(store, by="cli")
+            if outcome is None:
+                _fail("no canary is running")
+    except (CanaryError, CanaryConflictError) as exc:
+        _fail(str(exc))
+    except _known_errors() as exc:
+        _fail(str(exc))
+    _print_canary(store, as_json)
+
+
+def _print_canary(store, as_json: bool) -> None:
+    from api.routes.models import canary_out, latest_canary
+
+    record = latest_canary(store)
+    view = None if record is None else canary_out(store, None, record)
+    if as_json:
+        typer.echo(json.dumps(None if view is None else view.model_dump(mode="json"), indent=2))
+        return
+    if view is None:
+        typer.echo("no canary has run; start one with `prism models canary VERSION --fraction F`")
+        return
+    typer.echo(f"canary {view.id}: {view.status} - {view.candidate_index_version} (model {view.candidate_model_version}) "
+               f"against {view.serving_index_version} (model {view.serving_model_version}) on "
+               f"{view.fraction:.1%} of searches, started {view.started_at:%Y-%m-%d %H:%M} by {view.started_by}")
+    table = _table("arm", "impressions", "clicks", "wins")
+    for arm in ("serving", "candidate"):
+        counts = getattr(view, arm)
+        _row(table, arm, counts.impressions, counts.clicks, counts.wins)
+    _console().print(table)
+    typer.echo(f"{view.searches} interleaved searches, {view.decided} with a winner, {view.ties} ties; "
+               f"p = {view.p_value:.4g}")
+    if view.decision:
+        typer.echo(view.decision)
+
+
 @app.command()
 def retrain(
     nightly: Annotated[bool, typer.Option("--nightly", help="keep running; run the job every day at --at")] = False,
@@ -856,7 +925,11 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
             later, cat = gate[name]["later_clicks"], gate[name]["catalog"]
             typer.echo(f"  {name:<9} later clicks MRR {later['mrr']:.4f}  recall@10 {later['recall@10']:.4f}  "
                        f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@10 {cat['recall@10']:.4f}")
-    if outcome.index_version:
+    canary = outcome.metrics.get("canary")
+    if outcome.decision == "canary" and canary:
+        typer.echo(f"  canary {canary['id']}: model {outcome.candidate_model_version}, index {outcome.index_version} "
+                   f"interleaved on {canary['fraction']:.1%} of searches; `prism models canary` follows it")
+    elif outcome.decision == "promoted" and outcome.index_version:
         typer.echo(f"  serving now: model {outcome.candidate_model_version}, index {outcome.index_version}")
     retention = outcome.metrics.get("retention")
     if retention:

@@ -108,12 +108,48 @@ class _FastPathCollector(Collector):
         yield groups
 
 
+class _CanaryCollector(Collector):
+    """The running canary's per-arm evidence, read at scrape time (from SQL: every worker agrees)."""
+
+    def __init__(self, stats: Callable[[], dict | None]):
+        self.stats = stats
+
+    def collect(self):
+        running = GaugeMetricFamily("prism_canary_running", "1 while an interleaved canary runs")
+        try:
+            stats = self.stats()
+        except Exception:  # a scrape must not fail for it; the canary routes report the error
+            stats = None
+        running.add_metric([], 1.0 if stats else 0.0)
+        yield running
+        if not stats:
+            return
+        info = InfoMetricFamily("prism_canary", "the running canary and what it compares")
+        info.add_metric([], {"id": str(stats["id"]), "candidate_index_version": stats["candidate_index_version"],
+                             "serving_index_version": stats["serving_index_version"]})
+        yield info
+        for name, what in (("impressions", "impression events on positions each arm contributed"),
+                           ("clicks", "click events credited to each arm"),
+                           ("wins", "interleaved searches each arm won (more credited clicks)")):
+            family = CounterMetricFamily(f"prism_canary_{name}", what, labels=["arm"])
+            for arm in ("serving", "candidate"):
+                family.add_metric([arm], stats[arm][name])
+            yield family
+        searches = CounterMetricFamily("prism_canary_searches", "interleaved searches logged")
+        searches.add_metric([], stats["searches"])
+        yield searches
+        p_value = GaugeMetricFamily("prism_canary_p_value", "two-sided sign test of candidate against serving wins")
+        p_value.add_metric([], stats["p_value"])
+        yield p_value
+
+
 class Metrics:
     def __init__(
         self,
         serving_stats: Callable[[], dict],
         query_cache_stats: Callable[[], dict] | None = None,
         fast_path_stats: Callable[[], dict] | None = None,
+        canary_stats: Callable[[], dict | None] | None = None,
     ):
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry(auto_describe=True)
@@ -147,6 +183,9 @@ class Metrics:
         self._fast_path = _FastPathCollector(fast_path_stats) if fast_path_stats is not None else None
         if self._fast_path is not None:
             self.registry.register(self._fast_path)
+        self._canary = _CanaryCollector(canary_stats) if canary_stats is not None else None
+        if self._canary is not None:
+            self.registry.register(self._canary)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
@@ -169,4 +208,6 @@ class Metrics:
             registry.register(self._query_cache)
         if self._fast_path is not None:
             registry.register(self._fast_path)
+        if self._canary is not None:
+            registry.register(self._canary)
         return generate_latest(registry)

@@ -247,6 +247,13 @@ def attribute_params(data: dict) -> dict:
     return {**rest, "attributes": attributes}
 
 
+SESSION_DESCRIPTION = (
+    "optional: the page's opaque id of a shopper's visit (letters, digits, `_.:-`; not stored). A running "
+    "canary interleaves all of a visit's searches or none, and every page of one query alike; without it "
+    "each search is drawn on its own")
+Session = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")]
+
+
 class SearchParams(Filters):
     """`GET /v1/search` query parameters. Unknown parameters are refused, not ignored."""
 
@@ -277,6 +284,7 @@ class SearchParams(Filters):
     )
     k: Int = Field(10, ge=1, le=MAX_K, description=K_DESCRIPTION)
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
+    session: Session | None = Field(None, description=SESSION_DESCRIPTION)
 
 
 class SearchRequest(BaseModel):
@@ -305,6 +313,7 @@ class SearchRequest(BaseModel):
     offset: Int = Field(0, ge=0, le=MAX_OFFSET, description=OFFSET_DESCRIPTION)
     filters: Filters = Field(default_factory=Filters)
     facets: FacetNames = Field(default_factory=list, description=FACETS_DESCRIPTION)
+    session: Session | None = Field(None, description=SESSION_DESCRIPTION)
 
     @model_validator(mode="after")
     def _one_query(self) -> "SearchRequest":
@@ -536,6 +545,58 @@ class QueryCacheOut(BaseModel):
     evictions: int = Field(description="entries dropped to stay within the bounds")
 
 
+class CanaryStart(BaseModel):
+    """Start an interleaved canary of a model or index version."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"fraction": 0.1}]})
+
+    fraction: float = Field(gt=0, le=1, description="share of searches that get the interleaved ranking, in (0, 1]")
+
+
+class CanaryArmOut(BaseModel):
+    impressions: int = Field(description="impression events on positions this arm contributed")
+    clicks: int = Field(description="click events credited to this arm")
+    wins: int = Field(description="interleaved searches in which this arm got more clicks than the other")
+
+
+class CanaryOut(BaseModel):
+    """A canary: what it compares, its state, and the live evidence so far."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "id": 3, "status": "running", "candidate_model_version": "ft-20261130-030000-12",
+        "candidate_index_version": "20261130-031502-114211", "serving_model_version": "demo",
+        "serving_index_version": "20261124-101500-000001", "fraction": 0.1,
+        "policy": {"min_queries": 200, "max_queries": 5000, "alpha": 0.05}, "started_by": "retrain",
+        "training_run_id": 12, "started_at": "2026-11-30T03:15:09Z", "finished_at": None, "finished_by": None,
+        "reason": None, "searches": 1840, "serving": {"impressions": 9120, "clicks": 301, "wins": 118},
+        "candidate": {"impressions": 9080, "clicks": 377, "wins": 171}, "ties": 22, "decided": 289,
+        "p_value": 0.0022, "decision": "candidate won 171, serving 118 of 289 ...", "loaded": True,
+    }]})
+
+    id: int
+    status: Literal["running", "promoted", "stopped", "superseded"]
+    candidate_model_version: str
+    candidate_index_version: str
+    serving_model_version: str
+    serving_index_version: str = Field(description="the version the candidate is compared with, and promoted over")
+    fraction: float
+    policy: dict[str, Any] = Field(description="its decision rule: min_queries, max_queries, alpha")
+    started_by: str | None = Field(None, description="cli | http | retrain")
+    training_run_id: int | None = Field(None, description="the training_runs row that logged its start")
+    started_at: datetime
+    finished_at: datetime | None = None
+    finished_by: str | None = Field(None, description="cli | http | review (the decision rule)")
+    reason: str | None = Field(None, description="why it ended")
+    searches: int = Field(description="interleaved searches logged")
+    serving: CanaryArmOut
+    candidate: CanaryArmOut
+    ties: int = Field(description="searches with clicks, as many for each arm")
+    decided: int = Field(description="searches with a winner")
+    p_value: float = Field(description="two-sided sign test of candidate wins against serving wins")
+    decision: str | None = Field(None, description="where the decision rule stands (running), or what it decided")
+    loaded: bool | None = Field(None, description="this server has the candidate loaded and interleaves (running)")
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelVersionOut]
     indexes: list[IndexVersionOut]
@@ -545,6 +606,8 @@ class ModelsResponse(BaseModel):
         None, description="precision this replica encodes queries at (the serving index's, or fp32 where that "
         "cannot run here); null while nothing serves")
     query_cache: QueryCacheOut | None = Field(None, description="this replica's query-vector cache")
+    canary: CanaryOut | None = Field(
+        None, description="the running interleaved canary, else the latest one to end; null if there never was one")
 
 
 class FacetValue(BaseModel):
@@ -634,7 +697,8 @@ class TrainingRunOut(BaseModel):
     id: int
     status: str = Field(description="queued | running | succeeded | skipped | failed")
     decision: str | None = Field(
-        description="promoted | rejected | superseded (another version was activated during the run) | none")
+        description="promoted | canary (ended in a canary) | canary-stopped | rejected | superseded (another "
+        "version was activated during the run or the canary) | none")
     serving_model_version: str | None
     serving_index_version: str | None = Field(None, description="the index version the run started from")
     candidate_model_version: str | None

@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.metrics import Metrics
 from api.settings import PrismSettings
-from feedback import SearchLogWriter
+from feedback import CanaryReviewer, SearchLogWriter
 from indexer import CatalogUpdater
 from search import SearchEngine
 from store import Store
@@ -26,6 +26,8 @@ class Services:
     updater: CatalogUpdater
     metrics: Metrics
     search_log: SearchLogWriter
+    # Reviews the running canary after events arrive (None: never from this server).
+    canary_reviewer: CanaryReviewer | None = None
 
 
 def get_services(request: Request) -> Services:

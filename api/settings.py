@@ -75,6 +75,22 @@ class PrismSettings(BaseSettings):
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
     retrain_epochs: int = Field(40, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
+    retrain_promotion: Literal["direct", "canary"] = Field(
+        "direct", description="how a retrain's candidate that passes the gate is promoted: activated at once "
+        "(direct), or started as an interleaved canary that promotes it only if it wins on live clicks (canary)",
+    )
+    canary_fraction: float = Field(
+        0.1, gt=0, le=1, description="share of searches a canary started by a retrain interleaves")
+    canary_min_queries: int = Field(
+        200, ge=1, description="interleaved searches with a winner a canary needs before it is promoted or stopped")
+    canary_max_queries: int = Field(
+        5000, ge=1, description="with this many searches with a winner and no significant difference, a canary stops")
+    canary_alpha: float = Field(0.05, gt=0, lt=1, description="p-value below which a canary wins or loses")
+    canary_sequential: bool = Field(
+        True, description="decide on the always-valid sequential p-value (true), which repeated reviews do not "
+        "make too eager, or on the fixed-sample sign test's (false)")
+    canary_review_interval_s: float = Field(
+        5.0, ge=0, description="a server reviews the running canary's evidence at most this often, after events")
     log_retention_days: float = Field(
         90.0, gt=0,
         description="searches (query text, uploaded image hashes) and their events older than this many days are "
@@ -197,6 +213,9 @@ class PrismSettings(BaseSettings):
             catalog_mix=self.retrain_catalog_mix,
             min_pairs=self.retrain_min_pairs,
             log_retention_days=self.log_retention_days,
+            promotion=self.retrain_promotion,
+            canary_fraction=self.canary_fraction,
+            canary=self.canary_policy(),
             train=replace(base.train, epochs=self.retrain_epochs),
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(
@@ -206,6 +225,12 @@ class PrismSettings(BaseSettings):
                 max_catalog_recall_drop=self.retrain_max_catalog_recall_drop,
             ),
         )
+
+    def canary_policy(self):
+        from feedback import CanaryPolicy
+
+        return CanaryPolicy(min_queries=self.canary_min_queries, max_queries=self.canary_max_queries,
+                            alpha=self.canary_alpha, sequential=self.canary_sequential)
 
     def apply_threads(self) -> None:
         """Set torch and faiss thread counts deliberately (small hosts have 2 cores)."""

@@ -1,5 +1,20 @@
 """feedback: the search log, click events, pair mining, fine-tuning, the evaluation gate and promotion."""
 
+from feedback.canary import (
+    CanaryError,
+    CanaryPolicy,
+    CanaryReview,
+    CanaryReviewer,
+    CanaryStats,
+    canary_stats,
+    decide,
+    review_canary,
+    sequential_p,
+    sign_test_p,
+    start_canary,
+    stop_canary,
+    tally,
+)
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
 from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
 from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search, search_log_row
@@ -24,12 +39,27 @@ from feedback.versions import (
     ModelVersionExistsError,
     activate_version,
     read_model_json,
+    resolve_version,
     training_workdir,
     write_model_version,
 )
 from feedback.worker import RetrainWorker, WorkerStopped, nightly_key
 
 __all__ = [
+    "CanaryError",
+    "CanaryPolicy",
+    "CanaryReview",
+    "CanaryReviewer",
+    "CanaryStats",
+    "canary_stats",
+    "decide",
+    "resolve_version",
+    "review_canary",
+    "sequential_p",
+    "sign_test_p",
+    "start_canary",
+    "stop_canary",
+    "tally",
     "ClickPair",
     "ClickQuery",
     "DEMO_ARCH",

@@ -95,6 +95,8 @@ def search_log_row(result: SearchResult) -> dict:
         result_ids=[hit.product.product_id for hit in result.hits],
         took_ms=result.took_ms,
         ts=datetime.now(timezone.utc),
+        canary_id=result.canary_id,
+        arms=result.arms,
     )
 
 

@@ -39,13 +39,14 @@ from pathlib import Path
 import numpy as np
 
 from embedder import ModelSpecError, load_embedder, load_trainable, wrap_open_clip
+from feedback.canary import CanaryPolicy, start_canary
 from feedback.evaluate import embed_images, first_relevant_ranks, ndcg_at, rank_metrics
 from feedback.pairs import ClickPair, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.schedule import job_lock, this_process
 from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
 from feedback.versions import pending_candidate, remove_unrecorded_candidates, training_workdir, write_model_version
 from indexer import CatalogIndexer, IndexOptions, product_text
-from store import ActiveVersionChangedError, IndexVersionRecord, ProductRecord, Store
+from store import ActiveVersionChangedError, CanaryConflictError, IndexVersionRecord, ProductRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class RetrainConfig:
     # `window_days` (see `prune_logs`).
     log_retention_days: float = 90.0
     prune_batch: int = 1_000  # searches deleted per transaction
+    # "direct": a candidate that passes the gate is activated; "canary": it is started as an
+    # interleaved canary on `canary_fraction` of searches, promoted only if it wins on live clicks.
+    promotion: str = "direct"
+    canary_fraction: float = 0.1
+    canary: CanaryPolicy = CanaryPolicy()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +107,7 @@ class RetrainError(RuntimeError):
 class RetrainOutcome:
     run_id: int
     status: str  # succeeded | skipped | failed
-    decision: str  # promoted | rejected | superseded | none
+    decision: str  # promoted | canary | rejected | superseded | none
     serving_model_version: str | None
     candidate_model_version: str | None = None
     index_version: str | None = None
@@ -309,6 +315,8 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
                              precision=str(active.manifest.get("precision", "fp32")))
     summary = CatalogIndexer(home=home, store=store, embedder=embedder,
                              options=replace(index_options, activate=False)).run(None)
+    if config.promotion == "canary":
+        return _start_canary(store, run_id, active, config, serving, candidate, summary.index_version, metrics)
     try:
         store.activate_index_version(summary.index_version, expected_active=active.index_version)
     except ActiveVersionChangedError:
@@ -321,6 +329,24 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
                               reason=reason)
     log.info("promoted %s (index version %s)", candidate, summary.index_version)
     return RetrainOutcome(run_id, "succeeded", "promoted", serving, candidate, summary.index_version, metrics)
+
+
+def _start_canary(store, run_id, active, config, serving, candidate, index_version, metrics) -> RetrainOutcome:
+    """End the run in a canary of the candidate against the version the run started from."""
+    kept = f"the candidate is kept: `prism models canary {index_version}` or `prism models activate {index_version}`"
+    try:
+        canary = start_canary(store, index_version, config.canary_fraction, policy=config.canary,
+                              started_by="retrain", training_run_id=run_id, expected_serving=active.index_version)
+    except ActiveVersionChangedError:
+        reason = _superseded(active, store.active_index_version()) + f"; {kept}"
+        return RetrainOutcome(run_id, "succeeded", "superseded", serving, candidate, index_version, metrics, reason=reason)
+    except CanaryConflictError as exc:
+        return RetrainOutcome(run_id, "succeeded", "superseded", serving, candidate, index_version, metrics,
+                              reason=f"{exc}; {kept}")
+    metrics["canary"] = {"id": canary.id, "event": "started", "fraction": canary.fraction,
+                         "candidate_index_version": index_version, "policy": canary.policy}
+    log.info("canary %d started for %s (index version %s)", canary.id, candidate, index_version)
+    return RetrainOutcome(run_id, "succeeded", "canary", serving, candidate, index_version, metrics)
 
 
 def _superseded(started_from: IndexVersionRecord, active_now: IndexVersionRecord | None) -> str:

@@ -132,10 +132,17 @@ def activate_version(store: Store, version: str):
 
     This is rollback and roll-forward alike; running servers swap on their next query.
     """
+    return store.activate_index_version(resolve_version(store, version).index_version)
+
+
+def resolve_version(store: Store, version: str):
+    """The index version `version` names: itself, or a model version's newest index version.
+    Raises `UnknownVersionError` for neither, or a model version with no index built."""
     from store import UnknownVersionError
 
-    if store.get_index_version(version) is not None:
-        return store.activate_index_version(version)
+    found = store.get_index_version(version)
+    if found is not None:
+        return found
     if store.get_model_version(version) is None:
         raise UnknownVersionError(f"no model or index version named {version!r}")
     built = [v for v in store.list_index_versions() if v.model_version == version]
@@ -143,4 +150,4 @@ def activate_version(store: Store, version: str):
         raise UnknownVersionError(
             f"model version {version!r} has no index version yet: build one with `prism index --model {version}`"
         )
-    return store.activate_index_version(built[-1].index_version)
+    return built[-1]

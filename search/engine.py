@@ -64,6 +64,7 @@ from indexer import (
 from search.batcher import BatchConfig, QueryBatcher
 from search.filters import FilterIndex
 from search.images import ExtraImages, ExtraOverlay
+from search.interleave import ARM_NAMES, search_draw, team_draft
 from search.journal import replay_changes
 from search.metadata import MetadataCache
 from search.overlay import MODALITIES, Overlay
@@ -158,6 +159,9 @@ class SearchResult:
     timings_ms: dict[str, float]
     query: SearchQuery
     facets: dict[str, dict[str, int]] | None = None  # asked-for facet counts over the filter's matches
+    # An interleaved canary search: the canary, and per hit the arm that contributed it.
+    canary_id: int | None = None
+    arms: list[str] | None = None
 
     @property
     def query_kind(self) -> str:
@@ -180,6 +184,7 @@ class _Plan:
     exclude: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pinned: list[int] = field(default_factory=list)
     lexical: list[tuple[int, float]] | None = None
+    image: object = None  # an image query's bytes (or PIL image), for a canary's candidate to encode
 
 
 class _StageTimer:
@@ -208,6 +213,16 @@ class _Serving:
     filters: FilterIndex
     extra: ExtraImages | None = None  # products' images after the first (search/images.py)
     extra_overlay: ExtraOverlay | None = None  # those of products changed since the build
+
+
+@dataclass(frozen=True)
+class _Canary:
+    """A running canary's candidate, loaded beside the serving version (feedback/canary.py)."""
+
+    canary_id: int
+    fraction: float
+    serving_index_version: str  # interleaved only while this version serves
+    candidate: _Serving
 
 
 class SearchEngine:
@@ -275,6 +290,10 @@ class SearchEngine:
         batch_config = batching if batching is not None and model_thread is not None else BatchConfig(enabled=False)
         self._batcher = QueryBatcher(batch_config, run=model_thread.run if model_thread is not None else None)
         self.metadata = MetadataCache(store, metadata_cache_entries)
+        # A running canary's candidate, once loaded (in the background, like an activation).
+        self._canary: _Canary | None = None
+        self._canary_loader: threading.Thread | None = None
+        self._canary_failed: tuple[int, float] | None = None
 
     def close(self) -> None:
         self._batcher.close()
@@ -365,6 +384,29 @@ class SearchEngine:
             raise
         finally:
             self._loading_version = None
+        loaded = self._start_serving(version, embedder)
+        built_seq = int(version.manifest.get("catalog_seq", 0))
+        self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
+        if current is not None and self.model_thread is not None:
+            self._warm(loaded)
+        # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
+        self._prune_local_copies(version, current.version if current else None)
+        with self._lock:
+            # Changes journaled while the version loaded: a short replay, then the swap.
+            self._serving = self._replay(loaded)
+        self._failed = None
+        self.metadata.clear()  # what indexing wrote outside the journal (image states) serves with its version
+        # Models no version serves any more would otherwise stay in memory, one per promotion;
+        # their cached query vectors go with them.
+        self._drop_unused_models()
+        log.info(
+            "serving index version %s (model %s, %d journaled changes replayed)",
+            version.index_version, version.model_version, self._serving.overlay.seq - built_seq,
+        )
+        return True
+
+    def _start_serving(self, version: LoadedIndexVersion, embedder: Embedder) -> _Serving:
+        """A loaded index version ready to serve: its filters, its overlay, the journal replayed."""
         filters = FilterIndex.load(self.store.iter_filter_facts())
         # Products deleted after the build outside the journal (or before it existed) stay hidden;
         # only those the indexes hold need a mask, not every product ever deleted.
@@ -379,27 +421,94 @@ class SearchEngine:
         overlay = Overlay.start(
             int(version.manifest.get("catalog_seq", 0)), embedder.dim, np.unique(tombstones), indexed=indexed
         )
-        loaded = self._replay(_Serving(version, embedder, overlay, filters, extra, ExtraOverlay(embedder.dim)))
-        self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
-        if current is not None and self.model_thread is not None:
-            self._warm(loaded)
-        # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
-        self._prune_local_copies(version, current.version if current else None)
-        with self._lock:
-            # Changes journaled while the version loaded: a short replay, then the swap.
-            self._serving = self._replay(loaded)
-        self._failed = None
-        self.metadata.clear()  # what indexing wrote outside the journal (image states) serves with its version
-        # Models no version serves any more would otherwise stay in memory, one per promotion;
-        # their cached query vectors go with them.
-        space = vector_space(version.model_version, precision)
-        self._embedders = {name: e for name, e in self._embedders.items() if name == space}
-        self.query_cache.drop_spaces({embedder.vector_space})
-        log.info(
-            "serving index version %s (model %s, %d journaled changes replayed)",
-            version.index_version, version.model_version, self._serving.overlay.seq - overlay.seq,
-        )
-        return True
+        return self._replay(_Serving(version, embedder, overlay, filters, extra, ExtraOverlay(embedder.dim)))
+
+    def _drop_unused_models(self) -> None:
+        """Keep the models (and cached query vectors) of the serving version and a canary's only."""
+        spaces = {s.embedder.vector_space for s in (self._serving, self._canary and self._canary.candidate) if s}
+        self._embedders = {name: e for name, e in self._embedders.items() if name in spaces}
+        self.query_cache.drop_spaces(spaces)
+
+    # ---------------------------------------------------------------- canary
+
+    def _sync_canary(self, mark: tuple | None, seq: int) -> None:
+        """Follow the running canary (`mark`: id, candidate index version, fraction, the serving
+        version it compares with): load a new one in the background, drop an ended one, replay
+        catalog changes into the candidate as into the serving version."""
+        loaded = self._canary
+        if mark is None:
+            if loaded is not None:
+                with self._lock:
+                    self._canary = None
+                self._drop_unused_models()
+                log.info("canary %d ended: its candidate %s is unloaded", loaded.canary_id,
+                         loaded.candidate.version.index_version)
+            return
+        if loaded is None or loaded.canary_id != mark[0]:
+            self._load_canary_in_background(mark)
+            return
+        if seq > loaded.candidate.overlay.seq:
+            with self._lock:
+                current = self._canary
+                if current is not None and current.canary_id == loaded.canary_id and seq > current.candidate.overlay.seq:
+                    self._canary = replace(current, candidate=self._replay(current.candidate))
+
+    def _load_canary_in_background(self, mark: tuple) -> None:
+        if self._canary_loader is not None and self._canary_loader.is_alive():
+            return
+        if self._canary_failed is not None and self._canary_failed[0] == mark[0]:
+            if time.monotonic() < self._canary_failed[1] + FAILED_VERSION_RETRY_S:
+                return
+
+        def load() -> None:
+            try:
+                self.load_canary(mark)
+            except Exception as exc:  # searches carry on uninterleaved
+                self._canary_failed = (mark[0], time.monotonic())
+                log.error("cannot load canary %d's candidate %s (%s); searches are not interleaved", mark[0], mark[1], exc)
+
+        self._canary_loader = threading.Thread(target=load, name="prism-canary-loader", daemon=True)
+        self._canary_loader.start()
+
+    def load_canary(self, mark: tuple) -> None:
+        """Load canary `mark`'s candidate index version and model, then interleave with it."""
+        canary_id, index_version, fraction, serving_index_version = mark
+        with self._loading:
+            record = self.store.get_index_version(index_version)
+            if record is None:
+                raise NotReadyError(f"index version {index_version!r} is not recorded")
+            version = self._load_version_files(record)
+            embedder = self.embedder_for(version.model_version, self._index_precision(version))
+            candidate = self._start_serving(version, embedder)
+            with self._lock:
+                self._canary = _Canary(canary_id, fraction, serving_index_version, candidate)
+        self._canary_failed = None
+        log.info("canary %d: interleaving %.1f%% of searches with %s (model %s)", canary_id, fraction * 100,
+                 index_version, version.model_version)
+
+    def wait_for_canary(self, canary_id: int, timeout_s: float = 120.0) -> bool:
+        """Sync until canary `canary_id`'s candidate is loaded (True) or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.sync()
+            canary = self._canary
+            if canary is not None and canary.canary_id == canary_id:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _canary_draw(self, serving: _Serving, query: SearchQuery, query_id: str,
+                     session: str | None) -> tuple[_Canary, int] | None:
+        """The canary this search is interleaved for and its coin flips' seed, or None
+        (`search.interleave.search_draw`: by the session when the page gives one, else by search)."""
+        canary = self._canary
+        if canary is None or canary.serving_index_version != serving.version.index_version:
+            return None
+        # An in-memory image (no hash) is asked once: its own search is all there is to draw by.
+        image = query_id if query.kind == "image" and query.image_hash is None else query.image_hash
+        asked = repr((query.kind, query.text, image, query.similar_to, query.target.value, query.filters))
+        draw, seed = search_draw(canary.canary_id, query_id=query_id, session=session, query=asked)
+        return (canary, seed) if draw < canary.fraction else None
 
     def _warm(self, serving: _Serving) -> None:
         """One text query through the new version's model and indexes before it is swapped in, on
@@ -496,7 +605,7 @@ class SearchEngine:
         the background (copied first on a replica) and swapped in when it is ready; queries carry
         on with the version serving until then. Only a process serving nothing loads it here.
         """
-        active, seq = self.store.serving_marks()
+        active, seq, canary = self.store.serving_marks_and_canary()
         serving = self._serving
         if active is None:
             return
@@ -510,6 +619,7 @@ class SearchEngine:
                 current = self._serving
                 if seq > current.overlay.seq:
                     self._serving = self._replay(current)
+        self._sync_canary(canary, seq)
 
     def _replay(self, serving: _Serving) -> _Serving:
         """`serving` with the journal entries after its overlay's seq applied (search/journal.py)."""
@@ -541,6 +651,7 @@ class SearchEngine:
         offset: int = 0,
         filters: ProductFilter | None = None,
         facets: Sequence[str] = (),
+        session: str | None = None,
     ) -> SearchResult:
         """One query: exactly one of `text`, `image` or `similar_to` (a product id: "more like this").
         `facets`: names to count values of over every product the filters match (see
@@ -559,7 +670,10 @@ class SearchEngine:
                      on the model thread, through the batcher (search/batcher.py): a vector to
                      encode joins a micro-batch of concurrent queries of its kind; a known vector
                      goes straight to the ANN search (`_ranked`)
-        5. metadata  the page's product records, from the journal-current MetadataCache
+        5. canary    a search a running canary draws (`session`: the client's id of a shopper's
+                     visit) is ranked by the candidate too, alone, and the two rankings are
+                     interleaved (team draft); each hit's arm is logged with the search
+        6. metadata  the page's product records, from the journal-current MetadataCache
         """
         started = time.perf_counter()
         target = _parse_target(target)
@@ -567,6 +681,7 @@ class SearchEngine:
         _validate_facets(facets)
         filters = filters or ProductFilter()
         timer = _StageTimer()
+        query_id = uuid.uuid4().hex
         # Announced from the start, so that forming batches wait for this query's encode; a query
         # whose vector is known already (a cached text, "similar") holds none up.
         with self._batcher.expecting(self._may_join_batch(text, image)) as submit:
@@ -585,6 +700,12 @@ class SearchEngine:
                     target, k, offset, filters,
                 ), allowed)
 
+            drawn = self._canary_draw(serving, plan.query, query_id, session)
+            candidate_search = None if drawn is None else self._candidate_search(
+                drawn[0].candidate, plan, target, offset + k, filters)
+            if candidate_search is None:
+                drawn = None
+
             def rank(vector: np.ndarray) -> list[tuple[int, float, dict]]:
                 with timer("ann"):
                     return self._ranked(serving, target, vector, offset + k, allowed, plan.exclude, plan.lexical, plan.pinned)
@@ -592,15 +713,20 @@ class SearchEngine:
             if plan.vector is not None:
                 ranked = self._batcher.run(lambda: rank(plan.vector))
             else:
+                # An interleaved search encodes twice, once per arm's model: neither joins a batch.
                 ranked, batch = submit(serving.embedder, plan.payload, lambda vector: rank(plan.remember(vector)),
-                                       kind=plan.query.kind, alone=not self._batches_queries())
+                                       kind=plan.query.kind, alone=drawn is not None or not self._batches_queries())
                 timer.record("queue", batch.queued_ms)
                 timer.record("encode", batch.encode_ms)  # a batch's encode is shared by its queries
+            arms = None
+            if drawn is not None:
+                with timer("canary"):
+                    ranked, arms = _interleaved(ranked, self._batcher.run(candidate_search), offset + k, drawn[1])
         with timer("metadata"):
-            hits = self._hits(ranked[offset : offset + k], offset)
+            hits, hit_arms = self._hits(ranked[offset : offset + k], offset, None if arms is None else arms[offset : offset + k])
 
         return SearchResult(
-            query_id=uuid.uuid4().hex,
+            query_id=query_id,
             model_version=serving.version.model_version,
             index_version=serving.version.index_version,
             took_ms=_ms(started),
@@ -608,7 +734,36 @@ class SearchEngine:
             timings_ms=timer.timings,
             query=plan.query,
             facets=counted,
+            canary_id=drawn[0].canary_id if drawn is not None else None,
+            arms=hit_arms,
         )
+
+    def _candidate_search(self, candidate: _Serving, plan: _Plan, target: Target, want: int, filters: ProductFilter):
+        """A function that ranks the query with the canary's candidate (on the model thread), or
+        None when the candidate cannot (a product missing from its index: served uninterleaved).
+        The lexical leg and pinned identifiers are the database's, the same for both arms."""
+        embedder, query = candidate.embedder, plan.query
+        if query.kind == "text":
+            cached, remember = self._cached_query(embedder, "text", embedder.query_text_key(query.text))
+            encode = lambda: cached if cached is not None else remember(embedder.encode_texts([query.text]))  # noqa: E731
+        elif query.kind == "image":
+            cached, remember = (None, lambda vector: vector) if query.image_hash is None else \
+                self._cached_query(embedder, "image", query.image_hash)
+            image = plan.image if isinstance(plan.image, Image.Image) else None
+
+            def encode():
+                if cached is not None:
+                    return cached
+                decoded = image if image is not None else decode_image(plan.image, self.image_limits)
+                return remember(embedder.encode_images([decoded]))
+        else:
+            try:
+                _, vector, _ = self._product_vector(candidate, query.similar_to)
+            except QueryError:
+                return None
+            encode = lambda: vector  # noqa: E731
+        allowed = None if filters.is_empty() else candidate.filters.allowed(filters)
+        return lambda: self._ranked(candidate, target, encode(), want, allowed, plan.exclude, plan.lexical, plan.pinned)
 
     def _prepare(self, serving: _Serving, text, image, similar_to, query: SearchQuery, allowed) -> "_Plan":
         """The query as logged, and its vector (known) or what to encode; the lexical legs."""
@@ -628,22 +783,26 @@ class SearchEngine:
                 cached, remember = self._cached_query(serving.embedder, "image", image_hash)
             # Decoded here, on the request's thread (many at once); the model thread preprocesses and encodes.
             decoded = decode_image(data, self.image_limits) if cached is None else None
-            return _Plan(query, vector=cached, payload=decoded, remember=remember)
+            return _Plan(query, vector=cached, payload=decoded, remember=remember, image=data)
         product, vector, modality = self._product_vector(serving, similar_to)
         query = replace(query, image_hash=product.image_hash if modality == "image" else None, similar_to=similar_to)
         return _Plan(query, vector=vector, exclude=np.asarray([product.row_id], dtype=np.int64))
 
-    def _hits(self, page: list[tuple[int, float, dict]], offset: int) -> list[SearchHit]:
+    def _hits(self, page: list[tuple[int, float, dict]], offset: int,
+              arms: list[str] | None = None) -> tuple[list[SearchHit], list[str] | None]:
+        """The page's hits, and each one's canary arm when the ranking was interleaved."""
         products = self.metadata.products(row for row, _, _ in page)
         matched = self._matched_images(page, products)
-        hits = []
-        for row, score, parts in page:
+        hits, hit_arms = [], []
+        for position, (row, score, parts) in enumerate(page):
             product = products.get(row)
             if product is None or product.deleted_at is not None:
                 continue  # deleted between the ANN step and the fetch
             scores = {name: value for name, value in parts.items() if name != _MATCHED}
             hits.append(SearchHit(product, float(score), offset + len(hits) + 1, scores, matched.get(row)))
-        return hits
+            if arms is not None:
+                hit_arms.append(arms[position])
+        return hits, (hit_arms if arms is not None else None)
 
     def _may_join_batch(self, text, image) -> bool:
         """Whether a query will (probably) be encoded in a batch: a text whose vector is not cached,
@@ -850,11 +1009,22 @@ class SearchEngine:
             "filter_changed_rows": serving.filters.changed_rows,
             "encoder_precision": serving.embedder.precision,
             "index_precision": str(serving.version.manifest.get("precision", "fp32")),
+            "canary": None if self._canary is None else {
+                "id": self._canary.canary_id, "candidate_index_version": self._canary.candidate.version.index_version,
+                "fraction": self._canary.fraction,
+            },
         }
 
     def query_cache_stats(self) -> dict:
         """The query-vector cache's bounds, size and hit and miss counts (metrics, GET /v1/models)."""
         return self.query_cache.stats()
+
+
+def _interleaved(ours, theirs, depth: int, seed: int) -> tuple[list, list[str]]:
+    """The team-draft interleaving of two (row, score, parts) rankings, and each entry's arm."""
+    by_arm = ({entry[0]: entry for entry in ours}, {entry[0]: entry for entry in theirs})
+    merged = team_draft([e[0] for e in ours], [e[0] for e in theirs], depth, seed)
+    return [by_arm[arm][row] for row, arm in merged], [ARM_NAMES[arm] for _, arm in merged]
 
 
 def _parse_target(target: Target | str) -> Target:

@@ -3,6 +3,7 @@
 from store.db import (
     METADATA_COLUMNS,
     ActiveVersionChangedError,
+    CanaryConflictError,
     ConflictError,
     EventIdReusedError,
     LockBusyError,
@@ -14,6 +15,8 @@ from store.db import (
 )
 from store.records import (
     AttributeCondition,
+    CanaryRecord,
+    CanarySearch,
     CatalogChangeRecord,
     CatalogWrite,
     EventInput,
@@ -52,6 +55,9 @@ __all__ = [
     "attribute_keys",
     "attribute_number",
     "ActiveVersionChangedError",
+    "CanaryConflictError",
+    "CanaryRecord",
+    "CanarySearch",
     "CatalogChangeRecord",
     "CatalogWrite",
     "EventInput",

@@ -21,11 +21,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from store.models import (
-    CatalogChange, Event, IndexVersion, ModelVersion, Product, ProductIdentifier, ProductImage, SearchLog, TrainingRun,
+    Canary, CatalogChange, Event, IndexVersion, ModelVersion, Product, ProductIdentifier, ProductImage, SearchLog,
+    TrainingRun,
     utcnow,
 )
 from store.records import (
     AttributeCondition,
+    CanaryRecord,
+    CanarySearch,
     CatalogChangeRecord,
     CatalogWrite,
     EventInput,
@@ -108,6 +111,11 @@ class EventIdReusedError(ConflictError):
     def __init__(self, conflicts: list[tuple[int, str, str]]):
         self.conflicts = conflicts
         super().__init__(f"{len(conflicts)} event(s) reuse an event_id with other content")
+
+
+class CanaryConflictError(ConflictError):
+    """A canary cannot start (one is running already, or the candidate is what serves), or a
+    compare-and-set on a canary found it no longer running; nothing was written."""
 
 
 class UnknownSearchError(StoreError):
@@ -1659,6 +1667,150 @@ class Store:
                 update(TrainingRun).where(TrainingRun.status == "running")
                 .values(status="failed", decision="none", finished_at=utcnow(), metrics={"error": reason})
             ).rowcount or 0
+
+    # ---------------------------------------------------------------- canaries
+
+    def start_canary(self, *, candidate_index_version: str, fraction: float, policy: dict, started_by: str,
+                     training_run_id: int | None = None, run_metrics: dict | None = None,
+                     expected_serving: str | None = None) -> CanaryRecord:
+        """Start a canary of `candidate_index_version` against the active index version.
+
+        One transaction, serialised with activations: the serving side it records is the version
+        active at its commit. Without `training_run_id` a `training_runs` row logs the start (decision
+        "canary"). Raises `UnknownVersionError`, or `CanaryConflictError` when a canary is running
+        (the unique running slot settles a race on any database) or the candidate is what serves;
+        with `expected_serving`, `ActiveVersionChangedError` when another index version is active.
+        """
+        try:
+            with self.session() as s, s.begin():
+                _serialise_activation(s)
+                candidate = s.get(IndexVersion, candidate_index_version)
+                if candidate is None:
+                    raise UnknownVersionError(f"no index version {candidate_index_version!r}")
+                active = s.scalar(select(IndexVersion).where(IndexVersion.is_active.is_(True)))
+                if expected_serving is not None and (active is None or active.index_version != expected_serving):
+                    raise ActiveVersionChangedError(expected_serving, active.index_version if active else None)
+                if active is None:
+                    raise CanaryConflictError("no index version is serving: nothing to compare a candidate with")
+                if active.index_version == candidate.index_version or active.model_version == candidate.model_version:
+                    raise CanaryConflictError(
+                        f"{candidate.index_version} (model {candidate.model_version}) is what serves now: a canary "
+                        "compares another model version with the serving one")
+                running = s.scalar(select(Canary).where(Canary.running_slot == 1))
+                if running is not None:
+                    raise CanaryConflictError(
+                        f"canary {running.id} ({running.candidate_index_version}) is running: stop it first "
+                        "(`prism models canary --stop`)")
+                now = utcnow()
+                canary = Canary(status="running", running_slot=1, candidate_model_version=candidate.model_version,
+                                candidate_index_version=candidate.index_version,
+                                serving_model_version=active.model_version, serving_index_version=active.index_version,
+                                fraction=fraction, policy=policy, started_by=started_by, training_run_id=training_run_id,
+                                started_at=now, result={})
+                s.add(canary)
+                s.flush()
+                if training_run_id is None:
+                    run = TrainingRun(status="succeeded", decision="canary", started_at=now, finished_at=now,
+                                      requested_at=now, requested_by=started_by,
+                                      serving_model_version=active.model_version,
+                                      serving_index_version=active.index_version,
+                                      candidate_model_version=candidate.model_version, data_window={},
+                                      metrics={"canary": {"id": canary.id, "event": "started", "fraction": fraction,
+                                                          "candidate_index_version": candidate.index_version,
+                                                          **(run_metrics or {})}})
+                    s.add(run)
+                    s.flush()
+                    canary.training_run_id = run.id
+                return _to_record(CanaryRecord, canary)
+        except IntegrityError:
+            raise CanaryConflictError("another canary started at the same moment: stop it first") from None
+
+
+    def running_canary(self) -> CanaryRecord | None:
+        with self.session() as s:
+            c = s.scalar(select(Canary).where(Canary.running_slot == 1))
+            return None if c is None else _to_record(CanaryRecord, c)
+
+
+    def get_canary(self, canary_id: int) -> CanaryRecord | None:
+        with self.session() as s:
+            c = s.get(Canary, canary_id)
+            return None if c is None else _to_record(CanaryRecord, c)
+
+
+    def list_canaries(self, limit: int = 20) -> list[CanaryRecord]:
+        with self.session() as s:
+            return [_to_record(CanaryRecord, c) for c in s.scalars(select(Canary).order_by(Canary.id.desc()).limit(limit))]
+
+
+    def finish_canary(self, canary_id: int, *, status: str, finished_by: str, reason: str, result: dict,
+                      promote: bool = False) -> CanaryRecord:
+        """End a running canary (compare-and-set: only while it runs) and log it in `training_runs`.
+
+        With `promote`, its candidate is activated in the same transaction, compare-and-set against
+        the version it started from: `ActiveVersionChangedError` when another was activated meanwhile
+        (then nothing is written). `CanaryConflictError` when it is no longer running (another worker
+        ended it first)."""
+        with self.session() as s, s.begin():
+            _serialise_activation(s)
+            now = utcnow()
+            ended = s.execute(
+                update(Canary).where(Canary.id == canary_id, Canary.status == "running")
+                .values(status=status, running_slot=None, finished_at=now, finished_by=finished_by, reason=reason,
+                        result=result)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not ended:
+                c = s.get(Canary, canary_id)
+                raise CanaryConflictError(f"no canary {canary_id}" if c is None else f"canary {canary_id} is {c.status} already")
+            c = s.get(Canary, canary_id)
+            s.refresh(c)
+            if promote:
+                taken = s.execute(
+                    update(IndexVersion)
+                    .where(IndexVersion.index_version == c.serving_index_version, IndexVersion.is_active.is_(True))
+                    .values(is_active=False)
+                ).rowcount
+                if not taken:
+                    active = s.scalar(select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)))
+                    raise ActiveVersionChangedError(c.serving_index_version, active)
+                self._activate(s, s.get(IndexVersion, c.candidate_index_version))
+            decision = {"promoted": "promoted", "stopped": "canary-stopped", "superseded": "superseded"}[status]
+            s.add(TrainingRun(status="succeeded", decision=decision, started_at=c.started_at, finished_at=now,
+                              requested_at=now, requested_by=finished_by, serving_model_version=c.serving_model_version,
+                              serving_index_version=c.serving_index_version,
+                              candidate_model_version=c.candidate_model_version, data_window={},
+                              metrics={"canary": {"id": c.id, "event": status, "reason": reason,
+                                                  "candidate_index_version": c.candidate_index_version,
+                                                  "started_by_run": c.training_run_id, **result}}))
+            return _to_record(CanaryRecord, c)
+
+
+    def canary_searches(self, canary_id: int) -> list[CanarySearch]:
+        """The interleaved searches of a canary, each with the positions its impressions and clicks name."""
+        with self.session() as s:
+            searches = {qid: (offset, list(arms or [])) for qid, offset, arms in s.execute(
+                select(SearchLog.query_id, SearchLog.offset, SearchLog.arms).where(SearchLog.canary_id == canary_id))}
+            seen: dict[str, dict[str, set[int]]] = {}
+            rows = s.execute(
+                select(Event.query_id, Event.type, Event.position)
+                .join(SearchLog, Event.query_id == SearchLog.query_id).where(SearchLog.canary_id == canary_id))
+            for qid, kind, position in rows:
+                seen.setdefault(qid, {"impression": set(), "click": set()}).setdefault(kind, set()).add(int(position))
+        return [CanarySearch(qid, int(offset or 0), arms, frozenset(seen.get(qid, {}).get("impression", ())),
+                             frozenset(seen.get(qid, {}).get("click", ()))) for qid, (offset, arms) in searches.items()]
+
+
+    def serving_marks_and_canary(self) -> tuple[str | None, int, tuple | None]:
+        """`serving_marks` and the running canary (id, candidate index version, fraction, the serving
+        index version it compares with) in the same round trip: what a server polls per query."""
+        active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
+        newest = select(func.max(CatalogChange.seq)).scalar_subquery()
+        running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
+                   for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
+        with self.session() as s:
+            version, seq, *canary = s.execute(select(active, newest, *running)).one()
+        return version, int(seq or 0), (None if canary[0] is None else (int(canary[0]), canary[1], float(canary[2]), canary[3]))
 
 
 def _stock_matches(stock: int | None, in_stock: bool | None) -> bool:

@@ -163,8 +163,12 @@ class SearchLog(Base):
     result_ids: Mapped[list] = mapped_column(JSON, nullable=False, default=list)
     took_ms: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
     ts: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    # An interleaved canary search: the canary, and per served position (offset + 1 on) the arm
+    # that contributed the product ("serving" | "candidate"), so clicks are credited to it.
+    canary_id: Mapped[int | None] = mapped_column(RowId)
+    arms: Mapped[list | None] = mapped_column(JSON)
 
-    __table_args__ = (Index("ix_search_log_ts", "ts"),)
+    __table_args__ = (Index("ix_search_log_ts", "ts"), Index("ix_search_log_canary_id", "canary_id"))
 
 
 class CatalogChange(Base):
@@ -241,3 +245,36 @@ class TrainingRun(Base):
         Index("ix_training_runs_status", "status"),
         UniqueConstraint("request_key", name="uq_training_runs_request_key"),
     )
+
+
+class Canary(Base):
+    """An interleaved canary: a candidate index version that a fraction of searches interleave with
+    the serving one (team draft), until it is promoted or stopped.
+
+    At most one runs: `running_slot` is 1 while it runs and NULL after, under a unique constraint,
+    so two starts racing on any database insert one row. Every state change is a compare-and-set
+    on `status` = running."""
+
+    __tablename__ = "canaries"
+
+    id: Mapped[int] = mapped_column(RowId, primary_key=True, autoincrement=True)
+    # running | promoted | stopped | superseded (another version was activated meanwhile)
+    status: Mapped[str] = mapped_column(String(32), nullable=False, default="running")
+    running_slot: Mapped[int | None] = mapped_column(Integer)
+    candidate_model_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    candidate_index_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    # The index version serving when it started: it is the other arm, and promotion activates the
+    # candidate only while this one is still active.
+    serving_model_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    serving_index_version: Mapped[str] = mapped_column(String(200), nullable=False)
+    fraction: Mapped[float] = mapped_column(Float, nullable=False)
+    policy: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)  # the decision rule it runs under
+    started_by: Mapped[str | None] = mapped_column(String(32))  # cli | http | retrain
+    training_run_id: Mapped[int | None] = mapped_column(RowId)  # the run that logged its start
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_by: Mapped[str | None] = mapped_column(String(32))  # cli | http | review
+    reason: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)  # counts when it finished
+
+    __table_args__ = (UniqueConstraint("running_slot", name="uq_canaries_running_slot"),)

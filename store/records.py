@@ -327,6 +327,38 @@ class TrainingRunRecord:
     serving_index_version: str | None = None
 
 
+@dataclass(frozen=True)
+class CanaryRecord:
+    id: int
+    status: str  # running | promoted | stopped | superseded
+    candidate_model_version: str
+    candidate_index_version: str
+    serving_model_version: str
+    serving_index_version: str
+    fraction: float
+    policy: dict
+    started_by: str | None
+    training_run_id: int | None
+    started_at: datetime
+    finished_at: datetime | None
+    finished_by: str | None
+    reason: str | None
+    result: dict
+    running_slot: int | None = None
+
+
+@dataclass(frozen=True)
+class CanarySearch:
+    """One interleaved search of a canary: the arm of each served position, and the positions
+    (1-based, as events give them) its impressions and clicks name."""
+
+    query_id: str
+    offset: int
+    arms: list
+    impressions: frozenset[int]
+    clicks: frozenset[int]
+
+
 # ---------------------------------------------------------------- text fields and the lexical index
 
 DEFAULT_TEXT_FIELDS = ("title", "description")

@@ -385,6 +385,30 @@ def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home, d
     assert unknown.returncode == 2 and "no model or index version" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
+def test_a_retrain_can_end_in_a_canary_instead_of_a_promotion(home, databases):
+    settings = _settings(home, databases, retrain_promotion="canary")
+    assert settings.retrain_config().promotion == "canary"
+    config = dataclasses.replace(_small_retrain(min_mrr_gain=-1.0, max_catalog_recall_drop=1.0), promotion="canary",
+                                 canary_fraction=0.5, canary=settings.canary_policy())
+    with TestClient(create_app(settings)) as client:
+        assert _shop(client, home) > 20
+        store = client.app.state.services.store
+        serving = store.active_index_version()
+        outcome = run_retrain(store, home=home, config=config, device="cpu")
+        assert (outcome.status, outcome.decision) == ("succeeded", "canary"), outcome.reason
+        canary = store.running_canary()
+        assert canary.candidate_index_version == outcome.index_version and canary.training_run_id == outcome.run_id
+        assert (canary.serving_index_version, canary.fraction, canary.started_by) == (serving.index_version, 0.5, "retrain")
+        assert store.active_index_version().index_version == serving.index_version  # a canary decides, not the run
+        run = client.get("/v1/retrain").json()["runs"][0]
+        assert run["decision"] == "canary" and run["metrics"]["canary"]["id"] == canary.id
+        assert eventually(lambda: client.get("/v1/models").json()["canary"]["loaded"])
+        # A second run while the canary runs keeps its candidate, unserved, and says how to canary it.
+        again = run_retrain(store, home=home, config=config, device="cpu")
+        assert again.decision == "superseded" and "is running" in again.reason and "prism models canary" in again.reason
+        assert store.running_canary().id == canary.id
+
+
 def test_a_run_killed_half_way_leaves_serving_intact_and_runs_never_overlap(home, databases):
     settings = _settings(home, databases)
     with TestClient(create_app(settings)) as client:

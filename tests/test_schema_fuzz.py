@@ -72,6 +72,7 @@ OPERATIONS = {
     "DELETE /v1/products/{product_id}",
     "GET /v1/products/{product_id}/image", "GET /v1/products/{product_id}/images/{position}",
     "POST /v1/events", "POST /v1/models/{version}/activate", "GET /v1/retrain", "POST /v1/retrain",
+    "POST /v1/models/{version}/canary", "DELETE /v1/models/{version}/canary",
 }
 
 CASES: Counter = Counter()  # (operation, phase, mode) -> cases sent

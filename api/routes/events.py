@@ -46,4 +46,7 @@ def post_events(events: EventBatch, services: ServicesDep):
         return JSONResponse(body.model_dump(exclude_none=True), status_code=409)
     services.metrics.events.labels("stored").inc(outcome.stored)
     services.metrics.events.labels("duplicate").inc(outcome.duplicates)
+    if services.canary_reviewer is not None and outcome.stored:
+        # After the commit: the evidence is stored whatever the review does.
+        services.canary_reviewer.maybe_review()
     return EventsStored(stored=outcome.stored, duplicates=outcome.duplicates)

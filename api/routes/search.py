@@ -15,11 +15,13 @@ from api.schemas import (
     ATTRIBUTE_PARAM,
     K_DESCRIPTION,
     OFFSET_DESCRIPTION,
+    SESSION_DESCRIPTION,
     FacetNames,
     Filters,
     SearchParams,
     SearchRequest,
     SearchResponse,
+    Session,
     attribute_params,
     split_facets,
 )
@@ -31,8 +33,9 @@ from store import Store
 
 router = APIRouter(prefix="/v1", tags=["search"])
 
-SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max", "in_stock", "facets")
-UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max", "in_stock", "facets"}
+SINGLE_QUERY_PARAMS = ("q", "target", "k", "offset", "price_min", "price_max", "in_stock", "facets", "session")
+UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_min", "price_max", "in_stock", "facets",
+                 "session"}
 SINGLE_FORM_FIELDS = UPLOAD_FIELDS - {"category", "brand"}
 
 
@@ -108,7 +111,7 @@ def logged_response(store: Store, result: SearchResult, search_log: SearchLogWri
 def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
     """Search by text: `target=image` (the default) finds products whose *images* match the words."""
     return run_search(services, filters=params, facets=params.facets, text=params.q, target=params.target, k=params.k,
-                      offset=params.offset)
+                      offset=params.offset, session=params.session)
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Any query")
@@ -116,7 +119,7 @@ def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     """Search by `text`, by a base64 image (`image_b64`) or by a product (`similar_to`)."""
     return run_search(
         services, filters=body.filters, facets=body.facets, text=body.text, image=body.image_b64,
-        similar_to=body.similar_to, target=body.target, k=body.k, offset=body.offset,
+        similar_to=body.similar_to, target=body.target, k=body.k, offset=body.offset, session=body.session,
     )
 
 
@@ -137,6 +140,7 @@ def search_upload(
     price_max: Annotated[float | None, Form()] = None,
     in_stock: Annotated[bool | None, Form(description="as in GET /v1/search")] = None,
     facets: Annotated[str | None, Form(description="comma-separated facet names, as in GET /v1/search")] = None,
+    session: Annotated[Session | None, Form(description=SESSION_DESCRIPTION)] = None,
 ) -> SearchResponse:
     """Search by an uploaded image (multipart field `file`); `target=image` finds look-alikes.
     Attribute filters are fields `attr.NAME` (repeatable), as in GET /v1/search."""
@@ -157,4 +161,5 @@ def search_upload(
     data = file.file.read(limit + 1)
     if len(data) > limit:
         raise ImageDecodeError("too_large", f"image is over the {limit}-byte limit")
-    return run_search(services, filters=filters, facets=names, image=data, target=target, k=k, offset=offset)
+    return run_search(services, filters=filters, facets=names, image=data, target=target, k=k, offset=offset,
+                      session=session)

@@ -7,7 +7,9 @@ from pathlib import Path
 from fastapi import APIRouter, Response
 from fastapi.responses import FileResponse, JSONResponse
 
+from api.routes.models import canary_out, latest_canary
 from api.schemas import (
+    CanaryOut,
     FacetsResponse,
     FacetValue,
     Health,
@@ -81,7 +83,13 @@ def models(services: ServicesDep) -> ModelsResponse:
         loading_index_version=stats.get("loading_index_version"),
         encoder_precision=stats.get("encoder_precision"),
         query_cache=QueryCacheOut(**services.engine.query_cache_stats()),
+        canary=_canary(services),
     )
+
+
+def _canary(services) -> CanaryOut | None:
+    record = latest_canary(services.store)
+    return None if record is None else canary_out(services.store, services.engine, record)
 
 
 @router.get("/v1/facets", response_model=FacetsResponse, tags=["catalog"], summary="Filter values for the page")

@@ -37,6 +37,20 @@ function randomKey() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
+// This tab's visit, for a running canary: it interleaves all of a visit's searches or none, and
+// every page of one query alike (docs/feedback.md). Random, kept for the tab only, never stored.
+const SESSION = (() => {
+  try {
+    const known = sessionStorage.getItem("prism-session");
+    if (known) return known;
+    const made = randomKey();
+    sessionStorage.setItem("prism-session", made);
+    return made;
+  } catch {
+    return randomKey(); // storage disabled: one visit per page load
+  }
+})();
+
 // ---------------------------------------------------------------- the view and the URL
 
 function price(value) {
@@ -264,7 +278,7 @@ function searchRequest(view) {
   const k = Math.min(PAGE_SIZE, RESULT_WINDOW - offset);
   const kind = queryKind(view);
   if (kind === "text") {
-    const params = new URLSearchParams({ q: view.q, target: view.target, k, offset });
+    const params = new URLSearchParams({ q: view.q, target: view.target, k, offset, session: SESSION });
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) params.append(key, v);
     }
@@ -279,6 +293,7 @@ function searchRequest(view) {
     form.append("target", view.target);
     form.append("k", k);
     form.append("offset", offset);
+    form.append("session", SESSION);
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) form.append(key, v);
     }
@@ -292,7 +307,7 @@ function searchRequest(view) {
     method: "POST",
     headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ similar_to: view.similar, target: view.target, k, offset,
-      filters: { ...f, attributes }, facets }),
+      filters: { ...f, attributes }, facets, session: SESSION }),
   });
 }
 
