@@ -151,7 +151,9 @@ def _events(body, arm_of, click_arm=None):
 
 
 def _arms(store, query_id) -> dict[int, str]:
-    row = store.get_search(query_id)
+    # The search-log row is written off the request, a group at a time (feedback/search_log.py).
+    row = eventually(lambda: store.get_search(query_id))
+    assert row is not None, f"search {query_id} was never logged"
     return {row["offset"] + i + 1: arm for i, arm in enumerate(row["arms"] or [])}
 
 
@@ -187,7 +189,7 @@ def test_clicks_are_credited_to_the_arm_that_served_them_and_a_losing_candidate_
         assert body["model_version"] == serving.model_version  # the page sees the serving version
         arms = _arms(store, body["query_id"])
         assert sorted(arms) == [h["rank"] for h in body["results"]] and set(arms.values()) == {"serving", "candidate"}
-        assert store.get_search(body["query_id"])["canary_id"] == canary["id"]
+        assert eventually(lambda: store.get_search(body["query_id"]))["canary_id"] == canary["id"]
         # With the page's session, every page of a query is cut from one interleaved list.
         visit = {"q": "red shoe", "k": 10, "session": "tab-1"}
         first = client.get("/v1/search", params=visit).json()
@@ -226,8 +228,12 @@ def test_clicks_are_credited_to_the_arm_that_served_them_and_a_losing_candidate_
         assert logged.metrics["canary"]["p_sequential"] < 0.05
         assert store.list_training_runs()[1].decision == "canary"  # its start
         # The servers stop interleaving: later searches carry no arms.
-        assert eventually(lambda: store.get_search(
-            client.get("/v1/search", params={"q": "blue bag"}).json()["query_id"])["arms"] is None)
+        def uninterleaved() -> bool:
+            query_id = client.get("/v1/search", params={"q": "blue bag"}).json()["query_id"]
+            row = eventually(lambda: store.get_search(query_id))
+            return row is not None and row["arms"] is None
+
+        assert eventually(uninterleaved)
         assert "prism_canary_running 0.0" in client.get("/metrics").text
 
 
