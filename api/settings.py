@@ -63,6 +63,22 @@ class PrismSettings(BaseSettings):
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
     retrain_epochs: int = Field(40, ge=1, le=1000, description="fine-tune epochs over the mined and catalog pairs")
+    retrain_adapters: bool = Field(
+        True, description="fine-tune LoRA adapters on the towers' trunks (base weights frozen) and write the "
+        "candidate as an adapter version over the serving model version; false: fine-tune the weights themselves",
+    )
+    retrain_adapter_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the retrain's adapters")
+    retrain_adapter_alpha: float = Field(16.0, gt=0, description="LoRA alpha (the adapters' output scales by alpha/rank)")
+    retrain_adapter_lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the adapters (the rest trains at 3e-4)")
+    retrain_adapter_towers: str = Field(
+        "text", description="towers whose trunks get adapters: text, image or text,image (a tower without them "
+        "trains as before: a LiT-style text tower stays locked, the image tower trains whole)",
+    )
+    retrain_adapter_targets: str = Field(
+        "c_fc,c_proj,query,key,value,dense",
+        description="adapted modules: Linear layers inside a trunk whose names end with one of these (fnmatch "
+        "patterns; attn adapts open_clip's whole MultiheadAttention)",
+    )
     log_retention_days: float = Field(
         90.0, gt=0,
         description="searches (query text, uploaded image hashes) and their events older than this many days are "
@@ -87,6 +103,16 @@ class PrismSettings(BaseSettings):
         from store import parse_text_fields
 
         return ",".join(parse_text_fields(value))
+
+    @field_validator("retrain_adapter_towers", "retrain_adapter_targets")
+    @classmethod
+    def _valid_adapter_lists(cls, value: str, info) -> str:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise ValueError(f"{info.field_name} needs at least one name")
+        if info.field_name == "retrain_adapter_towers" and not set(items) <= {"text", "image"}:
+            raise ValueError(f"adapter towers are text and/or image, not {value!r}")
+        return ",".join(items)
 
     @field_validator("id_attributes")
     @classmethod
@@ -175,7 +201,8 @@ class PrismSettings(BaseSettings):
             catalog_mix=self.retrain_catalog_mix,
             min_pairs=self.retrain_min_pairs,
             log_retention_days=self.log_retention_days,
-            train=replace(base.train, epochs=self.retrain_epochs),
+            train=replace(base.train, epochs=self.retrain_epochs, adapter_lr=self.retrain_adapter_lr),
+            adapters=self.adapter_settings(),
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(
                 base.gate,
@@ -184,6 +211,16 @@ class PrismSettings(BaseSettings):
                 max_catalog_recall_drop=self.retrain_max_catalog_recall_drop,
             ),
         )
+
+    def adapter_settings(self):
+        """The retrain's LoRA adapters (embedder.AdapterSettings), None when PRISM_RETRAIN_ADAPTERS is off."""
+        if not self.retrain_adapters:
+            return None
+        from embedder import AdapterSettings
+
+        return AdapterSettings(rank=self.retrain_adapter_rank, alpha=self.retrain_adapter_alpha,
+                               towers=tuple(self.retrain_adapter_towers.split(",")),
+                               targets=tuple(self.retrain_adapter_targets.split(",")))
 
     def apply_threads(self) -> None:
         """Set torch and faiss thread counts deliberately (small hosts have 2 cores)."""

@@ -79,6 +79,7 @@ FINETUNE_TRAIN = TrainConfig(
     freeze_batchnorm=True,
     max_rotation_deg=4.0,
     seed=0,
+    adapter_lr=1e-3,
 )
 
 
