@@ -2,6 +2,7 @@
 (prism-tiny-vit) and a Hugging Face text tower (the demo's MiniLM), trained for a few steps."""
 
 import dataclasses
+import os
 import json
 
 import numpy as np
@@ -194,3 +195,28 @@ def test_adapter_settings_are_checked_and_targets_found_by_name():
     with pytest.raises(AdapterError, match="rank"):
         AdapterSettings(rank=0)
     assert dataclasses.asdict(AdapterSettings()) == AdapterSettings.from_dict(AdapterSettings().to_dict()).to_dict()
+
+
+def test_adapter_settings_reach_the_retrain_config(monkeypatch):
+    from pathlib import Path
+
+    import pydantic
+
+    from api.settings import PrismSettings
+
+    for name in [n for n in os.environ if n.startswith("PRISM_RETRAIN_")]:
+        monkeypatch.delenv(name)
+    default = PrismSettings(home=Path("unused")).retrain_config()
+    assert default.adapters == AdapterSettings() and default.train.adapter_lr == 1e-3
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_RANK", "4")
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_TOWERS", "text, image")
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_TARGETS", "query,value")
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_LR", "0.0005")
+    tuned = PrismSettings(home=Path("unused")).retrain_config()
+    assert tuned.adapters == AdapterSettings(rank=4, alpha=16.0, towers=("text", "image"), targets=("query", "value"))
+    assert tuned.train.adapter_lr == 5e-4
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTERS", "false")
+    assert PrismSettings(home=Path("unused")).retrain_config().adapters is None
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_TOWERS", "audio")
+    with pytest.raises(pydantic.ValidationError, match="text and/or image"):
+        PrismSettings(home=Path("unused"))
