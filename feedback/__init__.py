@@ -24,6 +24,8 @@ from feedback.versions import (
     activate_version,
     read_model_json,
     training_workdir,
+    version_size,
+    write_adapter_version,
     write_model_version,
 )
 from feedback.worker import RetrainWorker, WorkerStopped, nightly_key
@@ -82,5 +84,7 @@ __all__ = [
     "this_process",
     "train_contrastive",
     "training_workdir",
+    "version_size",
+    "write_adapter_version",
     "write_model_version",
 ]
