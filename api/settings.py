@@ -91,6 +91,22 @@ class PrismSettings(BaseSettings):
         "make too eager, or on the fixed-sample sign test's (false)")
     canary_review_interval_s: float = Field(
         5.0, ge=0, description="a server reviews the running canary's evidence at most this often, after events")
+    retrain_adapters: bool = Field(
+        True, description="fine-tune LoRA adapters on the towers' trunks (base weights frozen) and write the "
+        "candidate as an adapter version over the serving model version; false: fine-tune the weights themselves",
+    )
+    retrain_adapter_rank: int = Field(8, ge=1, le=256, description="LoRA rank of the retrain's adapters")
+    retrain_adapter_alpha: float = Field(16.0, gt=0, description="LoRA alpha (the adapters' output scales by alpha/rank)")
+    retrain_adapter_lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the adapters (the rest trains at 3e-4)")
+    retrain_adapter_towers: str = Field(
+        "text", description="towers whose trunks get adapters: text, image or text,image (a tower without them "
+        "trains as before: a LiT-style text tower stays locked, the image tower trains whole)",
+    )
+    retrain_adapter_targets: str = Field(
+        "c_fc,c_proj,query,key,value,dense",
+        description="adapted modules: Linear layers inside a trunk whose names end with one of these (fnmatch "
+        "patterns; attn adapts open_clip's whole MultiheadAttention)",
+    )
     log_retention_days: float = Field(
         90.0, gt=0,
         description="searches (query text, uploaded image hashes) and their events older than this many days are "
@@ -115,6 +131,16 @@ class PrismSettings(BaseSettings):
         from store import parse_text_fields
 
         return ",".join(parse_text_fields(value))
+
+    @field_validator("retrain_adapter_towers", "retrain_adapter_targets")
+    @classmethod
+    def _valid_adapter_lists(cls, value: str, info) -> str:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        if not items:
+            raise ValueError(f"{info.field_name} needs at least one name")
+        if info.field_name == "retrain_adapter_towers" and not set(items) <= {"text", "image"}:
+            raise ValueError(f"adapter towers are text and/or image, not {value!r}")
+        return ",".join(items)
 
     @field_validator("id_attributes")
     @classmethod
@@ -216,7 +242,8 @@ class PrismSettings(BaseSettings):
             promotion=self.retrain_promotion,
             canary_fraction=self.canary_fraction,
             canary=self.canary_policy(),
-            train=replace(base.train, epochs=self.retrain_epochs),
+            train=replace(base.train, epochs=self.retrain_epochs, adapter_lr=self.retrain_adapter_lr),
+            adapters=self.adapter_settings(),
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(
                 base.gate,
@@ -231,6 +258,16 @@ class PrismSettings(BaseSettings):
 
         return CanaryPolicy(min_queries=self.canary_min_queries, max_queries=self.canary_max_queries,
                             alpha=self.canary_alpha, sequential=self.canary_sequential)
+
+    def adapter_settings(self):
+        """The retrain's LoRA adapters (embedder.AdapterSettings), None when PRISM_RETRAIN_ADAPTERS is off."""
+        if not self.retrain_adapters:
+            return None
+        from embedder import AdapterSettings
+
+        return AdapterSettings(rank=self.retrain_adapter_rank, alpha=self.retrain_adapter_alpha,
+                               towers=tuple(self.retrain_adapter_towers.split(",")),
+                               targets=tuple(self.retrain_adapter_targets.split(",")))
 
     def apply_threads(self) -> None:
         """Set torch and faiss thread counts deliberately (small hosts have 2 cores)."""

@@ -1,5 +1,18 @@
 """embedder: model specs and loading, image decoding, batched encoding, content-hash vector cache."""
 
+from embedder.adapters import (
+    ADAPTER_FILE,
+    DEFAULT_TARGETS,
+    TRAINED_FILE,
+    AdapterError,
+    AdapterSettings,
+    adapter_state,
+    add_adapters,
+    has_adapters,
+    merge_adapters,
+    save_safetensors,
+    trained_state,
+)
 from embedder.base import EmbeddedBatch, Embedder
 from embedder.cache import VectorCache
 from embedder.factory import (
@@ -13,6 +26,7 @@ from embedder.factory import (
     file_digest,
     load_embedder,
     load_trainable,
+    model_version_base,
     model_version_name,
     package_model_path,
     prism_config_path,
@@ -40,6 +54,18 @@ from embedder.openclip_backend import model_output_dim, pad_token_id, trim_paddi
 from embedder.spec import ModelSpec, ModelSpecError, SpecKind, parse_model_spec
 
 __all__ = [
+    "ADAPTER_FILE",
+    "DEFAULT_TARGETS",
+    "TRAINED_FILE",
+    "AdapterError",
+    "AdapterSettings",
+    "adapter_state",
+    "add_adapters",
+    "has_adapters",
+    "merge_adapters",
+    "model_version_base",
+    "save_safetensors",
+    "trained_state",
     "ACCEPTED_IMAGE_FORMATS",
     "ACCEPTED_IMAGE_FORMATS_TEXT",
     "EmbeddedBatch",

@@ -228,7 +228,8 @@ def load_embedder(
     raise ModelSpecError(f"unsupported model spec {parsed.raw!r}")
 
 
-def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path | None = None, **kwargs) -> Embedder:
+def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path | None = None, adjust=None,
+                    **kwargs) -> Embedder:
     import open_clip
     import torch
 
@@ -278,6 +279,8 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
                 f"network (`open_clip.create_model('{arch}', pretrained='{source}')`) and copy that folder here."
             ) from None
     tokenizer = open_clip.get_tokenizer(arch)
+    if adjust is not None:  # an adapter version's adapters, before the precision change
+        model = adjust(model)
     model = _at_precision(model, kwargs, spec.raw)
     return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device, **kwargs)
 
@@ -349,12 +352,78 @@ def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str
         )
     meta = read_model_meta(spec.source, meta_path)
     verify_model_files(spec.source, root, meta)
+    if meta.get("adapter"):
+        return _load_adapter_version(spec, Path(models_dir), meta, device=device, **kwargs)
     if meta.get("open_clip_config"):
         add_model_config(root / meta["open_clip_config"], meta["arch"])
     base = ModelSpec(SpecKind.OPEN_CLIP, meta["arch"], arch=meta["arch"], source=str(root / meta["checkpoint"]))
     embedder = _load_open_clip(base, name=spec.source, device=device, checkpoint=root / meta["checkpoint"], **kwargs)
     embedder.spec = spec.raw
     return embedder
+
+
+def _load_adapter_version(spec: ModelSpec, models_dir: Path, meta: dict, *, device: str, **kwargs) -> Embedder:
+    """An adapter version served: its base, checked, with the adapters merged into its weights."""
+    from embedder.adapters import merge_adapters
+
+    base_root, base_meta, info = check_adapter_base(spec.source, models_dir, meta)
+    adapted = lambda model: merge_adapters(_with_adapters(model, models_dir / spec.source, meta, info))  # noqa: E731
+    base = ModelSpec(SpecKind.OPEN_CLIP, base_meta["arch"], arch=base_meta["arch"],
+                     source=str(base_root / base_meta["checkpoint"]))
+    embedder = _load_open_clip(base, name=spec.source, device=device, checkpoint=base_root / base_meta["checkpoint"],
+                               adjust=adapted, **kwargs)
+    embedder.spec = spec.raw
+    return embedder
+
+
+def check_adapter_base(version: str, models_dir: Path, meta: dict):
+    """The base model version an adapter version was trained on, verified: (its directory, its
+    model.json, the adapter info). Missing, or not the weights the adapters were trained on:
+    ModelIntegrityError naming both versions."""
+    from embedder.adapters import adapter_info
+
+    info = adapter_info(meta)
+    base_root = Path(models_dir) / info.base_version
+    meta_path = base_root / "model.json"
+    if not meta_path.is_file():
+        raise ModelIntegrityError(
+            f"adapter model version {version!r} is trained on model version {info.base_version!r}, which is missing "
+            f"from {models_dir}; restore {info.base_version!r} from a backup, or activate another version"
+        )
+    base_meta = read_model_meta(info.base_version, meta_path)
+    if base_meta.get("adapter"):
+        raise ModelIntegrityError(f"adapter model version {version!r} names {info.base_version!r} as its base, "
+                                  "which is itself an adapter version")
+    verify_model_files(info.base_version, base_root, base_meta)
+    checkpoint = base_root / base_meta["checkpoint"]
+    if not checkpoint.is_file() or file_sha256(checkpoint) != info.base_sha256:
+        raise ModelIntegrityError(
+            f"adapter model version {version!r} was trained on model version {info.base_version!r} with weights of "
+            f"sha256 {info.base_sha256[:12]}..., and {checkpoint} is not those weights any more (replaced or "
+            f"changed); its adapters would give other vectors: restore {info.base_version!r}, or activate another version"
+        )
+    if meta.get("open_clip_config") and base_meta.get("open_clip_config"):
+        add_model_config(base_root / base_meta["open_clip_config"], base_meta["arch"])
+    return base_root, base_meta, info
+
+
+def _with_adapters(model, root: Path, meta: dict, info):
+    """`model` (the base) with the version's adapters and trained weights put in, unmerged."""
+    from embedder.adapters import ADAPTER_FILE, add_adapters, load_adapter_state, load_trained_state, read_safetensors
+
+    add_adapters(model, info.settings, info.modules or None)
+    load_adapter_state(model, read_safetensors(root / meta["adapter"].get("file", ADAPTER_FILE)))
+    load_trained_state(model, read_safetensors(root / meta["checkpoint"]))
+    return model.eval()
+
+
+def model_version_base(models_dir: str | Path, version: str) -> str | None:
+    """The model version an adapter version loads on top of (None for a full version or a spec)."""
+    meta_path = Path(models_dir) / version / "model.json"
+    if not meta_path.is_file():
+        return None
+    base = read_model_meta(version, meta_path).get("base_model")
+    return str(base["version"]) if isinstance(base, dict) and base.get("version") else None
 
 
 def read_model_meta(version: str, path: Path) -> dict:
@@ -422,6 +491,9 @@ class TrainableModel:
     arch: str
     config: dict  # the open_clip model config to save beside a fine-tuned checkpoint
     name: str  # the model version the weights came from
+    # An adapter version loads unmerged, its adapters trainable: its model.json "adapter" and
+    # "base_model" sections (a fine-tune of it keeps training them over the same base). None: full.
+    adapters: dict | None = None
 
 
 def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | None = None) -> TrainableModel:
@@ -434,6 +506,11 @@ def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | N
     from embedder.openclip_backend import OpenClipEmbedder
 
     parsed = parse_model_spec(spec)
+    if parsed.kind in (SpecKind.VERSION, SpecKind.DEMO) and models_dir is not None:
+        version = "demo" if parsed.kind is SpecKind.DEMO else parsed.source
+        meta_path = Path(models_dir) / version / "model.json"
+        if meta_path.is_file() and read_model_meta(version, meta_path).get("adapter"):
+            return _trainable_adapter_version(version, Path(models_dir), device)
     embedder = load_embedder(parsed, device=device, models_dir=models_dir)
     if not isinstance(embedder, OpenClipEmbedder):
         raise ModelSpecError(f"{spec!r} is not an open_clip model; Prism's trainer fine-tunes open_clip models only")
@@ -445,6 +522,23 @@ def load_trainable(spec: str, *, device: str = "cpu", models_dir: str | Path | N
         arch = parsed.arch
         config = open_clip.get_model_config(arch)
     return TrainableModel(embedder.model, embedder._preprocess, embedder.tokenizer, arch, config, embedder.name)
+
+
+def _trainable_adapter_version(version: str, models_dir: Path, device: str) -> TrainableModel:
+    import open_clip
+
+    root = models_dir / version
+    meta = read_model_meta(version, root / "model.json")
+    verify_model_files(version, root, meta)
+    base_root, base_meta, info = check_adapter_base(version, models_dir, meta)
+    arch = base_meta["arch"]
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        arch, pretrained=str(base_root / base_meta["checkpoint"]), pretrained_text=False, pretrained_image=False,
+        device=device)
+    _with_adapters(model, root, meta, info)
+    config = json.loads((base_root / base_meta["open_clip_config"]).read_text())
+    return TrainableModel(model, preprocess, open_clip.get_tokenizer(arch), arch, config, version,
+                          adapters={"adapter": meta["adapter"], "base_model": meta["base_model"]})
 
 
 def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cpu", **kwargs) -> Embedder:

@@ -41,6 +41,8 @@ from feedback.versions import (
     read_model_json,
     resolve_version,
     training_workdir,
+    version_size,
+    write_adapter_version,
     write_model_version,
 )
 from feedback.worker import RetrainWorker, WorkerStopped, nightly_key
@@ -115,5 +117,7 @@ __all__ = [
     "this_process",
     "train_contrastive",
     "training_workdir",
+    "version_size",
+    "write_adapter_version",
     "write_model_version",
 ]

@@ -38,13 +38,29 @@ from pathlib import Path
 
 import numpy as np
 
-from embedder import ModelSpecError, load_embedder, load_trainable, wrap_open_clip
+from embedder import (
+    AdapterSettings,
+    ModelSpecError,
+    add_adapters,
+    has_adapters,
+    load_embedder,
+    load_trainable,
+    merge_adapters,
+    wrap_open_clip,
+)
 from feedback.canary import CanaryPolicy, start_canary
 from feedback.evaluate import embed_images, first_relevant_ranks, ndcg_at, rank_metrics
 from feedback.pairs import ClickPair, MiningConfig, mine_pairs, normalise_query, split_by_time
 from feedback.schedule import job_lock, this_process
-from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive
-from feedback.versions import pending_candidate, remove_unrecorded_candidates, training_workdir, write_model_version
+from feedback.train import PairData, SilentProgress, TrainConfig, TrainProgress, train_contrastive, trainable_names
+from feedback.versions import (
+    pending_candidate,
+    read_model_json,
+    remove_unrecorded_candidates,
+    training_workdir,
+    write_adapter_version,
+    write_model_version,
+)
 from indexer import CatalogIndexer, IndexOptions, product_text
 from store import ActiveVersionChangedError, CanaryConflictError, IndexVersionRecord, ProductRecord, Store
 
@@ -64,6 +80,7 @@ FINETUNE_TRAIN = TrainConfig(
     freeze_batchnorm=True,
     max_rotation_deg=4.0,
     seed=0,
+    adapter_lr=1e-3,
 )
 
 
@@ -94,6 +111,9 @@ class RetrainConfig:
     promotion: str = "direct"
     canary_fraction: float = 0.1
     canary: CanaryPolicy = CanaryPolicy()
+    # LoRA adapters on the towers' trunks (base weights frozen), written as an adapter version over
+    # the serving model version; None: fine-tune the weights themselves, as before adapters.
+    adapters: AdapterSettings | None = AdapterSettings()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,7 +297,14 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
     # The run id makes the name unique however many hosts run the job (ids come from one database).
     candidate = f"ft-{now:%Y%m%d-%H%M%S}-{run_id}"
     workdir = training_workdir(models_dir, candidate)
+    adapters = _prepare_adapters(base, config.adapters, models_dir)
     train_config = replace(config.train, lock_text=_text_locked(base))
+    if adapters is not None:
+        towers = adapters["settings"]["towers"]
+        # the trunks that carry adapters stay frozen around them
+        train_config = replace(train_config, lock_text=train_config.lock_text or "text" in towers,
+                               lock_image=train_config.lock_image or "image" in towers)
+        metrics["adapters"] = {k: v for k, v in adapters.items() if k != "modules"} | {"modules": len(adapters["modules"])}
     result = train_contrastive(base.model, base.tokenizer, data, train_config, workdir=workdir, device=device,
                                progress=progress)
     metrics["training"] = result.to_dict()
@@ -306,8 +333,17 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
         "training_run": run_id,
     }
     with pending_candidate(models_dir, candidate):
-        write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
-                            store=store, parent=serving)
+        if adapters is not None and adapters["base_version"] is not None:
+            info["base"]["adapters_on"] = adapters["base_version"]
+            write_adapter_version(models_dir, candidate, base.model, arch=base.arch, config=base.config,
+                                  adapters={**adapters["settings"], "modules": adapters["modules"]},
+                                  base_version=adapters["base_version"], trained=trainable_names(base.model),
+                                  info=info, store=store, parent=serving)
+        else:
+            if has_adapters(base.model):
+                merge_adapters(base.model)
+            write_model_version(models_dir, candidate, base.model, arch=base.arch, config=base.config, info=info,
+                                store=store, parent=serving)
     shutil.rmtree(workdir, ignore_errors=True)
     # The index is built from the saved version (what servers will load), then activated at once,
     # at the precision the serving index was built at: a promotion does not change it.
@@ -353,6 +389,34 @@ def _superseded(started_from: IndexVersionRecord, active_now: IndexVersionRecord
     now = f"index version {active_now.index_version}" if active_now is not None else "no index version"
     return (f"{now} was activated while the run worked from {started_from.index_version}; "
             "that activation stands and the candidate is not promoted")
+
+
+def _prepare_adapters(base, settings: AdapterSettings | None, models_dir: Path) -> dict | None:
+    """Put the run's LoRA adapters on `base.model` and say where the candidate will point.
+
+    Returns None for a fine-tune of the weights themselves (`settings` None; an adapter version
+    serving is merged first), else {"settings", "modules", "base_version"}: a full Prism model
+    version serving gets fresh adapters over itself; an adapter version serving keeps training
+    its own adapters over the same base (its rank and targets, whatever `settings` say now), so
+    a candidate never stacks adapters on adapters. A pretrained spec (no model version on disk
+    to point at) trains adapters all the same, and its candidate is written whole
+    (`base_version` None).
+    """
+    if base.adapters is not None:
+        if settings is None:
+            merge_adapters(base.model)
+            return None
+        kept = AdapterSettings.from_dict(base.adapters["adapter"])
+        if kept != settings:
+            log.info("the serving adapter version's adapters (%s) keep training; PRISM_RETRAIN_ADAPTER_* settings "
+                     "apply to the next fresh base", kept)
+        return {"settings": kept.to_dict(), "modules": list(base.adapters["adapter"]["modules"]),
+                "base_version": base.adapters["base_model"]["version"]}
+    if settings is None:
+        return None
+    modules = add_adapters(base.model, settings)
+    on_disk = read_model_json(models_dir, base.name) is not None
+    return {"settings": settings.to_dict(), "modules": modules, "base_version": base.name if on_disk else None}
 
 
 def _text_locked(base) -> bool:

@@ -76,6 +76,9 @@ class TrainConfig:
     # it makes a small CNN train 1.5-2x faster; fp32 elsewhere and when False.
     mixed_precision: bool = True
     seed: int = 0
+    # LoRA adapters' learning rate (embedder.add_adapters); None: `lr`. Adapters start at zero and
+    # are few: they want a larger step than the whole weights around them.
+    adapter_lr: float | None = None
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
 
     def fingerprint(self) -> str:
@@ -188,6 +191,11 @@ def apply_locks(model, config: TrainConfig) -> None:
             _unlock_last_hf_layers(model.text, config.text_unlocked_layers)
     if hasattr(model, "logit_scale"):
         model.logit_scale.requires_grad = config.learn_temperature
+    # LoRA adapters (embedder.add_adapters) train inside a locked trunk: the lock freezes the base
+    # weights around them, never the adapters themselves.
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad = True
 
 
 def _unlock_last_hf_layers(text, unlocked_layers: int) -> None:
@@ -280,6 +288,7 @@ class TextFeatures:
         self.texts = texts
         self.cached = None
         text = getattr(model, "text", None)
+        self._hf = isinstance(text, HFTextEncoder)
         if isinstance(text, HFTextEncoder) and not any(p.requires_grad for p in text.transformer.parameters()):
             self.cached = self._trunk_features(text, texts, batch_size)
 
@@ -310,8 +319,11 @@ class TextFeatures:
             return self.model.text.proj(self.cached[indices.to(self.cached.device)].to(self.device))
         texts = [self.texts[int(i)] for i in indices]
         requires_grad = any(p.requires_grad for p in _text_parameters(self.model))
+        # open_clip's own text transformer adds positional embeddings for its whole context:
+        # only a Hugging Face tower (which masks padding) takes trimmed token batches.
+        tokens = self._tokens(texts) if self._hf else self.tokenizer(list(texts)).to(self.device)
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            return self.model.encode_text(self._tokens(texts))
+            return self.model.encode_text(tokens)
 
 
 def _text_parameters(model):
@@ -352,13 +364,19 @@ def contrastive_loss(image_features, text_features, logit_scale, text_ids, weigh
     return (image_loss + text_loss) / 2
 
 
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
+def _param_groups(model, weight_decay: float, adapter_lr: float | None = None):
+    decay, no_decay, adapters = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if adapter_lr is not None and "lora_" in name:
+            adapters.append(p)
+            continue
         (no_decay if p.ndim < 2 or "logit_scale" in name or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if adapters:
+        groups.append({"params": adapters, "weight_decay": 0.0, "lr": adapter_lr})
+    return groups
 
 
 def _schedule(step: int, *, warmup: int, total: int) -> float:
@@ -418,7 +436,7 @@ def train_contrastive(
     batch_size = min(config.batch_size, n)
     steps_per_epoch = max(1, n // batch_size)  # drop the ragged tail: InfoNCE wants full batches
     total_steps = steps_per_epoch * config.epochs
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay, config.adapter_lr), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, warmup=config.warmup_steps, total=total_steps)
     )
@@ -511,6 +529,7 @@ def train_contrastive(
         resumed_from_step=resumed_from,
         stats={"items": n, "distinct_texts": len(distinct), "batch_size": batch_size,
                "steps_per_epoch": steps_per_epoch, "trainable_parameters": _count(model, trainable),
+               "adapter_parameters": _count(model, [n for n in trainable if "lora_" in n]),
                "text_features_cached": text_side.cached is not None, "image_store_size": store_size,
                "precision": precision},
     )

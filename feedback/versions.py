@@ -1,4 +1,6 @@
-"""Model versions on disk: models/<version>/ with checkpoint.pt, the open_clip config and model.json.
+"""Model versions on disk: models/<version>/ with checkpoint.pt, the open_clip config and model.json;
+an adapter version (`write_adapter_version`) holds its LoRA adapters and trained heads instead of
+checkpoint.pt, and names the full version it loads on top of.
 
 Written as index versions are: into a temporary directory, every file and the directory fsynced,
 a pending marker, a rename into place, then the `model_versions` row (and the marker removed).
@@ -94,6 +96,82 @@ def write_model_version(
         store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
         mark_recorded(models_dir, version)
     return target
+
+
+def write_adapter_version(
+    models_dir: Path,
+    version: str,
+    model,
+    *,
+    arch: str,
+    config: dict,
+    adapters: dict,
+    base_version: str,
+    trained: list[str],
+    info: dict,
+    store: Store | None = None,
+    parent: str | None = None,
+) -> Path:
+    """Write `model` (its adapters still unmerged) as an adapter version over `base_version`.
+
+    Only the adapters (`adapter_model.safetensors`), the other weights in `trained` (the names of
+    the parameters that trained) and the buffers go into it (`trained.safetensors`); model.json
+    points at the base by name and by the sha256 of its weight file, which every load checks.
+    `adapters`: the adapter settings and modules (model.json's "adapter" section). Written as
+    `write_model_version` writes, atomically, with its SQL row when `store` is given.
+    """
+    from embedder import ADAPTER_FILE, TRAINED_FILE, adapter_state, save_safetensors, trained_state
+
+    models_dir = Path(models_dir)
+    base_meta = read_model_json(models_dir, base_version)
+    if base_meta is None:
+        raise FileNotFoundError(f"base model version {base_version!r} is not in {models_dir}")
+    if base_meta.get("adapter"):
+        raise ValueError(f"{base_version!r} is an adapter version; adapters go on a full model version")
+    base_checkpoint = models_dir / base_version / base_meta["checkpoint"]
+    target = models_dir / version
+    if target.exists():
+        raise ModelVersionExistsError(f"model version {version!r} already exists at {target}; versions are immutable")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=models_dir))
+    try:
+        save_safetensors(adapter_state(model), tmp / ADAPTER_FILE)
+        save_safetensors(trained_state(model, trained), tmp / TRAINED_FILE)
+        config_name = f"{arch}.json"
+        (tmp / config_name).write_text(json.dumps(config, indent=2))
+        names = (ADAPTER_FILE, TRAINED_FILE, config_name)
+        meta = {
+            "model_version": version,
+            "arch": arch,
+            "checkpoint": TRAINED_FILE,
+            "open_clip_config": config_name,
+            "parent": parent,
+            "embed_dim": int(model_output_dim(model)),
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            **info,
+            "adapter": {**adapters, "file": ADAPTER_FILE},
+            "base_model": {"version": base_version, "checkpoint": base_meta["checkpoint"],
+                           "sha256": file_sha256(base_checkpoint)},
+            "files": {name: file_sha256(tmp / name) for name in names},
+        }
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        fsync_files(tmp, (*names, MODEL_JSON))
+        if store is not None:
+            mark_pending(models_dir, version)
+        os.rename(tmp, target)
+        fsync_dir(models_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if store is not None:
+        store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
+        mark_recorded(models_dir, version)
+    return target
+
+
+def version_size(models_dir: Path, version: str) -> int:
+    """Bytes a model version's own directory holds (an adapter version's base not counted)."""
+    root = Path(models_dir) / version
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
 @contextlib.contextmanager

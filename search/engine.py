@@ -49,6 +49,7 @@ from embedder import (
     content_hash,
     decode_image,
     load_embedder,
+    model_version_base,
     parse_precision,
     read_image_bytes,
     vector_space,
@@ -345,6 +346,10 @@ class SearchEngine:
         if not (published / "model.json").is_file():
             return self.models_dir
         copy_version(published, self.local_copies / "models" / model_version)
+        # An adapter version loads on top of its base version: the replica needs that one too.
+        base = model_version_base(self.models_dir, model_version)
+        if base is not None and (Path(self.models_dir) / base / "model.json").is_file():
+            copy_version(Path(self.models_dir) / base, self.local_copies / "models" / base)
         return self.local_copies / "models"
 
     def refresh(self) -> bool:

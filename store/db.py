@@ -133,6 +133,16 @@ def _as_utc(value: datetime | None) -> datetime | None:
     return value.replace(tzinfo=timezone.utc)
 
 
+def _adapter_bases(s: Session, exclude: set[str] = frozenset()) -> set[str]:
+    """The model versions that recorded adapter versions (other than `exclude`) load on top of."""
+    bases = set()
+    for name, info in s.execute(select(ModelVersion.model_version, ModelVersion.info)):
+        base = (info or {}).get("base_model") if isinstance(info, dict) else None
+        if name not in exclude and isinstance(base, dict) and base.get("version"):
+            bases.add(str(base["version"]))
+    return bases
+
+
 def _chunks(items: Sequence, size: int = _IN_CHUNK) -> Iterable[Sequence]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -1366,7 +1376,9 @@ class Store:
                 select(ModelVersion.model_version).order_by(ModelVersion.created_at.desc(), ModelVersion.model_version.desc())
             ).all()
             used = set(s.scalars(select(IndexVersion.model_version).distinct()))
-            return [name for name in newest_first[keep:] if name not in used]
+            candidates = [name for name in newest_first[keep:] if name not in used]
+            bases = _adapter_bases(s, exclude=set(candidates))
+            return [name for name in candidates if name not in bases]
 
     def prune_model_versions(self, model_versions: Iterable[str]) -> list[str]:
         """Forget these model versions, except one an index version uses or a running training run
@@ -1381,13 +1393,18 @@ class Store:
             by_run_candidate = select(TrainingRun.candidate_model_version).where(
                 running, TrainingRun.candidate_model_version.is_not(None))
             version = ModelVersion.model_version
-            for part in _chunks(names):
-                s.execute(
-                    delete(ModelVersion)
-                    .where(version.in_(part), version.not_in(by_index), version.not_in(by_run_serving),
-                           version.not_in(by_run_candidate))
-                    .execution_options(synchronize_session=False)
-                )
+            # An adapter version loads on top of its base: a base that any recorded version points
+            # at stays. First the versions no one points at; then those whose only referrers
+            # went in the first pass (an adapter version's base is always a full version: no chains).
+            for _ in range(2):
+                referenced = _adapter_bases(s)
+                for part in _chunks([n for n in names if n not in referenced]):
+                    s.execute(
+                        delete(ModelVersion)
+                        .where(version.in_(part), version.not_in(by_index), version.not_in(by_run_serving),
+                               version.not_in(by_run_candidate))
+                        .execution_options(synchronize_session=False)
+                    )
             left = set(s.scalars(select(ModelVersion.model_version).where(ModelVersion.model_version.in_(names)))) if names else set()
             return [name for name in names if name not in left]
 

@@ -5,6 +5,7 @@ on the 150-product demo that `prism demo --no-serve --limit 150 --epochs 60` bui
 """
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from feedback import (
     train_contrastive,
 )
 from feedback.demo import pair_data
+from feedback.versions import version_size
 from indexer import load_demo_catalog
 from prism_cli import PRISM, ROOT, run_prism
 from store import LoggedEvent, SearchContext, Store
@@ -362,6 +364,15 @@ def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home, d
         candidate = outcome.candidate_model_version
         assert store.active_index_version().index_version == outcome.index_version
         assert store.get_model_version(candidate).parent == "demo"
+        # an adapter version (PRISM_RETRAIN_ADAPTERS is on by default): the adapters on MiniLM's
+        # trunk and the trained heads, pointing at demo, a fraction of demo's size on disk
+        models = home / "models"
+        meta = json.loads((models / candidate / "model.json").read_text())
+        assert meta["base_model"]["version"] == "demo" and meta["adapter"]["towers"] == ["text"]
+        assert (models / candidate / "adapter_model.safetensors").is_file()
+        assert not (models / candidate / "checkpoint.pt").exists()
+        assert version_size(models, candidate) < 0.4 * version_size(models, "demo")
+        assert outcome.metrics["training"]["stats"]["adapter_parameters"] > 0
         mining = outcome.metrics["mining"]
         assert mining["pairs"] >= 5 and outcome.metrics["training_items"]["catalog_items"] > 0
         assert outcome.metrics["gate"]["candidate"]["later_clicks"]["queries"] > 0
