@@ -1,7 +1,16 @@
 """feedback: the search log, click events, pair mining, fine-tuning, the evaluation gate and promotion."""
 
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
-from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
+from feedback.evaluate import (
+    EvalReport,
+    EvalSet,
+    LanguageSlice,
+    RetrievalScores,
+    TextQuery,
+    evaluate,
+    language_slices,
+    rank_metrics,
+)
 from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
 from feedback.pairs import ClickPair, MinedPairs, MiningConfig, mine_pairs, normalise_query, split_by_time
@@ -12,8 +21,12 @@ from feedback.retrain import (
     RetrainConfig,
     RetrainError,
     RetrainOutcome,
+    bootstrap_lift,
     click_queries,
     gate_candidate,
+    gate_decision,
+    gate_evidence,
+    later_click_queries,
     prune_logs,
     run_queued_retrain,
     run_retrain,
@@ -40,6 +53,7 @@ __all__ = [
     "EventConflictError",
     "EventsOutcome",
     "FINETUNE_TRAIN",
+    "LanguageSlice",
     "GateConfig",
     "MinedPairs",
     "MiningConfig",
@@ -59,12 +73,17 @@ __all__ = [
     "WorkerStopped",
     "activate_version",
     "ensure_demo_model",
+    "bootstrap_lift",
     "click_queries",
     "evaluate",
     "evaluate_demo",
     "is_running",
     "gate_candidate",
+    "gate_decision",
+    "gate_evidence",
     "job_lock",
+    "language_slices",
+    "later_click_queries",
     "mine_pairs",
     "next_run",
     "nightly_key",
