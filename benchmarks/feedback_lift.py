@@ -6,7 +6,7 @@
    - `catalog`: every product's English title and aliases, the words the index already holds;
    - `zh`: Chinese shoppers: each product's CLDR Chinese name (attributes.title_zh) and its CLDR
      zh keywords (Debian unicode-cldr-core, annotations/zh.xml);
-   - `colloquial`: English the catalog does not use: Unicode character names ("aubergine"),
+   - `colloquial`: English the catalog does not use: Unicode character names ("thumbs down sign"),
      NamesList.txt's informal aliases ("twister"), CLDR's regional English names and keywords
      (en_GB, en_AU, en_CA, en_IN, en_001);
    - `typo`: the catalog's titles and aliases with one random edit (delete, insert, substitute,
@@ -107,7 +107,7 @@ def _groups(catalog) -> dict[str, set[str]]:
 def _phrases_to_vocabulary(catalog, named: dict[str, set[str]], *, withheld: bool) -> dict[str, frozenset[str]]:
     """Phrase -> the products (with their skin-tone variants) it names. With `withheld`, only
     phrases the indexed text does not hold: not a substring of any product's indexed text, and
-    with a word of three letters or more that the named products' own texts lack."""
+    with a word of three letters or more that the texts of the products it names (all variants) lack."""
     from feedback import normalise_query
 
     groups = _groups(catalog)
@@ -120,11 +120,12 @@ def _phrases_to_vocabulary(catalog, named: dict[str, set[str]], *, withheld: boo
         names = {group_of[i] for i in ids}
         if not q or len(names) > MAX_GROUPS:
             continue
+        relevant = frozenset(pid for g in names for pid in groups[g])
         if withheld:
-            own = " ".join(texts[i] for i in ids)
+            own = " ".join(texts[i] for i in relevant)
             if q in corpus or not any(len(w) >= 3 and w not in own for w in re.findall(r"\w+", q)):
                 continue
-        out[q] = frozenset(pid for g in names for pid in groups[g])
+        out[q] = relevant
     return dict(sorted(out.items()))
 
 
@@ -148,12 +149,13 @@ def zh_vocabulary(catalog) -> dict[str, frozenset[str]]:
     for text, products in _by_emoji(catalog).items():
         for p in products:
             for phrase in ([p.title_zh] if p.title_zh else []) + keywords.get(text, []):
-                named[phrase].add(p.product_id)
+                if re.search(r"[\u3400-\u9fff]", phrase):  # a few zh keywords are Latin ("SUV")
+                    named[phrase].add(p.product_id)
     return _phrases_to_vocabulary(catalog, named, withheld=True)
 
 
 def colloquial_vocabulary(catalog) -> dict[str, frozenset[str]]:
-    """English the catalog does not use: Unicode character names ("aubergine") and the informal
+    """English the catalog does not use: Unicode character names ("thumbs down sign") and the informal
     aliases of NamesList.txt ("= twister"), CLDR's regional English names and keywords (en_GB,
     en_AU, ...); kept only where withheld from the indexed text (`_phrases_to_vocabulary`)."""
     from indexer.openmoji import CLDR_DIRS, read_cldr
@@ -203,8 +205,11 @@ def misspell(text: str, rng: random.Random) -> str:
             return word[:i] + rng.choice(letters) + word[i:]
         if op == "substitute":
             return word[:i] + rng.choice(letters.replace(word[i], "")) + word[i + 1:]
-        i = min(i, len(word) - 2)
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:] if word[i] != word[i + 1] else word[:i] + word[i + 2:] + word[i]
+        swappable = [j for j in range(len(word) - 1) if word[j] != word[j + 1]]
+        if not swappable:  # "aaa": a swap changes nothing; drop a letter instead
+            return word[1:]
+        j = min(swappable, key=lambda j: abs(j - i))
+        return word[:j] + word[j + 1] + word[j] + word[j + 2:]
 
     return " ".join(edit(w) for w in text.split(" "))
 
