@@ -58,7 +58,8 @@ class PrismSettings(BaseSettings):
     retrain_window_days: float = Field(30.0, gt=0, description="how far back the retrain job mines events")
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
     retrain_min_mrr_gain: float = Field(
-        0.0, ge=0, description="the lower confidence bound of the MRR lift on later clicks must be above this")
+        0.0, ge=-1, le=1, description="the lower confidence bound of the MRR lift on later clicks must be above this "
+        "(-1 lets any candidate through: for tests)")
     retrain_max_catalog_recall_drop: float = Field(0.01, ge=0, le=1, description="catalog title recall@1 a candidate may lose")
     retrain_gate_ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the gate's bootstrap interval")
     retrain_gate_resamples: int = Field(1000, ge=10, le=100_000, description="bootstrap resamples of the later queries")
