@@ -19,6 +19,7 @@ from feedback import (
 )
 from store import LoggedEvent, SearchContext
 
+pytestmark = pytest.mark.no_database
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
 
 
