@@ -609,7 +609,8 @@ def eval_models(
     precision: Annotated[Optional[Literal["bf16", "int8"]], typer.Option(
         help="evaluate the model at fp32 and at this precision side by side: the quality cost of serving it")] = None,
 ) -> None:
-    """Recall@1/5/10 and MRR, text->image and image->text, on the demo catalog's held-out test split and in full."""
+    """Recall@1/5/10 and MRR, text->image and image->text, on the demo catalog's held-out test split and in full;
+    and one slice per PRISM_EVAL_LANGUAGE_FIELDS field the catalog has (e.g. its Chinese titles as queries)."""
     from embedder import load_embedder
     from feedback import evaluate_demo
     from indexer import load_demo_catalog
@@ -621,32 +622,87 @@ def eval_models(
         settings = _settings(device=device)
         settings.apply_threads()
         catalog = load_demo_catalog(settings.home / "demo")
-        if catalog is None:
-            _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first")
-        versions = [model or _serving_model(Store.open(settings.db_url))]
+        store = Store.open(settings.db_url)
+        language_products = _language_products(store, settings.eval_languages())
+        if catalog is None and not language_products:
+            _fail(f"no demo catalog in {settings.home / 'demo'}: run `prism demo --no-serve` first "
+                  f"(or index a catalog with one of PRISM_EVAL_LANGUAGE_FIELDS: {settings.eval_language_fields or 'none set'})")
+        versions = [model or _serving_model(store)]
         if compare:
             if compare == versions[0]:
                 _fail(f"--compare {compare} is the model being evaluated; name a different version")
             versions.append(compare)
-        reports = {}
-        for version in versions:
-            embedder = load_embedder(version, device=settings.device, models_dir=settings.models_dir,
-                                     image_limits=settings.image_limits())
-            reports[version] = _with_precision(evaluate_demo(embedder, catalog), embedder)
+        runs = [(version, version, None) for version in versions]
         if precision:
-            embedder = load_embedder(versions[0], device=settings.device, models_dir=settings.models_dir,
-                                     image_limits=settings.image_limits(), precision=precision)
-            if embedder.precision != precision:  # bf16 without native kernels
+            runs.append((f"{versions[0]} ({precision})", versions[0], precision))
+        reports, languages = {}, {}
+        for label, version, at in runs:
+            embedder = load_embedder(_model_spec(store, version), device=settings.device, models_dir=settings.models_dir,
+                                     image_limits=settings.image_limits(), **({"precision": at} if at else {}))
+            if at and embedder.precision != at:  # bf16 without native kernels
                 from embedder import resolve_precision
 
-                _fail(resolve_precision(precision, embedder.device)[1])
-            reports[f"{versions[0]} ({precision})"] = _with_precision(evaluate_demo(embedder, catalog), embedder)
+                _fail(resolve_precision(at, embedder.device)[1])
+            reports[label] = _with_precision(evaluate_demo(embedder, catalog), embedder) if catalog else {}
+            languages[label] = _language_reports(embedder, language_products, settings.eval_languages())
     except _known_errors() as exc:
         _fail(str(exc))
     if as_json:
-        typer.echo(json.dumps({v: {k: r.to_dict() for k, r in sets.items()} for v, sets in reports.items()}, indent=2))
+        typer.echo(json.dumps({v: {**{k: r.to_dict() for k, r in sets.items()},
+                                   **({"languages": languages[v]} if languages[v] else {})}
+                               for v, sets in reports.items()}, indent=2, ensure_ascii=False))
         return
-    _print_eval(reports)
+    if catalog is not None:
+        _print_eval(reports)
+    _print_language_slices(languages)
+
+
+def _model_spec(store, version: str) -> str:
+    """What loads a model version: its recorded spec (an open_clip model is recorded under a
+    version name, e.g. prism-tiny-vit-random-s0, that is not itself a spec)."""
+    record = store.get_model_version(version)
+    return record.spec if record is not None else version
+
+
+def _language_products(store, fields: tuple[str, ...]) -> list:
+    """The live products with an image, when any has a value in one of `fields`; else none."""
+    from store import text_field_values
+
+    if not fields:
+        return []
+    products = [p for p in store.live_products() if p.image_status == "ok" and p.image_uri]
+    return products if any(any(text_field_values(p, fields)) for p in products) else []
+
+
+def _language_reports(embedder, products: list, fields: tuple[str, ...]) -> dict:
+    from feedback import language_slices
+
+    if not products:
+        return {}
+    return {f: s.to_dict() for f, s in language_slices(embedder, products, fields).items()}
+
+
+def _print_language_slices(languages: dict) -> None:
+    versions = list(languages)
+    if not versions or not any(languages.values()):
+        return
+    table = _table("field", "queries", "gallery", "metric",
+                   title="prism eval by language field (each distinct value a query; the products holding it its answers)")
+    for v in versions:
+        table.add_column(v, justify="right", overflow="fold")
+    if len(versions) == 2:
+        table.add_column("delta", justify="right")
+    first = languages[versions[0]]
+    for field_name, sl in first.items():
+        for metric in ("@1", "@5", "@10", "mrr"):
+            values = [languages[v][field_name]["scores"]["mrr"] if metric == "mrr"
+                      else languages[v][field_name]["scores"]["recall"][metric] for v in versions]
+            row = [field_name, str(sl["scores"]["queries"]), str(sl["gallery"]),
+                   "MRR" if metric == "mrr" else f"recall{metric}", *(f"{x:.3f}" for x in values)]
+            if len(values) == 2:
+                row.append(f"{values[1] - values[0]:+.3f}")
+            table.add_row(*row)
+    _console().print(table)
 
 
 def _with_precision(reports: dict, embedder) -> dict:
@@ -924,7 +980,9 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
         for name in ("serving", "candidate"):
             later, cat = gate[name]["later_clicks"], gate[name]["catalog"]
             typer.echo(f"  {name:<9} later clicks MRR {later['mrr']:.4f}  recall@10 {later['recall@10']:.4f}  "
-                       f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@10 {cat['recall@10']:.4f}")
+                       f"nDCG@10 {later['ndcg@10']:.4f} | catalog recall@1 {cat.get('recall@1', 0.0):.4f}  "
+                       f"recall@10 {cat['recall@10']:.4f}")
+        _print_gate_slices(gate)
     canary = outcome.metrics.get("canary")
     if outcome.decision == "canary" and canary:
         typer.echo(f"  canary {canary['id']}: model {outcome.candidate_model_version}, index {outcome.index_version} "
@@ -935,6 +993,19 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
     if retention:
         typer.echo(f"  retention: pruned {retention['searches_pruned']} searches and {retention['events_pruned']} "
                    f"events older than {retention['days']:g} days")
+
+
+def _print_gate_slices(gate: dict) -> None:
+    """The later queries by slice: how many, both models' MRR, the lift and its interval."""
+    for name, label in (("all", "all later queries"), ("seen_in_training", "seen in training clicks"),
+                        ("new", "new queries")):
+        sl = gate.get("slices", {}).get(name)
+        if not sl:
+            continue
+        interval = (f"{sl['level']:.0%} CI [{sl['ci_low']:+.4f}, {sl['ci_high']:+.4f}]" if sl["queries"]
+                    else "no queries")
+        typer.echo(f"  {label:<24} {sl['queries']:>6} queries  MRR {sl['serving_mrr']:.4f} -> "
+                   f"{sl['candidate_mrr']:.4f}  lift {sl['lift']:+.4f}  {interval}")
 
 
 ProductIdArg = Annotated[str, typer.Argument(help="the catalog's product id", show_default=False)]

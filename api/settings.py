@@ -69,8 +69,12 @@ class PrismSettings(BaseSettings):
     )
     retrain_window_days: float = Field(30.0, gt=0, description="how far back the retrain job mines events")
     retrain_holdout_fraction: float = Field(0.2, gt=0, lt=1, description="latest share of clicked searches kept for the gate")
-    retrain_min_mrr_gain: float = Field(0.01, ge=0, description="MRR on later clicks a candidate must add to be promoted")
-    retrain_max_catalog_recall_drop: float = Field(0.01, ge=0, le=1, description="catalog recall@10 a candidate may lose")
+    retrain_min_mrr_gain: float = Field(
+        0.0, ge=-1, le=1, description="the lower confidence bound of the MRR lift on later clicks must be above this "
+        "(-1 lets any candidate through: for tests)")
+    retrain_max_catalog_recall_drop: float = Field(0.01, ge=0, le=1, description="catalog title recall@1 a candidate may lose")
+    retrain_gate_ci_level: float = Field(0.95, gt=0, lt=1, description="confidence level of the gate's bootstrap interval")
+    retrain_gate_resamples: int = Field(1000, ge=10, le=100_000, description="bootstrap resamples of the later queries")
     retrain_catalog_mix: float = Field(0.8, ge=0, le=0.95, description="share of fine-tune items that are catalog pairs")
     retrain_min_pairs: int = Field(10, ge=1, description="fewer mined click pairs than this: the run is skipped")
     retrain_min_clicks: int = Field(2, ge=1, description="clicks a (query, product) pair needs to be trusted")
@@ -124,6 +128,24 @@ class PrismSettings(BaseSettings):
         description="attributes whose values are exact identifiers (e.g. gtin,sku): a query equal to one, or to "
         "a product_id, returns that product first",
     )
+
+    eval_language_fields: str = Field(
+        "attributes.title_zh",
+        description="`prism eval` reports one slice per field: its values as queries against the catalog's "
+        "images (e.g. the Chinese titles of an English catalog); empty for none",
+    )
+
+    @field_validator("eval_language_fields")
+    @classmethod
+    def _valid_eval_language_fields(cls, value: str) -> str:
+        from store import parse_field_list, parse_text_fields
+
+        return ",".join(parse_text_fields(value)) if parse_field_list(value, what="eval language fields") else ""
+
+    def eval_languages(self) -> tuple[str, ...]:
+        from store import parse_field_list
+
+        return parse_field_list(self.eval_language_fields, what="eval language fields")
 
     @field_validator("text_fields")
     @classmethod
@@ -250,6 +272,8 @@ class PrismSettings(BaseSettings):
                 holdout_fraction=self.retrain_holdout_fraction,
                 min_mrr_gain=self.retrain_min_mrr_gain,
                 max_catalog_recall_drop=self.retrain_max_catalog_recall_drop,
+                ci_level=self.retrain_gate_ci_level,
+                bootstrap_resamples=self.retrain_gate_resamples,
             ),
         )
 

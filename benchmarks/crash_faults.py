@@ -832,8 +832,9 @@ def retrain_scenario(home: Path, workdir: Path, *, kills: int | None = None, poi
     index build and just before activation; the home must already serve a version of a model
     Prism can fine-tune (the demo). Clicks are made first (searches of product titles)."""
     workdir = Path(workdir)
+    # MIN_MRR_GAIN -1: every candidate passes the gate, so the kill points after it are reached.
     env, db_url = _base_env(home, env, db_url, PRISM_RETRAIN_EPOCHS=epochs, PRISM_RETRAIN_MIN_CLICKS=1,
-                            PRISM_RETRAIN_MIN_PAIRS=5, PRISM_RETRAIN_MIN_MRR_GAIN=0,
+                            PRISM_RETRAIN_MIN_PAIRS=5, PRISM_RETRAIN_MIN_MRR_GAIN=-1,
                             PRISM_RETRAIN_MAX_CATALOG_RECALL_DROP=1, PRISM_RETRAIN_HOLDOUT_FRACTION=0.3)
     clicks = make_clicks(home, db_url, rounds=click_rounds, queries=click_queries)
     sc = _Scenario("retrain", home, workdir, env, db_url, clicks=clicks, epochs=epochs)

@@ -1,9 +1,20 @@
 """How much the click loop helps: simulated shoppers, `prism retrain`, the served ranking before and after.
 
 1. The demo (`prism demo --no-serve`, reused when PRISM_HOME has it) is served by `prism serve`.
-2. Vocabulary: every demo product's English title and aliases, lower-cased. A query's relevant
-   products are every product that has it as title or alias, with all their skin-tone variants.
-   A seeded 20% of the vocabulary is held out: shoppers never send it before the retrain.
+2. Populations of shoppers (`--shoppers`), each with its own vocabulary: a query and the products
+   it names, with all their skin-tone variants:
+   - `catalog`: every product's English title and aliases, the words the index already holds;
+   - `zh`: Chinese shoppers: each product's CLDR Chinese name (attributes.title_zh) and its CLDR
+     zh keywords (Debian unicode-cldr-core, annotations/zh.xml);
+   - `colloquial`: English the catalog does not use: Unicode character names ("thumbs down sign"),
+     NamesList.txt's informal aliases ("twister"), CLDR's regional English names and keywords
+     (en_GB, en_AU, en_CA, en_IN, en_001);
+   - `typo`: the catalog's titles and aliases with one random edit (delete, insert, substitute,
+     swap) in every word of three letters or more, the same misspelling each time.
+   Generated phrases (zh, colloquial) are kept only when withheld from the indexed text (title and
+   description): not a substring of any product's text, and with a word the named products' texts
+   lack; and only when they name at most 3 emoji (a keyword like "face" judges nothing).
+   A seeded 20% of each vocabulary is held out: shoppers never send it before the retrain.
 3. Shoppers draw queries from the rest with a Zipf-like head (the query at popularity rank r
    has weight 1 / r ** s), search through `GET /v1/search` (image target, one page of 24
    results, as the search page shows), and
@@ -13,15 +24,18 @@
    narrows the search with probability `p_refine`: the same words, filtered to the category of
    what they look for (as the page's category filter does), and examines that page the same way.
    They post the impressions of everything shown and their clicks through `POST /v1/events`.
-4. `prism retrain` runs the nightly job once (mining, fine-tune, gate, promotion).
-5. Future traffic (a fresh seeded draw from the same distribution) and the held-out queries are
-   searched before and after; each query's served top 10 is scored against its relevant
-   products: MRR@10 and recall@10 (a relevant product in the top 10). Catalog recall@10
-   (title -> image over the full demo catalog, `prism eval`) is compared for both models.
+4. A night: every population's traffic, then `prism retrain` (mining, fine-tune, gate,
+   promotion); `--nights` of them.
+5. Per population, future traffic on the queries sent before ("seen": a fresh seeded draw from
+   the same distribution) and the held-out queries ("unseen") are searched before the first
+   night and after the last; each query's served top 10 is scored against its relevant
+   products: MRR@10 and recall@10. `prism eval` gives the English catalog title -> image recall@1
+   (full demo catalog) and the attributes.title_zh slice of both models.
 
 Usage:
 
-    python benchmarks/feedback_lift.py [--home DIR] [--train-queries 4000] [--eval-queries 1500]
+    python benchmarks/feedback_lift.py [--home DIR] [--shoppers zh,colloquial,typo] [--nights 1]
+        [--train-queries 4000] [--eval-queries 1500] [--demo-limit N --demo-epochs E]
 """
 
 from __future__ import annotations
@@ -32,8 +46,10 @@ import os
 import random
 import subprocess
 import sys
+import re
 import tempfile
 import time
+import unicodedata
 import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -62,6 +78,164 @@ def vocabulary(catalog) -> dict[str, frozenset[str]]:
             if text.strip():
                 relevant[normalise_query(text)] |= groups[p.variant_group]
     return {q: frozenset(ids) for q, ids in sorted(relevant.items())}
+
+
+# ---- shopper populations: what each kind of shopper types for the products they want
+
+POPULATIONS = ("catalog", "zh", "colloquial", "typo")
+NAMES_LIST = Path("/usr/share/unicode/NamesList.txt")  # Debian unicode-data (`make unicode`)
+ENGLISH_VARIANTS = ("en_GB", "en_AU", "en_CA", "en_IN", "en_001")  # CLDR regional English
+MAX_GROUPS = 3  # a generated phrase naming more emoji than this is too vague to judge a ranking by
+
+
+def indexed_texts(catalog) -> dict[str, str]:
+    """What the demo index embeds and searches per product (title and description, as PRISM_TEXT_FIELDS
+    sets by default), normalised as shopper queries are."""
+    from feedback import normalise_query
+    from indexer import product_text
+
+    return {p.product_id: normalise_query(product_text(p)) for p in catalog.products}
+
+
+def _groups(catalog) -> dict[str, set[str]]:
+    groups: dict[str, set[str]] = defaultdict(set)
+    for p in catalog.products:
+        groups[p.variant_group].add(p.product_id)
+    return groups
+
+
+def _phrases_to_vocabulary(catalog, named: dict[str, set[str]], *, withheld: bool) -> dict[str, frozenset[str]]:
+    """Phrase -> the products (with their skin-tone variants) it names. With `withheld`, only
+    phrases the indexed text does not hold: not a substring of any product's indexed text, and
+    with a word of three letters or more that the texts of the products it names (all variants) lack."""
+    from feedback import normalise_query
+
+    groups = _groups(catalog)
+    group_of = {p.product_id: p.variant_group for p in catalog.products}
+    texts = indexed_texts(catalog)
+    corpus = "\n".join(texts.values())
+    out: dict[str, frozenset[str]] = {}
+    for phrase, ids in named.items():
+        q = normalise_query(phrase)
+        names = {group_of[i] for i in ids}
+        if not q or len(names) > MAX_GROUPS:
+            continue
+        relevant = frozenset(pid for g in names for pid in groups[g])
+        if withheld:
+            own = " ".join(texts[i] for i in relevant)
+            if q in corpus or not any(len(w) >= 3 and w not in own for w in re.findall(r"\w+", q)):
+                continue
+        out[q] = relevant
+    return dict(sorted(out.items()))
+
+
+def _by_emoji(catalog) -> dict[str, list]:
+    table: dict[str, list] = defaultdict(list)
+    for p in catalog.products:
+        table[p.emoji.replace("\ufe0f", "")].append(p)
+    return table
+
+
+def zh_vocabulary(catalog) -> dict[str, frozenset[str]]:
+    """Chinese shoppers: each product's CLDR Chinese name (attributes.title_zh) and its CLDR zh
+    keywords (Debian unicode-cldr-core, annotations/zh.xml): text the English index never holds."""
+    from indexer.openmoji import CLDR_DIRS, read_cldr
+
+    cldr = next((d for d in CLDR_DIRS if (d / "annotations" / "zh.xml").is_file()), None)
+    if cldr is None:
+        raise SystemExit("CLDR zh annotations not found (annotations/zh.xml): `make unicode` installs unicode-cldr-core")
+    keywords, _ = read_cldr(cldr, "zh")
+    named: dict[str, set[str]] = defaultdict(set)
+    for text, products in _by_emoji(catalog).items():
+        for p in products:
+            for phrase in ([p.title_zh] if p.title_zh else []) + keywords.get(text, []):
+                if re.search(r"[\u3400-\u9fff]", phrase):  # a few zh keywords are Latin ("SUV")
+                    named[phrase].add(p.product_id)
+    return _phrases_to_vocabulary(catalog, named, withheld=True)
+
+
+def colloquial_vocabulary(catalog) -> dict[str, frozenset[str]]:
+    """English the catalog does not use: Unicode character names ("thumbs down sign") and the informal
+    aliases of NamesList.txt ("= twister"), CLDR's regional English names and keywords (en_GB,
+    en_AU, ...); kept only where withheld from the indexed text (`_phrases_to_vocabulary`)."""
+    from indexer.openmoji import CLDR_DIRS, read_cldr
+
+    by_emoji = _by_emoji(catalog)
+    named: dict[str, set[str]] = defaultdict(set)
+
+    def add(text: str, phrase: str) -> None:
+        for p in by_emoji.get(text, []):
+            named[phrase.strip()].add(p.product_id)
+
+    for text in by_emoji:
+        if len(text) == 1 and unicodedata.name(text, ""):
+            add(text, unicodedata.name(text).lower())
+    if NAMES_LIST.is_file():
+        current = None
+        for line in NAMES_LIST.read_text(encoding="utf-8", errors="replace").splitlines():
+            if m := re.match(r"^([0-9A-F]{4,6})\t", line):
+                current = chr(int(m.group(1), 16))
+            elif line.startswith("\t= ") and current:
+                for alias in line[3:].split(","):
+                    add(current, alias)
+    cldr = next((d for d in CLDR_DIRS if (d / "annotations").is_dir()), None)
+    for locale in ENGLISH_VARIANTS if cldr else ():
+        keywords, names = read_cldr(cldr, locale)
+        for text, words in keywords.items():
+            for w in words:
+                add(text, w)
+        for text, name in names.items():
+            add(text, name)
+    return _phrases_to_vocabulary(catalog, named, withheld=True)
+
+
+def misspell(text: str, rng: random.Random) -> str:
+    """One random edit (delete, insert, substitute, swap two neighbours) in every word of three
+    letters or more; shorter words stay as typed."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def edit(word: str) -> str:
+        if len(word) < 3 or not word.isalpha():
+            return word
+        i = rng.randrange(len(word))
+        op = rng.choice(("delete", "insert", "substitute", "swap"))
+        if op == "delete":
+            return word[:i] + word[i + 1:]
+        if op == "insert":
+            return word[:i] + rng.choice(letters) + word[i:]
+        if op == "substitute":
+            return word[:i] + rng.choice(letters.replace(word[i], "")) + word[i + 1:]
+        swappable = [j for j in range(len(word) - 1) if word[j] != word[j + 1]]
+        if not swappable:  # "aaa": a swap changes nothing; drop a letter instead
+            return word[1:]
+        j = min(swappable, key=lambda j: abs(j - i))
+        return word[:j] + word[j + 1] + word[j] + word[j + 2:]
+
+    return " ".join(edit(w) for w in text.split(" "))
+
+
+def typo_vocabulary(catalog, seed: int) -> dict[str, frozenset[str]]:
+    """The catalog's own titles and aliases, each misspelt once, the same way every time it is
+    typed (a common misspelling recurs); misspellings that spell another catalog query are dropped."""
+    exact = vocabulary(catalog)
+    out: dict[str, frozenset[str]] = {}
+    for q, ids in exact.items():
+        typo = misspell(q, random.Random(f"{seed}:{q}"))
+        if typo != q and typo not in exact:
+            out[typo] = out.get(typo, frozenset()) | ids
+    return dict(sorted(out.items()))
+
+
+def population_vocabulary(name: str, catalog, seed: int) -> dict[str, frozenset[str]]:
+    if name == "catalog":
+        return vocabulary(catalog)
+    if name == "zh":
+        return zh_vocabulary(catalog)
+    if name == "colloquial":
+        return colloquial_vocabulary(catalog)
+    if name == "typo":
+        return typo_vocabulary(catalog, seed)
+    raise SystemExit(f"unknown shopper population {name!r}; choose from {', '.join(POPULATIONS)}")
 
 
 class Shoppers:
@@ -147,8 +321,12 @@ def run_cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=None, help="PRISM_HOME with (or for) the demo; default: a temp dir")
-    parser.add_argument("--train-queries", type=int, default=4000, help="searches whose clicks feed the retrain")
-    parser.add_argument("--eval-queries", type=int, default=1500, help="future-traffic searches measured before/after")
+    parser.add_argument("--shoppers", default="zh,colloquial,typo",
+                        help=f"comma-separated populations: {', '.join(POPULATIONS)} (catalog: the catalog's own words)")
+    parser.add_argument("--nights", type=int, default=1, help="traffic then `prism retrain`, this many times")
+    parser.add_argument("--train-queries", type=int, default=4000,
+                        help="searches per population per night whose clicks feed the retrain")
+    parser.add_argument("--eval-queries", type=int, default=1500, help="searches per population and slice measured")
     parser.add_argument("--unseen-fraction", type=float, default=0.2)
     parser.add_argument("--page-size", type=int, default=24, help="results a shopper sees (the page shows 24)")
     parser.add_argument("--zipf-s", type=float, default=1.0)
@@ -156,9 +334,15 @@ def main() -> None:
     parser.add_argument("--p-relevant", type=float, default=0.9)
     parser.add_argument("--p-noise", type=float, default=0.02)
     parser.add_argument("--p-refine", type=float, default=0.7, help="narrow to the category when the page has nothing")
+    parser.add_argument("--demo-limit", type=int, default=None, help="`prism demo --limit`: a small demo catalog")
+    parser.add_argument("--demo-epochs", type=int, default=None, help="`prism demo --epochs` (with --demo-limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
+    populations = [p.strip() for p in args.shoppers.split(",") if p.strip()]
+    for name in populations:
+        if name not in POPULATIONS:
+            parser.error(f"unknown population {name!r}; choose from {', '.join(POPULATIONS)}")
 
     import httpx
 
@@ -172,102 +356,148 @@ def main() -> None:
            "PRISM_ADMIN_TOKEN": token}
     started = time.perf_counter()
     print(f"demo in {home} (built or reused) ...", flush=True)
-    demo = run_cli(["demo", "--no-serve"], env)
+    demo_args = ["demo", "--no-serve"]
+    if args.demo_limit:
+        demo_args += ["--limit", str(args.demo_limit)]
+    if args.demo_epochs:
+        demo_args += ["--epochs", str(args.demo_epochs)]
+    demo = run_cli(demo_args, env)
     if demo.returncode != 0:
         raise SystemExit(f"prism demo failed:\n{demo.stderr[-3000:]}")
     catalog = load_demo_catalog(home / "demo")
-    vocab = vocabulary(catalog)
+    category_of = categories(catalog)
 
-    rng = random.Random(args.seed)
-    order = sorted(vocab)
-    rng.shuffle(order)
-    n_unseen = int(len(order) * args.unseen_fraction)
-    unseen, seen = order[:n_unseen], order[n_unseen:]
-    shoppers = Shoppers(seen, args.zipf_s, args.eta, args.p_relevant, args.p_noise)
-    future = shoppers.draw(args.eval_queries, random.Random(args.seed + 1))
-    unseen_sample = random.Random(args.seed + 2).sample(unseen, min(len(unseen), args.eval_queries))
+    plan = {}
+    for n, name in enumerate(populations):
+        vocab = population_vocabulary(name, catalog, args.seed)
+        rng = random.Random(f"{args.seed}:{name}")
+        order = sorted(vocab)
+        rng.shuffle(order)
+        n_unseen = int(len(order) * args.unseen_fraction)
+        unseen, seen = order[:n_unseen], order[n_unseen:]
+        shoppers = Shoppers(seen, args.zipf_s, args.eta, args.p_relevant, args.p_noise)
+        plan[name] = {
+            "vocab": vocab, "shoppers": shoppers,
+            "seen": shoppers.draw(args.eval_queries, random.Random(f"{args.seed}:{name}:future")),
+            "unseen": random.Random(f"{args.seed}:{name}:unseen").sample(unseen, min(len(unseen), args.eval_queries)),
+            "sizes": {"queries": len(vocab), "seen": len(seen), "unseen": len(unseen)},
+        }
+        print(f"{name}: {len(vocab)} distinct queries ({len(seen)} sent, {len(unseen)} held out)", flush=True)
 
+    def measure_all(client) -> dict:
+        return {name: {key: measure(client, pl["vocab"], pl[key]) for key in ("seen", "unseen")}
+                for name, pl in plan.items()}
+
+    nights = []
     server = PrismServer(env).start(timeout_s=300)
     try:
         client = httpx.Client(base_url=server.url, timeout=60)
-        before_version = server.wait_ready()
-        print(f"serving {before_version['model_version']}; sending {args.train_queries} shopper searches ...", flush=True)
-        traffic = send_traffic(client, shoppers, vocab, shoppers.draw(args.train_queries, random.Random(args.seed + 3)),
-                               random.Random(args.seed + 4), args.page_size, categories(catalog), args.p_refine)
-        print(f"traffic: {traffic}; measuring before ...", flush=True)
-        before = {"future": measure(client, vocab, future), "unseen": measure(client, vocab, unseen_sample)}
-
-        print("prism retrain ...", flush=True)
-        t0 = time.perf_counter()
-        retrain = run_cli(["retrain", "--json"], env)
-        retrain_s = time.perf_counter() - t0
-        if retrain.returncode != 0:
-            raise SystemExit(f"prism retrain failed:\n{retrain.stderr[-3000:]}")
-        outcome = json.loads(retrain.stdout)
-        print(f"retrain: {outcome['status']}, {outcome['decision']} ({outcome.get('reason') or outcome['metrics'].get('gate', {}).get('why')})", flush=True)
-        if outcome["index_version"]:
-            server.wait_ready(index_version=outcome["index_version"])
-        after = {"future": measure(client, vocab, future), "unseen": measure(client, vocab, unseen_sample)}
+        first_model = server.wait_ready()["model_version"]
+        print(f"serving {first_model}; measuring before ...", flush=True)
+        before = measure_all(client)
+        for night in range(args.nights):
+            traffic = {}
+            for name, pl in plan.items():
+                queries = pl["shoppers"].draw(args.train_queries, random.Random(f"{args.seed}:{name}:night{night}"))
+                traffic[name] = send_traffic(client, pl["shoppers"], pl["vocab"], queries,
+                                             random.Random(f"{args.seed}:{name}:clicks{night}"), args.page_size,
+                                             category_of, args.p_refine)
+            print(f"night {night + 1}: traffic {traffic}; prism retrain ...", flush=True)
+            t0 = time.perf_counter()
+            retrain = run_cli(["retrain", "--json"], env)
+            retrain_s = time.perf_counter() - t0
+            if retrain.returncode != 0:
+                raise SystemExit(f"prism retrain failed:\n{retrain.stderr[-3000:]}")
+            outcome = json.loads(retrain.stdout)
+            gate = outcome["metrics"].get("gate") or {}
+            print(f"night {night + 1}: {outcome['status']}, {outcome['decision']} "
+                  f"({outcome.get('reason') or gate.get('why')}), {retrain_s:.0f} s", flush=True)
+            if outcome["index_version"]:
+                server.wait_ready(index_version=outcome["index_version"])
+            nights.append({"traffic": traffic, "status": outcome["status"], "decision": outcome["decision"],
+                           "reason": outcome.get("reason"), "serving_model_version": outcome["serving_model_version"],
+                           "candidate_model_version": outcome["candidate_model_version"],
+                           "retrain_seconds": round(retrain_s, 1), "gate": gate,
+                           "mining": outcome["metrics"].get("mining"),
+                           "training_items": outcome["metrics"].get("training_items")})
+        last_model = server.wait_ready()["model_version"]
+        after = measure_all(client)
     finally:
         server.stop()
 
-    catalog_recall = {}
-    if outcome.get("candidate_model_version") and outcome["decision"] == "promoted":
-        ev = run_cli(["eval", "--model", outcome["candidate_model_version"],
-                      "--compare", outcome["serving_model_version"], "--json"], env)
-        if ev.returncode == 0:
-            reports = json.loads(ev.stdout)
-            for name, version in (("candidate", outcome["candidate_model_version"]),
-                                  ("compare", outcome["serving_model_version"])):
-                full = reports[version]["full"]
-                catalog_recall[name] = {"title_to_image_recall@10": full["title_to_image"]["recall"]["@10"],
-                                        "text_to_image_recall@10": full["text_to_image"]["recall"]["@10"]}
+    catalog_eval = catalog_recall(env, first_model, last_model)
 
-    def lift(key: str, metric: str) -> float:
-        b = before[key][metric]
-        return round((after[key][metric] - b) / b, 4) if b else float("nan")
+    def rel(b: float, a: float) -> float | None:
+        return round((a - b) / b, 4) if b else None
 
-    result = {
+    result: dict = {
         "benchmark": "feedback_lift",
         "home": str(home),
         "settings": vars(args) | {"home": str(home), "out": str(args.out)},
-        "vocabulary": {"queries": len(vocab), "seen": len(seen), "unseen": len(unseen)},
-        "traffic": traffic,
-        "retrain": {"status": outcome["status"], "decision": outcome["decision"],
-                    "serving_model_version": outcome["serving_model_version"],
-                    "candidate_model_version": outcome["candidate_model_version"],
-                    "seconds": round(retrain_s, 1), "gate": outcome["metrics"].get("gate"),
-                    "mining": outcome["metrics"].get("mining"), "training_items": outcome["metrics"].get("training_items")},
-        "before": before,
-        "after": after,
-        "relative_lift": {f"{key}_{metric}": lift(key, metric) for key in ("future", "unseen")
-                          for metric in ("mrr@10", "recall@10")},
-        "catalog_recall@10": catalog_recall,
+        "populations": populations,
+        "models": {"before": first_model, "after": last_model},
+    }
+    for name in populations:
+        result[name] = {key: {"queries": before[name][key]["queries"],
+                              "mrr_before": before[name][key]["mrr@10"], "mrr_after": after[name][key]["mrr@10"],
+                              "mrr_relative_lift": rel(before[name][key]["mrr@10"], after[name][key]["mrr@10"]),
+                              "recall@10_before": before[name][key]["recall@10"],
+                              "recall@10_after": after[name][key]["recall@10"]}
+                        for key in ("seen", "unseen")} | {"vocabulary": plan[name]["sizes"]}
+    result |= {
+        "catalog_title_recall@1": catalog_eval.get("title_recall@1"),
+        "catalog_eval": catalog_eval,
+        "nights": nights,
+        "retrain_seconds": [n["retrain_seconds"] for n in nights],
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    args.out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    print_table(result)
+    print(f"wrote {args.out}")
 
+
+def catalog_recall(env: dict, before: str, after: str) -> dict:
+    """English catalog title -> image recall@1 (full demo catalog) and the title_zh slice, for the
+    model served before the first night and after the last (`prism eval`)."""
+    args = ["eval", "--model", after, "--json"] + (["--compare", before] if after != before else [])
+    ev = run_cli(args, env)
+    if ev.returncode != 0:
+        return {"error": ev.stderr[-1000:]}
+    reports = json.loads(ev.stdout)
+    out: dict = {}
+    for name, version in (("before", before), ("after", after)):
+        report = reports[version]
+        out.setdefault("title_recall@1", {})[name] = report["full"]["title_to_image"]["recall"]["@1"]
+        zh = report.get("languages", {}).get("attributes.title_zh")
+        if zh:
+            out.setdefault("title_zh_mrr", {})[name] = zh["scores"]["mrr"]
+            out.setdefault("title_zh_recall@1", {})[name] = zh["scores"]["recall"]["@1"]
+    return out
+
+
+def print_table(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"feedback lift: {traffic['searches']} shopper searches ({traffic.get('refined', 0)} "
-                        f"narrowed to a category), {traffic['clicks']} clicks, "
-                        f"retrain {outcome['decision']}")
-    for col in ("traffic", "metric", "before", "after", "relative"):
-        table.add_column(col, justify="left" if col in ("traffic", "metric") else "right")
-    for key, label in (("future", "future (same distribution)"), ("unseen", "queries never seen in training")):
-        for metric in ("mrr@10", "recall@10"):
-            table.add_row(label, metric, f"{before[key][metric]:.4f}", f"{after[key][metric]:.4f}",
-                          f"{result['relative_lift'][f'{key}_{metric}']:+.1%}")
-    if catalog_recall:
-        for metric in ("title_to_image_recall@10", "text_to_image_recall@10"):
-            b, a = catalog_recall["compare"][metric], catalog_recall["candidate"][metric]
-            table.add_row("catalog (full demo, prism eval)", metric.replace("_recall@10", " recall@10"),
-                          f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f} abs")
+    decisions = ", ".join(n["decision"] for n in result["nights"])
+    table = Table(title=f"feedback lift by shopper population: {len(result['nights'])} night(s) ({decisions}), "
+                        f"retrain {', '.join(f'{s:.0f} s' for s in result['retrain_seconds'])}")
+    for col in ("population", "queries", "n", "MRR@10 before", "after", "relative", "recall@10 before", "after"):
+        table.add_column(col, justify="left" if col in ("population", "queries") else "right")
+    for name in result["populations"]:
+        for key, label in (("seen", "seen (sent before the retrain)"), ("unseen", "never sent before")):
+            r = result[name][key]
+            lift = "" if r["mrr_relative_lift"] is None else f"{r['mrr_relative_lift']:+.1%}"
+            table.add_row(name, label, str(r["queries"]), f"{r['mrr_before']:.4f}", f"{r['mrr_after']:.4f}", lift,
+                          f"{r['recall@10_before']:.4f}", f"{r['recall@10_after']:.4f}")
+    ev = result["catalog_eval"]
+    for metric, label in (("title_recall@1", "catalog title->image recall@1"), ("title_zh_mrr", "title_zh slice MRR")):
+        if metric in ev:
+            b, a = ev[metric]["before"], ev[metric]["after"]
+            table.add_row("prism eval", label, "", f"{b:.4f}", f"{a:.4f}", f"{a - b:+.4f} abs", "", "")
     Console().print(table)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

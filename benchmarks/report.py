@@ -369,11 +369,29 @@ def ray_section(result: dict) -> list[str]:
     return out
 
 
+def population_table(result: dict) -> list[str]:
+    """Per shopper population, MRR@10 before the first night and after the last."""
+    out = ["| population | queries | n | MRR@10 before | after | relative |", "| --- | --- | --- | --- | --- | --- |"]
+    for name in result["populations"]:
+        for key, label in (("seen", "seen (sent before the retrain)"), ("unseen", "never sent before")):
+            r = result[name][key]
+            lift = "" if r.get("mrr_relative_lift") is None else f"{r['mrr_relative_lift']:+.1%}"
+            out.append(f"| {name} | {label} | {r['queries']} | {r['mrr_before']:.4f} | {r['mrr_after']:.4f} | {lift} |")
+    recall = result.get("catalog_title_recall@1") or {}
+    if recall:
+        out.append(f"| catalog (`prism eval`) | title->image recall@1 | | {recall['before']:.4f} | {recall['after']:.4f} | "
+                   f"{recall['after'] - recall['before']:+.4f} abs |")
+    decisions = ", ".join(f"{n['decision']} ({n['retrain_seconds']:.0f} s)" for n in result.get("nights", []))
+    return out + ["", f"Nights: {decisions}.", ""]
+
+
 def feedback_section(result: dict) -> list[str]:
     out = ["## Learning from clicks (`benchmarks/feedback_lift.py`, `make bench-feedback`)", ""]
     out.append("Simulated shoppers, then `prism retrain`; see docs/feedback.md for the click model. "
                "Not part of `make bench` (it needs the trained demo model and ~10 minutes).")
     out.append("")
+    if result.get("populations"):
+        out += population_table(result)
     out.append("```json")
     # Paths of the machine that ran it (its home, the output file) mean nothing to a reader.
     shown = {k: v for k, v in result.items() if k not in ("machine", "runs", "gate", "home")}

@@ -16,7 +16,16 @@ from feedback.canary import (
     tally,
 )
 from feedback.demo import DEMO_ARCH, DEMO_TRAIN, DEMO_VERSION, ensure_demo_model, evaluate_demo, summarise
-from feedback.evaluate import EvalReport, EvalSet, RetrievalScores, TextQuery, evaluate, rank_metrics
+from feedback.evaluate import (
+    EvalReport,
+    EvalSet,
+    LanguageSlice,
+    RetrievalScores,
+    TextQuery,
+    evaluate,
+    language_slices,
+    rank_metrics,
+)
 from feedback.events import EventBatchError, EventConflictError, EventsOutcome, record_events, record_search, search_log_row
 from feedback.search_log import SearchLogWriter
 from feedback.train import PairData, TrainConfig, TrainingError, TrainProgress, TrainResult, train_contrastive
@@ -28,8 +37,12 @@ from feedback.retrain import (
     RetrainConfig,
     RetrainError,
     RetrainOutcome,
+    bootstrap_lift,
     click_queries,
     gate_candidate,
+    gate_decision,
+    gate_evidence,
+    later_click_queries,
     prune_logs,
     run_queued_retrain,
     run_retrain,
@@ -73,6 +86,7 @@ __all__ = [
     "EventConflictError",
     "EventsOutcome",
     "FINETUNE_TRAIN",
+    "LanguageSlice",
     "GateConfig",
     "MinedPairs",
     "MiningConfig",
@@ -93,12 +107,17 @@ __all__ = [
     "WorkerStopped",
     "activate_version",
     "ensure_demo_model",
+    "bootstrap_lift",
     "click_queries",
     "evaluate",
     "evaluate_demo",
     "is_running",
     "gate_candidate",
+    "gate_decision",
+    "gate_evidence",
     "job_lock",
+    "language_slices",
+    "later_click_queries",
     "mine_pairs",
     "next_run",
     "nightly_key",

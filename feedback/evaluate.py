@@ -7,12 +7,15 @@ variants of one emoji), and text queries that each name the key they should find
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from embedder import Embedder, ImageSource
+from feedback.pairs import normalise_query
+from store import text_field_values
 
 RECALL_AT = (1, 5, 10)
 
@@ -118,3 +121,48 @@ def embed_images(embedder: Embedder, images: Sequence[ImageSource], batch_size: 
             raise ValueError(f"cannot evaluate: image {key} failed ({reason}: {message})")
         parts.append(batch.vectors)
     return np.concatenate(parts)
+
+
+# ---- language slices: queries in another language's field against the catalog's images
+
+
+@dataclass
+class LanguageSlice:
+    """Text -> image retrieval for queries written in one catalog field (e.g. attributes.title_zh):
+    one query per distinct value; the products holding that value are its answers."""
+
+    field: str
+    products: int  # products with a value in the field
+    gallery: int
+    scores: RetrievalScores
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def language_slices(embedder: Embedder, products: Sequence, fields: Sequence[str], *, gallery_max: int = 50_000,
+                    seed: int = 0, batch_size: int = 256) -> dict[str, LanguageSlice]:
+    """One slice per field in `fields` that any of `products` (store ProductRecords with images)
+    has a value for. The gallery is every product's image (a seeded sample of `gallery_max` when
+    larger, always keeping those with a value), so a query competes with the whole catalog, as it
+    does when a shopper searches."""
+    with_image = [p for p in products if p.image_status == "ok" and p.image_uri]
+    values = {f: [text_field_values(p, (f,))[0] for p in with_image] for f in fields}
+    holders = {f: [i for i, v in enumerate(vs) if v] for f, vs in values.items()}
+    holders = {f: idx for f, idx in holders.items() if idx}
+    if not holders:
+        return {}
+    keep = sorted({i for idx in holders.values() for i in idx})
+    rest = sorted(set(range(len(with_image))) - set(keep))
+    extra = random.Random(seed).sample(rest, max(0, min(len(rest), gallery_max - len(keep))))
+    gallery = sorted(keep + extra)
+    image_vectors = embed_images(embedder, [with_image[i].image_uri for i in gallery], batch_size)
+    out = {}
+    for f, idx in holders.items():
+        keys = np.asarray([normalise_query(values[f][i]) if values[f][i] else "" for i in gallery])
+        queries = sorted({normalise_query(values[f][i]) for i in idx})
+        text_of = {normalise_query(values[f][i]): values[f][i].strip() for i in idx}
+        query_vectors = embedder.encode_texts([text_of[q] for q in queries])
+        relevant = np.asarray(queries)[:, None] == keys[None, :]
+        out[f] = LanguageSlice(f, len(idx), len(gallery), rank_metrics(query_vectors @ image_vectors.T, relevant))
+    return out

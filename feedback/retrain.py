@@ -14,9 +14,10 @@ One run, start to end:
    catalog (title, image) pairs, so the model keeps what it knew about the whole catalog;
 4. fine-tune a copy of the serving model with Prism's trainer (checkpointed; resumable);
 5. gate: score the candidate and the serving model on the later clicks (recall@10, MRR,
-   nDCG@10 of the clicked products for the logged queries) and on catalog self-retrieval
-   (title -> image recall@10). Promote only if the candidate's MRR wins by `min_mrr_gain` and
-   its catalog recall@10 drops by at most `max_catalog_recall_drop`;
+   nDCG@10 of the products clicked in the later searches: training-window clicks never judge)
+   and on catalog self-retrieval (title -> image recall@1/10). Promote only if the lower bound
+   of the bootstrap confidence interval (over later queries) of the MRR lift is above
+   `min_mrr_gain` (0) and catalog recall@1 drops by at most `max_catalog_recall_drop`;
 6. promote: write the model version, re-embed the catalog with it, build an index version and
    activate it in one transaction, compare-and-set: only while the index version the run
    started from is still active. Another version activated meanwhile (an operator's rollback)
@@ -87,8 +88,12 @@ FINETUNE_TRAIN = TrainConfig(
 @dataclass(frozen=True)
 class GateConfig:
     holdout_fraction: float = 0.2  # the latest share of clicked searches, kept out of training
-    min_mrr_gain: float = 0.01  # absolute MRR on later clicks the candidate must add
-    max_catalog_recall_drop: float = 0.01  # catalog title->image recall@10 it may lose
+    # The lower bound of the confidence interval of the MRR lift on later clicks must be above
+    # this (0: the candidate is better with `ci_level` confidence, not only on average).
+    min_mrr_gain: float = 0.0
+    max_catalog_recall_drop: float = 0.01  # catalog title->image recall@1 it may lose (one point)
+    ci_level: float = 0.95  # two-sided bootstrap interval of the lift, over later queries
+    bootstrap_resamples: int = 1000  # seeded (RetrainConfig.seed): the same data gives the same decision
     catalog_queries: int = 5000  # catalog self-retrieval: a seeded sample of titles
     gallery_max: int = 50_000  # images ranked per query: clicked and query products, then a sample
 
@@ -265,13 +270,9 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
     models_dir = home / "models"
     serving = active.model_version
     events = store.events_between(now - timedelta(days=config.window_days), now)
-    train_events, later_events, cut = split_by_time(events, config.gate.holdout_fraction)
+    train_events, later, cut = gate_evidence(events, config)
     data_window = {**window, "split": cut.isoformat() if cut else None}
     mined = mine_pairs(train_events, config.mining)
-    later = click_queries(
-        mine_pairs(later_events, replace(config.mining, min_clicks=1, hard_negatives_per_pair=0)).pairs,
-        judged_by=mine_pairs(events, replace(config.mining, hard_negatives_per_pair=0)).pairs,
-    )
     metrics: dict = {"data_window": data_window, "mining": mined.stats, "later_queries": len(later),
                      "config": config.to_dict()}
 
@@ -311,7 +312,8 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
 
     serving_embedder = load_embedder(spec, device=device, models_dir=models_dir)
     candidate_embedder = wrap_open_clip(base.model, base.preprocess, base.tokenizer, name=candidate, device=device)
-    gate = gate_candidate(serving_embedder, candidate_embedder, later, products, config)
+    gate = gate_candidate(serving_embedder, candidate_embedder, later, products, config,
+                          trained_on=frozenset((p.kind, p.query) for p in mined.pairs))
     metrics["gate"] = gate
     if not gate["promote"]:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -499,40 +501,112 @@ def _training_data(pairs: list[ClickPair], products: dict[str, ProductRecord], c
     return data, {"click_items": clicks, "catalog_items": len(anchors), "click_pairs_used": len(usable)}
 
 
-def gate_candidate(serving, candidate, later: list[ClickQuery], products: dict[str, ProductRecord], config: RetrainConfig) -> dict:
-    """Score both embedders on the later clicks and on catalog self-retrieval; decide promotion."""
+def gate_evidence(events, config: RetrainConfig) -> tuple[list, list[ClickQuery], datetime | None]:
+    """Split the window's events by time: (the earlier events, which train; the later slice's
+    queries, judged by later clicks alone (`later_click_queries`); the cut)."""
+    train_events, later_events, cut = split_by_time(events, config.gate.holdout_fraction)
+    return train_events, later_click_queries(later_events, config.mining), cut
+
+
+def later_click_queries(later_events, mining: MiningConfig) -> list[ClickQuery]:
+    """The gate's queries: the later slice's clicked queries, judged by the later slice alone.
+
+    Every product clicked for a query anywhere in the later searches counts as relevant to it
+    (one search shows only what the serving model ranked, so a second right product another
+    search revealed must not count against a model that ranks it first). Clicks of the training
+    window never judge: a candidate trained on them would be rewarded for memorising head
+    queries, not for ranking what later shoppers wanted.
+    """
+    pairs = mine_pairs(later_events, replace(mining, min_clicks=1, hard_negatives_per_pair=0)).pairs
+    return click_queries(pairs)
+
+
+def bootstrap_lift(serving: np.ndarray, candidate: np.ndarray, weights: np.ndarray, *, level: float,
+                   resamples: int, seed: int) -> dict:
+    """The weighted mean of candidate - serving per query, and its percentile bootstrap interval:
+    queries are resampled with replacement (`resamples` times, seeded), each resample's lift is
+    the weighted mean over the drawn queries."""
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(serving, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    n = len(diff)
+    if n == 0:
+        return {"queries": 0, "lift": 0.0, "ci_low": 0.0, "ci_high": 0.0, "level": level, "resamples": 0}
+    lift = float(np.average(diff, weights=w))
+    draws = np.random.default_rng(seed).integers(0, n, size=(max(1, resamples), n))
+    lifts = (diff[draws] * w[draws]).sum(axis=1) / w[draws].sum(axis=1)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.percentile(lifts, [tail, 100.0 - tail])
+    return {"queries": n, "lift": round(lift, 4), "ci_low": round(float(low), 4), "ci_high": round(float(high), 4),
+            "level": level, "resamples": int(max(1, resamples))}
+
+
+def gate_candidate(serving, candidate, later: list[ClickQuery], products: dict[str, ProductRecord], config: RetrainConfig,
+                   *, trained_on: frozenset[tuple[str, str]] = frozenset()) -> dict:
+    """Score both embedders on the later clicks and on catalog self-retrieval; decide promotion.
+
+    The decision: the lower bound of the bootstrap interval of the MRR lift on later clicks is
+    above `min_mrr_gain` (0: better with `ci_level` confidence), and catalog title -> image
+    recall@1 drops by at most `max_catalog_recall_drop`. `trained_on` ((kind, query) of the
+    training pairs) splits the later queries into slices: ones the candidate saw clicks for, and
+    new ones; each slice is reported with its query count and lift, the decision uses all.
+    """
     gate = config.gate
     rng = random.Random(config.seed)
     needed = {pid for q in later for pid in q.relevant} | {q.query for q in later if q.kind == "product"}
     rest = sorted(set(products) - needed)
     gallery_ids = sorted(needed & set(products)) + rng.sample(rest, max(0, min(len(rest), gate.gallery_max - len(needed))))
     catalog_sample = rng.sample(gallery_ids, min(gate.catalog_queries, len(gallery_ids)))
-    scores = {}
+    scores, per_query = {}, {}
+    usable: list[ClickQuery] = []
     for name, embedder in (("serving", serving), ("candidate", candidate)):
         vectors = embed_images(embedder, [products[pid].image_uri for pid in gallery_ids], batch_size=256)
-        scores[name] = {
-            "later_clicks": _score_later(embedder, later, gallery_ids, vectors),
-            "catalog": _score_catalog(embedder, catalog_sample, products, gallery_ids, vectors),
-        }
+        later_scores, usable, per_query[name] = _score_later(embedder, later, gallery_ids, vectors)
+        scores[name] = {"later_clicks": later_scores,
+                        "catalog": _score_catalog(embedder, catalog_sample, products, gallery_ids, vectors)}
     s, c = scores["serving"], scores["candidate"]
-    mrr_gain = round(c["later_clicks"]["mrr"] - s["later_clicks"]["mrr"], 4)
-    recall_drop = round(s["catalog"]["recall@10"] - c["catalog"]["recall@10"], 4)
-    promote = mrr_gain >= gate.min_mrr_gain and recall_drop <= gate.max_catalog_recall_drop
-    if promote:
-        why = f"MRR on later clicks +{mrr_gain:.4f}; catalog recall@10 change {-recall_drop:+.4f}"
-    elif mrr_gain < gate.min_mrr_gain:
-        why = f"MRR on later clicks changed by {mrr_gain:+.4f}, less than the required +{gate.min_mrr_gain}"
-    else:
-        why = f"catalog recall@10 dropped by {recall_drop:.4f}, more than the allowed {gate.max_catalog_recall_drop}"
-    return {"serving": s, "candidate": c, "mrr_gain": mrr_gain, "catalog_recall_drop": recall_drop,
+    weights = np.asarray([q.weight for q in usable])
+    seen = np.asarray([(q.kind, q.query) in trained_on for q in usable], dtype=bool)
+    slices = {}
+    for slice_name, mask in (("all", np.ones(len(usable), dtype=bool)), ("seen_in_training", seen), ("new", ~seen)):
+        lift = bootstrap_lift(per_query["serving"][mask], per_query["candidate"][mask], weights[mask],
+                              level=gate.ci_level, resamples=gate.bootstrap_resamples, seed=config.seed)
+        slices[slice_name] = {
+            **lift,
+            "serving_mrr": round(float(np.average(per_query["serving"][mask], weights=weights[mask])), 4) if mask.any() else 0.0,
+            "candidate_mrr": round(float(np.average(per_query["candidate"][mask], weights=weights[mask])), 4) if mask.any() else 0.0,
+        }
+    lift = slices["all"]
+    promote, why, recall_drop = gate_decision(lift, s["catalog"], c["catalog"], gate)
+    return {"serving": s, "candidate": c, "mrr_gain": lift["lift"], "lift": lift, "slices": slices,
+            "catalog_recall_drop": recall_drop, "catalog_metric": "recall@1",
             "gallery": len(gallery_ids), "promote": promote, "why": why}
 
 
-def _score_later(embedder, later: list[ClickQuery], gallery_ids: list[str], gallery: np.ndarray) -> dict:
+def gate_decision(lift: dict, serving_catalog: dict, candidate_catalog: dict, gate: GateConfig) -> tuple[bool, str, float]:
+    """(promote, why, catalog recall@1 drop) from the lift on later clicks (`bootstrap_lift`) and
+    both models' catalog self-retrieval scores."""
+    recall_drop = round(serving_catalog["recall@1"] - candidate_catalog["recall@1"], 4)
+    ci = f"{lift['level']:.0%} CI [{lift['ci_low']:+.4f}, {lift['ci_high']:+.4f}] over {lift['queries']} queries"
+    confident = lift["queries"] > 0 and lift["ci_low"] > gate.min_mrr_gain
+    promote = confident and recall_drop <= gate.max_catalog_recall_drop + 1e-9
+    if promote:
+        why = f"MRR on later clicks {lift['lift']:+.4f} ({ci}); catalog recall@1 change {-recall_drop:+.4f}"
+    elif not confident:
+        why = (f"MRR on later clicks {lift['lift']:+.4f} ({ci}): the interval's lower bound is not above "
+               f"{gate.min_mrr_gain:+.4f}")
+    else:
+        why = f"catalog recall@1 dropped by {recall_drop:.4f}, more than the allowed {gate.max_catalog_recall_drop}"
+    return promote, why, recall_drop
+
+
+def _score_later(embedder, later: list[ClickQuery], gallery_ids: list[str],
+                 gallery: np.ndarray) -> tuple[dict, list[ClickQuery], np.ndarray]:
+    """The summary scores, the queries scored (those whose relevant products are in the gallery)
+    and each one's reciprocal rank, for the bootstrap."""
     position = {pid: i for i, pid in enumerate(gallery_ids)}
     usable = [q for q in later if (q.kind == "text" or q.query in position) and any(p in position for p in q.relevant)]
     if not usable:
-        return {"queries": 0, "recall@10": 0.0, "mrr": 0.0, "ndcg@10": 0.0}
+        return {"queries": 0, "recall@10": 0.0, "mrr": 0.0, "ndcg@10": 0.0}, [], np.zeros(0)
     text_queries = [q for q in usable if q.kind == "text"]
     vectors = {}
     if text_queries:
@@ -554,9 +628,10 @@ def _score_later(embedder, later: list[ClickQuery], gallery_ids: list[str], gall
     # query by the inverse propensity of its clicks (as in mining) counters that bias towards it.
     weights = np.asarray([q.weight for q in usable])
     ranks = first_relevant_ranks(similarity, relevant)
-    return {"queries": len(usable), "recall@10": round(float(np.average(ranks <= 10, weights=weights)), 4),
-            "mrr": round(float(np.average(1.0 / ranks, weights=weights)), 4),
-            "ndcg@10": ndcg_at(similarity, relevant, weights=weights)}
+    reciprocal = 1.0 / ranks
+    return ({"queries": len(usable), "recall@10": round(float(np.average(ranks <= 10, weights=weights)), 4),
+             "mrr": round(float(np.average(reciprocal, weights=weights)), 4),
+             "ndcg@10": ndcg_at(similarity, relevant, weights=weights)}, usable, reciprocal)
 
 
 def _score_catalog(embedder, sample: list[str], products, gallery_ids: list[str], gallery: np.ndarray) -> dict:

@@ -325,14 +325,17 @@ def test_the_gate_accepts_a_better_model_and_rejects_a_worse_one(small_demo_home
     later = [ClickQuery("text", p.title.lower(), frozenset({p.product_id})) for p in items]
     gate = RetrainConfig(gate=GateConfig(min_mrr_gain=0.01, max_catalog_recall_drop=0.01))
 
-    better = gate_candidate(untrained, trained, later, products, gate)
-    assert better["promote"] and better["mrr_gain"] > 0.05, better["why"]
+    better = gate_candidate(untrained, trained, later, products, gate,
+                            trained_on=frozenset(("text", q.query) for q in later[:10]))
+    assert better["promote"] and better["mrr_gain"] > 0.05 and better["lift"]["ci_low"] > 0, better["why"]
     assert better["candidate"]["later_clicks"]["queries"] == len(items) and better["gallery"] == len(products)
+    assert {k: v["queries"] for k, v in better["slices"].items()} == {
+        "all": len(items), "seen_in_training": 10, "new": len(items) - 10}
     worse = gate_candidate(trained, untrained, later, products, gate)
-    assert not worse["promote"] and "MRR on later clicks changed by -" in worse["why"]
+    assert not worse["promote"] and "lower bound is not above" in worse["why"] and worse["lift"]["ci_high"] < 0
     guarded = gate_candidate(untrained, trained, later, products,
                              dataclasses.replace(gate, gate=GateConfig(min_mrr_gain=0.01, max_catalog_recall_drop=-1)))
-    assert not guarded["promote"] and "catalog recall@10 dropped" in guarded["why"]
+    assert not guarded["promote"] and "catalog recall@1 dropped" in guarded["why"]
 
 
 # ---------------------------------------------------------------- promotion, rollback
