@@ -225,6 +225,9 @@ def _execute(store: Store, home: Path, run_id: int, active: IndexVersionRecord, 
     store.record_training_run_start(run_id, serving_model_version=active.model_version,
                                     serving_index_version=active.index_version, data_window=window)
     retention: dict = {}
+    # A long-lived `prism worker` store must compose product texts as the version it starts from
+    # was built: an operator's `prism index` with other text fields may have run since it opened.
+    store.follow_lexical(store.recorded_lexical())
     try:
         retention = prune_logs(store, config, now)
         outcome = _run(store, home, run_id, active, config, index_options, device, now, window,
@@ -280,6 +283,10 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
         log.info("retrain skipped: %s", reason)
         return RetrainOutcome(run_id, "skipped", "none", serving, metrics=metrics, reason=reason)
 
+    if config.promotion == "canary" and (running := store.running_canary()) is not None:
+        # Its candidate could only be kept unserved: no training hours for that.
+        return skipped(f"canary {running.id} of {running.candidate_index_version} is still running; "
+                       "a retrain that ends in a canary waits for it to end")
     if len(mined.pairs) < config.min_pairs:
         return skipped(f"{len(mined.pairs)} click pairs mined, fewer than min_pairs={config.min_pairs}")
     if not later:

@@ -386,7 +386,7 @@ class Store:
         if apply_migrations:
             migrate(engine)
         store = cls(engine, lexical=lexical)
-        if lexical is None:
+        if lexical is None and apply_migrations:  # without them the schema may not hold versions yet
             store.lexical = store.recorded_lexical()
         return store
 
@@ -1338,7 +1338,9 @@ class Store:
             newest_first = s.scalars(
                 select(IndexVersion).order_by(IndexVersion.created_at.desc(), IndexVersion.index_version.desc())
             ).all()
-            return [_to_record(IndexVersionRecord, v) for v in newest_first[keep:] if not v.is_active]
+            canary = _running_canary_versions(s)
+            return [_to_record(IndexVersionRecord, v) for v in newest_first[keep:]
+                    if not v.is_active and v.index_version not in canary]
 
     def prune_index_versions(self, index_versions: Iterable[str], *, keep_after: int | None = None) -> tuple[list[str], int]:
         """Forget these index versions, then the journal entries every remaining version holds.
@@ -1350,7 +1352,10 @@ class Store:
         entries deleted)."""
         names = list(dict.fromkeys(index_versions))
         with self.session() as s, s.begin():
-            for part in _chunks(names):
+            # The two versions a running canary compares are in use, whatever their age (nightly
+            # builds of later candidates would otherwise push its candidate out).
+            canary = _running_canary_versions(s)
+            for part in _chunks([name for name in names if name not in canary]):
                 s.execute(
                     delete(IndexVersion).where(IndexVersion.index_version.in_(part), IndexVersion.is_active.is_(False))
                 )
@@ -1791,7 +1796,10 @@ class Store:
                 if not taken:
                     active = s.scalar(select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)))
                     raise ActiveVersionChangedError(c.serving_index_version, active)
-                self._activate(s, s.get(IndexVersion, c.candidate_index_version))
+                candidate = s.get(IndexVersion, c.candidate_index_version)
+                if candidate is None:  # the transaction rolls back: the serving version stays active
+                    raise UnknownVersionError(f"canary {canary_id}'s candidate {c.candidate_index_version!r} is gone")
+                self._activate(s, candidate)
             decision = {"promoted": "promoted", "stopped": "canary-stopped", "superseded": "superseded"}[status]
             s.add(TrainingRun(status="succeeded", decision=decision, started_at=c.started_at, finished_at=now,
                               requested_at=now, requested_by=finished_by, serving_model_version=c.serving_model_version,
@@ -1947,6 +1955,12 @@ def _fraction(x: float) -> float:
 
 def _like_escape(word: str) -> str:
     return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _running_canary_versions(s: Session) -> set[str]:
+    row = s.execute(select(Canary.candidate_index_version, Canary.serving_index_version)
+                    .where(Canary.running_slot == 1)).first()
+    return set(row) if row is not None else set()
 
 
 def _lexical_sqlite(s: Session, words: list[str], limit: int) -> list[tuple[int, float]]:

@@ -651,6 +651,9 @@ function wire() {
   });
 }
 
+// A search started before the facets answer (a quick shopper, a test) builds on the address's
+// view: with none yet, reading its filters failed ("null has no attrs") and the search was lost.
+state.view = viewFromUrl(window.location.href, history.state);
 wire();
 // The filter values (and the attribute names whose counts a search asks for) first, so the first
 // search is the only one and its facets fill the panel.
