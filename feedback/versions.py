@@ -56,46 +56,19 @@ def write_model_version(
     """
     import torch
 
-    models_dir = Path(models_dir)
-    target = models_dir / version
-    if target.exists():
-        raise ModelVersionExistsError(f"model version {version!r} already exists at {target}; versions are immutable")
-    models_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=models_dir))
-    try:
+    if config_file is None and config is None:
+        raise ValueError("give the open_clip config as config_file or config")
+
+    def write(tmp: Path) -> tuple[tuple[str, ...], dict]:
         torch.save(model.state_dict(), tmp / CHECKPOINT_FILE)
         config_name = f"{arch}.json"
         if config_file is not None:
             shutil.copyfile(config_file, tmp / config_name)
-        elif config is not None:
-            (tmp / config_name).write_text(json.dumps(config, indent=2))
         else:
-            raise ValueError("give the open_clip config as config_file or config")
-        meta = {
-            "model_version": version,
-            "arch": arch,
-            "checkpoint": CHECKPOINT_FILE,
-            "open_clip_config": config_name,
-            "parent": parent,
-            "embed_dim": int(model_output_dim(model)),
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            **info,
-            # after `info`: nothing a caller passes may replace what the loader checks
-            "files": {name: file_sha256(tmp / name) for name in (CHECKPOINT_FILE, config_name)},
-        }
-        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-        fsync_files(tmp, (CHECKPOINT_FILE, config_name, MODEL_JSON))
-        if store is not None:
-            mark_pending(models_dir, version)
-        os.rename(tmp, target)
-        fsync_dir(models_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if store is not None:
-        store.register_model_version(version, spec=version, dim=meta["embed_dim"], parent=parent, info=meta)
-        mark_recorded(models_dir, version)
-    return target
+            (tmp / config_name).write_text(json.dumps(config, indent=2))
+        return (CHECKPOINT_FILE, config_name), _meta(version, model, arch, CHECKPOINT_FILE, config_name, parent, info)
+
+    return _publish(Path(models_dir), version, write, store=store, parent=parent)
 
 
 def write_adapter_version(
@@ -129,30 +102,49 @@ def write_adapter_version(
     if base_meta.get("adapter"):
         raise ValueError(f"{base_version!r} is an adapter version; adapters go on a full model version")
     base_checkpoint = models_dir / base_version / base_meta["checkpoint"]
-    target = models_dir / version
-    if target.exists():
-        raise ModelVersionExistsError(f"model version {version!r} already exists at {target}; versions are immutable")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=models_dir))
-    try:
+
+    def write(tmp: Path) -> tuple[tuple[str, ...], dict]:
         save_safetensors(adapter_state(model), tmp / ADAPTER_FILE)
         save_safetensors(trained_state(model, trained), tmp / TRAINED_FILE)
         config_name = f"{arch}.json"
         (tmp / config_name).write_text(json.dumps(config, indent=2))
-        names = (ADAPTER_FILE, TRAINED_FILE, config_name)
         meta = {
-            "model_version": version,
-            "arch": arch,
-            "checkpoint": TRAINED_FILE,
-            "open_clip_config": config_name,
-            "parent": parent,
-            "embed_dim": int(model_output_dim(model)),
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            **info,
+            **_meta(version, model, arch, TRAINED_FILE, config_name, parent, info),
             "adapter": {**adapters, "file": ADAPTER_FILE},
             "base_model": {"version": base_version, "checkpoint": base_meta["checkpoint"],
                            "sha256": file_sha256(base_checkpoint)},
-            "files": {name: file_sha256(tmp / name) for name in names},
         }
+        return (ADAPTER_FILE, TRAINED_FILE, config_name), meta
+
+    return _publish(models_dir, version, write, store=store, parent=parent)
+
+
+def _meta(version: str, model, arch: str, checkpoint: str, config_name: str, parent: str | None, info: dict) -> dict:
+    return {
+        "model_version": version,
+        "arch": arch,
+        "checkpoint": checkpoint,
+        "open_clip_config": config_name,
+        "parent": parent,
+        "embed_dim": int(model_output_dim(model)),
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        **info,
+    }
+
+
+def _publish(models_dir: Path, version: str, write, *, store: Store | None, parent: str | None) -> Path:
+    """The one publish protocol of model versions: `write(tmp)` makes the files in a temp dir and
+    returns (their names, model.json's content); their sha256 digests go into model.json last (no
+    `info` a caller passes may replace what the loader checks); fsync, a pending marker (with
+    `store`), rename, then the SQL row."""
+    target = models_dir / version
+    if target.exists():
+        raise ModelVersionExistsError(f"model version {version!r} already exists at {target}; versions are immutable")
+    models_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=models_dir))
+    try:
+        names, meta = write(tmp)
+        meta = {**meta, "files": {name: file_sha256(tmp / name) for name in names}}
         (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         fsync_files(tmp, (*names, MODEL_JSON))
         if store is not None:

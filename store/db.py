@@ -656,25 +656,7 @@ class Store:
         Compare-and-set against `seen` (row -> the image_uri and image_hash the indexer read), so
         an image changed meanwhile (API PUT, catalog load) is not overwritten with a stale state.
         """
-        if not states:
-            return
-        table = Product.__table__
-        stmt = (
-            update(table)
-            .where(
-                table.c.row_id == bindparam("b_row"),
-                table.c.image_uri.is_not_distinct_from(bindparam("b_uri")),
-                table.c.image_hash.is_not_distinct_from(bindparam("b_seen")),
-            )
-            .values(image_hash=bindparam("b_hash"), image_status=bindparam("b_status"), image_error=bindparam("b_error"))
-        )
-        rows = []
-        for st in states:
-            uri, old = seen.get(st.row_id, (None, None))
-            rows.append({"b_row": st.row_id, "b_uri": uri, "b_seen": old, "b_hash": st.image_hash,
-                         "b_status": st.image_status, "b_error": st.image_error})
-        with self.session() as s, s.begin():
-            s.execute(stmt, rows)
+        self._write_image_states(Product.__table__, Product.__table__.c.row_id, states, seen)
 
     def get_product(self, product_id: str, *, include_deleted: bool = False) -> ProductRecord | None:
         with self.session() as s:
@@ -761,13 +743,18 @@ class Store:
         """What embedding found out about images after the first (`ImageState.row_id` holds the
         image id here). Compare-and-set against `seen` (image id -> the uri and hash the indexer
         read), as `record_image_states` does for the first image."""
+        self._write_image_states(ProductImage.__table__, ProductImage.__table__.c.image_id, states, seen)
+
+    def _write_image_states(self, table, key, states, seen: dict) -> None:
+        """What embedding found out about images (`ImageState.row_id`: the value of `key`, a product's
+        row id or an image id), compare-and-set against the uri and hash the indexer read (`seen`), so
+        an image changed meanwhile (API PUT, catalog load) is not overwritten with a stale state."""
         if not states:
             return
-        table = ProductImage.__table__
         stmt = (
             update(table)
             .where(
-                table.c.image_id == bindparam("b_id"),
+                key == bindparam("b_key"),
                 table.c.image_uri.is_not_distinct_from(bindparam("b_uri")),
                 table.c.image_hash.is_not_distinct_from(bindparam("b_seen")),
             )
@@ -776,7 +763,7 @@ class Store:
         rows = []
         for st in states:
             uri, old = seen.get(st.row_id, (None, None))
-            rows.append({"b_id": st.row_id, "b_uri": uri, "b_seen": old, "b_hash": st.image_hash,
+            rows.append({"b_key": st.row_id, "b_uri": uri, "b_seen": old, "b_hash": st.image_hash,
                          "b_status": st.image_status, "b_error": st.image_error})
         with self.session() as s, s.begin():
             s.execute(stmt, rows)
