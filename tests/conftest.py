@@ -45,6 +45,15 @@ def databases(request):
     dbs.drop_all()
 
 
+@pytest.fixture(autouse=True)
+def _drop_test_databases(request, databases):
+    """On PostgreSQL, a test's databases go when the test ends, as its tmp_path does."""
+    yield
+    tmp_path = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if databases.postgres and tmp_path is not None:
+        databases.drop_under(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_embedder():
     from embedder import load_embedder

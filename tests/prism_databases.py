@@ -24,6 +24,7 @@ class TestDatabases:
             server_url = parsed.render_as_string(hide_password=False)
         self.server_url = server_url
         self._created: set[str] = set()
+        self._homes: dict[str, Path] = {}
         self._admin = None
 
     @property
@@ -39,6 +40,7 @@ class TestDatabases:
         if name not in self._created:
             self._execute(f'CREATE DATABASE "{name}"')
             self._created.add(name)
+            self._homes[name] = home
         return self._url_of(name)
 
     def env(self, home: Path, **extra: str) -> dict[str, str]:
@@ -66,11 +68,23 @@ class TestDatabases:
         )
         self._execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         self._created.add(name)
+        self._homes[name] = Path(target).resolve()
+
+    def drop_under(self, directory: Path) -> None:
+        """Drop the databases of homes inside `directory` (a finished test's tmp_path): a suite
+        run creates one per home, hundreds in all, too many to keep until the session ends."""
+        directory = Path(directory).resolve()
+        for name, home in list(self._homes.items()):
+            if home == directory or directory in home.parents:
+                self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+                self._created.discard(name)
+                del self._homes[name]
 
     def drop_all(self) -> None:
         for name in sorted(self._created):
             self._execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         self._created.clear()
+        self._homes.clear()
         if self._admin is not None:
             self._admin.dispose()
 
