@@ -252,7 +252,7 @@ def _run_index(settings, catalog: Path, *, vectors: Path | None = None, prefer: 
             image_limits=settings.image_limits(),
             precision=settings.encoder_precision,
         )
-    with _progress_bar(quiet) as progress:
+    with _progress_bar(quiet, log_every_s=settings.progress_log_s) as progress:
         indexer = CatalogIndexer(
             home=settings.artifacts, store=store, embedder=embedder, options=options, progress=_RichProgress(progress)
         )
@@ -524,20 +524,71 @@ class _RichTrainProgress:
         pass
 
 
-def _progress_bar(quiet: bool = False, *, train: bool = False):
+def _progress_bar(quiet: bool = False, *, train: bool = False, log_every_s: float = 30.0):
+    """Bars on a terminal. Elsewhere rich draws a bar only when it ends, so a two-hour job would
+    show nothing in its log: there each unfinished stage also prints a plain line every log_every_s."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     if train:
         columns += [TimeRemainingColumn(), TextColumn("loss {task.fields[loss]:.3f}  {task.fields[rate]:.0f} img/s")]
-    return Progress(*columns, console=Console(stderr=True), disable=quiet)
+    console = Console(stderr=True)
+    progress = Progress(*columns, console=console, disable=quiet)
+    if quiet or console.is_terminal:
+        return progress
+    return _ProgressLines(progress, log_every_s)
+
+
+class _ProgressLines:
+    """A rich Progress that also prints one line per unfinished task every `every_s` seconds."""
+
+    def __init__(self, progress, every_s: float) -> None:
+        import threading
+
+        self.progress = progress
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress-lines", daemon=True)
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self._thread.start()
+        return self.progress
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
+        return self.progress.__exit__(*exc_info)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for task in list(self.progress.tasks):
+                if not task.finished:
+                    self.progress.console.print(_progress_line(task), markup=False, highlight=False, soft_wrap=True)
+
+
+def _progress_line(task) -> str:
+    import time
+
+    done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f} ({task.percentage:.0f}%)" if task.total else "")
+    line = f"{time.strftime('%H:%M:%S')} {task.description}: {done}, {_duration(task.elapsed or 0)} elapsed"
+    if task.time_remaining is not None:
+        line += f", ~{_duration(task.time_remaining)} left"
+    if "loss" in task.fields:
+        line += f", loss {task.fields['loss']:.3f}, {task.fields.get('rate', 0):.0f} img/s"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _build_demo_catalog(settings, *, limit: int | None = None, quiet: bool = False):
     from indexer import build_demo_catalog
 
-    with _progress_bar(quiet) as progress:
+    with _progress_bar(quiet, log_every_s=settings.progress_log_s) as progress:
         task = progress.add_task("demo catalog", total=None)
 
         def advance(done: int, total: int) -> None:
@@ -573,7 +624,7 @@ def demo(
         console.print(f"demo catalog: {len(catalog.products)} products from {catalog.stats['openmoji_glyphs']} "
                       f"OpenMoji glyphs (dropped: {dropped}); splits {catalog.stats['splits']}")
         store = Store.open(settings.db_url, lexical=settings.lexical())
-        with _progress_bar(train=True) as progress:
+        with _progress_bar(train=True, log_every_s=settings.progress_log_s) as progress:
             meta, trained = ensure_demo_model(
                 catalog, models_dir=settings.models_dir, store=store, device=_device(settings.device),
                 config=config, progress=_RichTrainProgress(progress),
@@ -959,7 +1010,7 @@ def _retrain_once(settings, *, as_json: bool, exit_on_error: bool = True) -> Non
 
     try:
         store = Store.open(settings.db_url)
-        with _progress_bar(as_json, train=True) as progress:
+        with _progress_bar(as_json, train=True, log_every_s=settings.progress_log_s) as progress:
             outcome = run_retrain(
                 store, home=settings.home, config=settings.retrain_config(), index_options=settings.index_options(),
                 device=resolve_device(settings.device), progress=_RichTrainProgress(progress),

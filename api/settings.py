@@ -24,6 +24,10 @@ class PrismSettings(BaseSettings):
         "version, or ViT-B-32:laion2b_s34b_b79k in an empty home",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress_log_s: float = Field(
+        30.0, gt=0, description="where stderr is not a terminal (a log file, nohup, CI), a long job prints one "
+        "progress line per stage this often, as a terminal's bars are only drawn at the end there",
+    )
     threads: int = Field(0, ge=0, description="torch/faiss threads; 0 = all cores")
     batch_size: int = Field(64, ge=1, le=4096)
     decode_workers: int = Field(2, ge=1, le=64)

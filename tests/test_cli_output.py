@@ -106,3 +106,14 @@ def test_help_on_a_pipe_is_not_cut(databases, tmp_path):
             for name in (*param.opts, *param.secondary_opts):
                 if name.startswith("--"):
                     assert name in out, (path, name, out)
+
+
+def test_a_long_job_in_a_log_file_prints_progress_lines(tmp_path, databases, catalog):
+    """rich draws bars on a pipe only when they end; a job's log must still show it is moving."""
+    import re
+
+    env = _piped(databases.env(tmp_path / "home", PRISM_MODEL="prism-tiny-vit:random", PRISM_PROGRESS_LOG_S="0.02"))
+    proc = run_prism(["index", str(catalog), "--batch-size", "4"], env)
+    lines = [line for line in proc.stderr.splitlines() if re.fullmatch(r"\d\d:\d\d:\d\d embed [a-z ]+: \d+/24 \(\d+%\), \d+s elapsed.*", line)]
+    assert lines, proc.stderr
+    assert " elapsed" not in proc.stdout  # progress goes to stderr, the summary to stdout
