@@ -670,7 +670,11 @@ wire();
 // The filter values (and the attribute names whose counts a search asks for) first, so the first
 // search is the only one and its facets fill the panel.
 loadFacets().finally(() => {
+  // Words typed while the facets loaded, not yet sent, stay in the box (restore empties it for an
+  // address with no query, and the Enter that followed found nothing to search).
+  const typed = $("q").value;
   restore(history.state);
+  if (!hasQuery(state.view) && typed) $("q").value = typed;
   // The address as the page understood it: dropped junk parameters do not linger in a shared link.
   history.replaceState(history.state, "", urlFromView(state.view));
 });
