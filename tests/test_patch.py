@@ -206,3 +206,33 @@ def test_patched_identifiers_and_embedded_attributes_follow_the_text_fields(buil
         assert calls == {"encode_texts": 1, "encode_images": 0}
         hits = c.get("/v1/search", params={"q": "zanzibar lantern", "target": "hybrid", "k": 3}).json()["results"]
         assert hits[0]["product_id"] == "P00012"
+
+
+def test_a_price_patch_journals_once_keeps_identifiers_and_writes_nothing_for_a_deleted_product(build_serving_home):
+    """A price, stock or currency PATCH is written without reading the row first (one UPDATE, and on
+    PostgreSQL the journal entry in the same statement): exactly one "meta" entry per PATCH, in
+    order; the row's attributes and identifiers are as they were; a deleted product is 404 and
+    leaves the journal as it was."""
+    settings = build_serving_home("patch-plain-columns", admin_token=TOKEN, id_attributes="gtin")
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        store = c.app.state.services.store
+        first = c.patch("/v1/products/P00012", json={"attributes": {"gtin": "4006381333931", "colour": "teal"}})
+        assert first.status_code == 200, first.text
+        seq = first.json()["catalog_seq"]
+        for i, body in enumerate(({"price": 12.5}, {"stock": 0, "currency": "USD"})):
+            r = c.patch("/v1/products/P00012", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["catalog_seq"] == seq + i + 1
+            assert r.json()["attributes"] == {"gtin": "4006381333931", "colour": "teal"}
+            product = c.get("/v1/products/P00012").json()
+            assert {k: r.json()[k] for k in product if k != "images"} == {k: v for k, v in product.items() if k != "images"}
+        assert [(e.op, e.product_id) for e in store.catalog_changes(seq)] == [("meta", "P00012")] * 2
+        product = c.get("/v1/products/P00012").json()
+        assert (product["price"], product["stock"], product["currency"]) == (12.5, 0, "USD")
+        hits = c.get("/v1/search", params={"q": "4006381333931", "k": 1}).json()["results"]
+        assert hits[0]["product_id"] == "P00012" and hits[0]["price"] == 12.5
+
+        assert c.delete("/v1/products/P00013").status_code == 204
+        newest = store.catalog_seq()
+        assert c.patch("/v1/products/P00013", json={"price": 1}).status_code == 404
+        assert store.catalog_seq() == newest
