@@ -626,6 +626,19 @@ class SearchEngine:
                     self._serving = self._replay(current)
         self._sync_canary(canary, seq)
 
+    def catch_up(self, seq: int) -> None:
+        """Apply the journal up to at least `seq`, a change this process has just written, without
+        polling the serving marks as `sync` does: an activation or a canary is noticed by the next
+        query's `sync`, which runs before anything is served. A write route's one read after its
+        commit (PATCH: the journal entries, then the changed rows' filter facts)."""
+        serving = self._serving
+        if serving is None or seq <= serving.overlay.seq:
+            return
+        with self._lock:
+            current = self._serving
+            if seq > current.overlay.seq:
+                self._serving = self._replay(current)
+
     def _replay(self, serving: _Serving) -> _Serving:
         """`serving` with the journal entries after its overlay's seq applied (search/journal.py)."""
         changes = self.store.catalog_changes(serving.overlay.seq)

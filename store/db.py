@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -779,6 +780,15 @@ class Store:
                          "b_status": st.image_status, "b_error": st.image_error})
         with self.session() as s, s.begin():
             s.execute(stmt, rows)
+
+    def count_unembedded_further_images(self) -> int:
+        """Images after the first of live products that no run has embedded yet (state pending): what
+        a `--vectors` or `--ray` run, which embeds first images only, leaves out of its version."""
+        i, p = ProductImage.__table__.c, Product.__table__.c
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ProductImage.__table__)
+                                .join(Product, p.row_id == i.row_id)
+                                .where(p.deleted_at.is_(None), i.image_status == "pending")) or 0)
 
     def iter_image_indexable(self, chunk_size: int = 100_000) -> Iterator[tuple[np.ndarray, list[str]]]:
         """(image ids, image hashes) of the embedded images after the first of live products, in
@@ -1876,13 +1886,20 @@ class Store:
     def serving_marks_and_canary(self) -> tuple[str | None, int, tuple | None]:
         """`serving_marks` and the running canary (id, candidate index version, fraction, the serving
         index version it compares with) in the same round trip: what a server polls per query."""
-        active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
-        newest = select(func.max(CatalogChange.seq)).scalar_subquery()
-        running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
-                   for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
         with self._one_statement_read() as s:
-            version, seq, *canary = s.execute(select(active, newest, *running)).one()
+            version, seq, *canary = s.execute(_serving_marks_and_canary_query()).one()
         return version, int(seq or 0), (None if canary[0] is None else (int(canary[0]), canary[1], float(canary[2]), canary[3]))
+
+
+@functools.cache
+def _serving_marks_and_canary_query():
+    # Built once: it runs before every query, and building its four subqueries cost more Python
+    # time than the round trip.
+    active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
+    newest = select(func.max(CatalogChange.seq)).scalar_subquery()
+    running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
+               for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
+    return select(active, newest, *running)
 
 
 def _stock_matches(stock: int | None, in_stock: bool | None) -> bool:
