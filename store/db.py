@@ -1918,6 +1918,12 @@ def _attribute_matches(attributes: dict, cond: AttributeCondition) -> bool:
     return any(key in cond.values for key in attribute_keys(value))
 
 
+def product_facts(records: Sequence[ProductRecord]) -> ProductFacts:
+    """The filter facts of product records a caller holds already (a write's returned row): what
+    `Store.filter_facts` would read back for them."""
+    return _facts(records, live=None)
+
+
 def _facts(rows, *, live: bool | None) -> ProductFacts:
     """ProductFacts of result rows; `live` None: from each row's `deleted_at`."""
     return ProductFacts(
