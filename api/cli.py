@@ -133,7 +133,9 @@ def index(
     image_root: Annotated[Optional[Path], typer.Option(help="local images must lie inside this folder")] = None,
     vectors: Annotated[Optional[Path], typer.Option(
         help="Parquet file of vectors made elsewhere by --model (product_id, image_vector and/or text_vector): "
-             "nothing is embedded here")] = None,
+             "nothing is embedded here. One image vector per product: its further catalog `images` are indexed "
+             "only if an earlier run without --vectors embedded them with this model (the summary counts the "
+             "others as left out)")] = None,
     prefer: Annotated[Literal["newer", "file", "api"], typer.Option(
         help="a product edited over the API since this file was written: the newer change wins (by the "
              "file's modification time), or always the file, or always the API edit")] = "newer",
@@ -149,7 +151,9 @@ def index(
                                "delete nothing and exit 1")] = 0.2,
     ray: Annotated[bool, typer.Option(
         "--ray", help="embed on a Ray cluster (`--ray [ADDRESS]`). Every node needs Prism installed and the "
-                      "home's models/ and the images at the same paths (a shared filesystem)")] = False,
+                      "home's models/ and the images at the same paths (a shared filesystem). Embeds each "
+                      "product's first image: further catalog `images` are indexed only if this model embedded "
+                      "them before (the summary counts the others as left out)")] = False,
     ray_actors: Annotated[Optional[int], typer.Option(
         min=1, help="with --ray: model replicas (default: one per GPU; without GPUs, the cluster's CPUs divided "
                     "by --ray-cpus-per-actor)")] = None,
@@ -270,6 +274,9 @@ def _print_summary(summary, report: Path | None = None) -> None:
     table.add_row("texts embedded", f"{summary.texts_embedded} (+{summary.texts_cached} from cache)")
     if summary.images_supplied or summary.texts_supplied:
         table.add_row("vectors supplied", f"{summary.images_supplied} image, {summary.texts_supplied} text (new)")
+    if summary.further_images_left_out:
+        table.add_row("further images left out", f"{summary.further_images_left_out} (not embedded with this model: "
+                      "--vectors carries one image per product, --ray embeds first images; run without them to add)")
     failures = ", ".join(f"{k}: {v}" for k, v in sorted(summary.image_failures.items())) or "none"
     table.add_row("image failures", failures)
     for modality, info in summary.indexes.items():

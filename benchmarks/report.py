@@ -263,6 +263,10 @@ def commerce_section(evals: dict[str, dict], facets: dict | None) -> list[str]:
                          " / ".join(f"{t} {v}" for t, v in ids.items()), "1.0 every target"])
             rows.append([f"{r['database']}: one-edit title words, hybrid hit@10 over correctly typed",
                          f"{r['typo']['ratio']} ({r['typo']['hit@10_one_edit']} / {r['typo']['hit@10_clean']})", ">= 0.9"])
+        elif "views_per_product" in r:
+            rows.append([f"{r['database']}: query by a non-primary image, hit@1 ({r['products']} OpenMoji products x "
+                         f"{r['views_per_product']} views, {r['model']})",
+                         f"{r['non_primary_hit@1']} vs primary {r['primary_hit@1']}", ">= primary"])
         elif "targets" in r:
             for target, t in r["targets"].items():
                 rows.append([f"titles as queries, {r['queries']} of {r['products']} demo products ({name}), {target}",
@@ -275,8 +279,18 @@ def commerce_section(evals: dict[str, dict], facets: dict | None) -> list[str]:
         for key, pt in facets.items():
             if key.startswith("patch"):
                 rows.append([f"PATCH of a price, {pt['database']} (server side; embeddings {pt['embeddings_computed']}, "
-                             f"visible next search {pt['visible_in_next_search']})", f"p50 {pt['p50_ms']} ms",
-                             f"<= {pt['target_p50_ms']} ms"])
+                             f"visible next search {pt['visible_in_next_search']})",
+                             f"p50 {pt['p50_ms']} ms (load {pt['load_average_1m']})", f"<= {pt['target_p50_ms']} ms"])
+    side_by_side = RESULTS / "commerce_patch_before_after.json"
+    if side_by_side.exists():
+        ab = json.loads(side_by_side.read_text())
+        trips = ab["round_trips_per_patch_postgresql"]
+        rows.append(["PATCH of a price, round trips to PostgreSQL (before -> after this code)",
+                     f"{trips['before']} -> {trips['after']}", "-"])
+        for kind in ("postgresql", "sqlite"):
+            m = ab[kind]["median_of_p50_ms"]
+            rows.append([f"PATCH of a price, {kind}, old and new code run alternately (median of "
+                         f"{len(ab[kind]['rounds'])} p50s)", f"{m['before']} -> {m['after']} ms", f"<= {ab['target_p50_ms']} ms"])
     out.append("Measured on a host shared with other jobs (load average ~9 on 2 cores): ratios hold, absolute "
                "milliseconds are inflated.")
     out.append("")

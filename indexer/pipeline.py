@@ -100,6 +100,10 @@ class IndexSummary:
     texts_embedded: int = 0
     texts_cached: int = 0
     images_supplied: int = 0  # new vectors taken from a --vectors file
+    # Products' images after the first that the new version leaves out: not in the model's vector
+    # cache, as after a --vectors run (one image vector per product) or a --ray run (first images
+    # only) that no earlier in-process run of this model embedded.
+    further_images_left_out: int = 0
     texts_supplied: int = 0
     index_version: str | None = None
     model_version: str | None = None
@@ -137,6 +141,7 @@ class IndexSummary:
             "texts_cached": self.texts_cached,
             "images_supplied": self.images_supplied,
             "texts_supplied": self.texts_supplied,
+            "further_images_left_out": self.further_images_left_out,
             "index_version": self.index_version,
             "model_version": self.model_version,
             "indexes": self.indexes,
@@ -391,8 +396,9 @@ class CatalogIndexer:
                 self.progress.advance("embed more images", batch.attempted)
         self.progress.finish("embed more images")
 
-    def _extra_image_source(self, cache: VectorCache) -> "CachedVectors | None":
-        """Where the embedded images after the first of live products lie in the cache, by image id."""
+    def _extra_image_source(self, cache: VectorCache, summary: IndexSummary) -> "CachedVectors | None":
+        """Where the embedded images after the first of live products lie in the cache, by image id.
+        Those not there are counted in `summary.further_images_left_out`."""
         ids, locations = [], []
         missing = 0
         for image_ids, hashes in self.store.iter_image_indexable(self.options.build_chunk_rows):
@@ -401,8 +407,12 @@ class CatalogIndexer:
             missing += int((~ok).sum())
             ids.append(image_ids[ok])
             locations.append(found[ok])
+        missing += self.store.count_unembedded_further_images()
+        summary.further_images_left_out = missing
         if missing:
-            log.warning("%d images (after products' first) missing from the cache; left out of this index", missing)
+            log.warning("%d images after products' first are not in this model's vector cache and are left out of "
+                        "this version (a --vectors file carries one image vector per product, --ray embeds first "
+                        "images only): an index run without either embeds them", missing)
         if not ids or not sum(len(x) for x in ids):
             return None
         return CachedVectors(cache, np.concatenate(ids), np.concatenate(locations))
@@ -495,7 +505,7 @@ class CatalogIndexer:
                     indexes[modality] = build_ann_on_ray(CachedShardSource.of(sources[modality]), self.options.ann,
                                                          tuning_queries=queries)
                 self.progress.advance("build indexes")
-            extra = self._extra_image_source(cache)
+            extra = self._extra_image_source(cache, summary)
             if extra is not None:
                 # Tuned with text queries, like the image index: the same cross-modal traffic.
                 indexes[EXTRA_IMAGE_INDEX] = AnnIndex.build_from(

@@ -69,7 +69,16 @@ from search.interleave import ARM_NAMES, search_draw, team_draft
 from search.journal import replay_changes
 from search.metadata import MetadataCache
 from search.overlay import MODALITIES, Overlay
-from store import LEXICAL_NAME, LexicalConfig, ProductFilter, ProductImageRecord, ProductRecord, Store
+from store import (
+    LEXICAL_NAME,
+    CatalogChangeRecord,
+    LexicalConfig,
+    ProductFilter,
+    ProductImageRecord,
+    ProductRecord,
+    Store,
+    product_facts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -625,6 +634,38 @@ class SearchEngine:
                 if seq > current.overlay.seq:
                     self._serving = self._replay(current)
         self._sync_canary(canary, seq)
+
+    def catch_up(self, seq: int, metadata_written: ProductRecord | None = None) -> None:
+        """Apply the journal up to at least `seq`, a change this process has just written, without
+        polling the serving marks as `sync` does: an activation or a canary is noticed by the next
+        query's `sync`, which runs before anything is served.
+
+        `metadata_written`: the row as the write returned it, when that change is a "meta" entry.
+        If it is the very next entry after this worker's overlay, it is applied from that row,
+        reading nothing: journal entries commit in seq order (store `_serialise_journal`), so no
+        other entry can lie between. Otherwise (a gap, another worker's entries first) the journal
+        is replayed as `sync` replays it."""
+        serving = self._serving
+        if serving is None or seq <= serving.overlay.seq:
+            return
+        with self._lock:
+            current = self._serving
+            if seq <= current.overlay.seq:
+                return
+            if metadata_written is not None and seq == current.overlay.seq + 1:
+                self._serving = self._applied_own_metadata(current, seq, metadata_written)
+            else:
+                self._serving = self._replay(current)
+
+    def _applied_own_metadata(self, serving: _Serving, seq: int, product: ProductRecord) -> _Serving:
+        """`serving` with one "meta" entry applied as `_replay` applies it (vectors and further
+        images stay, the filters take the row as it is now, hits read it afresh), from `product`."""
+        change = CatalogChangeRecord(seq=seq, row_id=product.row_id, product_id=product.product_id, op="meta",
+                                     model_version=None, text_hash=None, text_vector=None, image_action=None,
+                                     image_hash=None, image_vector=None, ts=product.updated_at)
+        self.metadata.invalidate({product.row_id})
+        overlay = serving.overlay.applied([change], lambda _: None)  # a meta entry carries no vectors
+        return replace(serving, overlay=overlay, filters=serving.filters.patched(product_facts([product])))
 
     def _replay(self, serving: _Serving) -> _Serving:
         """`serving` with the journal entries after its overlay's seq applied (search/journal.py)."""

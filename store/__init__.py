@@ -12,6 +12,7 @@ from store.db import (
     UnknownSearchError,
     UnknownVersionError,
     migrate,
+    product_facts,
 )
 from store.records import (
     AttributeCondition,
@@ -50,6 +51,7 @@ from store.records import (
 
 __all__ = [
     "METADATA_COLUMNS",
+    "product_facts",
     "AttributeCondition",
     "attribute_key",
     "attribute_keys",

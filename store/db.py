@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -373,6 +374,13 @@ class Store:
         # store follows the config of the index version being served (`follow_lexical`).
         self._lexical_given = lexical is not None
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        # Reads of one statement on PostgreSQL run in autocommit: one statement sees one snapshot
+        # either way, and psycopg's BEGIN and the ROLLBACK that ends a read transaction are two
+        # round trips of the three a small read cost (`_one_statement_read`).
+        self._one_statement_reads = (
+            sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+            if engine.dialect.name == "postgresql" else self._sessions
+        )
         # SQLite has one writer at a time, and a blocked writer sleeps in growing steps (up to
         # 100 ms) before retrying: 32 request threads logging searches at once made most of them
         # sleep, and throughput fell 4x. Threads of this process queue on a lock instead.
@@ -503,6 +511,11 @@ class Store:
 
     def session(self) -> Session:
         return self._sessions()
+
+    def _one_statement_read(self) -> Session:
+        """A session for a read that issues exactly one statement and writes nothing: what a
+        server runs per query (`serving_marks_and_canary`) and per journal replay."""
+        return self._one_statement_reads()
 
     # ---------------------------------------------------------------- products
 
@@ -768,6 +781,15 @@ class Store:
         with self.session() as s, s.begin():
             s.execute(stmt, rows)
 
+    def count_unembedded_further_images(self) -> int:
+        """Images after the first of live products that no run has embedded yet (state pending): what
+        a `--vectors` or `--ray` run, which embeds first images only, leaves out of its version."""
+        i, p = ProductImage.__table__.c, Product.__table__.c
+        with self.session() as s:
+            return int(s.scalar(select(func.count()).select_from(ProductImage.__table__)
+                                .join(Product, p.row_id == i.row_id)
+                                .where(p.deleted_at.is_(None), i.image_status == "pending")) or 0)
+
     def iter_image_indexable(self, chunk_size: int = 100_000) -> Iterator[tuple[np.ndarray, list[str]]]:
         """(image ids, image hashes) of the embedded images after the first of live products, in
         image-id order: what the build of an `image_extra` index needs."""
@@ -981,28 +1003,74 @@ class Store:
         if unknown:
             raise ValueError(f"not metadata columns: {', '.join(sorted(unknown))}")
         now = utcnow()
+        if "attributes" not in fields and not set(fields) & set(self.lexical.text_fields):
+            return self._patch_plain_columns(product_id, fields, now)
         with self.session() as s, s.begin():
             _serialise_journal(s)
             p = s.scalar(select(Product).where(Product.product_id == product_id).with_for_update())
             if p is None or p.deleted_at is not None:
                 return None
+            identifiers = self.lexical.identifiers(p)
             for column, value in fields.items():
                 if column == "attributes":
                     value = {**{k: v for k, v in (p.attributes or {}).items() if k.startswith("_")}, **(value or {})}
                 setattr(p, column, value)
-            return self._journal_metadata_change(s, p, now)
+            return self._journal_metadata_change(s, p, now, identifiers_before=identifiers)
 
-    def _journal_metadata_change(self, s: Session, p: Product, now: datetime) -> tuple[ProductRecord, int]:
+    def _patch_plain_columns(self, product_id: str, fields: dict, now: datetime) -> tuple[ProductRecord, int] | None:
+        """`patch_product_metadata` of columns that neither the lexical text nor the identifiers
+        are made of (price, currency, stock; category and brand unless they are text fields): no
+        read first, since nothing written depends on the row's other fields. The UPDATE takes the
+        row's lock and returns the row as written, in the same journal-serialised transaction as
+        the "meta" entry; on PostgreSQL one statement does both (a data-modifying CTE), so a price
+        change is three round trips (lock, write, commit) instead of seven."""
+        table, journal = Product.__table__, CatalogChange.__table__
+        written = (
+            update(table)
+            .where(table.c.product_id == product_id, table.c.deleted_at.is_(None))
+            .values(**fields, updated_at=now, changed_by="api")
+            .returning(*table.c)
+        )
+        with self.session() as s, s.begin():
+            _serialise_journal(s)
+            if s.get_bind().dialect.name == "postgresql":
+                row_cte = written.cte("written")
+                entry = (
+                    journal.insert()
+                    .from_select(["row_id", "product_id", "op", "ts"],
+                                 select(row_cte.c.row_id, row_cte.c.product_id,
+                                        bindparam("op", "meta", type_=journal.c.op.type),
+                                        bindparam("ts", now, type_=journal.c.ts.type)))
+                    .returning(journal.c.seq)
+                    .cte("journaled")
+                )
+                row = s.execute(select(row_cte, entry.c.seq)).one_or_none()
+                if row is None:
+                    return None
+                seq = row.seq
+            else:
+                row = s.execute(written).one_or_none()
+                if row is None:
+                    return None
+                seq = s.execute(journal.insert().values(row_id=row.row_id, product_id=row.product_id, op="meta", ts=now)
+                                .returning(journal.c.seq)).scalar_one()
+            return _to_record(ProductRecord, row), int(seq)
+
+    def _journal_metadata_change(self, s: Session, p: Product, now: datetime,
+                                 identifiers_before: list[str] | None = None) -> tuple[ProductRecord, int]:
         """The end of a metadata write: the lexical text and identifiers follow the row (a text
         field or an identifier may be an attribute), and a "meta" change carrying no vectors is
-        journaled. Returns (product, seq)."""
+        journaled. Identifiers the row had before (`identifiers_before`, as read in this
+        transaction) and still has are not rewritten. Returns (product, seq)."""
         p.search_text = self.lexical.document(p)
         p.updated_at = now
         p.changed_by = "api"
         change = CatalogChange(row_id=p.row_id, product_id=p.product_id, op="meta", ts=now)
         s.add(change)
         s.flush()
-        _replace_identifiers(s, {p.row_id: self.lexical.identifiers(p)})
+        identifiers = self.lexical.identifiers(p)
+        if identifiers != identifiers_before:
+            _replace_identifiers(s, {p.row_id: identifiers})
         return _to_record(ProductRecord, p), int(change.seq)
 
     def soft_delete_product(self, product_id: str) -> ProductRecord | None:
@@ -1051,7 +1119,7 @@ class Store:
 
     def catalog_changes(self, after: int, *, ops: Sequence[str] | None = None) -> list[CatalogChangeRecord]:
         """Journal entries with seq > `after` (of the kinds in `ops`, or all), oldest first."""
-        with self.session() as s:
+        with self._one_statement_read() as s:
             q = select(CatalogChange).where(CatalogChange.seq > after)
             if ops is not None:
                 q = q.where(CatalogChange.op.in_(list(ops)))
@@ -1077,7 +1145,7 @@ class Store:
         """(active index version, newest journal seq) in one round trip: what a server polls per query."""
         active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
         newest = select(func.max(CatalogChange.seq)).scalar_subquery()
-        with self.session() as s:
+        with self._one_statement_read() as s:
             version, seq = s.execute(select(active, newest)).one()
             return version, int(seq or 0)
 
@@ -1129,8 +1197,10 @@ class Store:
         """The filter columns of these rows as they are now, deleted and unknown rows not live."""
         ids = sorted({int(r) for r in row_ids})
         found = []
-        with self.session() as s:
-            for part in _chunks(ids):
+        parts = list(_chunks(ids))
+        # Several chunks read in one transaction, so that they see one snapshot.
+        with self._one_statement_read() if len(parts) <= 1 else self.session() as s:
+            for part in parts:
                 found += s.execute(
                     select(Product.row_id, Product.category, Product.brand, Product.price, Product.stock,
                            Product.attributes, Product.deleted_at)
@@ -1816,13 +1886,20 @@ class Store:
     def serving_marks_and_canary(self) -> tuple[str | None, int, tuple | None]:
         """`serving_marks` and the running canary (id, candidate index version, fraction, the serving
         index version it compares with) in the same round trip: what a server polls per query."""
-        active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
-        newest = select(func.max(CatalogChange.seq)).scalar_subquery()
-        running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
-                   for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
-        with self.session() as s:
-            version, seq, *canary = s.execute(select(active, newest, *running)).one()
+        with self._one_statement_read() as s:
+            version, seq, *canary = s.execute(_serving_marks_and_canary_query()).one()
         return version, int(seq or 0), (None if canary[0] is None else (int(canary[0]), canary[1], float(canary[2]), canary[3]))
+
+
+@functools.cache
+def _serving_marks_and_canary_query():
+    # Built once: it runs before every query, and building its four subqueries cost more Python
+    # time than the round trip.
+    active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
+    newest = select(func.max(CatalogChange.seq)).scalar_subquery()
+    running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
+               for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
+    return select(active, newest, *running)
 
 
 def _stock_matches(stock: int | None, in_stock: bool | None) -> bool:
@@ -1839,6 +1916,12 @@ def _attribute_matches(attributes: dict, cond: AttributeCondition) -> bool:
         number = attribute_number(value)
         return number is not None and (cond.low is None or number >= cond.low) and (cond.high is None or number <= cond.high)
     return any(key in cond.values for key in attribute_keys(value))
+
+
+def product_facts(records: Sequence[ProductRecord]) -> ProductFacts:
+    """The filter facts of product records a caller holds already (a write's returned row): what
+    `Store.filter_facts` would read back for them."""
+    return _facts(records, live=None)
 
 
 def _facts(rows, *, live: bool | None) -> ProductFacts:

@@ -372,3 +372,34 @@ def test_a_patched_category_moves_all_the_products_images_between_filters(multi_
     assert "P00017" not in {h["product_id"] for h in hats} and all(h["category"] == "hats" for h in hats)
     bags = client.post("/v1/search", json={**query, "filters": {"category": ["bags"]}}).json()["results"]
     assert bags[0]["product_id"] == "P00017" and "/images/2?v=" in bags[0]["matched_image"]
+
+
+def test_a_vectors_run_counts_the_further_images_it_leaves_out(tmp_path, store, tiny_embedder):
+    """`--vectors` carries one image vector per product: a product's further images are indexed
+    only when the model's cache holds them from an earlier embedding run, and the summary counts
+    the rest as left out (not silently dropped)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    catalog = _multi_catalog(tmp_path / "cat", n=12)
+    vectors = tmp_path / "v.parquet"
+    rows = np.random.default_rng(0).standard_normal((12, tiny_embedder.dim)).astype(np.float32)
+    pq.write_table(pa.table({"product_id": [f"P{i:05d}" for i in range(12)],
+                             "image_vector": pa.array(rows.tolist(), pa.list_(pa.float32()))}), vectors)
+    home = tmp_path / "home"
+
+    def run(**kw):
+        return CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=IndexOptions(batch_size=16)).run(
+            catalog, **kw)
+
+    supplied = run(vectors=vectors)
+    assert supplied.images_supplied == 12 and supplied.images_embedded == 0
+    assert supplied.further_images_left_out == 12 * (PER_PRODUCT - 1)
+    assert "image_extra" not in supplied.indexes
+    assert supplied.to_dict()["further_images_left_out"] == 24
+
+    embedded = run()  # a run that embeds: the further images go into the model's cache and the index
+    assert embedded.further_images_left_out == 0 and embedded.indexes["image_extra"]["count"] == 24
+    again = run(vectors=vectors)  # now the cache holds them: a --vectors run indexes them too
+    assert again.further_images_left_out == 0 and again.indexes["image_extra"]["count"] == 24

@@ -206,3 +206,68 @@ def test_patched_identifiers_and_embedded_attributes_follow_the_text_fields(buil
         assert calls == {"encode_texts": 1, "encode_images": 0}
         hits = c.get("/v1/search", params={"q": "zanzibar lantern", "target": "hybrid", "k": 3}).json()["results"]
         assert hits[0]["product_id"] == "P00012"
+
+
+def test_a_price_patch_journals_once_keeps_identifiers_and_writes_nothing_for_a_deleted_product(build_serving_home):
+    """A price, stock or currency PATCH is written without reading the row first (one UPDATE, and on
+    PostgreSQL the journal entry in the same statement): exactly one "meta" entry per PATCH, in
+    order; the row's attributes and identifiers are as they were; a deleted product is 404 and
+    leaves the journal as it was."""
+    settings = build_serving_home("patch-plain-columns", admin_token=TOKEN, id_attributes="gtin")
+    with TestClient(create_app(settings), headers=ADMIN) as c:
+        store = c.app.state.services.store
+        first = c.patch("/v1/products/P00012", json={"attributes": {"gtin": "4006381333931", "colour": "teal"}})
+        assert first.status_code == 200, first.text
+        seq = first.json()["catalog_seq"]
+        for i, body in enumerate(({"price": 12.5}, {"stock": 0, "currency": "USD"})):
+            r = c.patch("/v1/products/P00012", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["catalog_seq"] == seq + i + 1
+            assert r.json()["attributes"] == {"gtin": "4006381333931", "colour": "teal"}
+            product = c.get("/v1/products/P00012").json()
+            assert {k: r.json()[k] for k in product if k != "images"} == {k: v for k, v in product.items() if k != "images"}
+        assert [(e.op, e.product_id) for e in store.catalog_changes(seq)] == [("meta", "P00012")] * 2
+        product = c.get("/v1/products/P00012").json()
+        assert (product["price"], product["stock"], product["currency"]) == (12.5, 0, "USD")
+        hits = c.get("/v1/search", params={"q": "4006381333931", "k": 1}).json()["results"]
+        assert hits[0]["product_id"] == "P00012" and hits[0]["price"] == 12.5
+
+        assert c.delete("/v1/products/P00013").status_code == 204
+        newest = store.catalog_seq()
+        assert c.patch("/v1/products/P00013", json={"price": 1}).status_code == 404
+        assert store.catalog_seq() == newest
+
+
+def test_the_patching_worker_applies_its_own_price_change_at_once_and_replays_anothers_first(
+        client, settings, tiny_embedder, monkeypatch):
+    """After a metadata PATCH the route brings its worker's filters to the new entry before it
+    answers: from the returned row, reading nothing, when the entry is the next one; by replaying
+    the journal when another worker's change came first (which must not be skipped)."""
+    from store import ProductInput
+
+    engine = client.app.state.services.engine
+    client.get("/v1/search", params={"q": "x", "k": 1})  # this worker is current
+    reads = []
+    for name in ("catalog_changes", "filter_facts"):
+        real = getattr(engine.store, name)
+        monkeypatch.setattr(engine.store, name, lambda *a, _real=real, _name=name, **kw: reads.append(_name) or _real(*a, **kw))
+
+    r = client.patch("/v1/products/P00040", json={"price": 7777.0})
+    assert r.status_code == 200, r.text
+    assert engine.serving.overlay.seq == r.json()["catalog_seq"] and reads == []
+    row = engine.store.get_product("P00040").row_id
+    assert engine.serving.filters.row_ids(ProductFilter(price_min=7000, price_max=8000)).tolist() == [row]
+
+    other = Store.open(settings.db_url)  # another worker changes P00041 first
+    try:
+        p = other.get_product("P00041")
+        other.update_product_metadata(ProductInput(p.product_id, p.title, p.description, p.category, p.brand, 8888.0,
+                                                   p.currency, p.image_ref, p.image_uri, p.attributes, stock=p.stock),
+                                      expect_updated_at=p.updated_at)
+    finally:
+        other.close()
+    r = client.patch("/v1/products/P00040", json={"price": 7778.0})
+    assert r.status_code == 200, r.text
+    assert engine.serving.overlay.seq == r.json()["catalog_seq"] and reads == ["catalog_changes", "filter_facts"]
+    both = engine.serving.filters.row_ids(ProductFilter(price_min=7000, price_max=9000)).tolist()
+    assert both == sorted([row, engine.store.get_product("P00041").row_id])

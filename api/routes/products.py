@@ -192,7 +192,7 @@ def patch_product(product_id: ProductIdPath, body: ProductPatch, services: Servi
     if outcome is None:
         raise HTTPException(404, f"no product {product_id!r}")
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
-    services.engine.sync()
+    services.engine.catch_up(outcome.seq, outcome.product if outcome.metadata_only else None)
     return ProductUpserted(
         **product_out(outcome.product), created=False, image_action=outcome.image_action, catalog_seq=outcome.seq,
     )

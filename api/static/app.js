@@ -6,6 +6,16 @@ const PAGE_SIZE = 24;
 const RESULT_WINDOW = 1000;
 const LAST_PAGE = Math.ceil(RESULT_WINDOW / PAGE_SIZE);
 const TARGETS = ["image", "text", "hybrid"];
+// Until the shopper picks a target (view.target null) words and "similar" search hybrid: it ranks a
+// product first for >= 0.95 of its own titles on the demo catalog (issue 19; BENCHMARKS.md,
+// "Commerce retrieval"), where a pure image search misses exact names and SKUs. An uploaded image
+// searches images: fused with the image-to-text leg, its exact look-alike at image rank 1 drops
+// below any product at image rank 2 that the text leg ranks higher (weights 1:1 over 60 + rank).
+const DEFAULT_TARGET = "hybrid";
+
+function targetOf(view) {
+  return view.target || (view.image ? "image" : DEFAULT_TARGET);
+}
 // Attribute filters the panel offers (the catalog's most common attribute names, from
 // /v1/facets), each a select whose values and counts come from the last search's facets: the
 // counts are over every match of the query, not just the page. The server counts at most 8 facets.
@@ -67,7 +77,7 @@ function viewFromUrl(href, entry) {
     q: (p.get("q") || "").trim() || null,
     similar: p.get("similar") || null,
     image: (entry && entry.image) || null,
-    target: TARGETS.includes(p.get("target")) ? p.get("target") : "image",
+    target: TARGETS.includes(p.get("target")) ? p.get("target") : null,
     category: p.get("category") || "",
     brand: p.get("brand") || "",
     priceMin: price(p.get("price_min")),
@@ -86,7 +96,7 @@ function urlFromView(view) {
   if (view.similar) p.set("similar", view.similar);
   else if (view.q && !view.image) p.set("q", view.q);
   // Defaults stay out of the URL, so a plain query shares as a short link.
-  if (view.target !== "image") p.set("target", view.target);
+  if (view.target) p.set("target", view.target);
   if (view.category) p.set("category", view.category);
   if (view.brand) p.set("brand", view.brand);
   if (view.priceMin !== "") p.set("price_min", view.priceMin);
@@ -113,9 +123,11 @@ function hasQuery(view) {
 
 // The view the controls describe, keeping the query (and debug) of `base`.
 function viewFromControls(base = state.view) {
+  const radio = document.querySelector('input[name="target"]:checked').value;
   return {
     ...base,
-    target: document.querySelector('input[name="target"]:checked').value,
+    // The radio shows the target in effect; only a different one is the shopper's own choice.
+    target: radio === targetOf(base) ? base.target : radio,
     category: $("category").value,
     brand: $("brand").value,
     priceMin: price($("price-min").value),
@@ -182,7 +194,7 @@ function selectValue(select, value) {
 }
 
 function showControls(view) {
-  const radio = document.querySelector(`input[name="target"][value="${view.target}"]`);
+  const radio = document.querySelector(`input[name="target"][value="${targetOf(view)}"]`);
   if (radio) radio.checked = true;
   selectValue($("category"), view.category);
   selectValue($("brand"), view.brand);
@@ -278,7 +290,7 @@ function searchRequest(view) {
   const k = Math.min(PAGE_SIZE, RESULT_WINDOW - offset);
   const kind = queryKind(view);
   if (kind === "text") {
-    const params = new URLSearchParams({ q: view.q, target: view.target, k, offset, session: SESSION });
+    const params = new URLSearchParams({ q: view.q, target: targetOf(view), k, offset, session: SESSION });
     for (const [key, value] of Object.entries(f)) {
       for (const v of [].concat(value)) params.append(key, v);
     }
@@ -290,7 +302,7 @@ function searchRequest(view) {
     const file = images.get(view.image);
     const form = new FormData();
     form.append("file", file, file.name || "query-image");
-    form.append("target", view.target);
+    form.append("target", targetOf(view));
     form.append("k", k);
     form.append("offset", offset);
     form.append("session", SESSION);
@@ -306,7 +318,7 @@ function searchRequest(view) {
   return request("/v1/search", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ similar_to: view.similar, target: view.target, k, offset,
+    body: JSON.stringify({ similar_to: view.similar, target: targetOf(view), k, offset,
       filters: { ...f, attributes }, facets, session: SESSION }),
   });
 }
@@ -658,7 +670,11 @@ wire();
 // The filter values (and the attribute names whose counts a search asks for) first, so the first
 // search is the only one and its facets fill the panel.
 loadFacets().finally(() => {
+  // Words typed while the facets loaded, not yet sent, stay in the box (restore empties it for an
+  // address with no query, and the Enter that followed found nothing to search).
+  const typed = $("q").value;
   restore(history.state);
+  if (!hasQuery(state.view) && typed) $("q").value = typed;
   // The address as the page understood it: dropped junk parameters do not linger in a shared link.
   history.replaceState(history.state, "", urlFromView(state.view));
 });
