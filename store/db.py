@@ -1182,11 +1182,9 @@ class Store:
         key = identifier_key(query)
         if key is None:
             return []
-        i, p = ProductIdentifier.__table__.c, Product.__table__.c
-        q = (select(i.row_id).join(Product.__table__, p.row_id == i.row_id)
-             .where(i.value == key, p.deleted_at.is_(None)).order_by(i.row_id).limit(limit))
-        with self.session() as s:
-            return [int(r) for r in s.scalars(q)]
+        # Every text query asks this: a statement built once, on a Core connection (see _HOT_READS).
+        with self.engine.connect() as c:
+            return [int(r) for r in c.scalars(_hot_read("identifier_rows"), {"key": key, "limit": limit})]
 
     def lexical_search(self, query: str, *, limit: int = 50) -> list[tuple[int, float]]:
         """Live products whose indexed text matches `query`, best first: (row id, score).
@@ -1816,13 +1814,37 @@ class Store:
     def serving_marks_and_canary(self) -> tuple[str | None, int, tuple | None]:
         """`serving_marks` and the running canary (id, candidate index version, fraction, the serving
         index version it compares with) in the same round trip: what a server polls per query."""
-        active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
-        newest = select(func.max(CatalogChange.seq)).scalar_subquery()
-        running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
-                   for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
-        with self.session() as s:
-            version, seq, *canary = s.execute(select(active, newest, *running)).one()
+        with self.engine.connect() as c:
+            version, seq, *canary = c.execute(_hot_read("serving_marks_and_canary")).one()
         return version, int(seq or 0), (None if canary[0] is None else (int(canary[0]), canary[1], float(canary[2]), canary[3]))
+
+
+def _serving_marks_statement():
+    active = select(IndexVersion.index_version).where(IndexVersion.is_active.is_(True)).scalar_subquery()
+    newest = select(func.max(CatalogChange.seq)).scalar_subquery()
+    running = [select(column).where(Canary.running_slot == 1).scalar_subquery()
+               for column in (Canary.id, Canary.candidate_index_version, Canary.fraction, Canary.serving_index_version)]
+    return select(active, newest, *running)
+
+
+def _identifier_rows_statement():
+    i, p = ProductIdentifier.__table__.c, Product.__table__.c
+    return (select(i.row_id).join(Product.__table__, p.row_id == i.row_id)
+            .where(i.value == bindparam("key"), p.deleted_at.is_(None)).order_by(i.row_id).limit(bindparam("limit")))
+
+
+# The reads every query makes (the serving marks, exact identifiers), each built once and run on a
+# Core connection: building a statement and computing its cache key took longer than SQLite
+# took to run it, and an ORM session adds its own setup (0.35 ms -> 0.05 ms per read, measured).
+_HOT_READS = {"serving_marks_and_canary": _serving_marks_statement, "identifier_rows": _identifier_rows_statement}
+_hot_statements: dict = {}
+
+
+def _hot_read(name: str):
+    statement = _hot_statements.get(name)
+    if statement is None:
+        statement = _hot_statements[name] = _HOT_READS[name]()
+    return statement
 
 
 def _stock_matches(stock: int | None, in_stock: bool | None) -> bool:
