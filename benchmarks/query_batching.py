@@ -75,14 +75,23 @@ def query_words(home: Path, limit: int = 2000) -> list[str]:
     return titles
 
 
-def start_server(home: Path, batching: bool, extra_env: dict) -> PrismServer:
+def zipf_requests(titles: list[str], n: int = 20_000, s: float = 1.0, seed: int = 0) -> list[bytes]:
+    """`n` text queries drawn from Zipf(s) over the titles (the i-th most popular with weight 1/i^s):
+    a few head queries make most of the stream, and a long tail is asked once or never."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** s for i in range(len(titles))]
+    return text_requests(rng.choices(titles, weights=weights, k=n))
+
+
+def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False) -> PrismServer:
     env = {
         **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    }
+    if not caches:
         # Every query encoded: the clients cycle through the same titles and images, and a cached
         # vector or page would measure the caches, not the batching of encodes.
-        "PRISM_QUERY_CACHE_ENTRIES": "0", "PRISM_RESULT_CACHE_ENTRIES": "0",
-    }
+        env |= {"PRISM_QUERY_CACHE_ENTRIES": "0", "PRISM_RESULT_CACHE_ENTRIES": "0"}
     # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
     return PrismServer(env, log_level="info").start(timeout_s=120)
 
@@ -191,6 +200,37 @@ def measure(home: Path, env: dict, seconds: float, rounds: int, kind: str = "tex
     }
 
 
+def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tuple[int, ...]) -> dict:
+    """A Zipf(1.0) stream over the titles against two servers (batching on in both): the query and
+    result caches on (the defaults) and off, taking turns as the batching modes do."""
+    queries = zipf_requests(query_words(home))
+    servers: dict[str, PrismServer] = {}
+    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in levels} for mode in ("on", "off")}
+    try:
+        for mode in ("on", "off"):
+            servers[mode] = start_server(home.resolve(), True, env, caches=mode == "on")
+        for round_no in range(rounds):
+            for c in levels:
+                for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
+                    result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
+                    runs[mode][c].append(result)
+                    print(f"  round {round_no + 1} zipf caches {mode:3} concurrency {c:2}: "
+                          f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    table = {mode: {str(c): summarise(runs[mode][c]) for c in levels} for mode in runs}
+    return {
+        "home": str(home),
+        "queries": "zipf(1.0) text stream",
+        "distinct_queries_in_stream": len(set(queries)),
+        "caches_on": table["on"],
+        "caches_off": table["off"],
+        "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in levels},
+        "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in levels},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo-home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with the demo indexed")
@@ -202,6 +242,8 @@ def main() -> None:
     parser.add_argument("--setups", nargs="+", default=["demo", "vit-b-32"], choices=["demo", "vit-b-32"])
     parser.add_argument("--image-clients", type=int, nargs="*", default=[32],
                         help="concurrency levels of the image-upload run per setup (none: no image run)")
+    parser.add_argument("--zipf-clients", type=int, nargs="*", default=[],
+                        help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
     args = parser.parse_args()
 
@@ -219,6 +261,7 @@ def main() -> None:
         "seconds_per_level_per_round": args.seconds,
         "rounds": args.rounds,
         "setups": {},
+        "zipf": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
     }
@@ -228,6 +271,8 @@ def main() -> None:
         if args.image_clients:
             result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
                                                                 tuple(args.image_clients))
+        if args.zipf_clients:
+            result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
@@ -245,6 +290,16 @@ def main() -> None:
                             f"{row['p99_ms']:.1f}", str(row["errors"]))
             out.add_row("", "on/off", f"{setup['qps_ratio_on_over_off'][str(c)]:.2f}x",
                         f"{setup['p50_ratio_on_over_off'][str(c)]:.2f}x", "", "", "")
+        Console().print(out)
+    for name, setup in result["zipf"].items():
+        out = Table(title=f"{name}: Zipf(1.0) title stream, {setup['distinct_queries_in_stream']} distinct queries, "
+                    "query + result caches on vs off (batching on)")
+        for col in ("clients", "caches", "q/s", "p50 ms", "p99 ms", "errors"):
+            out.add_column(col, justify="right")
+        for c in setup["qps_ratio_on_over_off"]:
+            for mode in ("on", "off"):
+                row = setup[f"caches_{mode}"][c]
+                out.add_row(c, mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
         Console().print(out)
     print(f"wrote {args.out}")
 
