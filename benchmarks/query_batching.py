@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import time
 import urllib.parse
@@ -231,6 +232,65 @@ def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tup
     }
 
 
+def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int) -> dict:
+    """`swaps` activations (alternating the home's two newest index versions) spread over
+    `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
+    Every activation goes through POST /v1/models/{version}/activate; the version loads in the
+    background of the searches (the activating request waits for it, searches do not)."""
+    import httpx
+
+    from store import Store
+
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
+    versions = [v.index_version for v in store.list_index_versions()]
+    active = store.active_index_version().index_version
+    store.close()
+    if len(versions) < 2:
+        raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
+    other = next(v for v in reversed(versions) if v != active)
+    token = "query-batching-swaps"
+    queries = text_requests(query_words(home))
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token})
+    activated: list[float] = []
+    try:
+        steady = asyncio.run(_load(server.port, queries, clients, seconds))
+
+        async def swapping() -> dict:
+            window = 2 * seconds
+            started = time.perf_counter()
+
+            async def swapper() -> None:
+                async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                             headers={"Authorization": f"Bearer {token}"}) as client:
+                    for i in range(swaps):
+                        await asyncio.sleep(max(0.0, started + window * (i + 0.5) / swaps - time.perf_counter()))
+                        t0 = time.perf_counter()
+                        r = await client.post(f"/v1/models/{(other, active)[i % 2]}/activate")
+                        r.raise_for_status()
+                        assert r.json()["serving"], r.text
+                        activated.append(time.perf_counter() - t0)
+
+            load = asyncio.create_task(_load(server.port, queries, clients, window))
+            await swapper()
+            return await load
+
+        during = asyncio.run(swapping())
+    finally:
+        server.stop()
+    steady_s, during_s = summarise([steady]), summarise([during])
+    return {
+        "home": str(home),
+        "clients": clients,
+        "activations": len(activated),
+        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
+        "steady": steady_s,
+        "during_swaps": during_s,
+        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
+        "failures": during_s["errors"],
+        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo-home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with the demo indexed")
@@ -244,6 +304,8 @@ def main() -> None:
                         help="concurrency levels of the image-upload run per setup (none: no image run)")
     parser.add_argument("--zipf-clients", type=int, nargs="*", default=[],
                         help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
+    parser.add_argument("--swaps", type=int, default=0,
+                        help="activations (the home's two newest index versions, alternating) under 32 clients")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
     args = parser.parse_args()
 
@@ -262,6 +324,7 @@ def main() -> None:
         "rounds": args.rounds,
         "setups": {},
         "zipf": {},
+        "swaps": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
     }
@@ -271,6 +334,8 @@ def main() -> None:
         if args.image_clients:
             result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
                                                                 tuple(args.image_clients))
+        if args.swaps:
+            result["swaps"][name] = measure_swaps(home, env, args.seconds, 32, args.swaps)
         if args.zipf_clients:
             result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +366,11 @@ def main() -> None:
                 row = setup[f"caches_{mode}"][c]
                 out.add_row(c, mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
         Console().print(out)
+    for name, setup in result["swaps"].items():
+        print(f"{name}: {setup['activations']} activations under {setup['clients']} clients: p99 "
+              f"{setup['during_swaps']['p99_ms']:.1f} ms during the swaps vs {setup['steady']['p99_ms']:.1f} steady "
+              f"({setup['p99_ratio_swaps_over_steady']:.2f}x, target <= 1.5), {setup['failures']} failures; "
+              f"q/s {setup['during_swaps']['qps']:.1f} vs {setup['steady']['qps']:.1f}")
     print(f"wrote {args.out}")
 
 
