@@ -14,7 +14,14 @@ Two setups, each its own PRISM_HOME:
     vit-b-32   ViT-B-32 (seeded random weights: the same text-tower cost as a pretrained CLIP) over
                1,000 generated products, built on first use.
 
+Both servers run with the query and result caches off: the clients cycle through the same titles.
+Also, per setup: image uploads (POST /v1/search/image of the home's product images, batching on
+vs off, `--image-clients`, target >= 1.5x at 32); a Zipf(1.0) stream over the titles with the
+caches on vs off (`--zipf-clients`); `--swaps N` activations of the home's two newest index
+versions under 32 clients against the same load without swaps (target: p99 <= 1.5x, 0 failures).
+
     python benchmarks/query_batching.py [--demo-home prism-data] [--seconds 8] [--rounds 2]
+        [--setups demo vit-b-32] [--image-clients 32] [--zipf-clients 32] [--swaps 20]
 """
 
 from __future__ import annotations
