@@ -58,6 +58,7 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
         batching=settings.batch_config(), local_copies=settings.local_copies,
         query_cache=settings.query_cache_config(), precision=settings.encoder_precision,
         metadata_cache_entries=settings.metadata_cache_entries,
+        result_cache_entries=settings.result_cache_entries,
     )
     search_log = settings.search_log_writer(store)
     services = Services(
@@ -68,7 +69,8 @@ def create_app(settings: PrismSettings | None = None) -> FastAPI:
             home=settings.artifacts, store=store, image_limits=limits, allow_url_images=settings.allow_url_images
         ),
         metrics=Metrics(engine.stats, engine.query_cache_stats,
-                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats()},
+                        lambda: {"metadata_cache": engine.metadata.stats(), "search_log": search_log.stats(),
+                                 "result_cache": engine.results.stats()},
                         canary_stats=lambda: _canary_metrics(store)),
         search_log=search_log,
         canary_reviewer=CanaryReviewer(store, settings.canary_review_interval_s),

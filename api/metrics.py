@@ -95,6 +95,16 @@ class _FastPathCollector(Collector):
         entries = GaugeMetricFamily("prism_metadata_cache_entries", "product records cached now")
         entries.add_metric([], meta["entries"])
         yield entries
+        pages = stats["result_cache"]
+        hits = CounterMetricFamily("prism_result_cache_hits", "searches answered with a cached page (repeated text queries)")
+        hits.add_metric([], pages["hits"])
+        yield hits
+        misses = CounterMetricFamily("prism_result_cache_misses", "text searches ranked afresh")
+        misses.add_metric([], pages["misses"])
+        yield misses
+        entries = GaugeMetricFamily("prism_result_cache_entries", "ranked pages cached now")
+        entries.add_metric([], pages["entries"])
+        yield entries
         written = stats["search_log"]
         queued = GaugeMetricFamily("prism_search_log_queued", "search-log rows answered but not yet written")
         queued.add_metric([], written["queued"])

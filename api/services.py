@@ -30,7 +30,9 @@ class Services:
     canary_reviewer: CanaryReviewer | None = None
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # async: FastAPI runs a plain `def` dependency on its thread pool, a thread hop per request
+    # (tenths of a millisecond on a busy host) for an attribute read.
     return request.app.state.services
 
 

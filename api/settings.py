@@ -54,6 +54,9 @@ class PrismSettings(BaseSettings):
         10_000, ge=0, description="query vectors (text and image) kept per server process; 0 disables the cache")
     query_cache_bytes: int = Field(
         64 * 1024 * 1024, ge=0, description="memory the query-vector cache may hold per process; 0 disables it")
+    result_cache_entries: int = Field(
+        10_000, ge=0, description="ranked pages of repeated text queries kept per server process, for the catalog "
+        "state they were ranked at (any catalog change or version swap empties it); 0 disables the cache")
     metadata_cache_entries: int = Field(
         50_000, ge=0, description="product records kept per server process for search hits, kept current with the "
         "catalog journal; 0 reads them from the database for every search")

@@ -16,6 +16,11 @@ this one's) or a trained demo model version with `--demo-home`, and ViT-B-32's t
 Queries: demo-style emoji names (the `emoji` package's English names, as the demo titles are).
 
     python benchmarks/encoder_precision.py [--queries 120] [--gallery 800] [--demo-home prism-data]
+                                          [--image-queries 30]
+
+With --demo-home, each precision's held-out recall@10 (the demo's test split, both towers at that
+precision, as `prism eval --precision` computes it); with --image-queries, the image tower's
+batch-1 speed and cosine to fp32 at each precision.
 
 Writes benchmarks/results/encoder_precision.json.
 """
@@ -68,6 +73,53 @@ def top10(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     return np.argsort(-(queries @ gallery.T), axis=1, kind="stable")[:, :10]
 
 
+def image_tower(embedders: dict, n: int) -> dict:
+    """The image tower at each precision: batch-1 images/s over `n` seeded random pictures (speed
+    does not depend on the pixels), blocks alternating, and cosine with the fp32 vectors."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(n)]
+    vectors = {p: e.encode_images(images) for p, e in embedders.items()}
+    times: dict[str, list[float]] = {p: [] for p in embedders}
+    for e in embedders.values():
+        e.encode_images(images[:2])
+    for start in range(0, n, 5):
+        for p, e in embedders.items():
+            for image in images[start : start + 5]:
+                t0 = time.perf_counter()
+                e.encode_images([image])
+                times[p].append(time.perf_counter() - t0)
+    fp32 = statistics.median(times["fp32"])
+    out = {}
+    for p in embedders:
+        cos = (vectors[p] * vectors["fp32"]).sum(axis=1)
+        out[p] = {"images_per_s_batch1": round(1.0 / statistics.median(times[p]), 1),
+                  "speedup_vs_fp32": round(fp32 / statistics.median(times[p]), 2),
+                  "cosine_vs_fp32_min": round(float(cos.min()), 5), "cosine_vs_fp32_mean": round(float(cos.mean()), 5)}
+    return out
+
+
+def held_out_recall(embedders: dict, demo_home: Path) -> dict:
+    """Recall@10 and MRR on the demo's held-out test split (`prism eval`'s numbers), both towers at
+    each precision: text->image (a shopper's query) and image->text."""
+    from feedback import evaluate_demo
+    from indexer import load_demo_catalog
+
+    catalog = load_demo_catalog(demo_home / "demo")
+    out = {}
+    for p, e in embedders.items():
+        report = evaluate_demo(e, catalog)["test"]
+        out[p] = {"queries": report.text_to_image.queries, "gallery": report.gallery,
+                  "text_to_image_recall_at_10": round(report.text_to_image.at(10), 4),
+                  "text_to_image_mrr": round(report.text_to_image.mrr, 4),
+                  "image_to_text_recall_at_10": round(report.image_to_text.at(10), 4)}
+    for p, row in out.items():
+        row["text_to_image_recall_at_10_points_vs_fp32"] = round(
+            100 * (row["text_to_image_recall_at_10"] - out["fp32"]["text_to_image_recall_at_10"]), 2)
+    return out
+
+
 def measure(model: str, args, bf16_ok: bool) -> dict:
     titles = demo_titles(args.gallery + args.queries)
     gallery_texts, query_texts = titles[: args.gallery], titles[args.gallery :]
@@ -104,6 +156,10 @@ def measure(model: str, args, bf16_ok: bool) -> dict:
     fp32_qps = out["precisions"]["fp32"]["qps_batch1"]
     for p, row in out["precisions"].items():
         row["speedup_vs_fp32"] = round(row["qps_batch1"] / fp32_qps, 2)
+    if args.image_queries:
+        out["image_tower"] = image_tower(embedders, args.image_queries)
+    if model == "demo" and args.demo_home is not None:
+        out["held_out"] = held_out_recall(embedders, args.demo_home)
     if not bf16_ok:
         out["precisions"]["bf16"] = {"unsupported": True}
     return out
@@ -114,7 +170,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "ViT-B-32:random"])
     parser.add_argument("--queries", type=int, default=120)
     parser.add_argument("--gallery", type=int, default=800)
-    parser.add_argument("--demo-home", type=Path, default=None, help="a home where `prism demo` trained `demo`")
+    parser.add_argument("--demo-home", type=Path, default=None, help="a home where `prism demo` trained `demo`; "
+                        "adds the held-out test split's recall@10 at each precision")
+    parser.add_argument("--image-queries", type=int, default=0, help="also time the image tower on this many images")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "encoder_precision.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*random weights.*")
@@ -144,6 +202,14 @@ def main() -> None:
                 continue
             print(f"{m['model']:<18} {p:<9} {row['qps_batch1']:>8} {row['p50_ms']:>7} {row['speedup_vs_fp32']:>7} "
                   f"{row['top10_overlap_vs_fp32']:>6} {row['cosine_vs_fp32_min']:>8}")
+    for m in result["models"]:
+        for p, row in m.get("image_tower", {}).items():
+            print(f"{m['model']:<18} {p:<9} image tower: {row['images_per_s_batch1']} img/s b=1, x{row['speedup_vs_fp32']}, "
+                  f"cos min {row['cosine_vs_fp32_min']}")
+        for p, row in m.get("held_out", {}).items():
+            print(f"{m['model']:<18} {p:<9} held-out recall@10 text->image {row['text_to_image_recall_at_10']} "
+                  f"({row['text_to_image_recall_at_10_points_vs_fp32']:+} points vs fp32), image->text "
+                  f"{row['image_to_text_recall_at_10']}")
     print(f"wrote {args.out}")
 
 

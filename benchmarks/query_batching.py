@@ -14,7 +14,14 @@ Two setups, each its own PRISM_HOME:
     vit-b-32   ViT-B-32 (seeded random weights: the same text-tower cost as a pretrained CLIP) over
                1,000 generated products, built on first use.
 
+Both servers run with the query and result caches off: the clients cycle through the same titles.
+Also, per setup: image uploads (POST /v1/search/image of the home's product images, batching on
+vs off, `--image-clients`, target >= 1.5x at 32); a Zipf(1.0) stream over the titles with the
+caches on vs off (`--zipf-clients`); `--swaps N` activations of the home's two newest index
+versions under 32 clients against the same load without swaps (target: p99 <= 1.5x, 0 failures).
+
     python benchmarks/query_batching.py [--demo-home prism-data] [--seconds 8] [--rounds 2]
+        [--setups demo vit-b-32] [--image-clients 32] [--zipf-clients 32] [--swaps 20]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import time
 import urllib.parse
@@ -75,23 +83,61 @@ def query_words(home: Path, limit: int = 2000) -> list[str]:
     return titles
 
 
-def start_server(home: Path, batching: bool, extra_env: dict) -> PrismServer:
+def zipf_requests(titles: list[str], n: int = 20_000, s: float = 1.0, seed: int = 0) -> list[bytes]:
+    """`n` text queries drawn from Zipf(s) over the titles (the i-th most popular with weight 1/i^s):
+    a few head queries make most of the stream, and a long tail is asked once or never."""
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** s for i in range(len(titles))]
+    return text_requests(rng.choices(titles, weights=weights, k=n))
+
+
+def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False) -> PrismServer:
     env = {
         **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     }
+    if not caches:
+        # Every query encoded: the clients cycle through the same titles and images, and a cached
+        # vector or page would measure the caches, not the batching of encodes.
+        env |= {"PRISM_QUERY_CACHE_ENTRIES": "0", "PRISM_RESULT_CACHE_ENTRIES": "0"}
     # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
     return PrismServer(env, log_level="info").start(timeout_s=120)
 
 
-async def _client(port: int, queries: list[str], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
+def text_requests(queries: list[str]) -> list[bytes]:
+    return [f"GET /v1/search?q={urllib.parse.quote(q)}&k=10 HTTP/1.1\r\nHost: bench\r\n\r\n".encode() for q in queries]
+
+
+def image_files(home: Path, limit: int = 300) -> list[Path]:
+    """Product images under the home (the demo's glyphs, a generated catalog's pictures), sorted."""
+    found = sorted(p for ext in ("png", "jpg", "jpeg", "webp") for p in home.rglob(f"*.{ext}")
+                   if "indexes" not in p.parts and "embeddings" not in p.parts)
+    if not found:
+        raise SystemExit(f"no product images under {home} for the image-upload queries")
+    return found[:limit]
+
+
+def image_requests(files: list[Path]) -> list[bytes]:
+    """POST /v1/search/image (multipart, as the search page uploads) for each image."""
+    boundary = "prism-bench-boundary"
+    out = []
+    for path in files:
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{path.name}\"\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + (
+                f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n10\r\n--{boundary}--\r\n").encode()
+        head = (f"POST /v1/search/image HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary={boundary}"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        out.append(head + body)
+    return out
+
+
+async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
         while time.perf_counter() < stop_at:
-            q = urllib.parse.quote(queries[i % len(queries)])
+            request = queries[i % len(queries)]
             i += 1
-            request = f"GET /v1/search?q={q}&k=10 HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
             started = time.perf_counter()
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -106,7 +152,7 @@ async def _client(port: int, queries: list[str], offset: int, stop_at: float, la
         writer.close()
 
 
-async def _load(port: int, queries: list[str], concurrency: int, seconds: float) -> dict:
+async def _load(port: int, queries: list[bytes], concurrency: int, seconds: float) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     # Warm-up: every client's connection and a first query, not counted.
@@ -132,31 +178,123 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def measure(home: Path, env: dict, seconds: float, rounds: int) -> dict:
-    queries = query_words(home)
+def measure(home: Path, env: dict, seconds: float, rounds: int, kind: str = "text",
+            levels: tuple[int, ...] = CONCURRENCY) -> dict:
+    queries = text_requests(query_words(home)) if kind == "text" else image_requests(image_files(home))
     servers: dict[str, PrismServer] = {}
-    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in CONCURRENCY} for mode in ("on", "off")}
+    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in levels} for mode in ("on", "off")}
     try:
         for mode in ("on", "off"):
             servers[mode] = start_server(home.resolve(), mode == "on", env)
         for round_no in range(rounds):
-            for c in CONCURRENCY:
+            for c in levels:
                 # Alternate which mode goes first, so that drift in machine load hits both alike.
                 for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
                     result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
                     runs[mode][c].append(result)
-                    print(f"  round {round_no + 1} batching {mode:3} concurrency {c:2}: "
+                    print(f"  round {round_no + 1} {kind} batching {mode:3} concurrency {c:2}: "
                           f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
     finally:
         for server in servers.values():
             server.stop()
-    table = {mode: {str(c): summarise(runs[mode][c]) for c in CONCURRENCY} for mode in runs}
+    table = {mode: {str(c): summarise(runs[mode][c]) for c in levels} for mode in runs}
     return {
         "home": str(home),
+        "queries": kind,
         "batching_on": table["on"],
         "batching_off": table["off"],
-        "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in CONCURRENCY},
-        "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in CONCURRENCY},
+        "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in levels},
+        "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in levels},
+    }
+
+
+def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tuple[int, ...]) -> dict:
+    """A Zipf(1.0) stream over the titles against two servers (batching on in both): the query and
+    result caches on (the defaults) and off, taking turns as the batching modes do."""
+    queries = zipf_requests(query_words(home))
+    servers: dict[str, PrismServer] = {}
+    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in levels} for mode in ("on", "off")}
+    try:
+        for mode in ("on", "off"):
+            servers[mode] = start_server(home.resolve(), True, env, caches=mode == "on")
+        for round_no in range(rounds):
+            for c in levels:
+                for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
+                    result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
+                    runs[mode][c].append(result)
+                    print(f"  round {round_no + 1} zipf caches {mode:3} concurrency {c:2}: "
+                          f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    table = {mode: {str(c): summarise(runs[mode][c]) for c in levels} for mode in runs}
+    return {
+        "home": str(home),
+        "queries": "zipf(1.0) text stream",
+        "distinct_queries_in_stream": len(set(queries)),
+        "caches_on": table["on"],
+        "caches_off": table["off"],
+        "qps_ratio_on_over_off": {str(c): round(table["on"][str(c)]["qps"] / table["off"][str(c)]["qps"], 2) for c in levels},
+        "p50_ratio_on_over_off": {str(c): round(table["on"][str(c)]["p50_ms"] / table["off"][str(c)]["p50_ms"], 3) for c in levels},
+    }
+
+
+def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int) -> dict:
+    """`swaps` activations (alternating the home's two newest index versions) spread over
+    `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
+    Every activation goes through POST /v1/models/{version}/activate; the version loads in the
+    background of the searches (the activating request waits for it, searches do not)."""
+    import httpx
+
+    from store import Store
+
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
+    versions = [v.index_version for v in store.list_index_versions()]
+    active = store.active_index_version().index_version
+    store.close()
+    if len(versions) < 2:
+        raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
+    other = next(v for v in reversed(versions) if v != active)
+    token = "query-batching-swaps"
+    queries = text_requests(query_words(home))
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token})
+    activated: list[float] = []
+    try:
+        steady = asyncio.run(_load(server.port, queries, clients, seconds))
+
+        async def swapping() -> dict:
+            window = 2 * seconds
+            started = time.perf_counter()
+
+            async def swapper() -> None:
+                async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                             headers={"Authorization": f"Bearer {token}"}) as client:
+                    for i in range(swaps):
+                        await asyncio.sleep(max(0.0, started + window * (i + 0.5) / swaps - time.perf_counter()))
+                        t0 = time.perf_counter()
+                        r = await client.post(f"/v1/models/{(other, active)[i % 2]}/activate")
+                        r.raise_for_status()
+                        assert r.json()["serving"], r.text
+                        activated.append(time.perf_counter() - t0)
+
+            load = asyncio.create_task(_load(server.port, queries, clients, window))
+            await swapper()
+            return await load
+
+        during = asyncio.run(swapping())
+    finally:
+        server.stop()
+    steady_s, during_s = summarise([steady]), summarise([during])
+    return {
+        "home": str(home),
+        "clients": clients,
+        "activations": len(activated),
+        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
+        "steady": steady_s,
+        "during_swaps": during_s,
+        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
+        "failures": during_s["errors"],
+        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
     }
 
 
@@ -168,27 +306,45 @@ def main() -> None:
     parser.add_argument("--vit-products", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--setups", nargs="+", default=["demo", "vit-b-32"], choices=["demo", "vit-b-32"])
+    parser.add_argument("--image-clients", type=int, nargs="*", default=[32],
+                        help="concurrency levels of the image-upload run per setup (none: no image run)")
+    parser.add_argument("--zipf-clients", type=int, nargs="*", default=[],
+                        help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
+    parser.add_argument("--swaps", type=int, default=0,
+                        help="activations (the home's two newest index versions, alternating) under 32 clients")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
     args = parser.parse_args()
 
     setups = {}
-    if (args.demo_home / "prism.db").exists():
-        setups["demo"] = (args.demo_home, {})
-    else:
-        print(f"no demo home at {args.demo_home}: run `prism demo --no-serve` for the demo setup")
-    setups["vit-b-32"] = (vit_home(args.vit_home, args.vit_model, args.vit_products),
-                          {"PRISM_MODEL": args.vit_model, "PRISM_DEVICE": "cpu"})
+    if "demo" in args.setups:
+        if (args.demo_home / "prism.db").exists():
+            setups["demo"] = (args.demo_home, {})
+        else:
+            print(f"no demo home at {args.demo_home}: run `prism demo --no-serve` for the demo setup")
+    if "vit-b-32" in args.setups:
+        setups["vit-b-32"] = (vit_home(args.vit_home, args.vit_model, args.vit_products),
+                              {"PRISM_MODEL": args.vit_model, "PRISM_DEVICE": "cpu"})
     result = {
         "benchmark": "query_batching",
         "seconds_per_level_per_round": args.seconds,
         "rounds": args.rounds,
         "setups": {},
-        "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1"},
+        "zipf": {},
+        "swaps": {},
+        "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
     }
     for name, (home, env) in setups.items():
         print(f"[{name}] {home}", flush=True)
         result["setups"][name] = measure(home, env, args.seconds, args.rounds)
+        if args.image_clients:
+            result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
+                                                                tuple(args.image_clients))
+        if args.swaps:
+            result["swaps"][name] = measure_swaps(home, env, args.seconds, 32, args.swaps)
+        if args.zipf_clients:
+            result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
@@ -196,10 +352,10 @@ def main() -> None:
     from rich.table import Table
 
     for name, setup in result["setups"].items():
-        out = Table(title=f"{name}: HTTP text queries, micro-batching on vs off ({args.rounds} rounds x {args.seconds:.0f} s)")
+        out = Table(title=f"{name}: HTTP {setup['queries']} queries, micro-batching on vs off ({args.rounds} rounds x {args.seconds:.0f} s)")
         for col in ("clients", "batching", "q/s", "p50 ms", "p95 ms", "p99 ms", "errors"):
             out.add_column(col, justify="right")
-        for c in CONCURRENCY:
+        for c in map(int, setup["qps_ratio_on_over_off"]):
             for mode in ("on", "off"):
                 row = setup[f"batching_{mode}"][str(c)]
                 out.add_row(str(c), mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p95_ms']:.1f}",
@@ -207,6 +363,21 @@ def main() -> None:
             out.add_row("", "on/off", f"{setup['qps_ratio_on_over_off'][str(c)]:.2f}x",
                         f"{setup['p50_ratio_on_over_off'][str(c)]:.2f}x", "", "", "")
         Console().print(out)
+    for name, setup in result["zipf"].items():
+        out = Table(title=f"{name}: Zipf(1.0) title stream, {setup['distinct_queries_in_stream']} distinct queries, "
+                    "query + result caches on vs off (batching on)")
+        for col in ("clients", "caches", "q/s", "p50 ms", "p99 ms", "errors"):
+            out.add_column(col, justify="right")
+        for c in setup["qps_ratio_on_over_off"]:
+            for mode in ("on", "off"):
+                row = setup[f"caches_{mode}"][c]
+                out.add_row(c, mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
+        Console().print(out)
+    for name, setup in result["swaps"].items():
+        print(f"{name}: {setup['activations']} activations under {setup['clients']} clients: p99 "
+              f"{setup['during_swaps']['p99_ms']:.1f} ms during the swaps vs {setup['steady']['p99_ms']:.1f} steady "
+              f"({setup['p99_ratio_swaps_over_steady']:.2f}x, target <= 1.5), {setup['failures']} failures; "
+              f"q/s {setup['during_swaps']['qps']:.1f} vs {setup['steady']['qps']:.1f}")
     print(f"wrote {args.out}")
 
 

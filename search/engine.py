@@ -68,6 +68,7 @@ from search.images import ExtraImages, ExtraOverlay
 from search.interleave import ARM_NAMES, search_draw, team_draft
 from search.journal import replay_changes
 from search.metadata import MetadataCache
+from search.results import ResultCache
 from search.overlay import MODALITIES, Overlay
 from store import (
     LEXICAL_NAME,
@@ -255,6 +256,7 @@ class SearchEngine:
         query_cache: QueryCacheConfig | None = None,
         precision: str = "fp32",
         metadata_cache_entries: int = 50_000,
+        result_cache_entries: int = 0,
     ):
         """`indexes_dir`: the home's `indexes/`, which recorded index-version paths are relative to.
         `model_thread`: run model loading and encoding there (servers); None: on the caller's thread.
@@ -268,7 +270,8 @@ class SearchEngine:
         precision the serving index was built with (its manifest), whatever this says: vectors
         of two precisions differ, and an index is only as good as queries made like its vectors.
         A difference is logged once per version.
-        `metadata_cache_entries`: product records kept for hits (search/metadata.py; 0: off)."""
+        `metadata_cache_entries`: product records kept for hits (search/metadata.py; 0: off).
+        `result_cache_entries`: ranked pages of repeated text queries kept (search/results.py; 0: off)."""
         self.store = store
         self.model_thread = model_thread
         self.indexes_dir = indexes_dir
@@ -300,6 +303,7 @@ class SearchEngine:
         batch_config = batching if batching is not None and model_thread is not None else BatchConfig(enabled=False)
         self._batcher = QueryBatcher(batch_config, run=model_thread.run if model_thread is not None else None)
         self.metadata = MetadataCache(store, metadata_cache_entries)
+        self.results = ResultCache(result_cache_entries)
         # A running canary's candidate, once loaded (in the background, like an activation).
         self._canary: _Canary | None = None
         self._canary_loader: threading.Thread | None = None
@@ -740,34 +744,44 @@ class SearchEngine:
             if facets:
                 with timer("facets"):
                     counted = serving.filters.facets(filters, list(dict.fromkeys(facets)), limit=MAX_FACET_VALUES)
-            with timer("prepare"):
-                plan = self._prepare(serving, text, image, similar_to, SearchQuery(
-                    "text" if text is not None else "image" if image is not None else "product",
-                    target, k, offset, filters,
-                ), allowed)
-
-            drawn = self._canary_draw(serving, plan.query, query_id, session)
-            candidate_search = None if drawn is None else self._candidate_search(
-                drawn[0].candidate, plan, target, offset + k, filters)
-            if candidate_search is None:
-                drawn = None
-
-            def rank(vector: np.ndarray) -> list[tuple[int, float, dict]]:
-                with timer("ann"):
-                    return self._ranked(serving, target, vector, offset + k, allowed, plan.exclude, plan.lexical, plan.pinned)
-
-            if plan.vector is not None:
-                ranked = self._batcher.run(lambda: rank(plan.vector))
+            # A repeated text query over an unchanged catalog (search/results.py): the page ranked
+            # before, with no SQL, no model-thread hop and no ANN search.
+            slot = self._result_slot(serving, text, target, k, offset, filters)
+            ranked = None if slot is None else self.results.get(*slot)
+            if ranked is not None:
+                plan = _Plan(SearchQuery("text", target, k, offset, filters, text=text.strip()))
+                drawn, arms = None, None
             else:
-                # An interleaved search encodes twice, once per arm's model: neither joins a batch.
-                ranked, batch = submit(serving.embedder, plan.payload, lambda vector: rank(plan.remember(vector)),
-                                       kind=plan.query.kind, alone=drawn is not None or not self._batches_queries())
-                timer.record("queue", batch.queued_ms)
-                timer.record("encode", batch.encode_ms)  # a batch's encode is shared by its queries
-            arms = None
-            if drawn is not None:
-                with timer("canary"):
-                    ranked, arms = _interleaved(ranked, self._batcher.run(candidate_search), offset + k, drawn[1])
+                with timer("prepare"):
+                    plan = self._prepare(serving, text, image, similar_to, SearchQuery(
+                        "text" if text is not None else "image" if image is not None else "product",
+                        target, k, offset, filters,
+                    ), allowed)
+
+                drawn = self._canary_draw(serving, plan.query, query_id, session)
+                candidate_search = None if drawn is None else self._candidate_search(
+                    drawn[0].candidate, plan, target, offset + k, filters)
+                if candidate_search is None:
+                    drawn = None
+
+                def rank(vector: np.ndarray) -> list[tuple[int, float, dict]]:
+                    with timer("ann"):
+                        return self._ranked(serving, target, vector, offset + k, allowed, plan.exclude, plan.lexical, plan.pinned)
+
+                if plan.vector is not None:
+                    ranked = self._batcher.run(lambda: rank(plan.vector))
+                else:
+                    # An interleaved search encodes twice, once per arm's model: neither joins a batch.
+                    ranked, batch = submit(serving.embedder, plan.payload, lambda vector: rank(plan.remember(vector)),
+                                           kind=plan.query.kind, alone=drawn is not None or not self._batches_queries())
+                    timer.record("queue", batch.queued_ms)
+                    timer.record("encode", batch.encode_ms)  # a batch's encode is shared by its queries
+                arms = None
+                if drawn is not None:
+                    with timer("canary"):
+                        ranked, arms = _interleaved(ranked, self._batcher.run(candidate_search), offset + k, drawn[1])
+                if slot is not None and drawn is None:
+                    self.results.put(*slot, ranked)
         with timer("metadata"):
             hits, hit_arms = self._hits(ranked[offset : offset + k], offset, None if arms is None else arms[offset : offset + k])
 
@@ -849,6 +863,16 @@ class SearchEngine:
             if arms is not None:
                 hit_arms.append(arms[position])
         return hits, (hit_arms if arms is not None else None)
+
+    def _result_slot(self, serving: _Serving, text, target: Target, k: int, offset: int,
+                     filters: ProductFilter) -> tuple[tuple, tuple] | None:
+        """(catalog state, key) of a text query's page in the result cache, or None where the cache
+        does not apply: not a text query, the cache off, or a canary loaded (its searches may be
+        interleaved, and an interleaved page is drawn per search)."""
+        if text is None or not self.results.enabled or self._canary is not None:
+            return None
+        state = (serving.version.index_version, serving.overlay.seq)
+        return state, (text.strip(), target.value, k, offset, filters)
 
     def _may_join_batch(self, text, image) -> bool:
         """Whether a query will (probably) be encoded in a batch: a text whose vector is not cached,

@@ -42,7 +42,9 @@ class ForwardCounter:
 
 @pytest.fixture(scope="module")
 def home(build_serving_home):
-    return build_serving_home("query-cache-home")
+    # Without the result cache (tests/test_result_cache.py), which answers a repeated text query
+    # before its vector is looked up: these tests count the vector cache's own hits.
+    return build_serving_home("query-cache-home", result_cache_entries=0)
 
 
 def _engine(settings, embedder, **kwargs) -> tuple[Store, SearchEngine]:

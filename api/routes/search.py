@@ -7,6 +7,7 @@ from typing import Annotated
 from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import TypeAdapter, ValidationError
 
@@ -39,7 +40,8 @@ UPLOAD_FIELDS = {"file", "target", "k", "offset", "category", "brand", "price_mi
 SINGLE_FORM_FIELDS = UPLOAD_FIELDS - {"category", "brand"}
 
 
-def _single_valued(request: Request) -> None:
+async def _single_valued(request: Request) -> None:
+    # async (it never blocks): a plain `def` dependency would cost a thread-pool hop per search.
     # Starlette decodes percent-escapes that are not UTF-8 (`q=%FF`, a CESU-8 surrogate) into
     # U+FFFD and would search for that; the raw query string tells them apart from a real U+FFFD.
     for part in request.scope.get("query_string", b"").split(b"&"):
@@ -72,7 +74,11 @@ async def _known_form_fields(request: Request) -> None:
 
 
 def run_search(services: Services, *, filters: Filters, facets: list[str] | None = None, **query) -> SearchResponse:
-    """Search, write the search_log row, respond."""
+    """Search, write the search_log row, respond.
+
+    The search routes are `async` and run this (which blocks: SQL, the model thread) on the thread
+    pool themselves: for a plain `def` route FastAPI would also validate the returned model on the
+    pool, a second thread hop per request; from a coroutine it validates and dumps it inline."""
     result = services.engine.search(filters=to_filter(filters), facets=tuple(facets or ()), **query)
     response = logged_response(services.store, result, services.search_log)
     services.metrics.observe_search(result.query.kind, result.query.target.value, result.timings_ms)
@@ -108,17 +114,17 @@ def logged_response(store: Store, result: SearchResult, search_log: SearchLogWri
 @router.get(
     "/search", response_model=SearchResponse, responses=ERRORS, summary="Text query", dependencies=[Depends(_single_valued)]
 )
-def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
+async def search_text(params: Annotated[SearchParams, Query()], services: ServicesDep) -> SearchResponse:
     """Search by text: `target=image` (the default) finds products whose *images* match the words."""
-    return run_search(services, filters=params, facets=params.facets, text=params.q, target=params.target, k=params.k,
-                      offset=params.offset, session=params.session)
+    return await run_in_threadpool(run_search, services, filters=params, facets=params.facets, text=params.q,
+                                   target=params.target, k=params.k, offset=params.offset, session=params.session)
 
 
 @router.post("/search", response_model=SearchResponse, responses=ERRORS, summary="Any query")
-def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
+async def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     """Search by `text`, by a base64 image (`image_b64`) or by a product (`similar_to`)."""
-    return run_search(
-        services, filters=body.filters, facets=body.facets, text=body.text, image=body.image_b64,
+    return await run_in_threadpool(
+        run_search, services, filters=body.filters, facets=body.facets, text=body.text, image=body.image_b64,
         similar_to=body.similar_to, target=body.target, k=body.k, offset=body.offset, session=body.session,
     )
 
@@ -127,7 +133,7 @@ def search_any(body: SearchRequest, services: ServicesDep) -> SearchResponse:
     "/search/image", response_model=SearchResponse, responses=ERRORS, summary="Image upload query",
     dependencies=[Depends(_known_form_fields)],
 )
-def search_upload(
+async def search_upload(
     request: Request,
     services: ServicesDep,
     file: Annotated[UploadFile, File(description="the query image")],
@@ -158,8 +164,8 @@ def search_upload(
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", "facets", *e["loc"])} for e in exc.errors()]) from None
     limit = services.settings.max_image_bytes
-    data = file.file.read(limit + 1)
+    data = await file.read(limit + 1)
     if len(data) > limit:
         raise ImageDecodeError("too_large", f"image is over the {limit}-byte limit")
-    return run_search(services, filters=filters, facets=names, image=data, target=target, k=k, offset=offset,
-                      session=session)
+    return await run_in_threadpool(run_search, services, filters=filters, facets=names, image=data, target=target,
+                                   k=k, offset=offset, session=session)
