@@ -326,25 +326,11 @@ class TextFeatures:
             return self(distinct)[inverse.to(self.device)]
         texts = [self.texts[int(i)] for i in indices]
         requires_grad = any(p.requires_grad for p in _text_parameters(self.model))
+        # open_clip's own text transformer adds positional embeddings for its whole context:
+        # only a Hugging Face tower (which masks padding) takes trimmed token batches.
+        tokens = self._tokens(texts) if self._hf else self.tokenizer(list(texts)).to(self.device)
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
-            if not self._hf:
-                # open_clip's own text transformer adds positional embeddings for its whole
-                # context: only a Hugging Face tower (which masks padding) takes trimmed batches.
-                return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
-            return self._encode_by_length(texts)
-
-    def _encode_by_length(self, texts: list[str], chunk: int = 32):
-        """Encode `texts` in chunks of similar token length, each trimmed to its own longest: a
-        batch mixes short queries and titles with long catalog texts, and one batch padded to its
-        longest text spends most of a trunk's forward and backward on padding."""
-        import torch
-
-        tokens = self.tokenizer(list(texts))
-        lengths = (tokens != pad_token_id(self.tokenizer)).sum(1)
-        order = torch.argsort(lengths, stable=True)
-        parts = [self.model.encode_text(trim_padding(tokens[order[i : i + chunk]], pad_token_id(self.tokenizer)).to(self.device))
-                 for i in range(0, len(order), chunk)]
-        return torch.cat(parts)[torch.argsort(order).to(self.device)]
+            return self.model.encode_text(tokens)
 
 
 def visual_frozen(model) -> bool:

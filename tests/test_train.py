@@ -156,21 +156,6 @@ def test_a_text_drawn_twice_in_a_batch_runs_once_with_the_same_features(train_it
     assert model.text.transformer.encoder.layer[5].output.dense.weight.grad is not None
 
 
-def test_a_batch_of_mixed_lengths_is_encoded_in_length_chunks_with_the_same_features(train_items):
-    from indexer import product_text
-
-    model, _, tokenizer = _fresh_model()
-    apply_locks(model, dataclasses.replace(TINY_TRAIN, lock_text=False))
-    model.eval()
-    # more texts than one length chunk (32), short titles between long catalog texts
-    texts = [t for p in train_items[:24] for t in (p.title, product_text(p) + " " + product_text(p))]
-    side = TextFeatures(model, tokenizer, texts, "cpu")
-    chunked = side(torch.arange(len(texts)))
-    one_by_one = torch.cat([side(torch.tensor([i])) for i in range(len(texts))])
-    assert chunked.shape == (48, one_by_one.shape[1])
-    assert torch.allclose(chunked, one_by_one, atol=1e-4), (chunked - one_by_one).abs().max()
-
-
 def test_a_written_model_version_loads_back_through_the_factory(tmp_path, store, demo_catalog, train_items):
     model, preprocess, tokenizer = _fresh_model()
     train_contrastive(model, tokenizer, pair_data(train_items[:64], demo_catalog.root),
