@@ -111,7 +111,11 @@ class PrismSettings(BaseSettings):
     retrain_adapter_lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the adapters (the rest trains at 3e-4)")
     retrain_adapter_towers: str = Field(
         "text", description="towers whose trunks get adapters: text, image or text,image (a tower without them "
-        "trains as before: a LiT-style text tower stays locked, the image tower trains whole)",
+        "is frozen whole, see PRISM_RETRAIN_ADAPTER_FREEZE_UNADAPTED)",
+    )
+    retrain_adapter_freeze_unadapted: bool = Field(
+        True, description="with adapters, freeze a tower that has none whole (its features are computed once "
+        "per run, not every step: the retrain costs what the adapted trunk costs); false: it trains whole",
     )
     retrain_adapter_targets: str = Field(
         "c_fc,c_proj,query,key,value,dense",
@@ -273,6 +277,7 @@ class PrismSettings(BaseSettings):
             canary=self.canary_policy(),
             train=replace(base.train, epochs=self.retrain_epochs, adapter_lr=self.retrain_adapter_lr),
             adapters=self.adapter_settings(),
+            freeze_unadapted=self.retrain_adapter_freeze_unadapted,
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),
             gate=replace(
                 base.gate,

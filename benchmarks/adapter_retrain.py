@@ -8,7 +8,7 @@ wall time of the run, training seconds, the gate's MRR on later Chinese clicks a
 recall@10 (serving -> candidate), and the candidate's size on disk against its base.
 
     python -m prism demo --no-serve --limit 300 --epochs 40   # PRISM_HOME=DIR, once
-    python benchmarks/adapter_retrain.py --home DIR [--epochs 10] [--variants full,r8]
+    python benchmarks/adapter_retrain.py --home DIR [--epochs 10] [--variants full,r8] [--products N]
 
 Small on purpose (2 shared cores): figures in docs/feedback.md say what size they were run at.
 """
@@ -32,19 +32,24 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "full": None,  # the fine-tune of the weights themselves (before adapters)
     "r8": {"rank": 8, "alpha": 16.0, "lr": 1e-3},
+    # the image tower (no adapters) trains whole, as before PRISM_RETRAIN_ADAPTER_FREEZE_UNADAPTED
+    "r8-image-trains": {"rank": 8, "alpha": 16.0, "lr": 1e-3, "freeze_unadapted": False},
     "r8-lr3e-4": {"rank": 8, "alpha": 16.0, "lr": 3e-4},
     "r16": {"rank": 16, "alpha": 32.0, "lr": 1e-3},
     "r4": {"rank": 4, "alpha": 8.0, "lr": 1e-3},
 }
 
 
-def log_traffic(store, products, *, seed: int, now: datetime) -> dict:
-    """Searches by Chinese name with a click on the named product; 3 earlier per query, 1 later."""
+def log_traffic(store, products, *, seed: int, now: datetime, limit: int | None = None) -> dict:
+    """Searches by Chinese name with a click on the named product; 3 earlier per query, 1 later.
+    `limit`: only a seeded sample of that many named products is searched for (a full demo home)."""
     from store import EventInput
 
     rng = random.Random(seed)
     ids = [p.product_id for p in products]
     with_zh = [p for p in products if p.attributes.get("title_zh")]
+    if limit is not None and limit < len(with_zh):
+        with_zh = random.Random(f"{seed}:sample").sample(with_zh, limit)
     searches = clicks = 0
     for n, p in enumerate(with_zh):
         for k in range(4):
@@ -71,6 +76,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--variants", default="full,r8")
+    ap.add_argument("--products", type=int, default=None,
+                    help="search for this many products' Chinese names (default: every one with a title_zh)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -87,7 +94,8 @@ def main() -> None:
     seeded = work / "seeded"
     shutil.copytree(args.home, seeded)
     store = Store.open(f"sqlite:///{seeded / 'prism.db'}")
-    traffic = log_traffic(store, store.live_products(), seed=0, now=now)
+    traffic = log_traffic(store, store.live_products(), seed=0, now=now, limit=args.products)
+    traffic["catalog_products"] = len(store.live_products())
     store.close()
     results = {"traffic": traffic, "epochs": args.epochs, "variants": {}}
     for name in args.variants.split(","):
@@ -100,6 +108,7 @@ def main() -> None:
             base, min_pairs=5,
             train=replace(base.train, epochs=args.epochs, adapter_lr=(v or {}).get("lr")),
             adapters=None if v is None else AdapterSettings(rank=v["rank"], alpha=v["alpha"]),
+            freeze_unadapted=(v or {}).get("freeze_unadapted", True),
             gate=GateConfig(holdout_fraction=0.25, min_mrr_gain=-1.0, max_catalog_recall_drop=1.0),
         )
         store = Store.open(settings.db_url)
@@ -114,6 +123,12 @@ def main() -> None:
             "steps": outcome.metrics.get("training", {}).get("steps"),
             "trainable_parameters": outcome.metrics.get("training", {}).get("stats", {}).get("trainable_parameters"),
             "adapter_parameters": outcome.metrics.get("training", {}).get("stats", {}).get("adapter_parameters"),
+            "training_items": outcome.metrics.get("training", {}).get("stats", {}).get("items"),
+            "image_features_cached": outcome.metrics.get("training", {}).get("stats", {}).get("image_features_cached"),
+            "text_features_cached": outcome.metrics.get("training", {}).get("stats", {}).get("text_features_cached"),
+            "catalog_recall@1": [gate.get("serving", {}).get("catalog", {}).get("recall@1"),
+                                 gate.get("candidate", {}).get("catalog", {}).get("recall@1")],
+            "later_mrr_ci": [gate.get("lift", {}).get("ci_low"), gate.get("lift", {}).get("ci_high")],
             "later_mrr": [gate.get("serving", {}).get("later_clicks", {}).get("mrr"),
                           gate.get("candidate", {}).get("later_clicks", {}).get("mrr")],
             "later_queries": gate.get("candidate", {}).get("later_clicks", {}).get("queries"),

@@ -35,7 +35,7 @@
 Usage:
 
     python benchmarks/feedback_lift.py [--home DIR] [--shoppers zh,colloquial,typo] [--nights 1]
-        [--train-queries 4000] [--eval-queries 1500] [--demo-limit N --demo-epochs E]
+        [--train-queries 4000] [--eval-queries 1500] [--demo-limit N --demo-epochs E] [--retrain-epochs E]
 """
 
 from __future__ import annotations
@@ -336,6 +336,8 @@ def main() -> None:
     parser.add_argument("--p-refine", type=float, default=0.7, help="narrow to the category when the page has nothing")
     parser.add_argument("--demo-limit", type=int, default=None, help="`prism demo --limit`: a small demo catalog")
     parser.add_argument("--demo-epochs", type=int, default=None, help="`prism demo --epochs` (with --demo-limit)")
+    parser.add_argument("--retrain-epochs", type=int, default=None,
+                        help="PRISM_RETRAIN_EPOCHS for each night's retrain (default: the setting's, 40)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
@@ -354,6 +356,8 @@ def main() -> None:
     token = uuid.uuid4().hex
     env = {**os.environ, "PRISM_HOME": str(home), "PRISM_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
            "PRISM_ADMIN_TOKEN": token}
+    if args.retrain_epochs:
+        env["PRISM_RETRAIN_EPOCHS"] = str(args.retrain_epochs)
     started = time.perf_counter()
     print(f"demo in {home} (built or reused) ...", flush=True)
     demo_args = ["demo", "--no-serve"]
@@ -419,6 +423,8 @@ def main() -> None:
                            "candidate_model_version": outcome["candidate_model_version"],
                            "retrain_seconds": round(retrain_s, 1), "gate": gate,
                            "mining": outcome["metrics"].get("mining"),
+                           "training": {k: (outcome["metrics"].get("training") or {}).get(k)
+                                        for k in ("steps", "seconds", "epochs_done", "stats")},
                            "training_items": outcome["metrics"].get("training_items")})
         last_model = server.wait_ready()["model_version"]
         after = measure_all(client)

@@ -462,14 +462,20 @@ def canary_section(result: dict) -> list[str]:
 
 def adapter_section(result: dict) -> list[str]:
     out = ["## LoRA adapters against a full fine-tune (`benchmarks/adapter_retrain.py`)", "",
-           "| variant | decision | train s | whole run s | later MRR serving -> candidate | candidate on disk MB |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "| variant | decision | steps | train s | whole run s | image tower per step | later MRR serving -> candidate "
+           "| catalog recall@1 | candidate on disk MB |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in result["variants"].items():
         before, after = v["later_mrr"]
-        out.append(f"| {name} | {v['decision']} | {v['train_seconds']:.0f} | {v['run_seconds']:.0f} | "
-                   f"{before:.3f} -> {after:.3f} | {v['candidate_bytes'] / 1e6:.1f} |")
+        recall = v.get("catalog_recall@1") or [None, None]
+        image = {True: "cached once", False: "runs"}.get(v.get("image_features_cached"), "?")
+        size = f"{v['candidate_bytes'] / 1e6:.1f}" if v.get("candidate_bytes") else "-"
+        recall_s = f"{recall[0]:.3f} -> {recall[1]:.3f}" if None not in recall else "-"
+        out.append(f"| {name} | {v['decision']} | {v.get('steps', '?')} | {v['train_seconds']:.0f} | {v['run_seconds']:.0f} | "
+                   f"{image} | {before:.3f} -> {after:.3f} | {recall_s} | {size} |")
     out += ["", f"{result.get('epochs', '?')} epochs on {result.get('traffic', {}).get('searches', '?')} searches "
-            "(shoppers typing each product's Chinese name, which the indexed text lacks).", ""]
+            "(shoppers typing each product's Chinese name, which the indexed text lacks), one run, variants one "
+            "after another on copies of one home; the host is shared, so compare within the table.", ""]
     return out
 
 

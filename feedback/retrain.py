@@ -119,6 +119,9 @@ class RetrainConfig:
     # LoRA adapters on the towers' trunks (base weights frozen), written as an adapter version over
     # the serving model version; None: fine-tune the weights themselves, as before adapters.
     adapters: AdapterSettings | None = AdapterSettings()
+    # With adapters, a tower that has none is frozen whole (every base weight stays as served, and
+    # its features are computed once per run instead of every step); False: it trains whole.
+    freeze_unadapted: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -310,8 +313,9 @@ def _run(store, home, run_id, active, config, index_options, device, now, window
     if adapters is not None:
         towers = adapters["settings"]["towers"]
         # the trunks that carry adapters stay frozen around them
-        train_config = replace(train_config, lock_text=train_config.lock_text or "text" in towers,
-                               lock_image=train_config.lock_image or "image" in towers)
+        frozen = set(towers) | ({"text", "image"} if config.freeze_unadapted else set())
+        train_config = replace(train_config, lock_text=train_config.lock_text or "text" in frozen,
+                               lock_image=train_config.lock_image or "image" in frozen)
         metrics["adapters"] = {k: v for k, v in adapters.items() if k != "modules"} | {"modules": len(adapters["modules"])}
     result = train_contrastive(base.model, base.tokenizer, data, train_config, workdir=workdir, device=device,
                                progress=progress)

@@ -17,6 +17,8 @@ Nothing shifts hue or flips: the colour and the direction of a product are part 
 
 A fully locked Hugging Face text tower is run once per distinct text, and its pooled features are
 cached. Only the projection head trains on top of them, which is what makes a LiT-style fit fast on CPU.
+Likewise a fully frozen image tower (a fine-tune with adapters on the text trunk only) is run once
+per image, without augmentation: each step then costs only the trunk that trains.
 """
 
 from __future__ import annotations
@@ -317,6 +319,11 @@ class TextFeatures:
 
         if self.cached is not None:
             return self.model.text.proj(self.cached[indices.to(self.cached.device)].to(self.device))
+        # A trunk that trains (adapters, unlocked layers) runs every step: a text drawn twice in
+        # one batch (a query with several clicked products, a title shared by variants) runs once.
+        distinct, inverse = torch.unique(indices, return_inverse=True)
+        if len(distinct) < len(indices):
+            return self(distinct)[inverse.to(self.device)]
         texts = [self.texts[int(i)] for i in indices]
         requires_grad = any(p.requires_grad for p in _text_parameters(self.model))
         # open_clip's own text transformer adds positional embeddings for its whole context:
@@ -324,6 +331,31 @@ class TextFeatures:
         tokens = self._tokens(texts) if self._hf else self.tokenizer(list(texts)).to(self.device)
         with torch.set_grad_enabled(requires_grad and torch.is_grad_enabled()):
             return self.model.encode_text(tokens)
+
+
+def visual_frozen(model) -> bool:
+    """True when nothing in the image tower trains (locked, or adapters on the text trunk only)."""
+    return not any(p.requires_grad for p in model.visual.parameters())
+
+
+def cached_image_features(model, pixels, mean, std, device: str, autocast, batch_size: int = 256):
+    """Every item's image features, once: what a frozen image tower gives for the un-augmented image,
+    exactly as it will embed it when serving. A frozen tower would otherwise run (and augment) every
+    image on every step for features that could not change, the larger part of a step's time."""
+    import torch
+
+    was_training = model.visual.training
+    model.visual.eval()
+    features = []
+    try:
+        with torch.inference_mode(), autocast:
+            for i in range(0, len(pixels), batch_size):
+                images = pixels[i : i + batch_size].to(device).float().div_(255)
+                images = ((images - mean) / std).contiguous(memory_format=torch.channels_last)
+                features.append(model.encode_image(images).float())
+    finally:
+        model.visual.train(was_training)
+    return torch.cat(features).clone()  # out of inference mode: indexable inside autograd
 
 
 def _text_parameters(model):
@@ -419,11 +451,17 @@ def train_contrastive(
         # oneDNN's convolutions run fastest on NHWC; the batches below are made to match
         model.visual.to(memory_format=torch.channels_last)
     size = model_image_size(model)
-    store_size = size if not config.augment else int(math.ceil(size * 1.15))
+    frozen_visual = visual_frozen(model)
+    # A frozen image tower is run once per image, un-augmented (`cached_image_features`).
+    store_size = size if not config.augment or frozen_visual else int(math.ceil(size * 1.15))
     pixels = decode_images(data.images, store_size, image_limits, decode_workers)
     mean, std = image_normalisation(model)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    autocast, use_scaler, precision = _autocast(device, config.mixed_precision)
+    image_cache = cached_image_features(model, pixels, mean_t, std_t, device, autocast) if frozen_visual else None
+    if image_cache is not None:
+        del pixels
 
     # Every (item, text) choice indexes one flat list of distinct texts.
     distinct = list(dict.fromkeys(t for texts in data.texts for t in texts))
@@ -440,7 +478,6 @@ def train_contrastive(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: _schedule(s, warmup=config.warmup_steps, total=total_steps)
     )
-    autocast, use_scaler, precision = _autocast(device, config.mixed_precision)
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -476,14 +513,15 @@ def train_contrastive(
             picks = torch.stack(
                 [choices[i][torch.randint(len(choices[i]), (config.texts_per_image,), generator=generator)] for i in idx]
             )
-            images = pixels[idx].to(device, non_blocking=True).float().div_(255)
-            if config.augment:
-                images = augment_batch(images, size, config, generator)
-            elif images.shape[-1] != size:
-                images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
-            images = ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
+            if image_cache is None:
+                images = pixels[idx].to(device, non_blocking=True).float().div_(255)
+                if config.augment:
+                    images = augment_batch(images, size, config, generator)
+                elif images.shape[-1] != size:
+                    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+                images = ((images - mean_t) / std_t).contiguous(memory_format=torch.channels_last)
             with autocast:
-                image_features = model.encode_image(images)
+                image_features = model.encode_image(images) if image_cache is None else image_cache[idx].to(device)
                 text_features = text_side(picks.reshape(-1))
                 scale = model.logit_scale.exp().clamp(max=100)
                 batch_weights = None if item_weights is None else item_weights[idx].to(device)
@@ -531,6 +569,7 @@ def train_contrastive(
                "steps_per_epoch": steps_per_epoch, "trainable_parameters": _count(model, trainable),
                "adapter_parameters": _count(model, [n for n in trainable if "lora_" in n]),
                "text_features_cached": text_side.cached is not None, "image_store_size": store_size,
+               "image_features_cached": image_cache is not None,
                "precision": precision},
     )
 

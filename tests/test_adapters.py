@@ -215,6 +215,9 @@ def test_adapter_settings_reach_the_retrain_config(monkeypatch):
     tuned = PrismSettings(home=Path("unused")).retrain_config()
     assert tuned.adapters == AdapterSettings(rank=4, alpha=16.0, towers=("text", "image"), targets=("query", "value"))
     assert tuned.train.adapter_lr == 5e-4
+    assert default.freeze_unadapted and tuned.freeze_unadapted
+    monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_FREEZE_UNADAPTED", "false")
+    assert not PrismSettings(home=Path("unused")).retrain_config().freeze_unadapted
     monkeypatch.setenv("PRISM_RETRAIN_ADAPTERS", "false")
     assert PrismSettings(home=Path("unused")).retrain_config().adapters is None
     monkeypatch.setenv("PRISM_RETRAIN_ADAPTER_TOWERS", "audio")

@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.settings import PrismSettings
-from embedder import create_base_model, wrap_open_clip
+from embedder import create_base_model, load_embedder, wrap_open_clip
 from feedback import (
     DEMO_ARCH,
     ClickQuery,
@@ -376,6 +376,13 @@ def test_retrain_promotes_a_winner_and_activation_rolls_back_and_forward(home, d
         assert not (models / candidate / "checkpoint.pt").exists()
         assert version_size(models, candidate) < 0.4 * version_size(models, "demo")
         assert outcome.metrics["training"]["stats"]["adapter_parameters"] > 0
+        # the image tower has no adapters: frozen whole (its features computed once, not every step),
+        # so the candidate embeds every image exactly as demo does
+        assert outcome.metrics["training"]["stats"]["image_features_cached"]
+        image = next(p.image_uri for p in store.live_products() if p.image_uri)
+        served, tuned = (load_embedder(v, models_dir=models, device="cpu").encode_images([image])[0]
+                         for v in ("demo", candidate))
+        assert float(served @ tuned) > 0.9999
         mining = outcome.metrics["mining"]
         assert mining["pairs"] >= 5 and outcome.metrics["training_items"]["catalog_items"] > 0
         assert outcome.metrics["gate"]["candidate"]["later_clicks"]["queries"] > 0

@@ -21,7 +21,16 @@ from feedback import (
     write_model_version,
 )
 from feedback.demo import eval_set, pair_data
-from feedback.train import cpu_bfloat16, trainable_names
+from feedback.train import (
+    TextFeatures,
+    apply_locks,
+    cached_image_features,
+    cpu_bfloat16,
+    decode_images,
+    image_normalisation,
+    model_image_size,
+    trainable_names,
+)
 from indexer import build_demo_catalog
 
 TINY_TRAIN = TrainConfig(epochs=10, batch_size=32, lr=3e-3, warmup_steps=5, lock_text=True, seed=0)
@@ -50,6 +59,7 @@ def test_training_lowers_the_loss_and_beats_the_random_start(tmp_path, demo_cata
     after = evaluate(wrap_open_clip(model, preprocess, tokenizer, name="trained"), data)
     assert result.steps == 40 and result.epochs_done == 10
     assert result.stats["text_features_cached"]  # the locked MiniLM ran once per distinct text
+    assert not result.stats["image_features_cached"]  # the image tower trains: it runs every step
     assert result.epoch_losses[-1] < 0.6 * result.epoch_losses[0]
     assert after.title_to_image.at(1) > before.title_to_image.at(1) + 0.2
     assert after.image_to_text.at(5) > before.image_to_text.at(5) + 0.2
@@ -100,7 +110,10 @@ def test_locks_freeze_what_they_name(tmp_path, demo_catalog, train_items):
     model, _, tokenizer = _fresh_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = dataclasses.replace(TINY_TRAIN, epochs=1, lock_text=True, text_unlocked_layers=1, lock_image=True)
-    train_contrastive(model, tokenizer, data, config, workdir=tmp_path / "w")
+    result = train_contrastive(model, tokenizer, data, config, workdir=tmp_path / "w")
+    # the frozen image tower ran once per image, not every step; the unlocked text layer every step
+    assert result.stats["image_features_cached"] and not result.stats["text_features_cached"]
+    assert result.stats["image_store_size"] == model_image_size(model)  # no augmentation margin decoded
     names = trainable_names(model)
     assert any(".layer.5." in n for n in names) and not any(".layer.4." in n for n in names)
     assert not any(n.startswith("visual.") for n in names)
@@ -111,6 +124,36 @@ def test_locks_freeze_what_they_name(tmp_path, demo_catalog, train_items):
                            after["text.transformer.encoder.layer.5.attention.self.query.weight"])
     assert torch.equal(before["text.transformer.encoder.layer.0.attention.self.query.weight"],
                        after["text.transformer.encoder.layer.0.attention.self.query.weight"])
+
+
+def test_a_frozen_image_tower_is_embedded_once_as_it_serves(demo_catalog, train_items):
+    model, preprocess, tokenizer = _fresh_model()
+    images = [str(demo_catalog.root / p.image) for p in train_items[:6]]
+    size = model_image_size(model)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in image_normalisation(model))
+    model.train()
+    cached = cached_image_features(model, decode_images(images, size), mean, std, "cpu",
+                                   torch.autocast("cpu", enabled=False), batch_size=4)
+    assert model.visual.training  # the tower is put back in the mode it was in
+    served = wrap_open_clip(model, preprocess, tokenizer, name="served").encode_images(images)
+    cosine = (torch.nn.functional.normalize(cached, dim=-1).numpy() * served).sum(1)
+    assert cached.shape == (6, served.shape[1]) and cosine.min() > 0.999, cosine
+
+
+def test_a_text_drawn_twice_in_a_batch_runs_once_with_the_same_features(train_items):
+    model, _, tokenizer = _fresh_model()
+    apply_locks(model, dataclasses.replace(TINY_TRAIN, text_unlocked_layers=1))  # the trunk trains: no cache
+    model.eval()
+    texts = [p.title for p in train_items[:5]]
+    side = TextFeatures(model, tokenizer, texts, "cpu")
+    assert side.cached is None
+    picks = torch.tensor([3, 0, 3, 1, 0, 4])
+    together = side(picks)
+    one_by_one = torch.cat([side(torch.tensor([i])) for i in picks.tolist()])
+    assert together.shape == (6, one_by_one.shape[1])
+    assert torch.allclose(together, one_by_one, atol=1e-5)
+    together.sum().backward()  # the shared rows still carry gradients to the trunk
+    assert model.text.transformer.encoder.layer[5].output.dense.weight.grad is not None
 
 
 def test_a_written_model_version_loads_back_through_the_factory(tmp_path, store, demo_catalog, train_items):
