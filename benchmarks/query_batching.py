@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -178,25 +179,33 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def measure(home: Path, env: dict, seconds: float, rounds: int, kind: str = "text",
-            levels: tuple[int, ...] = CONCURRENCY) -> dict:
-    queries = text_requests(query_words(home)) if kind == "text" else image_requests(image_files(home))
+def _alternating_rounds(start: Callable[[str], PrismServer], queries: list, levels: tuple[int, ...],
+                        seconds: float, rounds: int, label: str) -> dict[str, dict[int, list[dict]]]:
+    """Load runs against two servers, "on" and "off" (`start(mode)` starts each), per concurrency
+    level and round; which mode goes first alternates, so drift in machine load hits both alike."""
     servers: dict[str, PrismServer] = {}
     runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in levels} for mode in ("on", "off")}
     try:
         for mode in ("on", "off"):
-            servers[mode] = start_server(home.resolve(), mode == "on", env)
+            servers[mode] = start(mode)
         for round_no in range(rounds):
             for c in levels:
-                # Alternate which mode goes first, so that drift in machine load hits both alike.
                 for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
                     result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
                     runs[mode][c].append(result)
-                    print(f"  round {round_no + 1} {kind} batching {mode:3} concurrency {c:2}: "
+                    print(f"  round {round_no + 1} {label} {mode:3} concurrency {c:2}: "
                           f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
     finally:
         for server in servers.values():
             server.stop()
+    return runs
+
+
+def measure(home: Path, env: dict, seconds: float, rounds: int, kind: str = "text",
+            levels: tuple[int, ...] = CONCURRENCY) -> dict:
+    queries = text_requests(query_words(home)) if kind == "text" else image_requests(image_files(home))
+    runs = _alternating_rounds(lambda mode: start_server(home.resolve(), mode == "on", env),
+                               queries, levels, seconds, rounds, f"{kind} batching")
     table = {mode: {str(c): summarise(runs[mode][c]) for c in levels} for mode in runs}
     return {
         "home": str(home),
@@ -212,21 +221,8 @@ def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tup
     """A Zipf(1.0) stream over the titles against two servers (batching on in both): the query and
     result caches on (the defaults) and off, taking turns as the batching modes do."""
     queries = zipf_requests(query_words(home))
-    servers: dict[str, PrismServer] = {}
-    runs: dict[str, dict[int, list[dict]]] = {mode: {c: [] for c in levels} for mode in ("on", "off")}
-    try:
-        for mode in ("on", "off"):
-            servers[mode] = start_server(home.resolve(), True, env, caches=mode == "on")
-        for round_no in range(rounds):
-            for c in levels:
-                for mode in (("on", "off") if round_no % 2 == 0 else ("off", "on")):
-                    result = asyncio.run(_load(servers[mode].port, queries, c, seconds))
-                    runs[mode][c].append(result)
-                    print(f"  round {round_no + 1} zipf caches {mode:3} concurrency {c:2}: "
-                          f"{len(result['latencies']) / result['elapsed']:.1f} q/s", flush=True)
-    finally:
-        for server in servers.values():
-            server.stop()
+    runs = _alternating_rounds(lambda mode: start_server(home.resolve(), True, env, caches=mode == "on"),
+                               queries, levels, seconds, rounds, "zipf caches")
     table = {mode: {str(c): summarise(runs[mode][c]) for c in levels} for mode in runs}
     return {
         "home": str(home),
