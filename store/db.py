@@ -1047,10 +1047,12 @@ class Store:
                                  select(row_cte.c.row_id, row_cte.c.product_id,
                                         bindparam("op", "meta", type_=journal.c.op.type),
                                         bindparam("ts", now, type_=journal.c.ts.type)))
-                    .returning(journal.c.seq)
+                    .returning(journal.c.seq, journal.c.row_id)
                     .cte("journaled")
                 )
-                row = s.execute(select(row_cte, entry.c.seq)).one_or_none()
+                row = s.execute(
+                    select(row_cte, entry.c.seq).join_from(row_cte, entry, entry.c.row_id == row_cte.c.row_id)
+                ).one_or_none()
                 if row is None:
                     return None
                 seq = row.seq
