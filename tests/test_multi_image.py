@@ -265,6 +265,7 @@ def test_put_images_b64_makes_every_image_searchable_at_once(multi_api):
     images = [draw_product_image(9000 + j) for j in range(3)]
     r = client.put("/v1/products/MULTI-1", json={"title": "walnut lamp", "images_b64": [_b64(im) for im in images]})
     assert r.status_code == 201, r.text
+    assert r.json()["images"] == client.get("/v1/products/MULTI-1").json()["images"] and len(r.json()["images"]) == 3
     for j, image in enumerate(images):
         hits = client.post("/v1/search", json={"image_b64": _b64(image), "target": "image", "k": 5}).json()["results"]
         assert hits[0]["product_id"] == "MULTI-1" and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
@@ -283,6 +284,10 @@ def test_put_images_b64_makes_every_image_searchable_at_once(multi_api):
     # A metadata PUT keeps all the images.
     r = client.put("/v1/products/MULTI-1", json={"title": "walnut lamp", "price": 12})
     assert r.status_code == 200 and len(client.get("/v1/products/MULTI-1").json()["images"]) == 2
+    # PUT and PATCH answer with the product as GET shows it, all its images included.
+    assert r.json()["images"] == client.get("/v1/products/MULTI-1").json()["images"]
+    r = client.patch("/v1/products/MULTI-1", json={"price": 13})
+    assert r.status_code == 200 and r.json()["images"] == client.get("/v1/products/MULTI-1").json()["images"]
     top = client.post("/v1/search", json={"image_b64": _b64(images[2]), "target": "image", "k": 1}).json()["results"][0]
     assert top["product_id"] == "MULTI-1"
     assert client.delete("/v1/products/MULTI-1").status_code in (200, 204)

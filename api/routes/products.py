@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
-from api.routes.common import ADMIN_ERRORS, ERRORS, product_detail, product_out
+from api.routes.common import ADMIN_ERRORS, ERRORS, product_detail
 from api.schemas import MAX_ID_CHARS, ProductIn, ProductOut, ProductPatch, ProductUpserted
 from api.services import AdminDep, ServicesDep
 from embedder import ImageDecodeError, ImageLimits, content_hash, read_image_bytes
@@ -161,7 +161,7 @@ def put_product(product_id: ProductIdPath, body: ProductIn, services: ServicesDe
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
     services.engine.sync()
     payload = ProductUpserted(
-        **product_out(outcome.product),
+        **product_detail(services.store, outcome.product),
         created=outcome.created,
         image_action=outcome.image_action,
         catalog_seq=outcome.seq,
@@ -194,7 +194,7 @@ def patch_product(product_id: ProductIdPath, body: ProductPatch, services: Servi
     services.metrics.catalog_changes.labels("meta" if outcome.metadata_only else "upsert").inc()
     services.engine.catch_up(outcome.seq, outcome.product if outcome.metadata_only else None)
     return ProductUpserted(
-        **product_out(outcome.product), created=False, image_action=outcome.image_action, catalog_seq=outcome.seq,
+        **product_detail(services.store, outcome.product), created=False, image_action=outcome.image_action, catalog_seq=outcome.seq,
     )
 
 
