@@ -1179,7 +1179,7 @@ def products_patch(
         _fail("; ".join(f"{'--' + '.'.join(str(x) for x in e['loc']) + ': ' if e['loc'] else ''}{e['msg']}"
                         for e in exc.errors()))
     changes = patch.changes()
-    from api.routes.common import product_out
+    from api.routes.common import product_detail
     from api.schemas import ProductUpserted
     from indexer import CatalogUpdater, UpdateError
     from store import Store
@@ -1195,7 +1195,7 @@ def products_patch(
     if outcome is None:
         _fail(f"no product {product_id!r}", 1)
     if as_json:
-        body = ProductUpserted(**product_out(outcome.product), created=False, image_action=outcome.image_action,
+        body = ProductUpserted(**product_detail(store, outcome.product), created=False, image_action=outcome.image_action,
                                catalog_seq=outcome.seq).model_dump(mode="json")
         typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
         return

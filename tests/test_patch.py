@@ -173,6 +173,7 @@ def test_cli_patch_changes_metadata_like_http(build_serving_home, databases):
     assert (body["price"], body["stock"], body["attributes"]) == (12.5, 0, {"colour": "red"})
     shown = json.loads(run_prism(["products", "get", "P00040", "--json"], env).stdout)
     assert (shown["price"], shown["stock"]) == (12.5, 0)
+    assert body["images"] == shown["images"] and len(shown["images"]) == 1  # the CLI answers as GET does
     cleared = run_prism(["products", "patch", "P00040", "--clear", "price"], env, check=False)
     assert cleared.returncode == 0, cleared.stderr
     assert json.loads(run_prism(["products", "get", "P00040", "--json"], env).stdout)["price"] is None
