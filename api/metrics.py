@@ -85,26 +85,13 @@ class _FastPathCollector(Collector):
 
     def collect(self):
         stats = self.stats()
-        meta = stats["metadata_cache"]
-        hits = CounterMetricFamily("prism_metadata_cache_hits", "hit product records served from the metadata cache")
-        hits.add_metric([], meta["hits"])
-        yield hits
-        misses = CounterMetricFamily("prism_metadata_cache_misses", "hit product records read from the database")
-        misses.add_metric([], meta["misses"])
-        yield misses
-        entries = GaugeMetricFamily("prism_metadata_cache_entries", "product records cached now")
-        entries.add_metric([], meta["entries"])
-        yield entries
-        pages = stats["result_cache"]
-        hits = CounterMetricFamily("prism_result_cache_hits", "searches answered with a cached page (repeated text queries)")
-        hits.add_metric([], pages["hits"])
-        yield hits
-        misses = CounterMetricFamily("prism_result_cache_misses", "text searches ranked afresh")
-        misses.add_metric([], pages["misses"])
-        yield misses
-        entries = GaugeMetricFamily("prism_result_cache_entries", "ranked pages cached now")
-        entries.add_metric([], pages["entries"])
-        yield entries
+        yield from _cache_families("prism_metadata_cache", stats["metadata_cache"],
+                                   hits="hit product records served from the metadata cache",
+                                   misses="hit product records read from the database",
+                                   entries="product records cached now")
+        yield from _cache_families("prism_result_cache", stats["result_cache"],
+                                   hits="searches answered with a cached page (repeated text queries)",
+                                   misses="text searches ranked afresh", entries="ranked pages cached now")
         written = stats["search_log"]
         queued = GaugeMetricFamily("prism_search_log_queued", "search-log rows answered but not yet written")
         queued.add_metric([], written["queued"])
@@ -221,3 +208,12 @@ class Metrics:
         if self._canary is not None:
             registry.register(self._canary)
         return generate_latest(registry)
+
+
+def _cache_families(prefix: str, counts: dict, *, hits: str, misses: str, entries: str):
+    """A cache's hits and misses (counters) and its entries now (a gauge)."""
+    for name, help_text, family in (("hits", hits, CounterMetricFamily), ("misses", misses, CounterMetricFamily),
+                                    ("entries", entries, GaugeMetricFamily)):
+        metric = family(f"{prefix}_{name}", help_text)
+        metric.add_metric([], counts[name])
+        yield metric
