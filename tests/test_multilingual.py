@@ -317,7 +317,8 @@ def test_default_model_loads_from_the_local_hub_cache(tmp_path, databases):
     env = databases.env(home, HF_HOME=str(tmp_path / "hf"), PRISM_THREADS="2")
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    out = run_prism(["index", str(catalog), "--json"], env, timeout=400)  # no --model: the default
+    # A fresh process: huggingface_hub reads HF_HOME when it is imported.
+    out = run_prism(["index", str(catalog), "--json"], env, timeout=400, fresh_process=True)  # no --model: the default
     summary = json.loads(out.stdout)
     assert summary["products_indexed"] == len(PRODUCTS)
     assert summary["model_version"] == f"{OPEN_CLIP_ARCH}-{OPEN_CLIP_TAG}"

@@ -115,12 +115,12 @@ def test_unreachable_cluster_is_a_clear_error(databases, small_catalog, tmp_path
         port = s.getsockname()[1]
     env = _env(databases, tmp_path / "home")
     started = time.monotonic()
-    proc = run_prism(_index_args(small_catalog, f"127.0.0.1:{port}"), env, check=False, timeout=120)
+    proc = run_prism(_index_args(small_catalog, f"127.0.0.1:{port}"), env, check=False, timeout=120, fresh_process=True)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - started < 90
-    bad = run_prism(_index_args(small_catalog, "not a cluster"), env, check=False, timeout=120)
+    bad = run_prism(_index_args(small_catalog, "not a cluster"), env, check=False, timeout=120, fresh_process=True)
     assert bad.returncode == 2 and "--ray takes auto, HOST:PORT or ray://HOST:PORT" in bad.stderr, bad.stderr
 
 
@@ -129,7 +129,7 @@ def test_ray_index_equals_local_search_answers_and_rerun_embeds_nothing(
 ):
     home = tmp_path / "home"
     env = _env(databases, home)
-    first = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), env).stdout)
+    first = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), env, fresh_process=True).stdout)
     assert (first["texts_embedded"], first["images_embedded"], first["products_indexed"]) == (TEXTS, IMAGES, 120), json.dumps(first)
     assert first["image_failures"] == {}
     _assert_matches_local(home, databases.url(home), local_reference, tiny_embedder)
@@ -139,7 +139,7 @@ def test_ray_index_equals_local_search_answers_and_rerun_embeds_nothing(
 
     # The rerun builds IVF-PQ indexes (a threshold below the catalog's size), their vectors added
     # in Ray tasks (indexer/ray_build.py); the index still answers.
-    again = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), {**env, "PRISM_FLAT_THRESHOLD": "60"}).stdout)
+    again = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), {**env, "PRISM_FLAT_THRESHOLD": "60"}, fresh_process=True).stdout)
     assert (again["texts_embedded"], again["images_embedded"]) == (0, 0)
     assert (again["texts_cached"], again["images_cached"]) == (TEXTS, IMAGES)
     for modality in ("image", "text"):
@@ -255,7 +255,7 @@ def test_job_out_of_retries_fails_clearly_and_a_rerun_resumes(
     kept = len(_cache_keys(home, tiny_embedder.name))
     assert kept < TEXTS + IMAGES
 
-    rerun = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), _env(databases, home)).stdout)
+    rerun = json.loads(run_prism(_index_args(small_catalog, ray_cluster.address), _env(databases, home), fresh_process=True).stdout)
     assert rerun["texts_embedded"] + rerun["images_embedded"] == TEXTS + IMAGES - kept
     keys = _cache_keys(home, tiny_embedder.name)
     assert len(keys) == len(set(keys)) == TEXTS + IMAGES
