@@ -92,7 +92,7 @@ def zipf_requests(titles: list[str], n: int = 20_000, s: float = 1.0, seed: int 
     return text_requests(rng.choices(titles, weights=weights, k=n))
 
 
-def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False) -> PrismServer:
+def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False, root: Path | None = None) -> PrismServer:
     env = {
         **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -102,7 +102,7 @@ def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = Fal
         # vector or page would measure the caches, not the batching of encodes.
         env |= {"PRISM_QUERY_CACHE_ENTRIES": "0", "PRISM_RESULT_CACHE_ENTRIES": "0"}
     # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
-    return PrismServer(env, log_level="info").start(timeout_s=120)
+    return PrismServer(env, log_level="info", root=root).start(timeout_s=120)
 
 
 def text_requests(queries: list[str]) -> list[bytes]:
@@ -235,7 +235,7 @@ def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tup
     }
 
 
-def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int) -> dict:
+def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int, root: Path | None = None) -> dict:
     """`swaps` activations (alternating the home's two newest index versions) spread over
     `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
     Every activation goes through POST /v1/models/{version}/activate; the version loads in the
@@ -253,7 +253,7 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     other = next(v for v in reversed(versions) if v != active)
     token = "query-batching-swaps"
     queries = text_requests(query_words(home))
-    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token})
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
     activated: list[float] = []
     try:
         steady = asyncio.run(_load(server.port, queries, clients, seconds))
@@ -283,6 +283,7 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     steady_s, during_s = summarise([steady]), summarise([during])
     return {
         "home": str(home),
+        "code": str(root) if root else "this tree",
         "clients": clients,
         "activations": len(activated),
         "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
@@ -303,12 +304,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--setups", nargs="+", default=["demo", "vit-b-32"], choices=["demo", "vit-b-32"])
+    parser.add_argument("--clients", type=int, nargs="*", default=list(CONCURRENCY),
+                        help="concurrency levels of the text run, batching on vs off (none: no such run)")
     parser.add_argument("--image-clients", type=int, nargs="*", default=[32],
                         help="concurrency levels of the image-upload run per setup (none: no image run)")
     parser.add_argument("--zipf-clients", type=int, nargs="*", default=[],
                         help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
     parser.add_argument("--swaps", type=int, default=0,
                         help="activations (the home's two newest index versions, alternating) under 32 clients")
+    parser.add_argument("--swap-baseline", type=Path, default=None,
+                        help="a source tree (e.g. `git archive` of the commit before a change) whose server runs "
+                        "the same swap run, alternating with this tree's, for a before/after in one run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
     args = parser.parse_args()
 
@@ -328,16 +334,28 @@ def main() -> None:
         "setups": {},
         "zipf": {},
         "swaps": {},
+        "swap_comparison": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
     }
     for name, (home, env) in setups.items():
         print(f"[{name}] {home}", flush=True)
-        result["setups"][name] = measure(home, env, args.seconds, args.rounds)
+        if args.clients:
+            result["setups"][name] = measure(home, env, args.seconds, args.rounds, levels=tuple(args.clients))
         if args.image_clients:
             result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
                                                                 tuple(args.image_clients))
-        if args.swaps:
+        if args.swaps and args.swap_baseline:
+            # Before/after: baseline and this tree take turns, the first of each round alternating.
+            runs = []
+            for round_no in range(args.rounds):
+                for root in ((args.swap_baseline, None) if round_no % 2 == 0 else (None, args.swap_baseline)):
+                    runs.append(measure_swaps(home, env, args.seconds, 32, args.swaps, root=root))
+                    print(f"  round {round_no + 1} swaps ({runs[-1]['code']}): p99 ratio "
+                          f"{runs[-1]['p99_ratio_swaps_over_steady']}", flush=True)
+            result["swaps"][name] = next(r for r in runs if r["code"] == "this tree")
+            result["swap_comparison"][name] = runs
+        elif args.swaps:
             result["swaps"][name] = measure_swaps(home, env, args.seconds, 32, args.swaps)
         if args.zipf_clients:
             result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
@@ -369,6 +387,12 @@ def main() -> None:
                 row = setup[f"caches_{mode}"][c]
                 out.add_row(c, mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
         Console().print(out)
+    for name, runs in result["swap_comparison"].items():
+        for run in runs:
+            print(f"{name} [{run['code']}]: p99 {run['during_swaps']['p99_ms']:.1f} ms during vs "
+                  f"{run['steady']['p99_ms']:.1f} steady ({run['p99_ratio_swaps_over_steady']:.2f}x), "
+                  f"q/s {run['during_swaps']['qps']:.1f} vs {run['steady']['qps']:.1f}, {run['failures']} failures, "
+                  f"activation p50 {run['activation_s_p50']} s")
     for name, setup in result["swaps"].items():
         print(f"{name}: {setup['activations']} activations under {setup['clients']} clients: p99 "
               f"{setup['during_swaps']['p99_ms']:.1f} ms during the swaps vs {setup['steady']['p99_ms']:.1f} steady "
