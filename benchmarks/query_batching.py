@@ -132,7 +132,8 @@ def image_requests(files: list[Path]) -> list[bytes]:
     return out
 
 
-async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
+async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str],
+                  stamps: list[tuple[float, float]] | None = None):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
@@ -149,18 +150,21 @@ async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, 
                 errors.append(str(status))
                 continue
             latencies.append((time.perf_counter() - started) * 1000.0)
+            if stamps is not None:
+                stamps.append((started, latencies[-1]))
     finally:
         writer.close()
 
 
-async def _load(port: int, queries: list[bytes], concurrency: int, seconds: float) -> dict:
+async def _load(port: int, queries: list[bytes], concurrency: int, seconds: float,
+                stamps: list[tuple[float, float]] | None = None) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     # Warm-up: every client's connection and a first query, not counted.
     await asyncio.gather(*(_client(port, queries, c * 997, time.perf_counter() + 0.3, [], []) for c in range(concurrency)))
     started = time.perf_counter()
     stop_at = started + seconds
-    await asyncio.gather(*(_client(port, queries, c * 997 + 1, stop_at, latencies, errors) for c in range(concurrency)))
+    await asyncio.gather(*(_client(port, queries, c * 997 + 1, stop_at, latencies, errors, stamps) for c in range(concurrency)))
     elapsed = time.perf_counter() - started
     return {"latencies": latencies, "errors": len(errors), "elapsed": elapsed}
 
@@ -295,6 +299,72 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     }
 
 
+def measure_swaps_interleaved(home: Path, env: dict, clients: int, swaps: int, slot_s: float,
+                              root: Path | None = None) -> dict:
+    """The swap run for a noisy host: one load of 2 x `swaps` slots of `slot_s`, quiet and swap
+    slots alternating (an activation at the start of each swap slot). Requests are classed by
+    the slot they started in, so "steady" and "during swaps" share the host's load, second by
+    second, instead of one following the other."""
+    import httpx
+
+    from store import Store
+
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
+    versions = [v.index_version for v in store.list_index_versions()]
+    active = store.active_index_version().index_version
+    store.close()
+    if len(versions) < 2:
+        raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
+    other = next(v for v in reversed(versions) if v != active)
+    token = "query-batching-swaps"
+    queries = text_requests(query_words(home))
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
+    activated: list[float] = []
+    stamps: list[tuple[float, float]] = []
+    clock: dict[str, float] = {}
+    try:
+        async def run() -> dict:
+            load = asyncio.create_task(_load(server.port, queries, clients, 2 * swaps * slot_s, stamps))
+            await asyncio.sleep(0.35)  # _load's own warm-up (0.3 s) before its measured window
+            clock["started"] = started = time.perf_counter()
+            async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                         headers={"Authorization": f"Bearer {token}"}) as client:
+                for i in range(swaps):
+                    await asyncio.sleep(max(0.0, started + (2 * i + 1) * slot_s - time.perf_counter()))
+                    t0 = time.perf_counter()
+                    r = await client.post(f"/v1/models/{(other, active)[i % 2]}/activate")
+                    r.raise_for_status()
+                    assert r.json()["serving"], r.text
+                    activated.append(time.perf_counter() - t0)
+            return await load
+
+        total = asyncio.run(run())
+    finally:
+        server.stop()
+    quiet: list[float] = []
+    swapping: list[float] = []
+    for at, ms in stamps:
+        slot = int((at - clock["started"]) // slot_s)
+        if 0 <= slot < 2 * swaps:
+            (swapping if slot % 2 else quiet).append(ms)
+    half = total["elapsed"] / 2
+    steady_s = summarise([{"latencies": quiet, "errors": 0, "elapsed": half}])
+    during_s = summarise([{"latencies": swapping, "errors": total["errors"], "elapsed": half}])
+    return {
+        "home": str(home),
+        "code": str(root) if root else "this tree",
+        "method": f"interleaved: {swaps} quiet and {swaps} swap slots of {slot_s} s, requests by the slot they started in",
+        "clients": clients,
+        "activations": len(activated),
+        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
+        "steady": steady_s,
+        "during_swaps": during_s,
+        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
+        "failures": total["errors"],
+        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo-home", type=Path, default=Path("prism-data"), help="a PRISM_HOME with the demo indexed")
@@ -312,6 +382,9 @@ def main() -> None:
                         help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
     parser.add_argument("--swaps", type=int, default=0,
                         help="activations (the home's two newest index versions, alternating) under 32 clients")
+    parser.add_argument("--swap-slot", type=float, default=0.0,
+                        help="seconds: measure the swaps in alternating quiet and swap slots of this length, one "
+                        "load (for a noisy host); 0: a steady run, then a swap run")
     parser.add_argument("--swap-baseline", type=Path, default=None,
                         help="a source tree (e.g. `git archive` of the commit before a change) whose server runs "
                         "the same swap run, alternating with this tree's, for a before/after in one run")
@@ -337,6 +410,8 @@ def main() -> None:
         "swap_comparison": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
+        # The host's load around the run (other work on a shared machine): read ratios against it.
+        "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     for name, (home, env) in setups.items():
         print(f"[{name}] {home}", flush=True)
@@ -345,20 +420,26 @@ def main() -> None:
         if args.image_clients:
             result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
                                                                 tuple(args.image_clients))
+        def swap_run(root: Path | None) -> dict:
+            if args.swap_slot > 0:
+                return measure_swaps_interleaved(home, env, 32, args.swaps, args.swap_slot, root=root)
+            return measure_swaps(home, env, args.seconds, 32, args.swaps, root=root)
+
         if args.swaps and args.swap_baseline:
             # Before/after: baseline and this tree take turns, the first of each round alternating.
             runs = []
             for round_no in range(args.rounds):
                 for root in ((args.swap_baseline, None) if round_no % 2 == 0 else (None, args.swap_baseline)):
-                    runs.append(measure_swaps(home, env, args.seconds, 32, args.swaps, root=root))
+                    runs.append(swap_run(root))
                     print(f"  round {round_no + 1} swaps ({runs[-1]['code']}): p99 ratio "
                           f"{runs[-1]['p99_ratio_swaps_over_steady']}", flush=True)
             result["swaps"][name] = next(r for r in runs if r["code"] == "this tree")
             result["swap_comparison"][name] = runs
         elif args.swaps:
-            result["swaps"][name] = measure_swaps(home, env, args.seconds, 32, args.swaps)
+            result["swaps"][name] = swap_run(None)
         if args.zipf_clients:
             result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
+    result["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
