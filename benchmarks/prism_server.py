@@ -31,7 +31,7 @@ class PrismServer:
     """
 
     def __init__(self, env: dict[str, str], *, workers: int = 1, port: int | None = None, log: Path | None = None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", root: Path | None = None):
         self.env = dict(env)
         # `prism serve --workers N` makes a fresh metrics directory of its own (and removes it on
         # exit) only when PROMETHEUS_MULTIPROC_DIR is unset (api/cli.py). An inherited one would
@@ -41,6 +41,8 @@ class PrismServer:
         self.workers = workers
         self.port = port or free_port()
         self.log_level = log_level
+        # Another source tree to serve from (a benchmark's baseline: the code before a change).
+        self.root = root or ROOT
         self.log = log
         self._temp_log: Path | None = None
         self.proc: subprocess.Popen | None = None
@@ -67,7 +69,7 @@ class PrismServer:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "api.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                  "--workers", str(self.workers), "--log-level", self.log_level],
-                cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.root, env=self.env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:

@@ -92,7 +92,7 @@ def zipf_requests(titles: list[str], n: int = 20_000, s: float = 1.0, seed: int 
     return text_requests(rng.choices(titles, weights=weights, k=n))
 
 
-def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False) -> PrismServer:
+def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = False, root: Path | None = None) -> PrismServer:
     env = {
         **os.environ, **extra_env, "PRISM_HOME": str(home), "PRISM_QUERY_BATCHING": "true" if batching else "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -102,7 +102,7 @@ def start_server(home: Path, batching: bool, extra_env: dict, caches: bool = Fal
         # vector or page would measure the caches, not the batching of encodes.
         env |= {"PRISM_QUERY_CACHE_ENTRIES": "0", "PRISM_RESULT_CACHE_ENTRIES": "0"}
     # log_level "info": the server as users run it (access log included), as this benchmark always measured it.
-    return PrismServer(env, log_level="info").start(timeout_s=120)
+    return PrismServer(env, log_level="info", root=root).start(timeout_s=120)
 
 
 def text_requests(queries: list[str]) -> list[bytes]:
@@ -132,7 +132,8 @@ def image_requests(files: list[Path]) -> list[bytes]:
     return out
 
 
-async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str]):
+async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, latencies: list[float], errors: list[str],
+                  stamps: list[tuple[float, float]] | None = None):
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
     try:
@@ -149,18 +150,21 @@ async def _client(port: int, queries: list[bytes], offset: int, stop_at: float, 
                 errors.append(str(status))
                 continue
             latencies.append((time.perf_counter() - started) * 1000.0)
+            if stamps is not None:
+                stamps.append((started, latencies[-1]))
     finally:
         writer.close()
 
 
-async def _load(port: int, queries: list[bytes], concurrency: int, seconds: float) -> dict:
+async def _load(port: int, queries: list[bytes], concurrency: int, seconds: float,
+                stamps: list[tuple[float, float]] | None = None) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     # Warm-up: every client's connection and a first query, not counted.
     await asyncio.gather(*(_client(port, queries, c * 997, time.perf_counter() + 0.3, [], []) for c in range(concurrency)))
     started = time.perf_counter()
     stop_at = started + seconds
-    await asyncio.gather(*(_client(port, queries, c * 997 + 1, stop_at, latencies, errors) for c in range(concurrency)))
+    await asyncio.gather(*(_client(port, queries, c * 997 + 1, stop_at, latencies, errors, stamps) for c in range(concurrency)))
     elapsed = time.perf_counter() - started
     return {"latencies": latencies, "errors": len(errors), "elapsed": elapsed}
 
@@ -235,7 +239,7 @@ def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tup
     }
 
 
-def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int) -> dict:
+def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int, root: Path | None = None) -> dict:
     """`swaps` activations (alternating the home's two newest index versions) spread over
     `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
     Every activation goes through POST /v1/models/{version}/activate; the version loads in the
@@ -253,7 +257,7 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     other = next(v for v in reversed(versions) if v != active)
     token = "query-batching-swaps"
     queries = text_requests(query_words(home))
-    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token})
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
     activated: list[float] = []
     try:
         steady = asyncio.run(_load(server.port, queries, clients, seconds))
@@ -283,6 +287,7 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     steady_s, during_s = summarise([steady]), summarise([during])
     return {
         "home": str(home),
+        "code": str(root) if root else "this tree",
         "clients": clients,
         "activations": len(activated),
         "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
@@ -290,6 +295,72 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
         "during_swaps": during_s,
         "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
         "failures": during_s["errors"],
+        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
+    }
+
+
+def measure_swaps_interleaved(home: Path, env: dict, clients: int, swaps: int, slot_s: float,
+                              root: Path | None = None) -> dict:
+    """The swap run for a noisy host: one load of 2 x `swaps` slots of `slot_s`, quiet and swap
+    slots alternating (an activation at the start of each swap slot). Requests are classed by
+    the slot they started in, so "steady" and "during swaps" share the host's load, second by
+    second, instead of one following the other."""
+    import httpx
+
+    from store import Store
+
+    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
+    versions = [v.index_version for v in store.list_index_versions()]
+    active = store.active_index_version().index_version
+    store.close()
+    if len(versions) < 2:
+        raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
+    other = next(v for v in reversed(versions) if v != active)
+    token = "query-batching-swaps"
+    queries = text_requests(query_words(home))
+    server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
+    activated: list[float] = []
+    stamps: list[tuple[float, float]] = []
+    clock: dict[str, float] = {}
+    try:
+        async def run() -> dict:
+            load = asyncio.create_task(_load(server.port, queries, clients, 2 * swaps * slot_s, stamps))
+            await asyncio.sleep(0.35)  # _load's own warm-up (0.3 s) before its measured window
+            clock["started"] = started = time.perf_counter()
+            async with httpx.AsyncClient(base_url=server.url, timeout=120,
+                                         headers={"Authorization": f"Bearer {token}"}) as client:
+                for i in range(swaps):
+                    await asyncio.sleep(max(0.0, started + (2 * i + 1) * slot_s - time.perf_counter()))
+                    t0 = time.perf_counter()
+                    r = await client.post(f"/v1/models/{(other, active)[i % 2]}/activate")
+                    r.raise_for_status()
+                    assert r.json()["serving"], r.text
+                    activated.append(time.perf_counter() - t0)
+            return await load
+
+        total = asyncio.run(run())
+    finally:
+        server.stop()
+    quiet: list[float] = []
+    swapping: list[float] = []
+    for at, ms in stamps:
+        slot = int((at - clock["started"]) // slot_s)
+        if 0 <= slot < 2 * swaps:
+            (swapping if slot % 2 else quiet).append(ms)
+    half = total["elapsed"] / 2
+    steady_s = summarise([{"latencies": quiet, "errors": 0, "elapsed": half}])
+    during_s = summarise([{"latencies": swapping, "errors": total["errors"], "elapsed": half}])
+    return {
+        "home": str(home),
+        "code": str(root) if root else "this tree",
+        "method": f"interleaved: {swaps} quiet and {swaps} swap slots of {slot_s} s, requests by the slot they started in",
+        "clients": clients,
+        "activations": len(activated),
+        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
+        "steady": steady_s,
+        "during_swaps": during_s,
+        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
+        "failures": total["errors"],
         "targets": {"p99_ratio": "<= 1.5", "failures": 0},
     }
 
@@ -303,12 +374,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per concurrency level, per round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--setups", nargs="+", default=["demo", "vit-b-32"], choices=["demo", "vit-b-32"])
+    parser.add_argument("--clients", type=int, nargs="*", default=list(CONCURRENCY),
+                        help="concurrency levels of the text run, batching on vs off (none: no such run)")
     parser.add_argument("--image-clients", type=int, nargs="*", default=[32],
                         help="concurrency levels of the image-upload run per setup (none: no image run)")
     parser.add_argument("--zipf-clients", type=int, nargs="*", default=[],
                         help="concurrency levels of a Zipf(1.0) title stream, caches on vs off (none: no such run)")
     parser.add_argument("--swaps", type=int, default=0,
                         help="activations (the home's two newest index versions, alternating) under 32 clients")
+    parser.add_argument("--swap-slot", type=float, default=0.0,
+                        help="seconds: measure the swaps in alternating quiet and swap slots of this length, one "
+                        "load (for a noisy host); 0: a steady run, then a swap run")
+    parser.add_argument("--swap-baseline", type=Path, default=None,
+                        help="a source tree (e.g. `git archive` of the commit before a change) whose server runs "
+                        "the same swap run, alternating with this tree's, for a before/after in one run")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "query_batching.json")
     args = parser.parse_args()
 
@@ -328,19 +407,39 @@ def main() -> None:
         "setups": {},
         "zipf": {},
         "swaps": {},
+        "swap_comparison": {},
         "targets": {"qps_ratio_at_32": ">= 2.0", "lone_query_p50_ratio": "<= 1.1", "image_qps_ratio_at_32": ">= 1.5"},
         "machine": machine_info(),
+        # The host's load around the run (other work on a shared machine): read ratios against it.
+        "load_average_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     for name, (home, env) in setups.items():
         print(f"[{name}] {home}", flush=True)
-        result["setups"][name] = measure(home, env, args.seconds, args.rounds)
+        if args.clients:
+            result["setups"][name] = measure(home, env, args.seconds, args.rounds, levels=tuple(args.clients))
         if args.image_clients:
             result["setups"][f"{name} image uploads"] = measure(home, env, args.seconds, args.rounds, "image",
                                                                 tuple(args.image_clients))
-        if args.swaps:
-            result["swaps"][name] = measure_swaps(home, env, args.seconds, 32, args.swaps)
+        def swap_run(root: Path | None) -> dict:
+            if args.swap_slot > 0:
+                return measure_swaps_interleaved(home, env, 32, args.swaps, args.swap_slot, root=root)
+            return measure_swaps(home, env, args.seconds, 32, args.swaps, root=root)
+
+        if args.swaps and args.swap_baseline:
+            # Before/after: baseline and this tree take turns, the first of each round alternating.
+            runs = []
+            for round_no in range(args.rounds):
+                for root in ((args.swap_baseline, None) if round_no % 2 == 0 else (None, args.swap_baseline)):
+                    runs.append(swap_run(root))
+                    print(f"  round {round_no + 1} swaps ({runs[-1]['code']}): p99 ratio "
+                          f"{runs[-1]['p99_ratio_swaps_over_steady']}", flush=True)
+            result["swaps"][name] = next(r for r in runs if r["code"] == "this tree")
+            result["swap_comparison"][name] = runs
+        elif args.swaps:
+            result["swaps"][name] = swap_run(None)
         if args.zipf_clients:
             result["zipf"][name] = measure_zipf(home, env, args.seconds, args.rounds, tuple(args.zipf_clients))
+    result["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
 
@@ -369,6 +468,12 @@ def main() -> None:
                 row = setup[f"caches_{mode}"][c]
                 out.add_row(c, mode, f"{row['qps']:.1f}", f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", str(row["errors"]))
         Console().print(out)
+    for name, runs in result["swap_comparison"].items():
+        for run in runs:
+            print(f"{name} [{run['code']}]: p99 {run['during_swaps']['p99_ms']:.1f} ms during vs "
+                  f"{run['steady']['p99_ms']:.1f} steady ({run['p99_ratio_swaps_over_steady']:.2f}x), "
+                  f"q/s {run['during_swaps']['qps']:.1f} vs {run['steady']['qps']:.1f}, {run['failures']} failures, "
+                  f"activation p50 {run['activation_s_p50']} s")
     for name, setup in result["swaps"].items():
         print(f"{name}: {setup['activations']} activations under {setup['clients']} clients: p99 "
               f"{setup['during_swaps']['p99_ms']:.1f} ms during the swaps vs {setup['steady']['p99_ms']:.1f} steady "

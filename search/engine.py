@@ -308,6 +308,8 @@ class SearchEngine:
         self._canary: _Canary | None = None
         self._canary_loader: threading.Thread | None = None
         self._canary_failed: tuple[int, float] | None = None
+        # The latest swap's warm-up and metadata refill (logs, tests, benchmarks).
+        self.last_swap: dict | None = None
 
     def close(self) -> None:
         self._batcher.close()
@@ -405,15 +407,23 @@ class SearchEngine:
         loaded = self._start_serving(version, embedder)
         built_seq = int(version.manifest.get("catalog_seq", 0))
         self.store.follow_lexical(LexicalConfig.from_dict(version.manifest.get("lexical")))
+        warm_ms, encoded = None, False
         if current is not None and self.model_thread is not None:
-            self._warm(loaded)
+            warm_ms, encoded = self._warm(loaded, current)
+        # Read before the swap, here on the loading thread: clearing the cache at the swap made
+        # the first searches after it read their hits by SQL, inside their requests.
+        refill = self.metadata.reread()
         # Before the swap, so whoever sees the new version serving also sees dropped copies gone.
         self._prune_local_copies(version, current.version if current else None)
         with self._lock:
             # Changes journaled while the version loaded: a short replay, then the swap.
             self._serving = self._replay(loaded)
         self._failed = None
-        self.metadata.clear()  # what indexing wrote outside the journal (image states) serves with its version
+        # What indexing wrote outside the journal (image states) serves with its version: the
+        # records re-read above (after the activation, so after that indexing) replace the old.
+        refilled = self.metadata.refill(refill)
+        self.last_swap = {"index_version": version.index_version, "warm_ms": warm_ms, "warm_encoded": encoded,
+                          "metadata_refilled": refilled}
         # Models no version serves any more would otherwise stay in memory, one per promotion;
         # their cached query vectors go with them.
         self._drop_unused_models()
@@ -528,20 +538,34 @@ class SearchEngine:
         draw, seed = search_draw(canary.canary_id, query_id=query_id, session=session, query=asked)
         return (canary, seed) if draw < canary.fraction else None
 
-    def _warm(self, serving: _Serving) -> None:
+    def _warm(self, serving: _Serving, current: _Serving | None = None) -> tuple[float | None, bool]:
         """One text query through the new version's model and indexes before it is swapped in, on
         the model thread where queries will run: first calls allocate (torch's kernels and
         buffers for the shapes, FAISS's pages of a memory-mapped index), and that cost belongs to
-        the load, not to the first shopper. Other queries wait for it once, for one encode."""
-        def warm() -> None:
-            vector = serving.embedder.encode_texts(["warm-up query"])
+        the load, not to the first shopper. Other queries wait for it once.
+
+        A new index of the model already serving (`current`'s embedder: warm from its queries)
+        is warmed with ANN searches alone. The encode would buy nothing, and it held every
+        queued batch for one forward pass per activation (measured: the largest cost a swap
+        put on the searches in flight). Returns (milliseconds on the model thread, encoded)."""
+        encode = current is None or current.embedder is not serving.embedder
+
+        def warm() -> float:
+            started = time.perf_counter()
+            if encode:
+                vector = serving.embedder.encode_texts(["warm-up query"])
+            else:
+                # Any unit vector of the space: the ANN's first searches fault in its pages.
+                vector = np.full((1, serving.embedder.dim), serving.embedder.dim ** -0.5, dtype=np.float32)
             for ann in serving.version.indexes.values():
                 ann.search(vector, 10)
+            return _ms(started)
 
         try:
-            self._batcher.run(warm)
+            return self._batcher.run(warm), encode
         except Exception as exc:  # a version that cannot answer a query fails on its first real one instead
             log.warning("warming index version %s failed: %s", serving.version.index_version, exc)
+            return None, encode
 
     def _index_precision(self, version: LoadedIndexVersion) -> str:
         """The precision queries to `version` are encoded at: the one its vectors were made at

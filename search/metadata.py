@@ -8,8 +8,10 @@ records of recently served rows; what keeps it right is the journal (search/jour
   journal (`SearchEngine.sync`: one SQL round trip that every worker does anyway). The replay of
   new entries drops their rows from the cache (`invalidate`), so a PUT, PATCH or DELETE made
   through any worker or process shows in the next search of every worker;
-- a version swap clears the whole cache: fields an indexing run writes outside the journal (image
-  status and hash, found while embedding) reach hits with the version that embedded them;
+- a version swap renews the whole cache: fields an indexing run writes outside the journal (image
+  status and hash, found while embedding) reach hits with the version that embedded them. The
+  loading thread re-reads the most recently used records (`reread`, after the activation, so
+  after that indexing) and the swap puts them in place of the old (`refill`); the rest go;
 - a record read from the database while a change was being invalidated is not cached: reads note
   the cache's epoch before going to the database and only fill the cache if no invalidation
   happened meanwhile (the read may predate the change).
@@ -24,6 +26,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from store import ProductRecord, Store
+
+
+# Records a version swap re-reads (the most recently used); the rest are read again when asked.
+REREAD_MAX = 10_000
 
 
 class MetadataCache:
@@ -71,6 +77,39 @@ class MetadataCache:
             self._epoch += 1
             for row in row_ids:
                 self._entries.pop(int(row), None)
+
+    def reread(self, limit: int = REREAD_MAX) -> tuple[int, set[int], dict[int, ProductRecord]]:
+        """The `limit` most recently used records read afresh, for `refill`: a version swap's
+        loading thread calls it so that the swap renews the cache instead of emptying it (the
+        first searches after a swap read their hits by SQL, inside their requests).
+
+        The epoch is bumped first: a search's read that began before this one does not fill the
+        cache, so whatever fills it from now on was read after this call, as current as these."""
+        with self._lock:
+            self._epoch += 1
+            epoch = self._epoch
+            held = set(self._entries)
+            rows = list(self._entries)[-limit:] if limit > 0 else []
+        read = self.store.products_by_row_ids(rows) if rows else {}
+        return epoch, held, {row: read[row] for row in rows if row in read}  # least recently used first
+
+    def refill(self, reread: tuple[int, set[int], dict[int, ProductRecord]]) -> int:
+        """Swap in what `reread` read, with the records searches cached since; the records held
+        before it and not re-read go. If anything was invalidated since, a re-read record may
+        predate that change: the cache is emptied instead. Returns the records kept."""
+        epoch, held, fresh = reread
+        with self._lock:
+            if epoch != self._epoch:
+                self._epoch += 1
+                self._entries.clear()
+                return 0
+            self._epoch += 1
+            kept = OrderedDict(fresh)
+            for row, record in self._entries.items():
+                if row not in held:
+                    kept[row] = record
+            self._entries = kept
+            return len(kept)
 
     def clear(self) -> None:
         with self._lock:

@@ -58,3 +58,24 @@ def test_metadata_cache_off_reads_every_time(build_serving_home):
         assert _first(client, "P00041") is not None and _first(client, "P00041") is not None
         assert client.app.state.services.engine.metadata.stats() == {
             "enabled": False, "max_entries": 0, "entries": 0, "hits": 0, "misses": 0}
+
+
+def test_a_swap_refill_gives_way_to_an_invalidation_made_while_it_read(settings):
+    """`reread` (a swap's loading thread) then a journal invalidation, then `refill` (the swap):
+    the re-read record may predate the change, so the cache is emptied, not refilled."""
+    from search.metadata import MetadataCache
+    from store import Store
+
+    store = Store.open(settings.db_url)
+    try:
+        row = store.get_product("P00042").row_id
+        cache = MetadataCache(store)
+        cache.products([row])
+        assert cache.refill(cache.reread()) == 1  # nothing changed meanwhile: renewed in place
+        assert cache.stats()["entries"] == 1
+        reread = cache.reread()
+        cache.invalidate([row])
+        assert cache.refill(reread) == 0
+        assert cache.stats()["entries"] == 0
+    finally:
+        store.close()
