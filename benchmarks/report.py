@@ -259,6 +259,95 @@ def precision_section(result: dict) -> list[str]:
     return out
 
 
+def fast_path_section() -> list[str]:
+    """Issue 20's targets, each next to its figure and the results file it comes from: the runs
+    that measured them are several (ViT-B-32 and the trained demo model, before/after pairs)."""
+    rows = []
+
+    def row(target, measured, verdict, name):
+        rows.append([target, measured, verdict, f"`{name}.json`"])
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**miss**"
+
+    for name, label in (("serve_latency", "ViT-B-32"), ("serve_latency_demo_trained300", "demo model")):
+        if (r := load(name)) is not None:
+            ratio = r["ratio_p50_http_over_encode_ann"]
+            row(f"HTTP text p50 / (encode + ANN) <= 1.2, {label}", f"{ratio}x", met(ratio <= 1.2), name)
+            if "http_cache_hit" in r:
+                hit = r["http_cache_hit"]["p50_ms"]
+                row(f"cache-hit HTTP p50 <= 3 ms, {label}", f"{hit} ms", met(hit <= 3), name)
+    if (r := load("encoder_precision")) is not None:
+        for m in r["models"]:
+            int8 = m["precisions"].get("int8", {})
+            if "speedup_vs_fp32" in int8:
+                ok = int8["speedup_vs_fp32"] >= 2 and int8["top10_overlap_vs_fp32"] >= 0.95
+                row(f"int8 text encoder batch 1 >= 2x fp32 and top-10 overlap >= 0.95, {m['model']}",
+                    f"{int8['speedup_vs_fp32']}x, overlap {int8['top10_overlap_vs_fp32']}", met(ok), "encoder_precision")
+    if (r := load("int8_variants")) is not None:
+        best = max((v for k, v in r["variants"].items() if k != "fp32"),
+                   key=lambda v: v["top10_overlap_vs_fp32_on_fp32_gallery"])
+        row("int8: the best-overlap variant of the demo encoder (which Linear layers, smoothing)",
+            f"{best['speedup_vs_fp32']}x, overlap {best['top10_overlap_vs_fp32_on_fp32_gallery']}",
+            met(best["speedup_vs_fp32"] >= 2 and best["top10_overlap_vs_fp32_on_fp32_gallery"] >= 0.95), "int8_variants")
+    if (r := load("encoder_precision_demo_trained1500")) is not None:
+        held = r["models"][0]["held_out"]
+        for precision in ("int8", "bf16"):
+            points = held[precision]["text_to_image_recall_at_10_points_vs_fp32"]
+            row(f"demo held-out recall@10 within 1 point of fp32, {precision} ({held[precision]['queries']} queries)",
+                f"{held[precision]['text_to_image_recall_at_10']} vs {held['fp32']['text_to_image_recall_at_10']} "
+                f"({points:+} points)", met(points >= -1), "encoder_precision_demo_trained1500")
+    # Rows measured on code that later changed: shown for the record, judged by the newer rows.
+    superseded = {("query_batching", "demo"): "measured before per-request work left the request path",
+                  ("query_batching_tiny_swaps_zipf", "swaps"): "code before the swap fix 05edd67"}
+    for name in ("query_batching", "query_batching_demo_trained300", "query_batching_tiny_swaps_zipf",
+                 "query_batching_demo_swaps_before_after", "query_batching_vit_swaps_before_after"):
+        if (r := load(name)) is None:
+            continue
+        for setup_name, setup in r.get("setups", {}).items():
+            if (why := superseded.get((name, setup_name))) is not None:
+                row(f"micro-batching at 32 clients, {setup_name} ({why})",
+                    f"{setup['qps_ratio_on_over_off'].get('32')}x", "superseded", name)
+                continue
+            ratio = setup["qps_ratio_on_over_off"].get("32")
+            if ratio is None:
+                continue
+            image = setup.get("queries") == "image"
+            bar = 1.5 if image else 2.0
+            kind = "image uploads" if image else "text"
+            row(f"micro-batching at 32 clients >= {bar}x, {kind}, {setup_name}", f"{ratio}x", met(ratio >= bar), name)
+        for setup_name, zipf in r.get("zipf", {}).items():
+            on, off = zipf["caches_on"]["32"], zipf["caches_off"]["32"]
+            row(f"Zipf(1.0) stream, 32 clients, caches on / off, {setup_name} (reported)",
+                f"{on['qps']} / {off['qps']} q/s, p50 {on['p50_ms']} / {off['p50_ms']} ms, p99 {on['p99_ms']} / {off['p99_ms']} ms",
+                "reported", name)
+        for setup_name, swaps in r.get("swaps", {}).items():
+            ratio, failures = swaps["p99_ratio_swaps_over_steady"], swaps["failures"]
+            if (why := superseded.get((name, "swaps"))) is not None:
+                row(f"{swaps['activations']} activations under {swaps['clients']} clients, {setup_name} ({why})",
+                    f"{ratio}x, {failures} failures", "superseded", name)
+                continue
+            row(f"{swaps['activations']} activations under {swaps['clients']} clients: p99 <= 1.5x steady, 0 failures, "
+                f"{setup_name} ({swaps.get('code', 'this tree')})", f"{ratio}x, {failures} failures",
+                met(ratio <= 1.5 and failures == 0), name)
+        for setup_name, runs in r.get("swap_comparison", {}).items():
+            for run in runs:
+                code = "before (86960aa)" if run.get("code") != "this tree" else "after"
+                row(f"swaps side by side, {setup_name}, {code}", f"{run['p99_ratio_swaps_over_steady']}x, "
+                    f"{run['failures']} failures", "side by side", name)
+    if not rows:
+        return []
+    out = ["## The fast query path: targets and figures (`serve_latency.py`, `encoder_precision.py`, "
+           "`int8_variants.py`, `query_batching.py`)", ""]
+    out.append("Each figure comes from the results file named beside it, whose notes give the command, the host's "
+               "load and the home it ran on. Ratios are side by side within one run; absolute times are not "
+               "comparable across rows.")
+    out.append("")
+    out.append(table(["target", "measured", "verdict", "results"], rows))
+    out.append("")
+    return out
+
+
 def commerce_section(evals: dict[str, dict], facets: dict | None) -> list[str]:
     out = ["## Commerce retrieval (`benchmarks/commerce_eval.py`, `benchmarks/commerce_facets.py`)", ""]
     rows = []
@@ -505,6 +594,7 @@ def main() -> None:
         parts += latency_section(r)
     if (r := load("encoder_precision")) is not None:
         parts += precision_section(r)
+    parts += fast_path_section()
     evals = {p.stem.removeprefix("commerce_eval_"): json.loads(p.read_text())
              for p in sorted(RESULTS.glob("commerce_eval_*.json"))}
     if evals or load("commerce_facets") is not None:
