@@ -31,7 +31,7 @@ from indexer.fetch import FetchError, fetch_image_url
 from indexer.memory import release_freed_memory
 from indexer.retention import apply_retention, build_hold
 from indexer.vectors_file import read_vectors_file
-from indexer.versions import MODALITIES, build_lock, mark_recorded, write_index_version
+from indexer.versions import MODALITIES, build_lock, build_scratch, mark_recorded, write_index_version
 from store import DEFAULT_TEXT_FIELDS, ImageState, LexicalConfig, ProductInput, ProductRecord, SourcePreference, Store, compose_text
 
 if TYPE_CHECKING:
@@ -490,7 +490,8 @@ class CatalogIndexer:
         sources, products = self._sources(cache)
         summary.products_indexed = products
         recorded = lambda version: self.store.get_index_version(version) is not None  # noqa: E731
-        with build_lock(self.home / "indexes", is_recorded=recorded, store=self.store):
+        with build_lock(self.home / "indexes", is_recorded=recorded, store=self.store), \
+                build_scratch(self.home / "indexes") as scratch:
             self.progress.start("build indexes", 2)
             indexes = {}
             # Each index is tuned with the other modality's vectors as queries: that is the
@@ -498,7 +499,9 @@ class CatalogIndexer:
             for modality, other in (("image", "text"), ("text", "image")):
                 queries = sources[other].sample(self.options.ann.tuning_queries)
                 if ray is None:
-                    indexes[modality] = AnnIndex.build_from(sources[modality], self.options.ann, tuning_queries=queries)
+                    # Re-rank codes stream to the scratch dir, not memory; publishing links them.
+                    indexes[modality] = AnnIndex.build_from(sources[modality], self.options.ann, tuning_queries=queries,
+                                                            rerank_file=scratch / f"{modality}.rerank.faiss")
                 else:
                     from indexer.ray_build import CachedShardSource, build_ann_on_ray
 
@@ -509,7 +512,8 @@ class CatalogIndexer:
             if extra is not None:
                 # Tuned with text queries, like the image index: the same cross-modal traffic.
                 indexes[EXTRA_IMAGE_INDEX] = AnnIndex.build_from(
-                    extra, self.options.ann, tuning_queries=sources["text"].sample(self.options.ann.tuning_queries))
+                    extra, self.options.ann, tuning_queries=sources["text"].sample(self.options.ann.tuning_queries),
+                    rerank_file=scratch / f"{EXTRA_IMAGE_INDEX}.rerank.faiss")
             self.progress.finish("build indexes")
             self.store.register_model_version(self.embedder.name, spec=self.embedder.spec, dim=self.embedder.dim)
             version, path, manifest = write_index_version(

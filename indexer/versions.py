@@ -85,6 +85,19 @@ def build_lock(indexes_dir: Path, *, is_recorded: Callable[[str], bool] | None =
 
 
 @contextmanager
+def build_scratch(indexes_dir: Path):
+    """A directory for what a build streams to disk before publishing (the re-rank codes), beside
+    the versions so that publishing links its files rather than copying them. Removed when the
+    build ends; a dead build's is a temp dir, which the next `build_lock` removes."""
+    scratch = Path(indexes_dir) / f"{_TMP_PREFIX}build-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
 def _flock(path: Path):
     with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

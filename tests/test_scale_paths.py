@@ -196,3 +196,69 @@ def test_index_of_the_previous_format_still_loads_and_searches(tmp_path):
     loaded = AnnIndex.load(tmp_path, "image", info)
     _, found = loaded.search(x[:20], 1)
     assert (found[:, 0] == ids[:20]).all()
+
+
+def test_rerank_codes_stream_to_the_version_file_and_no_build_holds_them(tmp_path, store, tiny_embedder,
+                                                                        small_catalog, monkeypatch):
+    """The re-rank codes (6/7 of an IVF-PQ index's bytes) are written as each chunk is encoded,
+    never gathered in memory: counted at every chunk, bytes held in the quantizer and on disk."""
+    from indexer import AnnConfig, AnnIndex, CatalogIndexer, IndexOptions
+    from indexer.ann import RerankCodeFile
+
+    seen = []
+    original = RerankCodeFile.add
+
+    def counting(self, x):
+        original(self, x)
+        self._file.flush()
+        seen.append((len(x), int(self.refine.ntotal), self.path.stat().st_size - len(self._header) - 8,
+                     self.ntotal * self.refine.code_size))
+
+    monkeypatch.setattr(RerankCodeFile, "add", counting)
+    options = IndexOptions(batch_size=16, chunk_rows=25, build_chunk_rows=25,
+                           ann=AnnConfig(flat_threshold=0, add_chunk=32, max_train_points=30, tuning_queries=20))
+    home = tmp_path / "home"
+    summary = CatalogIndexer(home=home, store=store, embedder=tiny_embedder, options=options).run(small_catalog)
+    assert summary.indexes["image"]["kind"] == "ivfpq"
+    assert len(seen) >= 2 * (120 // 32)  # image and text, chunk by chunk
+    for chunk, held_in_memory, on_disk, written in seen:
+        assert chunk <= 32 and held_in_memory == 0 and on_disk == written > 0
+    # What was published is the streamed file, whole and loadable; the build's scratch is gone.
+    indexes = home / "indexes"
+    assert not list(indexes.glob(".tmp-*"))
+    version = store.active_index_version()
+    ann = AnnIndex.load(indexes / version.path, "image", version.manifest["indexes"]["image"])
+    assert ann.refine.ntotal == ann.ntotal == 120
+    some = ann.ids()[:5]
+    stored = ann.reconstruct(some)
+    scores, found = ann.search(stored, 1)
+    # Each stored vector is a candidate for itself: nothing ranks below it (random tiny-model
+    # vectors have near-duplicates, so the top id itself may differ).
+    assert (found[:, 0] >= 0).all() and (scores[:, 0] >= np.einsum("qd,qd->q", stored, stored) - 0.05).all()
+
+
+def test_streamed_rerank_file_is_what_faiss_writes_and_a_failed_build_leaves_none(tmp_path):
+    import faiss
+
+    from indexer.ann import AnnConfig, AnnIndex, ArraySource, RerankCodeFile
+
+    x = clip_like(6000, 64, seed=3)
+    ids = np.arange(6000, dtype=np.int64) * 3 + 1
+    config = AnnConfig(flat_threshold=1000, tuning_queries=50, add_chunk=1000)
+    in_memory = AnnIndex.build(x, ids, config)
+    streamed = AnnIndex.build_from(ArraySource(x, ids), config, rerank_file=tmp_path / "scratch" / "image.rerank.faiss")
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    in_memory.save(tmp_path / "a", "image")
+    streamed.save(tmp_path / "b", "image")
+    assert (tmp_path / "a" / "image.rerank.faiss").read_bytes() == (tmp_path / "b" / "image.rerank.faiss").read_bytes()
+    assert (tmp_path / "b" / "image.rerank.faiss").stat().st_ino == (tmp_path / "scratch" / "image.rerank.faiss").stat().st_ino
+    assert np.array_equal(in_memory.search(x[:30], 10)[1], streamed.search(x[:30], 10)[1])
+
+    refine = faiss.index_factory(64, "SQ8", faiss.METRIC_INNER_PRODUCT)
+    refine.train(x)
+    path = tmp_path / "failed.rerank.faiss"
+    with pytest.raises(RuntimeError):
+        with RerankCodeFile(refine, path) as codes:
+            codes.add(x[:100])
+            raise RuntimeError("killed mid-build")
+    assert not path.exists()
