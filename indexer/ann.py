@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -325,10 +324,13 @@ class AnnIndex:
             self.info.rerank_factor = factor
             nprobe, previous = 1, -1.0
             while True:
-                # A hundred queries at a time: the re-rank reconstructs every candidate of a batch
-                # at once (1,000 queries x 32 x 10 candidates x 512 floats was 1.3 GB at 1M).
-                found = np.vstack([self.search(queries[i:i + 100], k, nprobe=nprobe)[1]
-                                   for i in range(0, len(queries), 100)])
+                # Batches bounded in the memory they take: the re-rank reconstructs every candidate
+                # of a batch at once (1,000 queries x 32 x 10 candidates x 512 floats was 1.3 GB at
+                # 1M), and fast-scan builds lookup tables per query and probed list (~8 KB each:
+                # 100 queries at nprobe 1,024 took ~1 GB; the 10M tune peaked ~4 GB above the add).
+                batch = _tuning_batch(nprobe)
+                found = np.vstack([self.search(queries[i:i + batch], k, nprobe=nprobe)[1]
+                                   for i in range(0, len(queries), batch)])
                 recall = _recall(found, truth)
                 curve.append({"rerank_factor": factor, "nprobe": nprobe, "recall_at_10": round(recall, 4)})
                 if best is None or recall > best[2]:
@@ -771,40 +773,23 @@ def add_positions(ivf, refine, truth: "ExactTopK", source: "VectorSource", start
     """Add `source`'s positions [start, stop) a chunk at a time: IVF-PQ codes (at the IVF's next
     positions: it must have an array direct map), residual codes at the same positions, and the
     tuning queries' exact top-k over them (by row id)."""
-    with _exact_coarse_assignment(ivf):
-        for lo, hi in _chunk_bounds(stop - start, chunk):
-            lo, hi = start + lo, start + hi
-            x = _normalised_copy(source.read(np.arange(lo, hi)))
-            first = ivf.ntotal
-            ivf.add(x)
-            # What the IVF code misses, kept compactly for the re-rank (see the module docstring).
-            refine.add(x - ivf.reconstruct_batch(np.arange(first, first + hi - lo, dtype=np.int64)))
-            truth.add(x, source.ids[lo:hi])
+    for lo, hi in _chunk_bounds(stop - start, chunk):
+        lo, hi = start + lo, start + hi
+        x = _normalised_copy(source.read(np.arange(lo, hi)))
+        first = ivf.ntotal
+        # Lists are found through the same HNSW graph the queries walk (where it has one): a vector
+        # the graph misplaces is then where a query's walk looks for it too. Assigning adds exactly
+        # made adds faster but lowered recall at a given nprobe (10M: 0.9472 against 0.9526 at
+        # nprobe 512), so the tuner doubled nprobe and batch-1 q/s halved (67 -> 33).
+        ivf.add(x)
+        # What the IVF code misses, kept compactly for the re-rank (see the module docstring).
+        refine.add(x - ivf.reconstruct_batch(np.arange(first, first + hi - lo, dtype=np.int64)))
+        truth.add(x, source.ids[lo:hi])
 
 
-@contextmanager
-def _exact_coarse_assignment(ivf):
-    """While adding, each vector's list is found by exact search over the centroids (one BLAS
-    product a chunk), not through the HNSW graph the queries use.
-
-    Profiled at 10M's settings (8,192 lists, HNSW32, efSearch 64) on 65,536 vectors side by side:
-    the graph took 32-35 s a chunk, the exact search 16-23 s, and the graph put 1.6% of the vectors
-    in a list other than their nearest (where a query probing the nearest lists misses them). The
-    graph's cost per vector grows with the number of lists, so a 10M add took ~30x a 1M one."""
-    faiss = import_faiss()
-    graph = faiss.downcast_index(ivf.quantizer)
-    if not isinstance(graph, faiss.IndexHNSW):
-        yield
-        return
-    exact = faiss.IndexFlat(ivf.d, graph.metric_type)
-    exact.add(graph.reconstruct_n(0, graph.ntotal))
-    # The IVF owns (and frees) its quantizer: the graph must be back in place before anything
-    # else sees the index, and `exact` stays this function's to free.
-    ivf.quantizer = exact
-    try:
-        yield
-    finally:
-        ivf.quantizer = graph
+def _tuning_batch(nprobe: int) -> int:
+    """Queries per tuner search: 100, fewer as nprobe grows (at most ~6,400 query-list pairs)."""
+    return max(1, min(100, 6_400 // max(1, nprobe)))
 
 
 def _chunk_bounds(n: int, chunk: int):

@@ -150,26 +150,3 @@ def test_broad_filters_dropped_after_the_scan_rank_as_a_selector_does(data, ivf,
         assert np.isin(after_scan, allowed).all() and (after_scan >= 0).all()
         assert _recall(after_scan, selected) >= 0.97
         assert _recall(after_scan, exact) >= _recall(selected, exact) - 0.01
-
-
-def test_adds_put_each_vector_in_its_nearest_list_whatever_the_graph_finds(data):
-    """The HNSW graph over the centroids is for queries; adds assign exactly (a graph walk put 1.6%
-    of 10M-shaped vectors in a list other than their nearest, and cost more)."""
-    import faiss
-
-    from indexer.ann import BuildLaps, ArraySource, ExactTopK, add_positions, plan_factory, train_ivfpq
-
-    x, ids, _ = data
-    config = AnnConfig(flat_threshold=10_000, hnsw_quantizer_from=16, tuning_queries=20)
-    source = ArraySource(x, ids)
-    training = train_ivfpq(source, plan_factory(len(x), x.shape[1], config), config, None, BuildLaps())
-    graph = faiss.downcast_index(training.ivf.quantizer)
-    graph.hnsw.efSearch = 1  # a greedy walk: it misses the nearest list of many vectors
-    centroids = graph.reconstruct_n(0, training.ivf.nlist)
-    nearest = faiss.knn(x, centroids, 1)[1][:, 0]
-    assert (graph.search(x, 1)[1][:, 0] != nearest).sum() > 100  # the graph alone would misplace these
-    training.ivf.make_direct_map(True)
-    add_positions(training.ivf, training.refine, ExactTopK(training.queries, 10), source, 0, len(x), 3000)
-    stored = faiss.vector_to_array(training.ivf.direct_map.array)  # position -> (list << 32 | offset)
-    assert np.array_equal(stored >> 32, nearest)
-    assert faiss.downcast_index(training.ivf.quantizer).this == graph.this  # the graph is back for queries
