@@ -239,13 +239,8 @@ def measure_zipf(home: Path, env: dict, seconds: float, rounds: int, levels: tup
     }
 
 
-def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int, root: Path | None = None) -> dict:
-    """`swaps` activations (alternating the home's two newest index versions) spread over
-    `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
-    Every activation goes through POST /v1/models/{version}/activate; the version loads in the
-    background of the searches (the activating request waits for it, searches do not)."""
-    import httpx
-
+def _swap_pair(home: Path) -> tuple[str, str]:
+    """The home's active index version and the newest other one, which the swap runs alternate."""
     from store import Store
 
     store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
@@ -254,7 +249,34 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     store.close()
     if len(versions) < 2:
         raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
-    other = next(v for v in reversed(versions) if v != active)
+    return active, next(v for v in reversed(versions) if v != active)
+
+
+def _swap_result(home, root, clients, activated, steady_s, during_s, *, method: str | None = None) -> dict:
+    """One swap run's figures; failures are the errors of the requests made during the swaps."""
+    return {
+        "home": str(home),
+        "code": str(root) if root else "this tree",
+        **({"method": method} if method else {}),
+        "clients": clients,
+        "activations": len(activated),
+        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
+        "steady": steady_s,
+        "during_swaps": during_s,
+        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
+        "failures": during_s["errors"],
+        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
+    }
+
+
+def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: int, root: Path | None = None) -> dict:
+    """`swaps` activations (alternating the home's two newest index versions) spread over
+    `seconds` x 2 while `clients` send text queries, against the same load with no swap first.
+    Every activation goes through POST /v1/models/{version}/activate; the version loads in the
+    background of the searches (the activating request waits for it, searches do not)."""
+    import httpx
+
+    active, other = _swap_pair(home)
     token = "query-batching-swaps"
     queries = text_requests(query_words(home))
     server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
@@ -285,18 +307,7 @@ def measure_swaps(home: Path, env: dict, seconds: float, clients: int, swaps: in
     finally:
         server.stop()
     steady_s, during_s = summarise([steady]), summarise([during])
-    return {
-        "home": str(home),
-        "code": str(root) if root else "this tree",
-        "clients": clients,
-        "activations": len(activated),
-        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
-        "steady": steady_s,
-        "during_swaps": during_s,
-        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
-        "failures": during_s["errors"],
-        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
-    }
+    return _swap_result(home, root, clients, activated, steady_s, during_s)
 
 
 def measure_swaps_interleaved(home: Path, env: dict, clients: int, swaps: int, slot_s: float,
@@ -307,15 +318,7 @@ def measure_swaps_interleaved(home: Path, env: dict, clients: int, swaps: int, s
     second, instead of one following the other."""
     import httpx
 
-    from store import Store
-
-    store = Store.open(f"sqlite:///{(home / 'prism.db').resolve()}", apply_migrations=False)
-    versions = [v.index_version for v in store.list_index_versions()]
-    active = store.active_index_version().index_version
-    store.close()
-    if len(versions) < 2:
-        raise SystemExit(f"{home} has one index version: build another (`prism index`) for the swap run")
-    other = next(v for v in reversed(versions) if v != active)
+    active, other = _swap_pair(home)
     token = "query-batching-swaps"
     queries = text_requests(query_words(home))
     server = start_server(home.resolve(), True, {**env, "PRISM_ADMIN_TOKEN": token}, root=root)
@@ -350,19 +353,8 @@ def measure_swaps_interleaved(home: Path, env: dict, clients: int, swaps: int, s
     half = total["elapsed"] / 2
     steady_s = summarise([{"latencies": quiet, "errors": 0, "elapsed": half}])
     during_s = summarise([{"latencies": swapping, "errors": total["errors"], "elapsed": half}])
-    return {
-        "home": str(home),
-        "code": str(root) if root else "this tree",
-        "method": f"interleaved: {swaps} quiet and {swaps} swap slots of {slot_s} s, requests by the slot they started in",
-        "clients": clients,
-        "activations": len(activated),
-        "activation_s_p50": round(statistics.median(activated), 3) if activated else None,
-        "steady": steady_s,
-        "during_swaps": during_s,
-        "p99_ratio_swaps_over_steady": round(during_s["p99_ms"] / steady_s["p99_ms"], 3),
-        "failures": total["errors"],
-        "targets": {"p99_ratio": "<= 1.5", "failures": 0},
-    }
+    method = f"interleaved: {swaps} quiet and {swaps} swap slots of {slot_s} s, requests by the slot they started in"
+    return _swap_result(home, root, clients, activated, steady_s, during_s, method=method)
 
 
 def main() -> None:
