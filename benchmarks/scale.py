@@ -42,21 +42,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 from ann_scale import ClipLikeWorld  # noqa: E402
-from indexer.ann import ExactTopK  # noqa: E402
+from indexer.ann import ExactTopK, resident_mb  # noqa: E402
 from ann_scale import machine_info  # noqa: E402
 
 DIM = 512
 QUERIES = 1_000
 CHUNK = 250_000
 CATEGORIES = 10  # c0: 10% of products, the filter's category
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _rss_split_mb() -> dict:
@@ -192,9 +184,9 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
                           verify_files=False)
     # The model first, so that what the load adds is the index (and the filter columns).
     engine.embedder_for(store.active_index_version().model_version)
-    before, split_before = _rss_mb(), _rss_split_mb()
+    before, split_before = resident_mb(), _rss_split_mb()
     engine.refresh()
-    loaded = _rss_mb()
+    loaded = resident_mb()
     ann = engine.serving.version.indexes["image"]
     # Row ids follow catalog order here (one load into an empty home): position i -> row id i + 1.
     row_of_position = np.sort(ann.ids())
@@ -203,7 +195,7 @@ def serve_measurements(home: Path, work: Path, n: int) -> dict:
     qps = len(queries) / (time.perf_counter() - started)
     truth_rows = row_of_position[truth]
     recall = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth_rows)]))
-    served, split_served = _rss_mb(), _rss_split_mb()
+    served, split_served = resident_mb(), _rss_split_mb()
     breakdown = {"index_arrays_mb": index_parts_mb(ann),
                  "rss_added_mb": {k: round(split_served[k] - split_before[k], 1) for k in split_served}}
 

@@ -538,7 +538,7 @@ class SearchEngine:
         draw, seed = search_draw(canary.canary_id, query_id=query_id, session=session, query=asked)
         return (canary, seed) if draw < canary.fraction else None
 
-    def _warm(self, serving: _Serving, current: _Serving | None = None) -> tuple[float | None, bool]:
+    def _warm(self, serving: _Serving, current: _Serving) -> tuple[float | None, bool]:
         """One text query through the new version's model and indexes before it is swapped in, on
         the model thread where queries will run: first calls allocate (torch's kernels and
         buffers for the shapes, FAISS's pages of a memory-mapped index), and that cost belongs to
@@ -548,7 +548,7 @@ class SearchEngine:
         is warmed with ANN searches alone. The encode would buy nothing, and it held every
         queued batch for one forward pass per activation (measured: the largest cost a swap
         put on the searches in flight). Returns (milliseconds on the model thread, encoded)."""
-        encode = current is None or current.embedder is not serving.embedder
+        encode = current.embedder is not serving.embedder
 
         def warm() -> float:
             started = time.perf_counter()

@@ -111,11 +111,6 @@ class MetadataCache:
             self._entries = kept
             return len(kept)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._epoch += 1
-            self._entries.clear()
-
     def stats(self) -> dict:
         with self._lock:
             return {"enabled": self.enabled, "max_entries": self.max_entries, "entries": len(self._entries),

@@ -122,7 +122,6 @@ def test_hnsw_coarse_quantizer_builds_tunes_saves_and_loads(tmp_path, data, flat
     assert np.abs(loaded.reconstruct(ids[:50]) - x[:50]).max() < 0.05  # fast-scan codes + residuals, after a load
 
 
-
 def test_masked_rows_are_dropped_after_the_scan_or_selected_and_never_returned(data, ivf):
     """Deleted rows are fetched past and dropped after the scan, whatever their share."""
     from indexer import IdSet
