@@ -24,8 +24,9 @@
    narrows the search with probability `p_refine`: the same words, filtered to the category of
    what they look for (as the page's category filter does), and examines that page the same way.
    They post the impressions of everything shown and their clicks through `POST /v1/events`.
-4. A night: every population's traffic, then `prism retrain` (mining, fine-tune, gate,
-   promotion); `--nights` of them.
+4. A night: every population's traffic, interleaved in time (shoppers of all populations search
+   at the same hours, so the latest searches, which the gate judges on, hold every population),
+   then `prism retrain` (mining, fine-tune, gate, promotion); `--nights` of them.
 5. Per population, future traffic on the queries sent before ("seen": a fresh seeded draw from
    the same distribution) and the held-out queries ("unseen") are searched before the first
    night and after the last; each query's served top 10 is scored against its relevant
@@ -272,28 +273,42 @@ def search(client, q: str, k: int = K, category: str | None = None) -> dict:
     return r.json()
 
 
-def send_traffic(client, shoppers: Shoppers, vocab, queries: list[str], rng: random.Random, page: int,
+def send_traffic(client, plan: dict, visits: list[tuple[str, str]], rngs: dict[str, random.Random], page: int,
                  category_of: dict[str, str], p_refine: float) -> dict:
-    batch, counts = [], defaultdict(int)
-    for q in queries:
+    """Send `visits` ((population, query), in order) and their events; the counts per population."""
+    batch, counts = [], {name: defaultdict(int) for name in plan}
+    for name, q in visits:
+        vocab, shoppers, rng, n = plan[name]["vocab"], plan[name]["shoppers"], rngs[name], counts[name]
         result = search(client, q, page)
         wanted = sorted({category_of[pid] for pid in vocab[q]})
         tries = [result]
         if not any(h["product_id"] in vocab[q] for h in result["results"]) and rng.random() < p_refine:
             tries.append(search(client, q, page, category=rng.choice(wanted)))
-            counts["refined"] += 1
+            n["refined"] += 1
         for served in tries:
             batch += [event("impression", served["query_id"], hit) for hit in served["results"]]
             clicked = shoppers.clicks(served["results"], vocab[q], rng)
             batch += [event("click", served["query_id"], hit) for hit in clicked]
-            counts["searches"] += 1
-            counts["clicks"] += len(clicked)
+            n["searches"] += 1
+            n["clicks"] += len(clicked)
         if len(batch) >= 500:
             post_events(client, batch)
             batch = []
     if batch:
         post_events(client, batch)
-    return dict(counts)
+    return {name: dict(n) for name, n in counts.items()}
+
+
+def night_visits(plan: dict, queries_each: int, seed: int, night: int) -> list[tuple[str, str]]:
+    """One night's searches of every population, interleaved in a seeded order.
+
+    Shoppers of all populations search at the same hours. Sent one population after another, the
+    latest searches (the slice the retrain's gate judges on) would all come from the last one.
+    """
+    visits = [(name, q) for name, pl in plan.items()
+              for q in pl["shoppers"].draw(queries_each, random.Random(f"{seed}:{name}:night{night}"))]
+    random.Random(f"{seed}:interleave:night{night}").shuffle(visits)
+    return visits
 
 
 def post_events(client, batch: list[dict]) -> None:
@@ -338,6 +353,8 @@ def main() -> None:
     parser.add_argument("--demo-epochs", type=int, default=None, help="`prism demo --epochs` (with --demo-limit)")
     parser.add_argument("--retrain-epochs", type=int, default=None,
                         help="PRISM_RETRAIN_EPOCHS for each night's retrain (default: the setting's, 40)")
+    parser.add_argument("--min-clicks", type=int, default=None,
+                        help="PRISM_RETRAIN_MIN_CLICKS for each night's retrain (default: the setting's, 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
@@ -358,6 +375,8 @@ def main() -> None:
            "PRISM_ADMIN_TOKEN": token}
     if args.retrain_epochs:
         env["PRISM_RETRAIN_EPOCHS"] = str(args.retrain_epochs)
+    if args.min_clicks:
+        env["PRISM_RETRAIN_MIN_CLICKS"] = str(args.min_clicks)
     started = time.perf_counter()
     print(f"demo in {home} (built or reused) ...", flush=True)
     demo_args = ["demo", "--no-serve"]
@@ -400,12 +419,9 @@ def main() -> None:
         print(f"serving {first_model}; measuring before ...", flush=True)
         before = measure_all(client)
         for night in range(args.nights):
-            traffic = {}
-            for name, pl in plan.items():
-                queries = pl["shoppers"].draw(args.train_queries, random.Random(f"{args.seed}:{name}:night{night}"))
-                traffic[name] = send_traffic(client, pl["shoppers"], pl["vocab"], queries,
-                                             random.Random(f"{args.seed}:{name}:clicks{night}"), args.page_size,
-                                             category_of, args.p_refine)
+            rngs = {name: random.Random(f"{args.seed}:{name}:clicks{night}") for name in plan}
+            traffic = send_traffic(client, plan, night_visits(plan, args.train_queries, args.seed, night), rngs,
+                                   args.page_size, category_of, args.p_refine)
             print(f"night {night + 1}: traffic {traffic}; prism retrain ...", flush=True)
             t0 = time.perf_counter()
             retrain = run_cli(["retrain", "--json"], env)
