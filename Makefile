@@ -91,7 +91,8 @@ bench-ray: install
 	$(PY) benchmarks/ray_scale.py
 
 bench-feedback: install
-	$(PY) benchmarks/feedback_lift.py --home prism-data-lift
+	$(PY) benchmarks/feedback_lift.py --home prism-data-lift --demo-limit 300 --demo-epochs 40 --shoppers zh,colloquial,typo,catalog \
+	  --train-queries 1500 --eval-queries 100 --nights 4 --min-clicks 1 --retrain-epochs 5
 
 clean:
 	rm -rf $(VENV) prism-data prism-data-lift prism-data-bench-vit .pytest_cache

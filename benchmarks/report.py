@@ -490,8 +490,17 @@ def population_table(result: dict) -> list[str]:
     if recall:
         out.append(f"| catalog (`prism eval`) | title->image recall@1 | | {recall['before']:.4f} | {recall['after']:.4f} | "
                    f"{recall['after'] - recall['before']:+.4f} abs |")
-    decisions = ", ".join(f"{n['decision']} ({n['retrain_seconds']:.0f} s)" for n in result.get("nights", []))
-    return out + ["", f"Nights: {decisions}.", ""]
+    out += ["", "| night | searches | clicks | pairs mined | decision | later-click MRR lift (95% CI, queries) | retrain s |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n, night in enumerate(result.get("nights", []), start=1):
+        traffic = night.get("traffic", {}).values()
+        lift = (night.get("gate") or {}).get("lift") or {}
+        judged = (f"{lift['lift']:+.4f} [{lift['ci_low']:+.4f}, {lift['ci_high']:+.4f}], {lift['queries']}"
+                  if lift else "")
+        out.append(f"| {n} | {sum(t.get('searches', 0) for t in traffic)} | {sum(t.get('clicks', 0) for t in traffic)} | "
+                   f"{(night.get('mining') or {}).get('pairs', '')} | {night['decision']} | {judged} | "
+                   f"{night['retrain_seconds']:.0f} |")
+    return out + [""]
 
 
 def feedback_section(result: dict) -> list[str]:
@@ -504,7 +513,9 @@ def feedback_section(result: dict) -> list[str]:
     elif "before" in result:
         out += single_population_table(result)
     settings = result.get("settings", {})
-    shown = {k: settings[k] for k in ("train_queries", "eval_queries", "zipf_s", "page_size", "seed") if k in settings}
+    shown = {k: settings[k] for k in ("shoppers", "nights", "train_queries", "eval_queries", "demo_limit", "demo_epochs",
+                                      "retrain_epochs", "min_clicks", "zipf_s", "page_size", "seed")
+             if settings.get(k) is not None}
     if shown:
         out += [f"Settings: {', '.join(f'{k} {v}' for k, v in shown.items())}.", ""]
     return out
