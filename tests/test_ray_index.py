@@ -28,14 +28,19 @@ def ray_cluster():
     # Ray's unix sockets live under its temp dir, and their paths may not exceed ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="prism-rayidx-")
     node = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
-    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False, "temp_dir": temp_dir})
-    try:
-        cluster.add_node(**node)
-        cluster.wait_for_nodes()
-        yield cluster
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    # RAY_TMPDIR, not the head's temp_dir: the cluster also writes its address to
+    # `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`, and only the default temp dir creates that
+    # `ray` directory (on a fresh host /tmp/ray does not exist).
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", temp_dir)
+        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
+        try:
+            cluster.add_node(**node)
+            cluster.wait_for_nodes()
+            yield cluster
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
