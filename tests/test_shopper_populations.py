@@ -68,3 +68,14 @@ def test_typo_shoppers_make_one_edit_in_every_longer_word(catalog):
                                for a, b in zip(q.split(" "), typo.split(" ")))][:1]
         assert exact[original] <= vocab[typo]
     assert lift.typo_vocabulary(catalog, seed=0) == vocab  # the same misspelling every time
+
+
+def test_a_nights_populations_search_interleaved_so_the_gates_latest_slice_holds_each():
+    plan = {name: {"shoppers": lift.Shoppers([f"{name} {i}" for i in range(50)], 1.0, 1.0, 0.9, 0.02)}
+            for name in ("zh", "colloquial", "typo", "catalog")}
+    visits = lift.night_visits(plan, 300, seed=0, night=0)
+    assert len(visits) == 1_200 and visits == lift.night_visits(plan, 300, seed=0, night=0)
+    assert all(q.startswith(name) for name, q in visits)
+    latest = visits[-240:]  # the retrain's default holdout: the latest 20% of searches
+    for name in plan:
+        assert 30 <= sum(1 for who, _ in latest if who == name) <= 90, name
