@@ -355,9 +355,6 @@ def main() -> None:
                         help="PRISM_RETRAIN_EPOCHS for each night's retrain (default: the setting's, 40)")
     parser.add_argument("--min-clicks", type=int, default=None,
                         help="PRISM_RETRAIN_MIN_CLICKS for each night's retrain (default: the setting's, 2)")
-    parser.add_argument("--min-mrr-gain", type=float, default=None,
-                        help="PRISM_RETRAIN_MIN_MRR_GAIN (-1: the gate's lift check off, to measure what each "
-                             "night's candidate does to every population; catalog recall still gates)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
@@ -380,8 +377,6 @@ def main() -> None:
         env["PRISM_RETRAIN_EPOCHS"] = str(args.retrain_epochs)
     if args.min_clicks:
         env["PRISM_RETRAIN_MIN_CLICKS"] = str(args.min_clicks)
-    if args.min_mrr_gain is not None:
-        env["PRISM_RETRAIN_MIN_MRR_GAIN"] = str(args.min_mrr_gain)
     started = time.perf_counter()
     print(f"demo in {home} (built or reused) ...", flush=True)
     demo_args = ["demo", "--no-serve"]

@@ -3,9 +3,7 @@ local Ray cluster: same vectors in, same index out, through save/load and a work
 
 import os
 import pickle
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from indexer.ann import AnnConfig, AnnIndex, ArraySource, _recall  # noqa: E402
 from indexer.pipeline import CachedVectors  # noqa: E402
 from indexer.ray_build import CachedShardSource, build_ann_on_ray, partition_bounds  # noqa: E402
 from indexer.versions import load_index_version, write_index_version  # noqa: E402
+from ray_cluster import isolated_cluster  # noqa: E402
 
 # Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
 pytestmark = pytest.mark.no_database
@@ -29,16 +28,8 @@ N, DIM = 60_000, 64
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A head and a worker node, one CPU each, in a directory of their own: RAY_TMPDIR keeps
-    their sessions and their `ray_current_cluster` file away from any other Ray on this host."""
-    from ray.cluster_utils import Cluster
-
-    temp = tempfile.mkdtemp(prefix="prism-ray-")  # short: Ray's socket paths must fit 107 bytes
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", temp)
-        nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-        nodes.add_node(num_cpus=1)
-        nodes.wait_for_nodes()
+    """A head and a worker node, one CPU each (`ray_cluster.isolated_cluster`), this process its driver."""
+    with isolated_cluster(num_cpus=1) as nodes:
         # The dying source below lives in this test module, which workers cannot import.
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         ray.init(address=nodes.address)
@@ -46,8 +37,6 @@ def cluster():
             yield nodes
         finally:
             ray.shutdown()
-            nodes.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

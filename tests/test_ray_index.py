@@ -2,12 +2,10 @@
 each, on loopback), run as a user runs it, against the local embed stage on the same catalog."""
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import TINY
 from prism_cli import PRISM, ROOT, run_prism
+from ray_cluster import isolated_cluster
 
 pytest.importorskip("ray.data")
 
@@ -23,24 +22,8 @@ IMAGES = TEXTS = 120  # every product of small_catalog has a text and a readable
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from ray.cluster_utils import Cluster
-
-    # Ray's unix sockets live under its temp dir, and their paths may not exceed ~107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="prism-rayidx-")
-    node = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
-    # RAY_TMPDIR, not the head's temp_dir: the cluster also writes its address to
-    # `<RAY_TMPDIR or /tmp>/ray/ray_current_cluster`, and only the default temp dir creates that
-    # `ray` directory (on a fresh host /tmp/ray does not exist).
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", temp_dir)
-        cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-        try:
-            cluster.add_node(**node)
-            cluster.wait_for_nodes()
-            yield cluster
-        finally:
-            cluster.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
+    with isolated_cluster(num_cpus=1, object_store_memory=100 * 1024 * 1024) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")
