@@ -67,6 +67,7 @@ def _not_bool(value: Any) -> Any:
 
 
 NotBool = BeforeValidator(_not_bool)
+NoNul = AfterValidator(_no_nul)
 Int = Annotated[int, NotBool]
 Price = Annotated[float, NotBool, Field(ge=0, allow_inf_nan=False)]
 Stock = Annotated[int, NotBool, Field(ge=0, le=MAX_STOCK, description="units on hand (null or absent: unknown)")]
@@ -550,7 +551,8 @@ class CanaryStart(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"fraction": 0.1}]})
 
-    fraction: float = Field(gt=0, le=1, description="share of searches that get the interleaved ranking, in (0, 1]")
+    fraction: Annotated[float, NotBool] = Field(
+        gt=0, le=1, description="share of searches that get the interleaved ranking, in (0, 1]")
 
 
 class CanaryArmOut(BaseModel):

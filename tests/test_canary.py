@@ -264,9 +264,11 @@ def test_bad_canary_requests_are_refused_with_a_reason(canary_home):
         assert client.post(f"/v1/models/{CANDIDATE}/canary", json={"fraction": 0.5}).status_code == 401
         unknown = client.post("/v1/models/no-such-version/canary", json={"fraction": 0.5}, headers=ADMIN)
         assert unknown.status_code == 404 and "no-such-version" in unknown.json()["detail"]
-        for fraction in (0, -0.1, 1.5, "half"):
+        # true is not read as 1 (a canary on every search)
+        for fraction in (0, -0.1, 1.5, "half", True):
             bad = client.post(f"/v1/models/{CANDIDATE}/canary", json={"fraction": fraction}, headers=ADMIN)
             assert bad.status_code == 422 and "fraction" in str(bad.json()["detail"]), bad.text
+        assert store.running_canary() is None
         assert client.post(f"/v1/models/{CANDIDATE}/canary", json={}, headers=ADMIN).status_code == 422
         itself = client.post(f"/v1/models/{serving.index_version}/canary", json={"fraction": 0.5}, headers=ADMIN)
         assert itself.status_code == 409 and "serves now" in itself.json()["detail"]

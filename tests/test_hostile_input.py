@@ -311,6 +311,10 @@ NUL_AND_SURROGATES = [
     ("PUT", "/v1/products/NUL-1", {"title": "t", "attributes": {"k": "a\x00b"}}, ["attributes", "NUL"]),
     ("POST", "/v1/events", [{"event_id": "e\x00", "type": "click", "query_id": "q", "product_id": "p",
                              "position": 1, "ts": "2024-01-01T00:00:00Z"}], ["event_id", "NUL"]),
+    # A version name is looked up in the database too (PostgreSQL refused it with a 500).
+    ("POST", "/v1/models/a%00b/activate", None, ["path.version", "NUL"]),
+    ("POST", "/v1/models/a%00b/canary", {"fraction": 0.5}, ["path.version", "NUL"]),
+    ("DELETE", "/v1/models/a%00b/canary", None, ["path.version", "NUL"]),
     # A lone surrogate is valid JSON ("\ud800") but no UTF-8 text: no database can store it.
     ("POST", "/v1/search", b'{"text": "red \\ud800 shoe"}', ["body.text", "unicode"]),
     ("POST", "/v1/search", b'{"text": "a", "filters": {"brand": "\\udfff"}}', ["body.filters.brand", "unicode"]),

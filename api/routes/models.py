@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException, Path as PathParam
 
 from api.routes.common import ADMIN_ERRORS
 from api.schemas import (
-    ActivatedOut, CanaryArmOut, CanaryOut, CanaryStart, ErrorOut, RetrainQueued, RetrainStatus, TrainingRunOut,
+    ActivatedOut, CanaryArmOut, CanaryOut, CanaryStart, ErrorOut, NoNul, RetrainQueued, RetrainStatus, TrainingRunOut,
 )
 from api.services import AdminDep, ServicesDep
 from feedback import (
@@ -23,7 +23,8 @@ from store import CanaryConflictError, CanaryRecord, Store, UnknownVersionError
 log = logging.getLogger("prism.api")
 router = APIRouter(prefix="/v1", tags=["versions"])
 
-VersionPath = Annotated[str, PathParam(min_length=1, max_length=200, description="a model or index version")]
+# No NUL: the name is looked up in the database, and PostgreSQL text cannot hold one (a 500 there).
+VersionPath = Annotated[str, PathParam(min_length=1, max_length=200, description="a model or index version"), NoNul]
 
 
 @router.post(
