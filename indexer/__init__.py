@@ -19,7 +19,7 @@ from indexer.pipeline import (
     product_text,
 )
 from indexer.retention import RetentionOutcome, apply_retention, build_hold
-from indexer.vectors_file import VectorChunk, VectorsFileError, read_vectors_file
+from indexer.vectors_file import VectorChunk, VectorsFileError, check_vectors_file, read_vectors_file
 from indexer.versions import (
     IndexVersionError,
     LoadedIndexVersion,
@@ -85,5 +85,6 @@ __all__ = [
     "product_text",
     "read_catalog",
     "read_vectors_file",
+    "check_vectors_file",
     "remove_unrecorded",
 ]

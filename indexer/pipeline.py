@@ -30,7 +30,7 @@ from indexer.catalog import ImagePolicy, RowError, read_catalog
 from indexer.fetch import FetchError, fetch_image_url
 from indexer.memory import release_freed_memory
 from indexer.retention import apply_retention, build_hold
-from indexer.vectors_file import read_vectors_file
+from indexer.vectors_file import check_vectors_file, read_vectors_file
 from indexer.versions import MODALITIES, build_lock, build_scratch, mark_recorded, write_index_version
 from store import DEFAULT_TEXT_FIELDS, ImageState, LexicalConfig, ProductInput, ProductRecord, SourcePreference, Store, compose_text
 
@@ -588,6 +588,11 @@ class CatalogIndexer:
             raise ValueError("a sync needs a catalog file: it deletes what the file does not list")
         if self.options.sync:
             self.feed = FeedSync(self.options.max_delete_fraction, chunk_rows=self.options.chunk_rows)
+        if vectors is not None:
+            # A file rejected as a whole (a fixed-size list of another model's width is only known
+            # now, with the model) must fail before the catalog loads, which writes products and
+            # takes long at scale, not after.
+            check_vectors_file(vectors, dim=self.embedder.dim)
         self._refresh_lexical()
         if catalog is not None:
             self.load_catalog(Path(catalog), summary)

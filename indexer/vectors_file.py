@@ -91,6 +91,22 @@ def read_vectors_file(path: str | Path, *, dim: int | None, batch_rows: int = 65
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows <= 0:
         raise ValueError(f"batch_rows must be a positive integer, got {batch_rows!r}")
     path = Path(path)
+    pf, columns = _open(path, dim)
+    if dim is None:
+        pf.close()
+        return iter(())
+    return _chunks(pf, path.name, columns, dim, batch_rows)
+
+
+def check_vectors_file(path: str | Path, *, dim: int | None = None) -> None:
+    """Raise VectorsFileError for whatever makes read_vectors_file reject the file as a whole,
+    reading no rows. With `dim`, that includes a fixed-size list of another width."""
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0):
+        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    _open(Path(path), dim)[0].close()
+
+
+def _open(path: Path, dim: int | None) -> tuple[pq.ParquetFile, dict[str, str]]:
     if not path.is_file():
         raise VectorsFileError(f"vectors file not found: {path}")
     try:
@@ -107,13 +123,10 @@ def read_vectors_file(path: str | Path, *, dim: int | None, batch_rows: int = 65
     except VectorsFileError:
         pf.close()
         raise
-    if dim is None:
-        pf.close()
-        return iter(())
-    return _chunks(pf, path.name, columns, dim, batch_rows)
+    return pf, columns
 
 
-def _check_schema(schema: pa.Schema, dim: int, name: str) -> dict[str, str]:
+def _check_schema(schema: pa.Schema, dim: int | None, name: str) -> dict[str, str]:
     names = schema.names
     found = ", ".join(names) or "none"
     for column in (ID_COLUMN, *VECTOR_COLUMNS.values()):
@@ -125,6 +138,10 @@ def _check_schema(schema: pa.Schema, dim: int, name: str) -> dict[str, str]:
     if not _is_id_type(id_type):
         raise VectorsFileError(f"{name}: {ID_COLUMN} has type {id_type}; expected a string (or integer) column")
     columns: dict[str, str] = {}
+    only_nulls: list[str] = []
+    # Before the model loads (dim=None) the width is not known yet.
+    width = "N" if dim is None else dim
+    expected = f"a list<float32> or fixed_size_list<float32, {width}> (float16 also accepted)"
     for modality, column in VECTOR_COLUMNS.items():
         if column not in names:
             continue
@@ -132,8 +149,8 @@ def _check_schema(schema: pa.Schema, dim: int, name: str) -> dict[str, str]:
         if pa.types.is_null(vtype):
             # Every value is null (e.g. pandas writing a column of None). Read as "no vectors of
             # this modality", the same as leaving the column out.
+            only_nulls.append(column)
             continue
-        expected = f"a list<float32> or fixed_size_list<float32, {dim}> (float16 also accepted)"
         if not (pa.types.is_list(vtype) or pa.types.is_large_list(vtype) or pa.types.is_fixed_size_list(vtype)):
             raise VectorsFileError(f"{name}: {column} has type {vtype}; expected {expected}")
         value_type = vtype.value_type
@@ -145,6 +162,10 @@ def _check_schema(schema: pa.Schema, dim: int, name: str) -> dict[str, str]:
                 f"width is {dim}; were they made by a different model than --model?"
             )
         columns[modality] = column
+    if not columns and only_nulls:
+        # "no vector column" would contradict the column list the user can see in the file.
+        verb = "holds" if len(only_nulls) == 1 else "hold"
+        raise VectorsFileError(f"{name}: {' and '.join(only_nulls)} {verb} only nulls: no row has a vector")
     if not columns:
         wanted = " and/or ".join(VECTOR_COLUMNS.values())
         raise VectorsFileError(f"{name}: no vector column; expected {wanted}, found {found}")

@@ -105,6 +105,26 @@ def test_supplied_vectors_are_what_the_index_serves(tmp_path, store, tiny_embedd
     assert (after.image_status, after.image_hash) == ("supplied", before.image_hash) and after.title == "renamed"
 
 
+def test_vectors_of_another_models_width_fail_before_the_catalog_is_written(tmp_path, store, tiny_embedder):
+    """A fixed-size vector column of the wrong width rejects the whole file. That must happen before
+    the catalog loads (10M rows take a while), and leave the products and index versions as they were."""
+    from indexer import CatalogIndexer, VectorsFileError
+
+    n = 20
+    ids = [f"S{i:05d}" for i in range(n)]
+    x = np.random.default_rng(0).standard_normal((n, tiny_embedder.dim)).astype(np.float32)
+    CatalogIndexer(home=tmp_path / "home", store=store, embedder=tiny_embedder).run(
+        _catalog(tmp_path / "c.parquet", n), vectors=_vectors(tmp_path / "v.parquet", ids, x))
+    versions = len(store.list_index_versions())
+
+    changed = _catalog(tmp_path / "changed.parquet", n + 5, category=lambda i: "changed")
+    wrong = _vectors(tmp_path / "wrong.parquet", ids, np.ones((n, tiny_embedder.dim + 1), np.float32))
+    with pytest.raises(VectorsFileError, match="were they made by a different model"):
+        CatalogIndexer(home=tmp_path / "home", store=store, embedder=tiny_embedder).run(changed, vectors=wrong)
+    assert store.count_products() == n and store.get_product("S00003").category == "other"
+    assert len(store.list_index_versions()) == versions
+
+
 def test_no_stage_holds_the_whole_catalog(tmp_path, store, tiny_embedder, small_catalog, monkeypatch):
     """Every stage works a bounded chunk at a time: counted where rows and vectors are handed over."""
     from embedder import VectorCache

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from indexer.catalog import RowError
-from indexer.vectors_file import VECTOR_COLUMNS, VectorChunk, VectorsFileError, read_vectors_file
+from indexer.vectors_file import VECTOR_COLUMNS, VectorChunk, VectorsFileError, check_vectors_file, read_vectors_file
 
 # Touches no database: the suite's SQLite run covers it, its PostgreSQL run skips it.
 pytestmark = pytest.mark.no_database
@@ -255,14 +255,32 @@ def _table_file(path, **columns):
         (lambda p: _table_file(p / "v.parquet", product_id=["a"], image_vector=_column([[0.5] * 4], "fixed", dim=4)), f"image_vector holds vectors of 4 values but the model's embedding width is {DIM}"),
         (lambda p: _table_file(p / "v.parquet", product_id=[1.5], image_vector=_column([GOOD])), "product_id has type double"),
         (lambda p: _write(p / "v.parquet", [], image=[]), "has no rows"),
+        (lambda p: _table_file(p / "v.parquet", product_id=["a"], image_vector=pa.nulls(1), text_vector=pa.nulls(1)), "image_vector and text_vector hold only nulls: no row has a vector"),
     ],
-    ids=["missing", "not-parquet", "no-product-id", "no-vector-column", "int-vectors", "float64-vectors", "not-a-list", "fixed-width", "float-ids", "empty"],
+    ids=["missing", "not-parquet", "no-product-id", "no-vector-column", "int-vectors", "float64-vectors", "not-a-list", "fixed-width", "float-ids", "empty", "only-null-vectors"],
 )
 def test_file_level_errors_raise_at_the_call(tmp_path, make, fragment):
     path = make(tmp_path)
     with pytest.raises(VectorsFileError) as info:
         read_vectors_file(path, dim=DIM)  # not iterated: the schema is checked up front
     assert fragment in str(info.value)
+
+
+def test_check_before_the_model_is_known_names_no_width(tmp_path):
+    """`prism index` checks the file with dim=None before the model loads: its message must not
+    print that None as the width it expects."""
+    path = _table_file(tmp_path / "v.parquet", product_id=["a"], image_vector=pa.array([[1] * DIM], pa.list_(pa.int32())))
+    with pytest.raises(VectorsFileError) as info:
+        read_vectors_file(path, dim=None)
+    assert "None" not in str(info.value) and "fixed_size_list<float32, N>" in str(info.value)
+
+
+def test_check_vectors_file_rejects_a_fixed_width_that_is_not_the_models(tmp_path):
+    path = _table_file(tmp_path / "v.parquet", product_id=["a"], image_vector=_column([[0.5] * 4], "fixed", dim=4))
+    check_vectors_file(path, dim=None)  # the width is not known yet
+    with pytest.raises(VectorsFileError, match="holds vectors of 4 values"):
+        check_vectors_file(path, dim=DIM)
+    check_vectors_file(path, dim=4)
 
 
 def test_bad_arguments():
