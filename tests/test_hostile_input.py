@@ -315,6 +315,13 @@ NUL_AND_SURROGATES = [
     ("POST", "/v1/models/a%00b/activate", None, ["path.version", "NUL"]),
     ("POST", "/v1/models/a%00b/canary", {"fraction": 0.5}, ["path.version", "NUL"]),
     ("DELETE", "/v1/models/a%00b/canary", None, ["path.version", "NUL"]),
+    # So is a product id, on every product route (PostgreSQL answered 500, SQLite 404; only PUT checked).
+    ("GET", "/v1/products/a%00b", None, ["path.product_id", "NUL"]),
+    ("PUT", "/v1/products/a%00b", {"title": "t"}, ["path.product_id", "NUL"]),
+    ("PATCH", "/v1/products/a%00b", {"price": 1}, ["path.product_id", "NUL"]),
+    ("DELETE", "/v1/products/a%00b", None, ["path.product_id", "NUL"]),
+    ("GET", "/v1/products/a%00b/image", None, ["path.product_id", "NUL"]),
+    ("GET", "/v1/products/a%00b/images/1", None, ["path.product_id", "NUL"]),
     # A lone surrogate is valid JSON ("\ud800") but no UTF-8 text: no database can store it.
     ("POST", "/v1/search", b'{"text": "red \\ud800 shoe"}', ["body.text", "unicode"]),
     ("POST", "/v1/search", b'{"text": "a", "filters": {"brand": "\\udfff"}}', ["body.filters.brand", "unicode"]),
