@@ -133,9 +133,10 @@ def build_ann_on_ray(
         for start, stop in bounds
     ]
     truth = ExactTopK(training.queries, TRUTH_K)
+    norms = np.empty(n, np.float32)
     try:
         for i, (start, stop) in enumerate(bounds):
-            ivf_part, refine_part, scores, top = ray.get(pending[i])
+            ivf_part, refine_part, part_norms, scores, top = ray.get(pending[i])
             pending[i] = None  # its result leaves the object store once merged
             part = faiss.deserialize_index(ivf_part)
             part_refine = faiss.deserialize_index(refine_part)
@@ -146,6 +147,7 @@ def build_ann_on_ray(
                 )
             training.ivf.merge_from(part, start)  # the partial's positions 0.. become start..
             training.refine.merge_from(part_refine, 0)
+            norms[start:stop] = part_norms
             truth.add_scored(scores, top)
     except BaseException:
         for ref in pending:
@@ -153,7 +155,7 @@ def build_ann_on_ray(
                 ray.cancel(ref)
         raise
     laps("add")
-    ann = AnnIndex.from_training(training, ids, truth.ids(), config, laps)
+    ann = AnnIndex.from_training(training, ids, truth.ids(), norms, config, laps)
     ann.info.tuning["ray_partitions"] = len(bounds)
     return ann
 
@@ -173,7 +175,7 @@ def _encode_range(ivf_blob, refine_blob, queries, source, start: int, stop: int,
     refine = faiss.deserialize_index(refine_blob)
     truth = ExactTopK(queries, TRUTH_K)
     ivf.make_direct_map(True)
-    add_positions(ivf, refine, truth, source, start, stop, chunk)
+    norms = add_positions(ivf, refine, truth, source, start, stop, chunk)
     ivf.make_direct_map(False)  # merge_from takes IVFs without one; the merged index makes its own
     scores, top = truth.top()
-    return faiss.serialize_index(ivf), faiss.serialize_index(refine), scores, top
+    return faiss.serialize_index(ivf), faiss.serialize_index(refine), norms, scores, top

@@ -76,6 +76,35 @@ def test_old_format_is_refused_with_a_rebuild_hint(tmp_path, ivf):
         AnnIndex.load(tmp_path, "image", {**ivf.info.to_dict(), "format": 1})
 
 
+def test_a_format_2_index_scanned_by_inner_product_loads_and_reranks(tmp_path, data, flat):
+    """The release before fast-scan built 8-bit IVF-PQ on inner product (its scan's distances are
+    q.b already, no norms) with residual re-rank codes: it still loads, and ranks near exactly."""
+    import faiss
+
+    x, ids, q = data
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    ivf = faiss.index_factory(x.shape[1], "IVF64,PQ16", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(unit)
+    index = faiss.IndexIDMap(ivf)  # made while empty, as the builds of that release did
+    ivf.add(unit)
+    ivf.make_direct_map(True)
+    faiss.copy_array_to_vector(ids.astype(np.int64), index.id_map)
+    index.ntotal = ivf.ntotal
+    refine = faiss.index_factory(x.shape[1], "SQ8", faiss.METRIC_INNER_PRODUCT)
+    residual = unit - ivf.reconstruct_batch(np.arange(len(x), dtype=np.int64))
+    refine.train(residual)
+    refine.add(residual)
+    faiss.write_index(index, str(tmp_path / "image.faiss"))
+    faiss.write_index(refine, str(tmp_path / "image.rerank.faiss"))
+    info = {"kind": "ivfpq", "factory": "IDMap,IVF64,PQ16", "count": len(x), "dim": x.shape[1], "nlist": 64,
+            "nprobe": 16, "rerank_store": "residual-SQ8", "rerank_factor": 8, "format": 2}
+    loaded = AnnIndex.load(tmp_path, "image", info)
+    assert loaded.base_norms is None
+    _, truth = flat.search(q, 10)
+    _, found = loaded.search(q, 10)
+    assert _recall(found, truth) >= 0.9
+
+
 def test_selective_and_broad_filters_return_k_members(data, ivf):
     _, ids, q = data
     for allowed in (ids[::997], ids[::40], ids[::3]):  # 21 members, 500 members, ~6.7k members
@@ -97,9 +126,29 @@ def test_excluded_ids_never_come_back(data, ivf):
 def test_save_and_load_round_trip(tmp_path, data, ivf):
     _, _, q = data
     files = ivf.save(tmp_path, "image")
-    assert files == ["image.faiss", "image.rerank.faiss"]
+    assert files == ["image.faiss", "image.rerank.faiss", "image.norms.npy"]
     loaded = AnnIndex.load(tmp_path, "image", ivf.info.to_dict())
     assert (loaded.search(q[:5], 10)[1] == ivf.search(q[:5], 10)[1]).all()
+
+
+def test_rerank_scores_are_the_query_dot_the_reconstructed_vectors(data, ivf):
+    """The re-rank reads q.b from the scan's distance and the stored norm |b|^2: the score must
+    still be q.(b + r), as decoding b would give (up to the scan's 8-bit lookup tables)."""
+    _, _, q = data
+    scores, found = ivf.search(q[:20], 10)
+    unit = q[:20] / np.linalg.norm(q[:20], axis=1, keepdims=True)
+    decoded = np.einsum("qkd,qd->qk", ivf.reconstruct(found.reshape(-1)).reshape(20, 10, -1), unit)
+    assert np.abs(scores - decoded).max() < 0.02
+
+
+def test_an_index_saved_without_norms_loads_and_computes_them(tmp_path, data, ivf):
+    """Format 3 (and 2) stored no norms: they are decoded on load, and search as a rebuild would."""
+    _, _, q = data
+    ivf.save(tmp_path, "image")
+    (tmp_path / "image.norms.npy").unlink()
+    loaded = AnnIndex.load(tmp_path, "image", {**ivf.info.to_dict(), "format": 3})
+    assert np.allclose(loaded.base_norms, ivf.base_norms, atol=1e-5)
+    assert (loaded.search(q[:20], 10)[1] == ivf.search(q[:20], 10)[1]).all()
 
 
 def test_bad_build_inputs():
