@@ -79,6 +79,7 @@ def index_parts_mb(ann) -> dict:
         "sorted_ids_and_order": round(16 * n * mb, 1) if ann._ids is not None else 0.0,
         "centroids": round(ivf.nlist * ivf.d * 4 * mb, 1),
         "rerank_codes": round(ann.refine.code_size * n * mb, 1),
+        "base_norms": round(ann.base_norms.nbytes * mb, 1) if ann.base_norms is not None else 0.0,
     }
 
 
