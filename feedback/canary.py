@@ -187,9 +187,12 @@ def start_canary(store: Store, version: str, fraction: float, *, policy: CanaryP
     return record
 
 
-def stop_canary(store: Store, *, by: str = "cli", reason: str = "stopped by an operator") -> CanaryReview:
-    """Stop the running canary; the serving version stays. `CanaryConflictError` when none runs."""
-    canary = store.running_canary()
+def stop_canary(store: Store, *, by: str = "cli", reason: str = "stopped by an operator",
+                canary: CanaryRecord | None = None) -> CanaryReview:
+    """Stop the running canary, or `canary` (a record the caller checked) only if it still runs;
+    the serving version stays. `CanaryConflictError` when none runs, or `canary` ended meanwhile:
+    a stop aimed at one canary must never end the next one."""
+    canary = canary or store.running_canary()
     if canary is None:
         raise CanaryConflictError("no canary is running")
     stats = canary_stats(store, canary)

@@ -10,7 +10,8 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from embedder import create_base_model, load_embedder, prism_config_path
 from feedback import (
-    CanaryPolicy, CanaryStats, decide, review_canary, sequential_p, sign_test_p, start_canary, tally, write_model_version,
+    CanaryPolicy, CanaryStats, decide, review_canary, sequential_p, sign_test_p, start_canary, stop_canary, tally,
+    write_model_version,
 )
 from indexer import CatalogIndexer, IndexOptions
 from prism_cli import run_prism
@@ -312,6 +313,15 @@ def test_canary_state_changes_are_compare_and_set(canary_home):
         review = review_canary(store)
         assert review.action == "superseded" and store.get_canary(again.id).status == "superseded"
         assert store.list_training_runs()[0].decision == "superseded"
+        # A stop aimed at a canary that ended meanwhile (its route checked it, then another began)
+        # must not end the one that runs now.
+        store.activate_index_version(serving.index_version)
+        checked = start_canary(store, CANDIDATE, 0.2, started_by="test")
+        stop_canary(store, by="test")
+        running = start_canary(store, CANDIDATE, 0.2, started_by="test")
+        with pytest.raises(CanaryConflictError):
+            stop_canary(store, by="test", canary=checked)
+        assert store.running_canary().id == running.id
     finally:
         store.close()
 

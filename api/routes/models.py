@@ -176,7 +176,7 @@ def canary_stop(version: VersionPath, services: ServicesDep) -> CanaryOut:
         raise HTTPException(409, f"the running canary is {running.candidate_index_version} "
                                  f"(model {running.candidate_model_version}), not {version}")
     try:
-        review = stop_canary(store, by="http")
+        review = stop_canary(store, by="http", canary=running)
     except CanaryConflictError as exc:
         raise HTTPException(409, str(exc)) from None
     return canary_out(store, services.engine, review.canary)
