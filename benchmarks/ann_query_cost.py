@@ -15,10 +15,16 @@ IVF-PQ reconstruction b from the fast-scan blocks instead of reading q.b off the
   base decode      the candidates' IVF-PQ reconstructions
   decode re-rank   the whole search that way (scan, both decodes, score)
 
+With --retune (needs --truth) the build's tuner runs again on this index over the first half of the
+queries, as the current code would tune it, and the other half is measured: how a tuner change
+plays on an index too large to rebuild for the purpose. Nothing is written to the index version.
+
 With --truth (benchmarks/scale.py's truth.npy: each query's exact top-10 as catalog positions, row
 id = position + 1 there) it reports recall@10 of both re-ranks. Queries come from --queries (an
 .npy of float32 rows) or are stored vectors of the index with noise. The ways of one query run back
-to back, so host noise hits each alike. Prints a table and writes JSON.
+to back, so host noise hits each alike, and the two whole searches take turns going first (the
+first reads the query's lists from memory, the second finds some in the CPU caches). Prints a
+table and writes JSON.
 
     python benchmarks/ann_query_cost.py --home /tmp/prism-scale/n10000000/home \
         --queries /tmp/prism-scale/n10000000/queries.npy --truth /tmp/prism-scale/n10000000/truth.npy \
@@ -79,8 +85,13 @@ def measure(ann, queries: np.ndarray, truth_rows: np.ndarray | None, k: int = 10
     for q in queries[:20]:  # warm: the memory-mapped re-rank pages, the sorted ids
         ann.search(q[None], k)
         _decode_rerank(ann, q[None], fetch, k)
-    for q in queries:
+    for i, q in enumerate(queries):
         q = q[None]
+        # Turns, not a fixed order: see the module docstring.
+        if i % 2:
+            t5 = time.perf_counter()
+            found_decoded.append(_decode_rerank(ann, q, fetch, k))
+            t6 = time.perf_counter()
         t0 = time.perf_counter()
         found_served.append(ann.search(q, k)[1][0])
         t1 = time.perf_counter()
@@ -93,10 +104,12 @@ def measure(ann, queries: np.ndarray, truth_rows: np.ndarray | None, k: int = 10
         np.argsort(-scores, axis=1, kind="stable")[:, :k]
         t4 = time.perf_counter()
         ann.index.index.reconstruct_batch(at.reshape(-1))
-        t5 = time.perf_counter()
-        found_decoded.append(_decode_rerank(ann, q, fetch, k))
-        t6 = time.perf_counter()
-        for name, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t5), (t5, t6))):
+        t4b = time.perf_counter()
+        if not i % 2:
+            t5 = time.perf_counter()
+            found_decoded.append(_decode_rerank(ann, q, fetch, k))
+            t6 = time.perf_counter()
+        for name, (a, b) in zip(times, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t4, t4b), (t5, t6))):
             times[name].append(b - a)
     us = lambda xs: round(statistics.median(xs) * 1e6, 1)  # noqa: E731
     out = {
@@ -141,6 +154,8 @@ def main() -> None:
     parser.add_argument("--truth", type=Path, default=None,
                         help="benchmarks/scale.py's truth.npy (exact top-10 as catalog positions) for recall@10")
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--retune", action="store_true",
+                        help="re-run the tuner on the first half of the queries, measure on the second half")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "ann_query_cost.json")
     args = parser.parse_args()
 
@@ -158,7 +173,23 @@ def main() -> None:
     queries = _queries(ann, args.queries, args.count)
     # benchmarks/scale.py loads its catalog into an empty home: position i is row id i + 1.
     truth = None if args.truth is None else np.sort(ann.ids())[np.load(args.truth)[:len(queries)]]
+    retuned = None
+    if args.retune:
+        if truth is None:
+            raise SystemExit("--retune needs --truth")
+        from indexer import AnnConfig
+
+        built = {"rerank_factor": ann.info.rerank_factor, "nprobe": ann.info.nprobe,
+                 "recall_at_10": ann.info.recall_at_10}
+        half = len(queries) // 2
+        started = time.perf_counter()
+        ann._tune(queries[:half], truth[:half], AnnConfig(), "benchmark queries")
+        retuned = {"as_built": built, "seconds": round(time.perf_counter() - started, 1),
+                   "tuning_queries": half, "curve": ann.info.tuning["curve"]}
+        queries, truth = queries[half:], truth[half:]
     result = {**measure(ann, queries, truth), "machine": machine_info()}
+    if retuned is not None:
+        result["retuned"] = retuned
     engine.close()
     store.close()
     print_table(result)
