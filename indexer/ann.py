@@ -348,11 +348,19 @@ class AnnIndex:
             # 1M), and fast-scan builds lookup tables per query and probed list (~8 KB each:
             # 100 queries at nprobe 1,024 took ~1 GB; the 10M tune peaked ~4 GB above the add).
             batch = _tuning_batch(nprobe)
-            started = time.perf_counter()
-            found = np.vstack([self.search(queries[i:i + batch], k, nprobe=nprobe)[1]
-                               for i in range(0, len(queries), batch)])
-            seconds = time.perf_counter() - started
+
+            def run() -> tuple[np.ndarray, float]:
+                started = time.perf_counter()
+                found = np.vstack([self.search(queries[i:i + batch], k, nprobe=nprobe)[1]
+                                   for i in range(0, len(queries), batch)])
+                return found, time.perf_counter() - started
+
+            found, seconds = run()
             recall = _recall(found, truth)
+            if recall >= config.recall_target:
+                # Timed again, warm: the first search at a new depth faults in re-rank pages it had
+                # not touched (10M: 22-30 ms a query where the warm search took 2-8 ms).
+                seconds = run()[1]
             curve.append({"rerank_factor": factor, "nprobe": nprobe, "recall_at_10": round(recall, 4),
                           "ms_per_query": round(seconds * 1000 / max(len(queries), 1), 3)})
             if recall >= config.recall_target:
