@@ -53,11 +53,15 @@ def test_ivfpq_reaches_recall_target_on_held_out_queries(data, ivf, flat):
     _, truth = flat.search(q, 10)
     _, found = ivf.search(q, 10)
     assert _recall(found, truth) >= 0.95  # fresh queries the tuner never saw
-    # Of the settings that reached the target, the tuner kept the one that searched fastest.
+    # Of the settings that reached the target, the tuner kept the cheapest (modelled, so that two
+    # builds of the same vectors choose alike), and it tried a deeper re-rank at fewer lists.
     curve = ivf.info.tuning["curve"]
     meeting = [p for p in curve if p["recall_at_10"] >= 0.95]
     chosen = next(p for p in meeting if (p["rerank_factor"], p["nprobe"]) == (ivf.info.rerank_factor, ivf.info.nprobe))
-    assert chosen["ms_per_query"] == min(p["ms_per_query"] for p in meeting)
+    assert chosen["modelled_us"] == min(p["modelled_us"] for p in meeting)
+    first = meeting[0]
+    if first["nprobe"] > 1:
+        assert any(p["rerank_factor"] > first["rerank_factor"] and p["nprobe"] == first["nprobe"] // 2 for p in curve)
 
 
 def test_rerank_codes_are_compact_and_close_to_the_vectors(data, ivf):
