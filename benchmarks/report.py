@@ -441,6 +441,30 @@ def scale_section(result: dict) -> list[str]:
     return out
 
 
+def query_cost_section(results: dict[str, dict]) -> list[str]:
+    out = ["## One batch-1 ANN query, step by step (`benchmarks/ann_query_cost.py`)", ""]
+    out.append("The served search (`AnnIndex.search`, k=10, one thread) and its steps, beside the re-rank of index "
+               "format 3, which decoded each candidate's IVF-PQ reconstruction from the fast-scan blocks where "
+               "format 4 reads q.b off the scan's distance with a stored norm. Medians over the queries; each "
+               "query runs every way back to back. " + machine_line(next(iter(results.values()))))
+    out.append("")
+    rows = []
+    for name, r in results.items():
+        steps = r["steps_us_p50"]
+        rows.append([
+            f"{r['ntotal']:,}", f"{r['factory']} + {r['rerank_store']}", r["nprobe"], r["candidates"],
+            steps["scan"], steps["re-rank decode"], steps["score"], steps["base decode"],
+            f"{r['qps_batch1']:.0f} ({r.get('recall_at_10', '-')})",
+            f"{r['decode_rerank_qps_batch1']:.0f} ({r.get('decode_rerank_recall_at_10', '-')})",
+            f"{r['qps_batch1'] / r['decode_rerank_qps_batch1']:.2f}x", f"`{name}.json`",
+        ])
+    out.append(table(["vectors", "ANN", "nprobe", "candidates", "scan us", "re-rank decode us", "score us",
+                      "base decode us (format 3 only)", "q/s (recall@10)", "format-3 re-rank q/s (recall@10)",
+                      "q/s ratio", "results"], rows))
+    out.append("")
+    return out
+
+
 def ray_section(result: dict) -> list[str]:
     out = ["## Embedding on a Ray cluster (`benchmarks/ray_scale.py`, `make bench-ray`)", ""]
     out.append(f"`prism index CATALOG --model {result['model']} --json` on {result['products']:,} products (one image and "
@@ -597,6 +621,9 @@ def main() -> None:
             parts += ann_section(r, name)
     if (r := load("scale")) is not None:
         parts += scale_section(r)
+    costs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("ann_query_cost*.json"))}
+    if costs:
+        parts += query_cost_section(costs)
     if (r := load("ray_scale")) is not None:
         parts += ray_section(r)
     if (r := load("query_batching")) is not None:
