@@ -78,6 +78,8 @@ def measure(ann, queries: np.ndarray, truth_rows: np.ndarray | None, k: int = 10
 
     if ann.info.kind != "ivfpq" or ann.refine is None:
         raise SystemExit(f"the active image index is {ann.info.kind!r} without re-rank codes: nothing to break down")
+    if ann.base_norms is None:
+        raise SystemExit("the active image index scans by inner product (format 2): no stored norms to break down")
     faiss.omp_set_num_threads(1)
     fetch = min(max(k * ann.info.rerank_factor, 40), ann.ntotal)
     times: dict[str, list[float]] = {name: [] for name in ("search", *STEPS, "base decode", "decode re-rank")}
