@@ -191,6 +191,31 @@ def _file_change(
     }
 
 
+def _insert_many(s: Session, table, rows: list[dict]) -> None:
+    """INSERT many rows with the same keys, in the caller's transaction, through the driver's
+    executemany with each column's own bind processor applied once a value.
+
+    For a catalog load's millions of rows: SQLAlchemy's executemany builds and processes every
+    parameter set in Python, which cost 7.7 s of a 200,000-product load's 17.4 s of SQL writes
+    (cProfile). The SQL is still SQLAlchemy's, compiled for the dialect; no defaults run, so a
+    row carries every column the table would default."""
+    if not rows:
+        return
+    conn = s.connection()
+    dialect = conn.dialect
+    names = list(rows[0])
+    compiled = table.insert().inline().compile(dialect=dialect, column_keys=names)
+    order = list(compiled.positiontup) if dialect.positional else names
+    if sorted(order) != sorted(names):  # a column default would need a value no row has
+        raise ValueError(f"insert into {table.name}: rows must give {sorted(order)}, not {sorted(names)}")
+    processors = [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in order]
+    if dialect.positional:
+        params = [tuple(row[n] if p is None else p(row[n]) for n, p in processors) for row in rows]
+    else:
+        params = [{n: row[n] if p is None else p(row[n]) for n, p in processors} for row in rows]
+    conn.exec_driver_sql(str(compiled), params)
+
+
 def _replace_identifiers(s: Session, by_row: dict[int, list[str]]) -> None:
     """Rows' exact identifiers become these (`LexicalConfig.identifiers`), in the caller's transaction."""
     if not by_row:
@@ -199,9 +224,22 @@ def _replace_identifiers(s: Session, by_row: dict[int, list[str]]) -> None:
     rows = list(by_row)
     for chunk in _chunks(rows):
         s.execute(delete(table).where(table.c.row_id.in_(chunk)))
-    values = [{"value": v, "row_id": row} for row, keys in by_row.items() for v in keys]
-    if values:
-        s.execute(table.insert(), values)
+    _insert_many(s, table, [{"value": v, "row_id": row} for row, keys in by_row.items() for v in keys])
+
+
+def _index_inserted_text(s: Session, row_ids: Sequence[int]) -> None:
+    """Newly inserted products into SQLite's full-text table, in the caller's transaction.
+
+    Every code path that inserts into `products` calls this (updates and deletes are kept by
+    triggers). It is not a trigger because a per-row trigger makes FTS5 write one on-disk segment
+    per product (migration 0010); one INSERT ... SELECT a chunk keeps its terms in memory until
+    commit. PostgreSQL's full-text indexes are expression indexes and need nothing."""
+    if s.get_bind().dialect.name != "sqlite" or not row_ids:
+        return
+    for chunk in _chunks(list(row_ids)):
+        s.execute(text("INSERT INTO products_fts(rowid, search_text) SELECT row_id, search_text FROM products "
+                       f"WHERE row_id IN ({','.join(str(int(r)) for r in chunk)}) "
+                       "AND deleted_at IS NULL AND search_text IS NOT NULL"))
 
 
 def _image_lists(s: Session, row_ids: Sequence[int]) -> dict[int, tuple[tuple[str | None, str | None], ...]]:
@@ -637,10 +675,11 @@ class Store:
                 if updates:
                     s.execute(update_stmt, updates)
                 if inserts:
-                    s.execute(table.insert(), inserts)
+                    _insert_many(s, table, inserts)
                     created = dict(s.execute(select(c.product_id, c.row_id).where(
                         c.product_id.in_([r["product_id"] for r in inserts]))).tuples().all())
                     out.row_ids.update(created)
+                    _index_inserted_text(s, list(created.values()))
                     image_lists.update((created[it.product_id], tuple(it.extra_images)) for it in new_items
                                        if it.extra_images)
                     if journaling:
@@ -947,6 +986,7 @@ class Store:
             if found != expect_updated_at:
                 raise ConflictError(f"product {item.product_id!r} changed concurrently")
             created = p is None or p.deleted_at is not None
+            inserted = p is None
             if p is None:
                 p = Product(product_id=item.product_id, created_at=now, image_status="pending")
                 s.add(p)
@@ -973,6 +1013,8 @@ class Store:
             )
             s.add(change)
             s.flush()
+            if inserted:
+                _index_inserted_text(s, [p.row_id])
             _replace_identifiers(s, {p.row_id: self.lexical.identifiers(item)})
             if vectors.extra_images is not None:
                 _write_embedded_images(s, p.row_id, vectors.extra_images, vectors.model_version)

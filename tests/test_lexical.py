@@ -208,6 +208,9 @@ def test_put_and_delete_keep_the_lexical_index_and_identifiers_current(client):
     store = client.app.state.services.store
     r = client.put("/v1/products/LXNEW", json={"title": "zebra striped umbrella", "attributes": {"sku": "ZB-77"}})
     assert r.status_code in (200, 201), r.text
+    created = store.get_product("LXNEW").row_id
+    # the store itself enters a new product into the full-text table (no insert trigger, 0010)
+    assert created in [row for row, _ in store.lexical_search("zebra striped", limit=10)]
     assert _ids(_search(client, "zebra striped umbrella", k=3))[0] == "LXNEW"
     assert _ids(_search(client, "zb-77", target="image", k=3))[0] == "LXNEW"
     r = client.put("/v1/products/LXNEW", json={"title": "quokka plush toy", "attributes": {"sku": "QK-1"}})
