@@ -278,6 +278,8 @@ def one_size(work_root: Path, n: int, report, *, rerun: bool = True, earlier: di
         first = run_index(home, work / "catalog.parquet", work / "vectors.parquet")
         row["index"] = {k: first[k] for k in ("seconds", "peak_rss_mb")}
         row["index"]["summary_seconds"] = first["summary"]["seconds"]
+        # catalog (file -> SQL), vectors (--vectors file -> cache), build (train, add, tune, publish)
+        row["index"]["stage_seconds"] = first["summary"].get("stage_seconds", {})
         report(row)
     row["serve"] = serve_measurements(home, work, n)
     report(row)

@@ -109,7 +109,17 @@ class IndexSummary:
     model_version: str | None = None
     indexes: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # Wall seconds of each stage of the run: catalog (file -> SQL), vectors (--vectors) or embed, build.
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     sync: dict | None = None  # `prism index --sync`: what the feed sync found and did (FeedSync.report)
+
+    @contextmanager
+    def timed(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - started
 
     def reject(self, error: RowError) -> None:
         self.rows_rejected += 1
@@ -146,6 +156,7 @@ class IndexSummary:
             "model_version": self.model_version,
             "indexes": self.indexes,
             "seconds": round(self.seconds, 2),
+            "stage_seconds": {name: round(v, 2) for name, v in self.stage_seconds.items()},
             **({"sync": self.sync} if self.sync is not None else {}),
         }
 
@@ -595,7 +606,8 @@ class CatalogIndexer:
             check_vectors_file(vectors, dim=self.embedder.dim)
         self._refresh_lexical()
         if catalog is not None:
-            self.load_catalog(Path(catalog), summary)
+            with summary.timed("catalog"):
+                self.load_catalog(Path(catalog), summary)
         # The hold is taken before the position is read: a retention in between could otherwise
         # prune entries after it.
         with build_hold(self.home / "indexes", self.store.catalog_seq(), self.embedder.name), \
@@ -604,14 +616,18 @@ class CatalogIndexer:
             if vectors is None and isinstance(self.embedder, ModelIdentity):
                 raise TypeError("embedding needs a loaded model, not only its identity")
             if ray is None:
-                cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
-                self.build(cache, summary, catalog_seq=catalog_seq)
+                with summary.timed("vectors" if vectors is not None else "embed"):
+                    cache = self.load_vectors(Path(vectors), summary) if vectors is not None else self.embed(summary)
+                with summary.timed("build"):
+                    self.build(cache, summary, catalog_seq=catalog_seq)
             else:
                 from indexer.ray_embed import ray_session
 
                 with ray_session(ray):
-                    cache = self.embed(summary, ray)
-                    self.build(cache, summary, catalog_seq=catalog_seq, ray=ray)
+                    with summary.timed("embed"):
+                        cache = self.embed(summary, ray)
+                    with summary.timed("build"):
+                        self.build(cache, summary, catalog_seq=catalog_seq, ray=ray)
         if self.feed is not None:
             # After the build is published: a failed run deletes nothing.
             summary.sync = self.feed.apply(self.store)

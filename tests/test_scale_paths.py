@@ -47,6 +47,8 @@ def test_index_with_supplied_vectors_reports_bad_rows_searches_and_reembeds_noth
     assert summary["products_indexed"] == n and summary["images_supplied"] == n and summary["images_embedded"] == 0
     assert summary["texts_embedded"] == 0 and summary["indexes"]["image"]["count"] == n
     assert summary["indexes"]["text"]["count"] == 0  # no text vectors supplied: nothing embedded here
+    assert set(summary["stage_seconds"]) == {"catalog", "vectors", "build"}  # where the time went, per stage
+    assert all(0 < seconds <= summary["seconds"] for seconds in summary["stage_seconds"].values())
 
     # Bad rows: each reported with its line and reason, the rest indexed. 1% of vectors changed.
     rows = [list(map(float, v)) for v in x]
