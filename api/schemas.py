@@ -9,7 +9,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from embedder import ACCEPTED_IMAGE_FORMATS_TEXT
 from indexer import MAX_IMAGES
@@ -222,7 +222,8 @@ class Filters(BaseModel):
         "compares case-insensitively, numbers by value) or {\"min\": x, \"max\": y} for numbers. "
         f"At most {MAX_ATTRIBUTE_FILTERS} names; a name no product has matches nothing. In GET and the "
         "upload form: attr.NAME=VALUE, repeatable"))
-    in_stock: bool | None = Field(None, description=(
+    # Strict: a JSON 0 or 1 is not a yes or no (pydantic would read it as one).
+    in_stock: StrictBool | None = Field(None, description=(
         "true: leave out products known to be out of stock (stock 0); unknown stock is kept. "
         "false: only products known to be out of stock"))
 
