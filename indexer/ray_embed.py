@@ -30,6 +30,8 @@ import logging
 import math
 import socket
 import sys
+import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,7 +113,23 @@ def ray_session(options: RayOptions):
         try:
             yield
         finally:
+            _wait_for_ray_data_threads()
             ray.shutdown()
+
+
+# Threads of a Ray Data job in this (driver) process. After a failed job, Ray 2.60's executor
+# shutdown waits only 2 s for its scheduling loop; on a busy host the loop was still running when
+# ray.shutdown() came, touched the shut-down core worker, and Ray ended the whole process with
+# exit code 1 ("The core worker has already been shutdown ... The process will exit"), before
+# the job's error was printed (seen once in a CI run of test_ray_index, in-process driver).
+_RAY_DATA_THREADS = ("StreamingExecutor-", "ray-data-metadata-prefetch", "iter_threaded")
+
+
+def _wait_for_ray_data_threads(timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name.startswith(_RAY_DATA_THREADS):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def embed_on_ray(indexer: "CatalogIndexer", total: int, cache: "VectorCache", summary: "IndexSummary",
@@ -315,11 +333,23 @@ def _queue_work(ray, indexer: "CatalogIndexer", cache: "VectorCache", summary: "
 
 def _take_results(ray, dataset, indexer: "CatalogIndexer", cache: "VectorCache", summary: "IndexSummary") -> None:
     from indexer.pipeline import _RowSet
-    from store import ImageState
 
     store, progress = indexer.store, indexer.progress
     taken = {"text": _RowSet(), "image": _RowSet()}  # a retried batch can come back twice
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        _take_batches(batches, taken, store, progress, cache, summary)
+    finally:
+        # Closing the iterator ends the job's executor and its threads in this process (see
+        # _wait_for_ray_data_threads), also when a batch failed or taking one raised.
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _take_batches(batches, taken, store, progress, cache: "VectorCache", summary: "IndexSummary") -> None:
+    from store import ImageState
+
     while True:
         try:
             batch = next(batches)
