@@ -273,6 +273,9 @@ class SearchParams(Filters):
         return data
 
     facets: FacetNames | None = Field(None, description=FACETS_DESCRIPTION + " (comma-separated)")
+    # A query string carries text: true/false (also 1/0, yes/no) are read as booleans here, where
+    # a JSON body's Filters.in_stock takes only true or false.
+    in_stock: bool | None = Field(None, description=Filters.model_fields["in_stock"].description)
 
     q: QueryText = Field(
         description="the text query; a product_id or an identifier attribute's value (PRISM_ID_ATTRIBUTES, "
