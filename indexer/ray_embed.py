@@ -332,13 +332,9 @@ def _queue_work(ray, indexer: "CatalogIndexer", cache: "VectorCache", summary: "
 
 
 def _take_results(ray, dataset, indexer: "CatalogIndexer", cache: "VectorCache", summary: "IndexSummary") -> None:
-    from indexer.pipeline import _RowSet
-
-    store, progress = indexer.store, indexer.progress
-    taken = {"text": _RowSet(), "image": _RowSet()}  # a retried batch can come back twice
     batches = iter(dataset.iter_batches(batch_size=None, batch_format="numpy"))
     try:
-        _take_batches(batches, taken, store, progress, cache, summary)
+        _take_batches(batches, indexer, cache, summary)
     finally:
         # Closing the iterator ends the job's executor and its threads in this process (see
         # _wait_for_ray_data_threads), also when a batch failed or taking one raised.
@@ -347,9 +343,12 @@ def _take_results(ray, dataset, indexer: "CatalogIndexer", cache: "VectorCache",
             close()
 
 
-def _take_batches(batches, taken, store, progress, cache: "VectorCache", summary: "IndexSummary") -> None:
+def _take_batches(batches, indexer: "CatalogIndexer", cache: "VectorCache", summary: "IndexSummary") -> None:
+    from indexer.pipeline import _RowSet
     from store import ImageState
 
+    store, progress = indexer.store, indexer.progress
+    taken = {"text": _RowSet(), "image": _RowSet()}  # a retried batch can come back twice
     while True:
         try:
             batch = next(batches)
