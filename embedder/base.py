@@ -86,6 +86,10 @@ class Embedder(ABC):
     def stack(self, tensors: list) -> Any:
         """Preprocessed tensors -> one batch for `_encode_image_tensors`."""
 
+    def calibration_pass(self, texts: Sequence[str]) -> None:
+        """Run the text tower on `texts` the way queries run it (int8 calibration watches this)."""
+        self._encode_text_list(texts)
+
     # ---- simple calls (queries)
 
     def encode_images(self, images: Sequence[ImageSource]) -> np.ndarray:

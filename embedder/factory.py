@@ -281,17 +281,25 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
     tokenizer = open_clip.get_tokenizer(arch)
     if adjust is not None:  # an adapter version's adapters, before the precision change
         model = adjust(model)
-    model = _at_precision(model, kwargs, spec.raw)
-    return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device, **kwargs)
+    _normalise_precision(kwargs)
+    return _at_precision(OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device,
+                                          **kwargs), spec.raw)
 
 
-def _at_precision(model, kwargs: dict, label: str):
-    """The one place a loaded model is put at its encoder precision, for every backend."""
-    from embedder.precision import Precision, apply_precision
+def _normalise_precision(kwargs: dict) -> None:
+    from embedder.precision import Precision
 
     precision = kwargs.get("precision") or Precision.FP32
     kwargs["precision"] = precision.value if isinstance(precision, Precision) else str(precision)
-    return apply_precision(model, Precision(kwargs["precision"]), label=label)
+
+
+def _at_precision(embedder: Embedder, label: str) -> Embedder:
+    """The one place a loaded model is put at its encoder precision, for every backend: after the
+    embedder exists, because int8 calibrates on the embedder's own text path (`embedder.precision`)."""
+    from embedder.precision import Precision, apply_precision
+
+    apply_precision(embedder.model, Precision(embedder.precision), label=label, run_texts=embedder.calibration_pass)
+    return embedder
 
 
 def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
@@ -334,10 +342,10 @@ def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
             f"{spec.raw} is a {type(model).__name__} whose images need {', '.join(extra_inputs)} beside "
             f"pixel_values; the hf: backend embeds fixed-size images only (CLIP, SigLIP, ChineseCLIP)"
         )
-    model = _at_precision(model, kwargs, spec.raw)
-    return HFClipEmbedder(
+    _normalise_precision(kwargs)
+    return _at_precision(HFClipEmbedder(
         model, tokenizer, image_processor, name=model_version_name(spec), spec=spec.raw, device=device, **kwargs
-    )
+    ), spec.raw)
 
 
 def _load_version(spec: ModelSpec, models_dir: str | Path | None, *, device: str, **kwargs) -> Embedder:
@@ -547,10 +555,12 @@ def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cp
     from embedder.openclip_backend import OpenClipEmbedder
     from embedder.precision import resolve_precision
 
-    if kwargs.get("precision") is not None:
-        kwargs["precision"] = resolve_precision(kwargs["precision"], device)[0]
-        model = _at_precision(model, kwargs, name)
-    return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
+    if kwargs.get("precision") is None:
+        return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
+    kwargs["precision"] = resolve_precision(kwargs["precision"], device)[0]
+    _normalise_precision(kwargs)
+    return _at_precision(OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device,
+                                          **kwargs), name)
 
 
 class _RootLinesFilter(logging.Filter):

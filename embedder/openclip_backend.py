@@ -102,14 +102,12 @@ def _text_trimmer(model, tokenizer):
 
     if isinstance(model, open_clip.CLIP):
         tower, pool, eos = model, model.text_pool_type, getattr(model, "text_eos_id", None)
-        projection = model.text_projection
         if model.attn_mask is None or pool not in ("argmax", "eos"):
             return None
     elif isinstance(model, open_clip.CustomTextCLIP) and isinstance(model.text, HFTextEncoder):
         return lambda tokens: model.encode_text(cut(tokens))
     elif isinstance(model, open_clip.CustomTextCLIP) and isinstance(model.text, TextTransformer):
         tower, pool, eos = model.text, model.text.pool_type, getattr(model.text, "eos_id", None)
-        projection = model.text.text_projection
         if tower.attn_mask is None or pool not in ("argmax", "eos") or tower.cls_emb is not None or tower.use_pad_mask:
             return None
     else:
@@ -123,8 +121,10 @@ def _text_trimmer(model, tokenizer):
         x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
         x = tower.ln_final(x)
         x = text_global_pool(x, tokens, pool, eos_token_id=eos)
+        # Read when called: int8 replaces a Linear projection after this forward is made.
+        projection = tower.text_projection
         if projection is not None:
-            x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+            x = projection(x) if isinstance(projection, torch.nn.Module) else x @ projection
         return x
 
     return forward

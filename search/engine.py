@@ -797,7 +797,7 @@ class SearchEngine:
                 else:
                     # An interleaved search encodes twice, once per arm's model: neither joins a batch.
                     ranked, batch = submit(serving.embedder, plan.payload, lambda vector: rank(plan.remember(vector)),
-                                           kind=plan.query.kind, alone=drawn is not None or not self._batches_queries())
+                                           kind=plan.query.kind, alone=drawn is not None)
                     timer.record("queue", batch.queued_ms)
                     timer.record("encode", batch.encode_ms)  # a batch's encode is shared by its queries
                 arms = None
@@ -901,15 +901,9 @@ class SearchEngine:
     def _may_join_batch(self, text, image) -> bool:
         """Whether a query will (probably) be encoded in a batch: a text whose vector is not cached,
         or an image (whose cache key is known only once its bytes are read)."""
-        if not self._batcher.enabled or not self._batches_queries():
+        if not self._batcher.enabled:
             return False
         return image is not None or (text is not None and not self._text_cached(text))
-
-    def _batches_queries(self) -> bool:
-        """int8 encoders quantise activations per call: a query's vector would depend on the other
-        queries of its batch (a different page 2 for the same query). They encode one at a time."""
-        serving = self._serving
-        return serving is None or serving.embedder.precision != "int8"
 
     def _text_cached(self, text: str) -> bool:
         """Whether the serving model's vector of `text` is cached: such a query is not announced to

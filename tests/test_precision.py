@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.settings import PrismSettings
 from embedder import Precision, bf16_support, load_embedder, resolve_precision, vector_space
+from embedder.precision import int8_linear_type
 from indexer import CatalogIndexer, IndexOptions
 from sample_catalog import draw_product_image
 from search import SearchEngine
@@ -38,9 +39,9 @@ def fp32():
 
 def test_int8_quantises_the_linear_layers_and_stays_close(fp32):
     int8 = load_embedder(TINY, device="cpu", precision="int8")
-    assert int8.precision == "int8" and int8.vector_space == f"{int8.name}@int8" and int8.name == fp32.name
+    assert int8.precision == "int8" and int8.vector_space == f"{int8.name}@int8-token" and int8.name == fp32.name
     kinds = [type(m) for m in int8.model.modules()]
-    quantised = [k for k in kinds if k is torch.ao.nn.quantized.dynamic.Linear]
+    quantised = [k for k in kinds if k is int8_linear_type()]
     float_linear = {k.__name__ for k in kinds if issubclass(k, torch.nn.Linear)}
     before = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
     kept = sum(issubclass(k, torch.nn.Linear) for k in kinds)
@@ -150,17 +151,38 @@ def test_int8_demo_architecture_encodes_both_towers():
     fp32 = wrap_open_clip(*create_base_model("prism-demo-minilm"), name="demo-arch")
     int8 = wrap_open_clip(*create_base_model("prism-demo-minilm"), name="demo-arch", precision="int8")
     assert int8.precision == "int8"
-    assert any(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in int8.model.text.modules())
+    assert any(type(m) is int8_linear_type() for m in int8.model.text.modules())
     images = _images(4)
     np.testing.assert_allclose(int8.encode_images(images), fp32.encode_images(images), atol=1e-5)
-    # Measured over 100 demo titles: mean 0.976, worst 0.90 (docs/architecture.md).
+    # Pretrained MiniLM over 100 emoji names: worst cosine 0.998 (per-batch activation scales, the
+    # scheme before: worst 0.953, mean 0.976; docs/architecture.md).
     text = _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))
-    assert text.mean() >= 0.95 and text.min() < 1.0, text
+    assert text.min() >= 0.99 and text.min() < 1.0, text
+    smoothed = [m for m in int8.model.text.modules() if type(m) is int8_linear_type() and m.input_divisor is not None]
+    assert smoothed, "calibration texts reached no Linear layer of the text tower"
 
 
-def test_int8_text_queries_are_encoded_one_at_a_time_and_answer_as_alone(int8_home):
-    """int8 quantises activations per call, so a batched query's vector would depend on its batch:
-    an int8 engine does not batch queries, and each vector equals the query encoded alone."""
+def test_an_int8_vector_does_not_depend_on_the_other_texts_of_its_batch():
+    """Activations are quantised per token, so one loud text cannot coarsen another's levels: a
+    text's int8 vector in a batch is its vector alone (what lets int8 queries join batches).
+
+    Not bit-equal: the float parts (attention over a padded batch) differ in the last bits, which
+    can move a value across an int8 rounding step. Measured: cosine >= 0.9995; with one activation
+    scale per batch (the scheme before) 0.94-0.98."""
+    from embedder import wrap_open_clip
+    from embedder.factory import create_base_model
+
+    int8 = wrap_open_clip(*create_base_model("prism-demo-minilm"), name="demo-arch", precision="int8")
+    texts = TEXTS + ["!!!!!!!! MEGA SALE 100000000 %%%% " * 4]
+    together = int8.encode_texts(texts)
+    alone = np.vstack([int8.encode_texts([t]) for t in texts])
+    assert _cosines(together, alone).min() >= 0.999, _cosines(together, alone)
+
+
+def test_int8_text_queries_join_batches_and_answer_as_alone(int8_home):
+    """int8 quantises each token's activations on their own, so a query's vector does not depend on
+    the other queries of its batch: int8 queries are micro-batched, and each equals the query
+    encoded alone."""
     import threading
 
     from embedder import ModelThread
@@ -184,11 +206,13 @@ def test_int8_text_queries_are_encoded_one_at_a_time_and_answer_as_alone(int8_ho
             w.start()
         for w in workers:
             w.join()
-        assert engine._batcher.stats()["queries"] == 0
+        stats = engine._batcher.stats()
+        assert stats["queries"] == len(queries) and stats["batches"] < len(queries), stats
         alone = load_embedder(TINY, device="cpu", precision="int8")
         for q in queries:
             served = engine.query_cache.get(engine.serving.embedder.vector_space, "text", engine.serving.embedder.query_text_key(q.strip()))
-            np.testing.assert_allclose(np.asarray(served).reshape(-1), alone.encode_texts([q.strip()])[0], atol=1e-6)
+            # As close as in test_an_int8_vector_does_not_depend_on_the_other_texts_of_its_batch.
+            assert float(np.dot(np.asarray(served).reshape(-1), alone.encode_texts([q.strip()])[0])) >= 0.999
     finally:
         engine.close()
         store.close()
