@@ -1,9 +1,10 @@
-"""Where the demo text tower (MiniLM-L6) loses its ranking under dynamic int8, and what each fix costs.
+"""Where the demo text tower (MiniLM-L6) loses its ranking under int8, and what each fix costs.
 
-`embedder.precision.quantise_linear_int8` quantises every Linear layer: int8 weights with a scale
-per output channel, activations quantised per call with one scale per tensor. On the demo's text
-tower that keeps 2x the fp32 speed at batch 1 but agrees with fp32 on only ~0.75-0.85 of each
-query's top 10 (BENCHMARKS.md, "Encoder precision"). This measures, side by side in one run:
+torch's dynamic int8 (`quantize_dynamic`: int8 weights with a scale per output channel,
+activations quantised per call with one scale per tensor), which Prism shipped until 2026-12-02,
+kept 2x the fp32 speed at batch 1 on the demo's text tower but agreed with fp32 on only ~0.75-0.85
+of each query's top 10. `embedder.precision.quantise_linear_int8` now quantises activations per
+token and smooths from calibration texts ("per token" rows). This measures, side by side in one run:
 
     sensitivity   each Linear layer quantised alone: the mean cosine error (1 - cos to fp32) it
                   adds to the query vectors (--sensitivity)
@@ -45,7 +46,7 @@ import numpy as np  # noqa: E402
 
 # name -> (regex over the text tower's Linear layer names to quantise, smoothing alpha or None)
 VARIANTS = {
-    "all Linear (shipped)": (r".", None),
+    "all Linear, per tensor (before)": (r".", None),
     "encoder only (projection fp32)": (r"^transformer\.", None),
     "attention only (FFN fp32)": (r"attention\.(self\.(query|key|value)|output\.dense)$", None),
     "FFN only": (r"(intermediate\.dense|layer\.\d+\.output\.dense)$", None),
@@ -77,6 +78,7 @@ def main() -> None:
 
     from embedder import wrap_open_clip
     from embedder.factory import create_base_model
+    from embedder.precision import SMOOTHING_ALPHA
     from encoder_precision import demo_titles
 
     threads = int(os.environ.get("PRISM_THREADS") or 2)
@@ -164,7 +166,18 @@ def main() -> None:
             errors[name] = round(float(np.mean(1 - (v * fp32_queries).sum(1))), 6)
         result["sensitivity_mean_cosine_error"] = dict(sorted(errors.items(), key=lambda kv: -kv[1]))
 
-    towers = {"fp32": (fp32_text, 0)} | {name: quantised(*spec) for name, spec in VARIANTS.items()}
+    def per_token(smoothed: bool):
+        """What Prism ships (`quantise_linear_int8`), smoothed from its own calibration texts or not."""
+        from embedder.precision import quantise_linear_int8
+
+        tower = copy.deepcopy(fp32_text)
+        _, layers, _, _ = quantise_linear_int8(tower, embedder(tower).calibration_pass if smoothed else None)
+        return tower, layers
+
+    towers = {"fp32": (fp32_text, 0)} | {name: quantised(*spec) for name, spec in VARIANTS.items()} | {
+        "all Linear, per token": per_token(False),
+        f"all Linear, per token, smoothed a={SMOOTHING_ALPHA} (shipped)": per_token(True),
+    }
     embedders = {name: embedder(tower) for name, (tower, _) in towers.items()}
     times: dict[str, list[float]] = {name: [] for name in embedders}
     for e in embedders.values():
@@ -193,9 +206,9 @@ def main() -> None:
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"{'variant':<32} {'layers':>6} {'p50 ms':>7} {'x fp32':>6} {'top10 fp32 gal':>14} {'top10 own gal':>13} {'cos min':>8} {'cos mean':>8}")
+    print(f"{'variant':<44} {'layers':>6} {'p50 ms':>7} {'x fp32':>6} {'top10 fp32 gal':>14} {'top10 own gal':>13} {'cos min':>8} {'cos mean':>8}")
     for name, row in result["variants"].items():
-        print(f"{name:<32} {row['quantised_linear_layers']:>6} {row['p50_ms_batch1']:>7} {row['speedup_vs_fp32']:>6} "
+        print(f"{name:<44} {row['quantised_linear_layers']:>6} {row['p50_ms_batch1']:>7} {row['speedup_vs_fp32']:>6} "
               f"{row['top10_overlap_vs_fp32_on_fp32_gallery']:>14} {row['top10_overlap_vs_fp32_on_own_gallery']:>13} "
               f"{row['cosine_vs_fp32_min']:>8} {row['cosine_vs_fp32_mean']:>8}")
     print(f"wrote {args.out}")
