@@ -42,12 +42,12 @@ def test_int8_quantises_the_linear_layers_and_stays_close(fp32):
     assert int8.precision == "int8" and int8.vector_space == f"{int8.name}@int8-token" and int8.name == fp32.name
     kinds = [type(m) for m in int8.model.modules()]
     quantised = [k for k in kinds if k is int8_linear_type()]
-    float_linear = {k.__name__ for k in kinds if issubclass(k, torch.nn.Linear)}
-    before = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
-    kept = sum(issubclass(k, torch.nn.Linear) for k in kinds)
-    assert len(quantised) > 0 and len(quantised) + kept == before
-    # What torch leaves alone by design: nn.MultiheadAttention's output projection.
-    assert float_linear <= {"NonDynamicallyQuantizableLinear"}
+    linear = sum(isinstance(m, torch.nn.Linear) for m in fp32.model.modules())
+    attention = sum(isinstance(m, torch.nn.MultiheadAttention) for m in fp32.model.modules())
+    # Every Linear, and each attention's input projection (a bare parameter of nn.MultiheadAttention,
+    # rebuilt as a Linear): nothing of the tiny ViT's Linear work stays fp32.
+    assert attention > 0 and len(quantised) == linear + attention
+    assert not any(issubclass(k, (torch.nn.Linear, torch.nn.MultiheadAttention)) for k in kinds)
 
     # Measured on the tiny model: text >= 0.9995, images >= 0.999; 0.99 leaves room across CPUs.
     text = _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS))
@@ -235,3 +235,43 @@ def test_journaled_vectors_name_their_precision_and_only_that_precision_takes_th
         np.testing.assert_allclose(change.text_vector, int8.encode_texts(["a precise kettle"])[0], atol=1e-6)
     finally:
         store.close()
+
+
+@pytest.mark.no_database
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_split_self_attention_answers_as_multihead_attention(batch_first):
+    """int8 rebuilds nn.MultiheadAttention from two Linear layers it can quantise; at fp32 the
+    rebuilt module must answer every call as the original does: masks (float, bool, 3-D), key
+    padding, cross-attention, attention weights, unbatched input."""
+    from embedder.precision import _split_self_attention
+
+    torch.manual_seed(0)
+    holder = torch.nn.Module()
+    holder.attn = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    original = holder.attn
+    assert _split_self_attention(holder, set()) == 1 and holder.attn is not original
+    x = torch.randn(3, 5, 32) if batch_first else torch.randn(5, 3, 32)
+    memory = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    calls = [
+        dict(query=x, key=x, value=x, need_weights=False),
+        dict(query=x, key=x, value=x, need_weights=False, attn_mask=causal),
+        dict(query=x, key=x, value=x, need_weights=False, attn_mask=causal.isinf()),
+        dict(query=x, key=x, value=x, need_weights=False, attn_mask=causal.expand(12, 5, 5)),
+        dict(query=x, key=x, value=x, need_weights=False, key_padding_mask=padding),
+        dict(query=x, key=x, value=x, need_weights=True, attn_mask=causal),
+        dict(query=x, key=x, value=x, need_weights=True, average_attn_weights=False),
+        dict(query=x, key=memory, value=memory, need_weights=False),
+        dict(query=x[0] if batch_first else x[:, 0], key=memory[0] if batch_first else memory[:, 0],
+             value=memory[0] if batch_first else memory[:, 0], need_weights=True),
+    ]
+    with torch.inference_mode():
+        for call in calls:
+            want_out, want_weights = original(**call)
+            got_out, got_weights = holder.attn(**call)
+            torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-4)
+            assert (got_weights is None) == (want_weights is None)
+            if want_weights is not None:
+                torch.testing.assert_close(got_weights, want_weights, atol=1e-5, rtol=1e-4)
