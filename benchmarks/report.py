@@ -256,6 +256,13 @@ def precision_section(result: dict) -> list[str]:
                          row["top10_overlap_vs_fp32"], row["cosine_vs_fp32_min"]])
     out.append(table(["model", "precision", "q/s", "p50 ms", "vs fp32", "top-10 overlap", "cosine min"], rows))
     out.append("")
+    images = [[m["model"], p, row["images_per_s_batch1"], f"{row['speedup_vs_fp32']}x", row["cosine_vs_fp32_min"]]
+              for m in result["models"] for p, row in m.get("image_tower", {}).items()]
+    if images:
+        out.append("Image tower, one image per call:")
+        out.append("")
+        out.append(table(["model", "precision", "images/s", "vs fp32", "cosine min"], images))
+        out.append("")
     return out
 
 
