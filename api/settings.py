@@ -117,10 +117,6 @@ class PrismSettings(BaseSettings):
         True, description="with adapters, freeze a tower that has none whole (its features are computed once "
         "per run, not every step: the retrain costs what the adapted trunk costs); false: it trains whole",
     )
-    retrain_token_embeddings: bool = Field(
-        False, description="also train the text tower's token embedding rows (words the catalog never says: "
-        "another language, slang); only rows of tokens in the click queries move",
-    )
     retrain_adapter_targets: str = Field(
         "c_fc,c_proj,query,key,value,dense",
         description="adapted modules: Linear layers inside a trunk whose names end with one of these (fnmatch "
@@ -279,8 +275,7 @@ class PrismSettings(BaseSettings):
             promotion=self.retrain_promotion,
             canary_fraction=self.canary_fraction,
             canary=self.canary_policy(),
-            train=replace(base.train, epochs=self.retrain_epochs, adapter_lr=self.retrain_adapter_lr,
-                          train_token_embeddings=self.retrain_token_embeddings),
+            train=replace(base.train, epochs=self.retrain_epochs, adapter_lr=self.retrain_adapter_lr),
             adapters=self.adapter_settings(),
             freeze_unadapted=self.retrain_adapter_freeze_unadapted,
             mining=replace(base.mining, min_clicks=self.retrain_min_clicks),

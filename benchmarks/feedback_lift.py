@@ -355,8 +355,6 @@ def main() -> None:
                         help="PRISM_RETRAIN_EPOCHS for each night's retrain (default: the setting's, 40)")
     parser.add_argument("--min-clicks", type=int, default=None,
                         help="PRISM_RETRAIN_MIN_CLICKS for each night's retrain (default: the setting's, 2)")
-    parser.add_argument("--token-embeddings", action="store_true",
-                        help="PRISM_RETRAIN_TOKEN_EMBEDDINGS=true: each retrain also trains the text token rows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "feedback_lift.json")
     args = parser.parse_args()
@@ -379,8 +377,6 @@ def main() -> None:
         env["PRISM_RETRAIN_EPOCHS"] = str(args.retrain_epochs)
     if args.min_clicks:
         env["PRISM_RETRAIN_MIN_CLICKS"] = str(args.min_clicks)
-    if args.token_embeddings:
-        env["PRISM_RETRAIN_TOKEN_EMBEDDINGS"] = "true"
     started = time.perf_counter()
     print(f"demo in {home} (built or reused) ...", flush=True)
     demo_args = ["demo", "--no-serve"]

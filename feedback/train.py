@@ -81,10 +81,6 @@ class TrainConfig:
     # LoRA adapters' learning rate (embedder.add_adapters); None: `lr`. Adapters start at zero and
     # are few: they want a larger step than the whole weights around them.
     adapter_lr: float | None = None
-    # Train the text tower's token embedding rows too (at `adapter_lr`, no weight decay, so a row
-    # moves only when its token is in a batch): words the catalog never says (another language,
-    # slang) get their own meaning instead of what the base tokenizer's pieces meant.
-    train_token_embeddings: bool = False
     max_steps: int | None = None  # stop early (tests, smoke runs); the schedule still spans all epochs
 
     def fingerprint(self) -> str:
@@ -202,19 +198,6 @@ def apply_locks(model, config: TrainConfig) -> None:
     for name, p in model.named_parameters():
         if "lora_" in name:
             p.requires_grad = True
-    if config.train_token_embeddings:
-        text_token_embedding(model).weight.requires_grad = True
-
-
-def text_token_embedding(model):
-    """The text tower's token embedding (`nn.Embedding`) of an open_clip model."""
-    import open_clip
-    from open_clip.hf_model import HFTextEncoder
-
-    if isinstance(model, open_clip.CustomTextCLIP):
-        text = model.text
-        return text.transformer.get_input_embeddings() if isinstance(text, HFTextEncoder) else text.token_embedding
-    return model.token_embedding
 
 
 def _unlock_last_hf_layers(text, unlocked_layers: int) -> None:
@@ -415,14 +398,8 @@ def contrastive_loss(image_features, text_features, logit_scale, text_ids, weigh
 
 def _param_groups(model, weight_decay: float, adapter_lr: float | None = None):
     decay, no_decay, adapters = [], [], []
-    # Token rows decay never: AdamW's decoupled decay would shrink every row each step, the rows
-    # of tokens no batch holds too.
-    tokens = text_token_embedding(model).weight
     for name, p in model.named_parameters():
         if not p.requires_grad:
-            continue
-        if p is tokens:
-            (adapters if adapter_lr is not None else no_decay).append(p)
             continue
         if adapter_lr is not None and "lora_" in name:
             adapters.append(p)
