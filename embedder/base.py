@@ -90,6 +90,14 @@ class Embedder(ABC):
         """Run the text tower on `texts` the way queries run it (int8 calibration watches this)."""
         self._encode_text_list(texts)
 
+    def probe_towers(self) -> None:
+        """One text and one blank image through both towers: a model that cannot run at its
+        precision fails here, when it loads, instead of on a shopper's first query."""
+        from PIL import Image
+
+        self._encode_text_list(["probe"])
+        self._encode_image_tensors(self.stack([self.preprocess(Image.new("RGB", (64, 64), "white"))]))
+
     # ---- simple calls (queries)
 
     def encode_images(self, images: Sequence[ImageSource]) -> np.ndarray:

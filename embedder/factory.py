@@ -298,7 +298,15 @@ def _at_precision(embedder: Embedder, label: str) -> Embedder:
     embedder exists, because int8 calibrates on the embedder's own text path (`embedder.precision`)."""
     from embedder.precision import Precision, apply_precision
 
-    apply_precision(embedder.model, Precision(embedder.precision), label=label, run_texts=embedder.calibration_pass)
+    precision = Precision(embedder.precision)
+    apply_precision(embedder.model, precision, label=label, run_texts=embedder.calibration_pass)
+    if precision is Precision.INT8:
+        try:
+            embedder.probe_towers()
+        except Exception as exc:  # whatever a layer that int8 replaced did to the model's own code
+            raise ModelUnavailableError(
+                f"{label} does not run at int8 ({type(exc).__name__}: {exc}); use --precision fp32 or bf16"
+            ) from exc
     return embedder
 
 

@@ -275,3 +275,47 @@ def test_split_self_attention_answers_as_multihead_attention(batch_first):
             assert (got_weights is None) == (want_weights is None)
             if want_weights is not None:
                 torch.testing.assert_close(got_weights, want_weights, atol=1e-5, rtol=1e-4)
+
+
+def test_int8_keeps_a_text_projection_that_open_clip_type_checks():
+    """open_clip calls its text projection only when it is an nn.Linear (SigLIP-style configs,
+    proj_bias) and otherwise multiplies it as a tensor: int8 leaves that one layer as it is, and
+    such a model (no causal mask: every text goes through open_clip's own encode_text) encodes."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    from embedder import wrap_open_clip
+
+    def model():
+        torch.manual_seed(0)
+        return open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=16, width=64, layers=1, head_width=32),
+                              text_cfg=dict(context_length=16, vocab_size=49408, width=64, heads=2, layers=2,
+                                            proj_bias=True, no_causal_mask=True, pool_type="last"))
+
+    preprocess = open_clip.image_transform(32, is_train=False)
+    fp32 = wrap_open_clip(model(), preprocess, SimpleTokenizer(context_length=16), name="siglip-like")
+    int8 = wrap_open_clip(model(), preprocess, SimpleTokenizer(context_length=16), name="siglip-like", precision="int8")
+    assert type(int8.model.text_projection) is torch.nn.Linear
+    assert any(type(m) is int8_linear_type() for m in int8.model.transformer.modules())
+    assert _cosines(fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS)).min() >= 0.99
+    images = _images(3)
+    assert _cosines(fp32.encode_images(images), int8.encode_images(images)).min() >= 0.99
+
+
+@pytest.mark.no_database
+def test_int8_on_a_torch_without_a_cpu_int8_product_falls_back_to_fp32_with_the_reason(monkeypatch):
+    """Older torch releases ran torch._int_mm on CUDA only: int8 must say so at load and run at
+    fp32, not fail on a shopper's first query."""
+    from embedder import precision
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("_int_mm_out_cpu not implemented")
+
+    monkeypatch.setattr(torch, "_int_mm", no_kernel)
+    precision.int8_support.cache_clear()
+    try:
+        used, why = resolve_precision("int8", "cpu")
+        assert used is Precision.FP32 and "torch._int_mm" in why, why
+        assert load_embedder(TINY, device="cpu", precision="int8").precision == "fp32"
+    finally:
+        precision.int8_support.cache_clear()
