@@ -120,16 +120,22 @@ SMOOTHING_ALPHA = 0.6
 CALIBRATION_TEXTS = Path(__file__).with_name("int8_calibration.txt")
 
 
-_CLASSES_LOCK = threading.Lock()  # two loader threads must get one Int8Linear class, not two
+_CLASSES_LOCK = threading.Lock()
 
 
+def _made_once(make):
+    """`make()` run once, under a lock: two loader threads get one class, not two (the classes
+    import torch, so they are made on first use, not at import)."""
+    cached = lru_cache(maxsize=1)(make)
+
+    def get():
+        with _CLASSES_LOCK:
+            return cached()
+    return get
+
+
+@_made_once
 def _int8_linear_class():
-    with _CLASSES_LOCK:
-        return _make_int8_linear_class()
-
-
-@lru_cache(maxsize=1)
-def _make_int8_linear_class():
     import torch
 
     class Int8Linear(torch.nn.Module):
@@ -178,13 +184,8 @@ def _make_int8_linear_class():
     return Int8Linear
 
 
+@_made_once
 def _self_attention_class():
-    with _CLASSES_LOCK:
-        return _make_self_attention_class()
-
-
-@lru_cache(maxsize=1)
-def _make_self_attention_class():
     import math
 
     import torch
