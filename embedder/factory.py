@@ -281,16 +281,8 @@ def _load_open_clip(spec: ModelSpec, *, name: str, device: str, checkpoint: Path
     tokenizer = open_clip.get_tokenizer(arch)
     if adjust is not None:  # an adapter version's adapters, before the precision change
         model = adjust(model)
-    _normalise_precision(kwargs)
     return _at_precision(OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=spec.raw, device=device,
                                           **kwargs), spec.raw)
-
-
-def _normalise_precision(kwargs: dict) -> None:
-    from embedder.precision import Precision
-
-    precision = kwargs.get("precision") or Precision.FP32
-    kwargs["precision"] = precision.value if isinstance(precision, Precision) else str(precision)
 
 
 def _at_precision(embedder: Embedder, label: str) -> Embedder:
@@ -350,7 +342,6 @@ def _load_hf(spec: ModelSpec, *, device: str, **kwargs) -> Embedder:
             f"{spec.raw} is a {type(model).__name__} whose images need {', '.join(extra_inputs)} beside "
             f"pixel_values; the hf: backend embeds fixed-size images only (CLIP, SigLIP, ChineseCLIP)"
         )
-    _normalise_precision(kwargs)
     return _at_precision(HFClipEmbedder(
         model, tokenizer, image_processor, name=model_version_name(spec), spec=spec.raw, device=device, **kwargs
     ), spec.raw)
@@ -566,7 +557,6 @@ def wrap_open_clip(model, preprocess, tokenizer, *, name: str, device: str = "cp
     if kwargs.get("precision") is None:
         return OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device, **kwargs)
     kwargs["precision"] = resolve_precision(kwargs["precision"], device)[0]
-    _normalise_precision(kwargs)
     return _at_precision(OpenClipEmbedder(model, preprocess, tokenizer, name=name, spec=name, device=device,
                                           **kwargs), name)
 
