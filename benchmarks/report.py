@@ -476,6 +476,41 @@ def query_cost_section(results: dict[str, dict]) -> list[str]:
     return out
 
 
+def add_search_section(result: dict) -> list[str]:
+    out = ["## Adds into an HNSW coarse quantizer (`benchmarks/ann_add_search.py`)", ""]
+    fixed = result["fixed"]
+    out.append(f"{result['n']:,} x {result['dim']} CLIP-shaped vectors, `{result['factory']}`: each setting of "
+               "`AnnConfig.add_ef_search` (how widely an add walks the graph over the centroids for each vector's "
+               f"list) builds the whole index. Recall@10 on {result['held_out']} held-out queries, at one fixed "
+               f"setting for all (nprobe {fixed['nprobe']}, re-rank x{fixed['rerank_factor']}: what the list "
+               "assignment costs) and at the tuner's choice (what a user gets). " + machine_line(result))
+    out.append("")
+    rows = [[r["add_ef_search"], f"{r['add_s']:.0f}", f"{r['build_s']:.0f}", f"{r['recall_fixed']:.4f}",
+             f"nprobe {r['tuned_nprobe']} x{r['tuned_rerank_factor']}", f"{r['tuned_recall_held_out']:.4f}",
+             f"{r['tuned_qps_b1']:.0f}"] for r in result["rows"]]
+    out.append(table(["add efSearch", "add s", "build s", f"recall@10 at nprobe {fixed['nprobe']}", "tuned",
+                      "recall@10 tuned", "q/s b1 tuned"], rows))
+    out.append("")
+    return out
+
+
+def rerank_precision_section(result: dict) -> list[str]:
+    out = ["## What limits IVF-PQ at 1M: candidates or re-rank precision (`benchmarks/rerank_precision.py`)", ""]
+    shares = result["bytes_vs_float32"]
+    out.append(f"{result['n']:,} x {result['dim']} CLIP-shaped vectors, `{result['factory']}` (tuned: nprobe "
+               f"{result['tuned']['nprobe']} x{result['tuned']['rerank_factor']}). The same "
+               f"{result['rerank_factor'] * 10} fast-scan candidates per held-out query ranked by the float vectors "
+               "(`exact`: what the candidates hold) and by each re-rank code (its index bytes as a share of "
+               "float32 in the header). " + machine_line(result))
+    out.append("")
+    names = list(shares)
+    rows = [[r["nprobe"], f"{r['scan_us']:.0f}", f"{r['exact']:.4f}", *(f"{r[name]:.4f}" for name in names)]
+            for r in result["rows"]]
+    out.append(table(["nprobe", "scan us (b1)", "exact", *(f"{name} ({shares[name]:.3f}x)" for name in names)], rows))
+    out.append("")
+    return out
+
+
 def ray_section(result: dict) -> list[str]:
     out = ["## Embedding on a Ray cluster (`benchmarks/ray_scale.py`, `make bench-ray`)", ""]
     out.append(f"`prism index CATALOG --model {result['model']} --json` on {result['products']:,} products (one image and "
@@ -635,6 +670,10 @@ def main() -> None:
     costs = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("ann_query_cost*.json"))}
     if costs:
         parts += query_cost_section(costs)
+    if (r := load("ann_add_search")) is not None:
+        parts += add_search_section(r)
+    if (r := load("rerank_precision")) is not None:
+        parts += rerank_precision_section(r)
     if (r := load("ray_scale")) is not None:
         parts += ray_section(r)
     if (r := load("query_batching")) is not None:

@@ -168,10 +168,14 @@ def test_bad_build_inputs():
 
 
 def test_hnsw_coarse_quantizer_builds_tunes_saves_and_loads(tmp_path, data, flat):
-    """Large catalogs (thousands of lists) find their lists through an HNSW graph over the centroids."""
+    """Large catalogs (thousands of lists) find their lists through an HNSW graph over the centroids,
+    adds walking it as widely as `add_ef_search` says."""
+    import faiss
+
     x, ids, q = data
-    ann = AnnIndex.build(x, ids, AnnConfig(flat_threshold=10_000, hnsw_quantizer_from=16, add_chunk=3000))
+    ann = AnnIndex.build(x, ids, AnnConfig(flat_threshold=10_000, hnsw_quantizer_from=16, add_chunk=3000, add_ef_search=24))
     assert "_HNSW32" in ann.info.factory and "x4fsr" in ann.info.factory and ann.info.recall_at_10 >= 0.95
+    assert faiss.downcast_index(faiss.extract_index_ivf(ann.index).quantizer).hnsw.efSearch == 24
     ann.save(tmp_path, "image")
     loaded = AnnIndex.load(tmp_path, "image", ann.info.to_dict())
     _, truth = flat.search(q, 10)

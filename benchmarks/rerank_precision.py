@@ -1,0 +1,149 @@
+"""What limits Prism's IVF-PQ at 1M vectors: the candidates the scan finds, or the precision of the
+re-rank that orders them? One index, one set of candidates, several re-rank codes, side by side.
+
+Issue 16 asks for HNSW32's batch-1 q/s (3,085 at 1M x 512) at recall@10 >= 0.95 within 0.25x the
+bytes of float32 vectors. Prism's tuner reaches 0.95 at nprobe 64 (~1.5 ms a query). This script
+builds the index as `prism index` does (`AnnIndex.build`), takes each held-out query's k x 8
+fast-scan candidates at several nprobe, and ranks the same candidates by:
+
+  exact            the float vectors: recall is what the candidates hold (the scan's limit)
+  residual-SQ6     what Prism stores from 500k vectors (6 bits a dimension of x - b, 384 B)
+  SQ6 per-vector   the residual divided by its own norm before the 6-bit code, the norm kept
+                   beside it (388 B): ranges fit every vector, not the widest
+  residual-SQ8     8 bits a dimension (512 B): over the memory budget with the IVF-PQ codes
+  residual-SQ4     4 bits a dimension (256 B)
+
+b (the IVF-PQ reconstruction's score) is read off the scan's distance in every column, as
+`AnnIndex._rerank` does. Also reported: the scan's time per query (batch 1, one thread) at each
+nprobe, and each re-rank code's index bytes as a share of float32 (IVF-PQ codes, ids, norms and
+re-rank codes). Prints a table and writes JSON.
+
+    python benchmarks/rerank_precision.py              # 1,000,000 x 512 CLIP-shaped vectors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+QUERIES = 1000
+FACTOR = 8
+NPROBES = (16, 32, 64, 128)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "rerank_precision.json")
+    args = parser.parse_args()
+
+    import faiss
+
+    from ann_scale import ClipLikeWorld, recall
+    from embed_throughput import machine_info
+    from indexer.ann import AnnConfig, AnnIndex
+
+    d, k = 512, 10
+    world = ClipLikeWorld(d, clusters=max(1, args.n // 100))
+    x = world.draw(args.n, seed=1)
+    queries = world.draw(QUERIES, seed=2)
+    _, truth = faiss.knn(queries, x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    tuning, held = queries[: QUERIES // 2], np.arange(QUERIES // 2, QUERIES)
+    started = time.perf_counter()
+    ann = AnnIndex.build(x, np.arange(args.n, dtype=np.int64), AnnConfig(), tuning_queries=tuning)
+    print(f"built {ann.info.factory} + {ann.info.rerank_store} in {time.perf_counter() - started:.0f} s; "
+          f"tuned nprobe {ann.info.nprobe} x{ann.info.rerank_factor}", flush=True)
+    ivf = faiss.extract_index_ivf(ann.index)
+    residuals = np.empty_like(x)
+    for lo in range(0, args.n, 100_000):
+        hi = min(args.n, lo + 100_000)
+        residuals[lo:hi] = x[lo:hi] - ivf.reconstruct_batch(np.arange(lo, hi, dtype=np.int64))
+    norms = np.linalg.norm(residuals, axis=1, keepdims=True).astype(np.float32)
+
+    def codec(bits: str, data: np.ndarray):
+        sq = faiss.index_factory(d, bits, faiss.METRIC_INNER_PRODUCT)
+        if bits != "SQ8":
+            sq.sq.rangestat, sq.sq.rangestat_arg = faiss.ScalarQuantizer.RS_quantiles, 0.001
+        sq.train(data[:200_000])
+        sq.add(data)
+        return sq
+
+    codes = {"residual-SQ6": (ann.refine, None), "SQ6 per-vector": (codec("SQ6", residuals / np.maximum(norms, 1e-12)), norms),
+             "residual-SQ8": (codec("SQ8", residuals), None), "residual-SQ4": (codec("SQ4", residuals), None)}
+    del residuals
+    ann.ids()  # the sorted ids a serving index holds, counted in its bytes
+    other_bytes = sum(v for name, v in _index_bytes(ann).items() if name != "rerank_codes")
+    shares = {name: round((other_bytes + args.n * (sq.code_size + (4 if scale is not None else 0))) / (args.n * d * 4), 3)
+              for name, (sq, scale) in codes.items()}
+
+    rows = []
+    fetch = k * FACTOR
+    q = queries[held]
+    for nprobe in NPROBES:
+        distances, positions = ann._ivf_candidates(q, fetch, nprobe, None)
+        faiss.omp_set_num_threads(1)
+        try:
+            begun = time.perf_counter()
+            for i in range(len(q)):
+                ann._ivf_candidates(q[i:i + 1], fetch, nprobe, None)
+            scan_us = (time.perf_counter() - begun) / len(q) * 1e6
+        finally:
+            faiss.omp_set_num_threads(2)
+        base = (1.0 + ann.base_norms[positions] - distances) * 0.5
+
+        def ranked(scores: np.ndarray) -> np.ndarray:
+            return np.take_along_axis(positions, np.argsort(-scores, axis=1)[:, :k], axis=1)
+
+        row = {"nprobe": nprobe, "scan_us": round(scan_us, 1),
+               "exact": round(recall(ranked(np.einsum("qfd,qd->qf", x[positions], q)), truth[held]), 4)}
+        for name, (sq, scale) in codes.items():
+            r = sq.reconstruct_batch(positions.reshape(-1)).reshape(len(q), fetch, d)
+            if scale is not None:
+                r *= scale[positions]
+            row[name] = round(recall(ranked(base + np.einsum("qfd,qd->qf", r, q)), truth[held]), 4)
+        rows.append(row)
+        print(row, flush=True)
+
+    print_table(args.n, ann.info.factory, rows, shares)
+    result = {"benchmark": "rerank_precision", "n": args.n, "dim": d, "factory": ann.info.factory,
+              "tuned": {"nprobe": ann.info.nprobe, "rerank_factor": ann.info.rerank_factor},
+              "rerank_factor": FACTOR, "held_out_queries": len(held), "bytes_vs_float32": shares, "rows": rows,
+              "machine": machine_info()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _index_bytes(ann) -> dict:
+    from scale import index_parts_mb
+
+    return {name: mb * 1024 * 1024 for name, mb in index_parts_mb(ann).items()}
+
+
+def print_table(n: int, factory: str, rows: list[dict], shares: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(shares)
+    table = Table(title=f"recall@10 of the same {FACTOR * 10} candidates per query, by re-rank code: {n:,} x 512, {factory}")
+    table.add_column("nprobe", justify="right")
+    table.add_column("scan us", justify="right")
+    table.add_column("exact", justify="right")
+    for name in names:
+        table.add_column(f"{name} ({shares[name]:.3f}x)", justify="right")
+    for r in rows:
+        table.add_row(str(r["nprobe"]), f"{r['scan_us']:.0f}", f"{r['exact']:.4f}", *(f"{r[name]:.4f}" for name in names))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
