@@ -34,6 +34,10 @@ class PrismSettings(BaseSettings):
     admin_token: SecretStr | None = None
     flat_threshold: int = Field(20_000, ge=0, description="below this many vectors, exact Flat search")
     recall_target: float = Field(0.95, gt=0, le=1.0)
+    rerank_compact_from: int = Field(
+        500_000, ge=0, description="from this many vectors an IVF-PQ index keeps 6-bit re-rank residuals instead "
+        "of 8-bit: 0.24x the bytes of float32 vectors instead of 0.30x at 1M x 512, but the same recall then "
+        "takes about twice the probed lists (benchmarks/rerank_precision.py); raise it to trade memory for speed")
     allow_url_images: bool = False
     cors_origins: list[str] = Field(
         default_factory=list, description="browser origins allowed to call the API cross-site; none by default"
@@ -238,7 +242,8 @@ class PrismSettings(BaseSettings):
         return IndexOptions(
             batch_size=self.batch_size,
             keep_versions=self.keep_versions,
-            ann=AnnConfig(flat_threshold=self.flat_threshold, recall_target=self.recall_target),
+            ann=AnnConfig(flat_threshold=self.flat_threshold, recall_target=self.recall_target,
+                          compact_threshold=self.rerank_compact_from),
             image_policy=ImagePolicy(root=self.image_root, allow_urls=self.allow_url_images),
         )
 

@@ -508,6 +508,14 @@ def rerank_precision_section(result: dict) -> list[str]:
             for r in result["rows"]]
     out.append(table(["nprobe", "scan us (b1)", "exact", *(f"{name} ({shares[name]:.3f}x)" for name in names)], rows))
     out.append("")
+    if "settings" in result:
+        out.append("Each re-rank setting `PRISM_RERANK_COMPACT_FROM` offers, built and tuned on the same queries, "
+                   "measured at its tuned point on the held-out queries (q/s: median of alternating rounds):")
+        out.append("")
+        out.append(table(["re-rank", "bytes vs float32", "tuned", "recall@10", "q/s b1"],
+                         [[name, f"{r['bytes_vs_float32']:.3f}", f"nprobe {r['nprobe']} x{r['rerank_factor']}",
+                           f"{r['recall_at_10']:.4f}", f"{r['qps_b1']:.0f}"] for name, r in result["settings"].items()]))
+        out.append("")
     return out
 
 

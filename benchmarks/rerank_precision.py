@@ -16,7 +16,12 @@ fast-scan candidates at several nprobe, and ranks the same candidates by:
 b (the IVF-PQ reconstruction's score) is read off the scan's distance in every column, as
 `AnnIndex._rerank` does. Also reported: the scan's time per query (batch 1, one thread) at each
 nprobe, and each re-rank code's index bytes as a share of float32 (IVF-PQ codes, ids, norms and
-re-rank codes). Prints a table and writes JSON.
+re-rank codes).
+
+Then what a user gets from each re-rank setting Prism offers (`PRISM_RERANK_COMPACT_FROM`):
+the index built again with 8-bit residuals, both builds tuned on the same queries, and each
+measured at its tuned setting on the held-out queries (recall@10, batch-1 single-thread q/s,
+alternating rounds). Prints tables and writes JSON.
 
     python benchmarks/rerank_precision.py              # 1,000,000 x 512 CLIP-shaped vectors
 """
@@ -114,13 +119,48 @@ def main() -> None:
         print(row, flush=True)
 
     print_table(args.n, ann.info.factory, rows, shares)
+    del codes
+    started = time.perf_counter()
+    wide = AnnIndex.build(x, np.arange(args.n, dtype=np.int64), AnnConfig(compact_threshold=args.n + 1),
+                          tuning_queries=tuning)
+    print(f"built {wide.info.factory} + {wide.info.rerank_store} in {time.perf_counter() - started:.0f} s; "
+          f"tuned nprobe {wide.info.nprobe} x{wide.info.rerank_factor}", flush=True)
+    wide.ids()
+    settings = _tuned_side_by_side({"residual-SQ6": ann, "residual-SQ8": wide}, q, truth[held], qps, recall)
+    for name, index in (("residual-SQ6", ann), ("residual-SQ8", wide)):
+        settings[name]["bytes_vs_float32"] = round(sum(_index_bytes(index).values()) / (args.n * d * 4), 3)
+    print_settings(settings)
     result = {"benchmark": "rerank_precision", "n": args.n, "dim": d, "factory": ann.info.factory,
               "tuned": {"nprobe": ann.info.nprobe, "rerank_factor": ann.info.rerank_factor},
               "rerank_factor": FACTOR, "held_out_queries": len(held), "bytes_vs_float32": shares, "rows": rows,
-              "machine": machine_info()}
+              "settings": settings, "machine": machine_info()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def _tuned_side_by_side(indexes: dict, queries: np.ndarray, truth: np.ndarray, qps, recall, rounds: int = 3) -> dict:
+    """Each index at its tuned setting: recall@10, and batch-1 q/s as the median of alternating rounds."""
+    speeds: dict[str, list[float]] = {name: [] for name in indexes}
+    for _ in range(rounds):
+        for name, index in indexes.items():
+            speeds[name].append(qps(lambda b, index=index: index.search(b, 10), queries, 1, 2.0))
+    return {name: {"nprobe": index.info.nprobe, "rerank_factor": index.info.rerank_factor,
+                   "recall_at_10": round(recall(index.search(queries, 10)[1], truth), 4),
+                   "qps_b1": round(float(np.median(speeds[name])), 1)} for name, index in indexes.items()}
+
+
+def print_settings(settings: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="each re-rank setting at its tuned point (held-out queries)")
+    for column in ("re-rank", "bytes vs float32", "tuned", "recall@10", "q/s b1"):
+        table.add_column(column, justify="right")
+    for name, r in settings.items():
+        table.add_row(name, f"{r['bytes_vs_float32']:.3f}", f"nprobe {r['nprobe']} x{r['rerank_factor']}",
+                      f"{r['recall_at_10']:.4f}", f"{r['qps_b1']:.0f}")
+    Console().print(table)
 
 
 def _index_bytes(ann) -> dict:

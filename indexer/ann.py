@@ -55,7 +55,7 @@ READABLE_FORMATS = (2, 3, 4)
 @dataclass(frozen=True)
 class AnnConfig:
     flat_threshold: int = 20_000
-    # From this many vectors, re-rank codes get 6 bits a dimension instead of 8.
+    # From this many vectors, re-rank codes get 6 bits a dimension instead of 8 (PRISM_RERANK_COMPACT_FROM).
     compact_threshold: int = 500_000
     recall_target: float = 0.95
     rerank_factors: tuple[int, ...] = (4, 8, 16, 32)  # candidates per result before re-rank (tuned)

@@ -211,3 +211,19 @@ def test_broad_filters_dropped_after_the_scan_rank_as_a_selector_does(data, ivf,
         assert np.isin(after_scan, allowed).all() and (after_scan >= 0).all()
         assert _recall(after_scan, selected) >= 0.97
         assert _recall(after_scan, exact) >= _recall(selected, exact) - 0.01
+
+
+def test_rerank_compact_from_setting_chooses_the_residual_bits(tmp_path, data, flat):
+    """PRISM_RERANK_COMPACT_FROM reaches the build: 6-bit residuals from that many vectors, 8-bit
+    below; both reach the recall target on fresh queries."""
+    from dataclasses import replace
+
+    from api.settings import PrismSettings
+
+    x, ids, q = data
+    _, truth = flat.search(q, 10)
+    for compact_from, store in ((len(x), "residual-SQ6"), (len(x) + 1, "residual-SQ8")):
+        config = PrismSettings(home=tmp_path, rerank_compact_from=compact_from).index_options().ann
+        ann = AnnIndex.build(x, ids, replace(config, flat_threshold=10_000))
+        assert ann.info.rerank_store == store
+        assert _recall(ann.search(q, 10)[1], truth) >= 0.95
