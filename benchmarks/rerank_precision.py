@@ -53,7 +53,7 @@ def main() -> None:
 
     import faiss
 
-    from ann_scale import ClipLikeWorld, recall
+    from ann_scale import ClipLikeWorld, qps, recall
     from embed_throughput import machine_info
     from indexer.ann import AnnConfig, AnnIndex
 
