@@ -643,10 +643,16 @@ class AnnIndex:
     # ---------------------------------------------------------------- GPU
 
     def to_gpu(self) -> bool:
-        """Serve candidate searches from the GPU when faiss has one (filters become over-fetch + post-filter)."""
+        """Serve candidate searches from the GPU when faiss has one (filters become over-fetch + post-filter).
+
+        Only 8-bit IVF-PQ indexes (format 2) can move: faiss-gpu has no fast-scan IVF-PQ (formats 3
+        and 4), so those stay on the CPU (False, with a log line). Nothing in serving calls this yet."""
         if gpu_count() == 0 or self.info.kind != "ivfpq":
             return False
         faiss = import_faiss()
+        if isinstance(faiss.downcast_index(faiss.extract_index_ivf(self.index)), faiss.IndexIVFPQFastScan):
+            log.info("%s: faiss-gpu has no fast-scan IVF-PQ; this index is searched on the CPU", self.info.factory)
+            return False
         self._gpu_resources = faiss.StandardGpuResources()
         self._gpu_index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, faiss.downcast_index(self.index.index))
         self._gpu_index.nprobe = self.info.nprobe
@@ -967,25 +973,29 @@ def _restore_fine_quantizer(index) -> None:
 
 
 def _train(index, sample: np.ndarray, config: AnnConfig):
-    """Train `index` (its k-means is most of a build), on the GPU when asked and available;
-    returns (trained CPU index, used GPU)."""
+    """Train `index` (its coarse k-means is most of a build), the k-means on the GPU when asked and
+    available; returns (trained CPU index, k-means ran on a GPU).
+
+    Only the k-means's assignment index goes to the GPU: faiss-gpu has no fast-scan IVF-PQ, so
+    cloning the whole index there fails ("not implemented on GPU"), while the assignments, big
+    matrix products, are what a GPU speeds up."""
     faiss = import_faiss()
+    # Assignments during k-means are exact (a flat index); an HNSW quantizer then gets the final
+    # centroids once, instead of being rebuilt every iteration.
+    assign = faiss.IndexFlat(index.d, index.quantizer.metric_type)
+    on_gpu = False
     want_gpu = gpu_count() > 0 if config.use_gpu is None else config.use_gpu
     if want_gpu and gpu_count() > 0:
         try:
-            res = faiss.StandardGpuResources()
-            gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
-            gpu_index.train(sample)
-            return faiss.downcast_index(faiss.index_gpu_to_cpu(gpu_index)), True
-        except Exception as exc:  # e.g. an index type faiss-gpu cannot clone: the CPU path still works
-            log.warning("GPU training failed (%s); training on the CPU", exc)
+            resources = faiss.StandardGpuResources()
+            assign = faiss.index_cpu_to_gpu(resources, 0, assign)
+            on_gpu = True
+        except Exception as exc:  # a faiss-gpu that cannot take it: the CPU k-means still works
+            log.warning("GPU k-means unavailable (%s); training on the CPU", exc)
     # The coarse k-means is a few big matrix products: all cores help. The PQ training after it is
     # 64 tiny k-means, thousands of OpenMP barriers that a busy host turns from ~3 s into ~30 s,
     # so it runs on one thread (the IVF skips retraining a quantizer that already has nlist centroids).
-    # Assignments during k-means are exact (a flat index); an HNSW quantizer then gets the final
-    # centroids once, instead of being rebuilt every iteration.
     clustering = faiss.Clustering(index.d, index.nlist, index.cp)
-    assign = faiss.IndexFlat(index.d, index.quantizer.metric_type)
     clustering.train(sample, assign)
     index.quantizer.add(faiss.vector_to_array(clustering.centroids).reshape(index.nlist, index.d))
     threads = faiss.omp_get_max_threads()
@@ -994,7 +1004,7 @@ def _train(index, sample: np.ndarray, config: AnnConfig):
         index.train(sample)
     finally:
         faiss.omp_set_num_threads(threads)
-    return index, False
+    return index, on_gpu
 
 
 def _recall(found: np.ndarray, truth: np.ndarray) -> float:
