@@ -341,7 +341,7 @@ def quantise_linear_int8(model, run_texts=None):
 
     int8_linear = int8_linear_type()
     # Linear layers whose owner reads their `.weight` tensors itself instead of calling them
-    # (open_clip's ModifiedResNet attention pool, the demo's image tower) must stay fp32.
+    # (`_READS_LINEAR_WEIGHTS`) must stay fp32.
     reads_weights = {name for name, m in model.named_modules() if type(m).__name__ in _READS_LINEAR_WEIGHTS}
     _split_self_attention(model, reads_weights)
     targets = [
@@ -378,6 +378,6 @@ def apply_precision(model, precision: Precision, *, label: str, run_texts=None):
     if precision is Precision.INT8:
         model, quantised, smoothed, kept = quantise_linear_int8(model, run_texts)
         log.info("%s: int8 weights and per-token int8 activations in %d Linear layers (%d smoothed from "
-                 "calibration texts); %d Linear layers whose owner reads their weights and the non-Linear "
-                 "layers stay fp32", label, quantised, smoothed, kept)
+                 "calibration texts); %d Linear layers int8 cannot take (their owner reads their weights or "
+                 "type-checks them) and the non-Linear layers stay fp32", label, quantised, smoothed, kept)
     return model

@@ -851,16 +851,23 @@ def train_ivfpq(
     quantizer = faiss.downcast_index(ivf.quantizer)
     if isinstance(quantizer, faiss.IndexHNSW):
         quantizer.hnsw.efSearch = config.add_ef_search
-    refine = faiss.index_factory(d, plan.refine_codec, faiss.METRIC_INNER_PRODUCT)
-    if plan.refine_codec != "SQ8":
-        # Each dimension's range from its 0.1% quantiles rather than its extremes: a few
-        # outliers otherwise spread the 64 levels of 6 bits (recall@10 0.951 -> 0.961 at 1M).
-        refine.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
-        refine.sq.rangestat_arg = 0.001
+    refine = residual_quantizer(d, plan.refine_codec)
     refine.train(sample - ivf.sa_decode(ivf.sa_encode(sample)))
     laps("train")
     queries, query_source = _tuning_queries(tuning_queries, sample, config, rng)
     return IvfPqTraining(plan, ivf, faiss.IndexIDMap(ivf), refine, queries, query_source, on_gpu)
+
+
+def residual_quantizer(d: int, codec: str):
+    """The untrained re-rank quantizer of `codec` ("SQ8", "SQ6", ...) for residuals x - b."""
+    faiss = import_faiss()
+    refine = faiss.index_factory(d, codec, faiss.METRIC_INNER_PRODUCT)
+    if codec != "SQ8":
+        # Each dimension's range from its 0.1% quantiles rather than its extremes: a few
+        # outliers otherwise spread the 64 levels of 6 bits (recall@10 0.951 -> 0.961 at 1M).
+        refine.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
+        refine.sq.rangestat_arg = 0.001
+    return refine
 
 
 def add_positions(ivf, refine, truth: "ExactTopK", source: "VectorSource", start: int, stop: int,
